@@ -1,0 +1,36 @@
+# Front door. `make demo` and `make test` work on a fresh machine: they create .venv,
+# install torch first (pinned by constraints.txt), then the package.
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+PIP := $(BIN)/pip install -q -c constraints.txt
+OUT ?= demo_out
+
+.PHONY: setup demo test test-slow lint format clean
+
+$(BIN)/distill: pyproject.toml constraints.txt
+	$(PY) -m venv $(VENV)
+	$(PIP) --upgrade pip
+	$(PIP) torch==2.13.0
+	$(PIP) -e '.[dev]'
+	touch $(BIN)/distill
+
+setup: $(BIN)/distill
+
+demo: setup
+	$(BIN)/distill demo --out $(OUT)
+
+test: setup
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(BIN)/pytest -q
+
+test-slow: setup
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(BIN)/pytest -q -m slow
+
+lint: setup
+	$(BIN)/ruff check . && $(BIN)/ruff format --check .
+
+format: setup
+	$(BIN)/ruff format . && $(BIN)/ruff check --fix .
+
+clean:
+	rm -rf $(VENV) $(OUT) build *.egg-info

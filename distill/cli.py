@@ -1,0 +1,200 @@
+"""The ``distill`` command line: parse flags, load the config, print it, call the stage's ``run``.
+
+distill demo                       # the whole mission offline on a CPU, on generated data
+distill cache-teacher --help       # stage 1
+distill cache info STORE           # what a store holds
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from distill.config import CacheConfig, ConfigError, config_to_dict, load_config
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    help="Distill a large (MoE) language model into a small one with another tokenizer, "
+    "through a teacher-output cache.",
+)
+cache_app = typer.Typer(no_args_is_help=True, help="Inspect and manage cache stores.")
+app.add_typer(cache_app, name="cache")
+
+
+def fail(message: str) -> None:
+    """One line on stderr, exit status 2."""
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(2)
+
+
+def parse_list(value: str | None, kind: type) -> list | None:
+    """``"1,2,4"`` -> [1, 2, 4]; ``"none"`` or ``""`` -> []; None -> None (keep the default)."""
+    if value is None:
+        return None
+    if value.strip().lower() in ("", "none"):
+        return []
+    try:
+        return [kind(v) for v in value.split(",") if v.strip()]
+    except ValueError:
+        raise ConfigError(f"cannot read {value!r} as a comma-separated list of {kind.__name__}") from None
+
+
+def print_config(title: str, cfg: Any) -> None:
+    typer.echo(f"{title} config:\n" + "\n".join(f"  {k}: {v}" for k, v in config_to_dict(cfg).items()), err=True)
+
+
+@app.command("cache-teacher")
+def cache_teacher(
+    teacher: Annotated[str | None, typer.Option(help="Teacher: hub id or local model directory.")] = None,
+    dataset: Annotated[
+        str | None,
+        typer.Option(help="Hub dataset id, dataset folder, or .json/.jsonl/.parquet/.txt file(s), comma-separated."),
+    ] = None,
+    out: Annotated[str | None, typer.Option(help="Store to create or resume: a path or fsspec URL.")] = None,
+    dataset_config: Annotated[str | None, typer.Option(help="Dataset configuration name.")] = None,
+    split: Annotated[str | None, typer.Option(help="Dataset split (default train).")] = None,
+    text_field: Annotated[str | None, typer.Option(help="Column with the text (default text).")] = None,
+    seq_len: Annotated[int | None, typer.Option(help="Teacher tokens per row (default 512).")] = None,
+    top_k: Annotated[int | None, typer.Option(help="Teacher logits kept per position (default 256).")] = None,
+    temperatures: Annotated[
+        str | None, typer.Option(help="Temperatures of the stored logsumexp (default 1,2,4).")
+    ] = None,
+    hidden_layers: Annotated[
+        str | None,
+        typer.Option(
+            help="Hidden-state layers to store, e.g. 6,12,18,24 (0 = "
+            "embeddings); 'none' for none. Default: 4 evenly spaced."
+        ),
+    ] = None,
+    hidden_dim: Annotated[int | None, typer.Option(help="PCA-reduce stored hidden states to this many dims.")] = None,
+    attention_layers: Annotated[
+        str | None,
+        typer.Option(
+            help="Blocks whose attention maps are stored (1-based); 'none' for none. Default: middle and last."
+        ),
+    ] = None,
+    attention_topk: Annotated[int | None, typer.Option(help="Keys kept per attention row (default 32).")] = None,
+    calibration_rows: Annotated[
+        int | None,
+        typer.Option(help="First rows used to fit the PCA basis and the hidden-state mean/std (default 64)."),
+    ] = None,
+    vocab_proj_temperature: Annotated[float | None, typer.Option(help="T* of vocab_proj (default 4).")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Rows per teacher forward (default 8).")] = None,
+    chunk_rows: Annotated[int | None, typer.Option(help="Rows per storage chunk (default 32).")] = None,
+    dtype: Annotated[
+        str | None, typer.Option(help="auto|fp32|bf16|fp16 (auto: bf16/fp16 on GPU, fp32 on CPU).")
+    ] = None,
+    device: Annotated[str | None, typer.Option(help="auto|cpu|cuda|cuda:N.")] = None,
+    max_rows: Annotated[int | None, typer.Option(help="Cache only the first N rows.")] = None,
+    num_shards: Annotated[int | None, typer.Option(help="Shards of a new store (default 1).")] = None,
+    shard: Annotated[str | None, typer.Option(help="Fill only shard i/n (several processes or machines).")] = None,
+    on_nonfinite: Annotated[str | None, typer.Option(help="error|skip for rows with inf/nan teacher outputs.")] = None,
+    overwrite: Annotated[bool, typer.Option(help="Replace a store whose manifest differs.")] = False,
+    trust_remote_code: Annotated[bool, typer.Option(help="Allow the teacher's own modelling code.")] = False,
+    revision: Annotated[str | None, typer.Option(help="Teacher revision on the hub.")] = None,
+    config: Annotated[Path | None, typer.Option(help="YAML/JSON file with any of these settings.")] = None,
+) -> None:
+    """Stage 1: run the teacher once over a dataset and store its outputs in a resumable, shardable store.
+
+    Example:
+
+        distill cache-teacher --teacher huihui-ai/Huihui-MoE-1B-A0.6B --dataset wikitext
+        --dataset-config wikitext-103-raw-v1 --out cache/wt103 --seq-len 512
+
+    Re-running the same command resumes; complete shards are skipped.
+    """
+    from distill.cache.schema import CacheError
+    from distill.pipeline.data import DataError
+    from distill.pipeline.teacher import NonFiniteTeacherOutput, run
+
+    try:
+        overrides = dict(
+            teacher=teacher,
+            dataset=dataset,
+            out=out,
+            dataset_config=dataset_config,
+            split=split,
+            text_field=text_field,
+            seq_len=seq_len,
+            top_k=top_k,
+            temperatures=parse_list(temperatures, float),
+            hidden_layers=parse_list(hidden_layers, int),
+            hidden_dim=hidden_dim,
+            attention_layers=parse_list(attention_layers, int),
+            attention_topk=attention_topk,
+            calibration_rows=calibration_rows,
+            vocab_proj_temperature=vocab_proj_temperature,
+            batch_size=batch_size,
+            chunk_rows=chunk_rows,
+            dtype=dtype,
+            device=device,
+            max_rows=max_rows,
+            num_shards=num_shards,
+            shard=shard,
+            on_nonfinite=on_nonfinite,
+            overwrite=overwrite or None,
+            trust_remote_code=trust_remote_code or None,
+            revision=revision,
+        )
+        cfg = load_config(CacheConfig, config, overrides)
+        cfg.require_io()
+        print_config("cache-teacher", cfg)
+        summary = run(cfg)
+    except (ConfigError, CacheError, DataError, NonFiniteTeacherOutput) as exc:
+        fail(str(exc))
+    typer.echo(
+        f"cached {summary['rows']} rows, {summary['tokens']:,} tokens in {summary['seconds']:.1f}s "
+        f"({summary['tokens_per_s']:,.0f} tok/s); {summary['skipped_chunks']} chunks were already committed; "
+        f"non-finite rows skipped: {len(summary['nonfinite_rows'])}. Inspect: distill cache info {cfg.out}"
+    )
+
+
+@cache_app.command("info")
+def cache_info(
+    store: Annotated[str, typer.Argument(help="Store path or fsspec URL.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of a table.")] = False,
+) -> None:
+    """What a store holds: manifest, rows, tokens, shards and their status, bytes per field and per token.
+
+    Example: distill cache info cache/wt103 --json
+    """
+    from distill.cache.info import format_info, store_info
+    from distill.cache.schema import CacheError
+
+    try:
+        info = store_info(store)
+    except CacheError as exc:
+        fail(str(exc))
+    typer.echo(json.dumps(info, indent=2) if as_json else format_info(info))
+
+
+@app.command("demo")
+def demo(
+    out: Annotated[Path, typer.Option(help="Folder for everything the demo makes.")] = Path("demo_out"),
+    seed: Annotated[int, typer.Option(help="Seed of the corpus, the models and training.")] = 0,
+) -> None:
+    """Run the mission offline on a CPU: generated corpus, local tokenizers, tiny MoE teacher, cache.
+
+    Example: distill demo --out demo_out
+    """
+    from distill.pipeline.demo import run_demo
+
+    run_demo(out, seed)
+
+
+def main() -> None:
+    try:
+        app()
+    except KeyboardInterrupt:
+        typer.echo("interrupted", err=True)
+        sys.exit(130)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,174 @@
+"""Text datasets and how documents become cache rows.
+
+Rows are cut with the TEACHER tokenizer: a document of n tokens becomes ceil(n / seq_len)
+rows (more if a cut would split a character's byte tokens, see [cut note]); rows are never
+packed, short ones are right-padded, empty documents are skipped and counted. Each row keeps
+the exact slice of the document it covers, so consecutive rows of a document concatenate
+back to the whole document, and stage 2 needs no dataset.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import datasets
+import numpy as np
+
+LOCAL_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".txt": "text", ".csv": "csv"}
+
+
+class DataError(ValueError):
+    """The dataset cannot be used as asked."""
+
+
+def load_text_dataset(source: str, config: str | None, split: str, text_field: str) -> datasets.Dataset:
+    """Load ``split`` of a hub dataset, a local dataset folder, or local json/jsonl/parquet/txt/csv files."""
+    files = [s.strip() for s in source.split(",") if s.strip()]
+    suffixes = {Path(f).suffix.lower() for f in files}
+    try:
+        if all(Path(f).is_file() for f in files) and len(suffixes) == 1 and suffixes <= set(LOCAL_BUILDERS):
+            builder = LOCAL_BUILDERS[suffixes.pop()]
+            ds = datasets.load_dataset(builder, data_files={split: files}, split=split)
+        elif len(files) == 1 and Path(files[0]).is_dir() and (Path(files[0]) / "dataset_info.json").exists():
+            loaded = datasets.load_from_disk(files[0])
+            ds = loaded[split] if isinstance(loaded, datasets.DatasetDict) else loaded
+        else:
+            ds = datasets.load_dataset(source, config, split=split)
+    except (FileNotFoundError, ValueError, ConnectionError, KeyError) as exc:
+        raise DataError(f"cannot load dataset {source!r} (config {config!r}, split {split!r}): {exc}") from None
+    if text_field not in ds.column_names:
+        raise DataError(
+            f"dataset {source!r} has no text field {text_field!r}; its columns are {ds.column_names} "
+            "(choose one with --text-field)"
+        )
+    return ds
+
+
+def dataset_identity(ds: datasets.Dataset, source: str, config: str | None, split: str, text_field: str) -> dict:
+    """What identifies the data a store was made from (recorded in the manifest)."""
+    return {
+        "name": source,
+        "config": config,
+        "split": split,
+        "text_field": text_field,
+        "fingerprint": getattr(ds, "_fingerprint", None),
+        "num_documents": len(ds),
+    }
+
+
+@dataclass
+class RowPlan:
+    """Which document and which teacher tokens each row covers: arrays of length R (rows)."""
+
+    doc_index: np.ndarray
+    token_start: np.ndarray
+    token_end: np.ndarray
+    empty_documents: int
+
+    def __len__(self) -> int:
+        return len(self.doc_index)
+
+    def truncated(self, max_rows: int | None) -> RowPlan:
+        if max_rows is None:
+            return self
+        return RowPlan(
+            self.doc_index[:max_rows], self.token_start[:max_rows], self.token_end[:max_rows], self.empty_documents
+        )
+
+    def digest(self) -> str:
+        h = hashlib.sha256()
+        for a in (self.doc_index, self.token_start, self.token_end):
+            h.update(np.ascontiguousarray(a, dtype=np.int64).tobytes())
+        return h.hexdigest()
+
+
+def tokenize_documents(tokenizer: Any, texts: list[str]) -> list[tuple[np.ndarray, np.ndarray]]:
+    """Teacher token ids and character offsets of each text (no special tokens added)."""
+    enc = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
+    return [
+        (np.asarray(ids, dtype=np.int64), np.asarray(offs, dtype=np.int64).reshape(-1, 2))
+        for ids, offs in zip(enc["input_ids"], enc["offset_mapping"])
+    ]
+
+
+def cut_points(offsets: np.ndarray, seq_len: int) -> list[int]:
+    """Token indices where a document's rows start, plus its length at the end.
+
+    [cut note] Byte-level tokenizers split a character like an emoji into several tokens whose
+    character spans overlap (each covers the whole character). A cut between two overlapping
+    tokens would make both rows claim that character, so the cut moves back until the token
+    after it starts at or after the end of the token before it (a row may then hold fewer than
+    seq_len tokens).
+    """
+    n = len(offsets)
+    cuts = [0]
+    while cuts[-1] + seq_len < n:
+        end = cuts[-1] + seq_len
+        while end > cuts[-1] + 1 and offsets[end, 0] < offsets[end - 1, 1]:
+            end -= 1
+        cuts.append(end)
+    cuts.append(n)
+    return cuts
+
+
+def plan_rows(
+    dataset: datasets.Dataset, text_field: str, tokenizer: Any, seq_len: int, batch_docs: int = 256
+) -> RowPlan:
+    """Cut every document of ``dataset`` into rows of at most ``seq_len`` teacher tokens."""
+    doc_index, token_start, token_end = [], [], []
+    empty = 0
+    for first in range(0, len(dataset), batch_docs):
+        texts = [t or "" for t in dataset[first : first + batch_docs][text_field]]
+        for i, (ids, offsets) in enumerate(tokenize_documents(tokenizer, texts)):
+            if len(ids) == 0:
+                empty += 1
+                continue
+            cuts = cut_points(offsets, seq_len)
+            for a, b in zip(cuts, cuts[1:]):
+                doc_index.append(first + i)
+                token_start.append(a)
+                token_end.append(b)
+    as_array = lambda x: np.asarray(x, dtype=np.int64)  # noqa: E731
+    return RowPlan(as_array(doc_index), as_array(token_start), as_array(token_end), empty)
+
+
+@dataclass
+class Row:
+    """One row ready for the teacher: ids, offsets into ``text``, the text itself."""
+
+    row_id: int
+    doc_id: int
+    input_ids: np.ndarray  # (n,) n <= seq_len
+    offsets: np.ndarray  # (n, 2) character spans in ``text``
+    text: str
+
+
+class RowBuilder:
+    """Materialize planned rows, re-tokenizing each document once (a small LRU of documents)."""
+
+    def __init__(self, dataset: datasets.Dataset, text_field: str, tokenizer: Any, plan: RowPlan, cache_docs=64):
+        self.dataset, self.text_field, self.tokenizer, self.plan = dataset, text_field, tokenizer, plan
+        self._docs: OrderedDict[int, tuple[str, np.ndarray, np.ndarray]] = OrderedDict()
+        self._cache_docs = cache_docs
+
+    def _document(self, doc: int) -> tuple[str, np.ndarray, np.ndarray]:
+        if doc not in self._docs:
+            text = self.dataset[int(doc)][self.text_field] or ""
+            ids, offsets = tokenize_documents(self.tokenizer, [text])[0]
+            self._docs[doc] = (text, ids, offsets)
+            if len(self._docs) > self._cache_docs:
+                self._docs.popitem(last=False)
+        return self._docs[doc]
+
+    def row(self, row_id: int) -> Row:
+        doc = int(self.plan.doc_index[row_id])
+        a, b = int(self.plan.token_start[row_id]), int(self.plan.token_end[row_id])
+        text, ids, offsets = self._document(doc)
+        char_start = 0 if a == 0 else int(offsets[a, 0])
+        char_end = len(text) if b == len(ids) else int(offsets[b, 0])
+        row_offsets = np.clip(offsets[a:b] - char_start, 0, char_end - char_start)
+        return Row(row_id, doc, ids[a:b], row_offsets, text[char_start:char_end])

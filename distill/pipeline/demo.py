@@ -1,0 +1,212 @@
+"""Embedded default assets: a generated corpus, locally trained tokenizers, tiny teacher and student.
+
+Nothing here downloads anything: the corpus comes from a seeded grammar, the tokenizers are
+trained on it with ``tokenizers``, the models are built from configs and saved with
+``save_pretrained``, so that every stage loads them back through the real
+``from_pretrained`` / ``load_dataset`` code paths. Tests use the same builders.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+from typing import Any
+
+# --- corpus -------------------------------------------------------------------------------
+
+SUBJECTS = {
+    "sg": ["the cat", "a teacher", "my friend", "the old café owner", "the naïve student", "Zoë", "the robot 🤖"],
+    "pl": ["the cats", "two teachers", "my friends", "the café owners", "the students", "the robots 🤖"],
+}
+VERBS = {  # (singular, plural)
+    "see": ("sees", "see"),
+    "like": ("likes", "like"),
+    "count": ("counts", "count"),
+    "draw": ("draws", "draw"),
+    "find": ("finds", "find"),
+    "carry": ("carries", "carry"),
+}
+OBJECTS = [
+    "the apples 🍎",
+    "a red book",
+    "three stones",
+    "the crème brûlée",
+    "東京の地図",
+    "the small 🧪 tube",
+    "a blue kite",
+    "the résumé",
+    "北京的书",
+    "a map of Zürich",
+]
+CONNECTIVES = ["because", "although", "while", "and then"]
+CJK_SENTENCES = ["今日は天気がいいです。", "我喜欢学习语言。", "猫が好きです。", "这是一个测试。"]
+
+
+def make_clause(rng: random.Random, depth: int = 0) -> str:
+    """Subject-verb agreement, an object, optional numbers and a nested clause."""
+    number = rng.choice(["sg", "pl"])
+    subject = rng.choice(SUBJECTS[number])
+    verb = VERBS[rng.choice(list(VERBS))][0 if number == "sg" else 1]
+    clause = f"{subject} {verb} {rng.choice(OBJECTS)}"
+    if rng.random() < 0.3:
+        a, b = rng.randint(1, 20), rng.randint(1, 20)
+        clause += f" and {a} plus {b} is {a + b}"
+    if depth < 2 and rng.random() < 0.35:
+        clause += f" {rng.choice(CONNECTIVES)} {make_clause(rng, depth + 1)}"
+    return clause
+
+
+def make_document(rng: random.Random) -> str:
+    sentences = []
+    for _ in range(rng.randint(1, 6)):
+        if rng.random() < 0.15:
+            sentences.append(rng.choice(CJK_SENTENCES))
+        else:
+            s = make_clause(rng)
+            sentences.append(s[0].upper() + s[1:] + rng.choice([".", ".", "!", " 👍🏽."]))
+    return " ".join(sentences)
+
+
+def generate_corpus(num_docs: int, seed: int = 0, empty_every: int = 0) -> list[str]:
+    """``num_docs`` documents from the seeded grammar (every ``empty_every``-th one empty, if > 0)."""
+    rng = random.Random(seed)
+    return ["" if empty_every and (i + 1) % empty_every == 0 else make_document(rng) for i in range(num_docs)]
+
+
+def write_jsonl(texts: list[str], path: Path, field: str = "text") -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", encoding="utf-8") as f:
+        for t in texts:
+            f.write(json.dumps({field: t}, ensure_ascii=False) + "\n")
+    return path
+
+
+# --- tokenizers ---------------------------------------------------------------------------
+
+
+def train_tokenizer(texts: list[str], vocab_size: int, out_dir: Path) -> Any:
+    """A byte-level BPE tokenizer trained on ``texts``, saved with ``save_pretrained`` to ``out_dir``.
+
+    Offsets are not trimmed, so each token's span includes its leading space (as in GPT-2 / Qwen).
+    """
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<|endoftext|>", "<|pad|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator(texts, trainer)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|pad|>")
+    fast.save_pretrained(out_dir)
+    return fast
+
+
+# --- models -------------------------------------------------------------------------------
+
+
+def teacher_config(vocab_size: int, hidden: int = 128, layers: int = 4, experts: int = 4, **overrides: Any) -> Any:
+    """A tiny Qwen3-MoE config (the reference teacher's family)."""
+    from transformers import Qwen3MoeConfig
+
+    values = dict(
+        vocab_size=vocab_size,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        moe_intermediate_size=hidden // 2,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=hidden // 4,
+        num_local_experts=experts,
+        num_experts_per_tok=2,
+        max_position_embeddings=1024,
+        tie_word_embeddings=False,
+        pad_token_id=1,
+        eos_token_id=0,
+        bos_token_id=0,
+    )
+    values.update(overrides)
+    return Qwen3MoeConfig(**values)
+
+
+def student_config(vocab_size: int, hidden: int = 64, layers: int = 6, **overrides: Any) -> Any:
+    """A tiny Llama config (the reference student's family), deeper than the tiny teacher like the real pair."""
+    from transformers import LlamaConfig
+
+    values = dict(
+        vocab_size=vocab_size,
+        hidden_size=hidden,
+        intermediate_size=2 * hidden,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        tie_word_embeddings=True,
+        pad_token_id=1,
+        eos_token_id=0,
+        bos_token_id=0,
+    )
+    values.update(overrides)
+    return LlamaConfig(**values)
+
+
+def build_model(config: Any, out_dir: Path, tokenizer: Any = None, seed: int = 0) -> Any:
+    """Randomly initialize a causal LM from ``config`` and save it (with its tokenizer) to ``out_dir``."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(config)
+    model.save_pretrained(out_dir)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out_dir)
+    return model
+
+
+# --- the demo run -------------------------------------------------------------------------
+
+
+def build_demo_assets(out: Path, seed: int = 0, num_docs: int = 600) -> dict[str, Path]:
+    """Corpus (train + held-out), teacher and student tokenizers, a tiny teacher: reused when present."""
+    paths = {
+        "train": out / "data" / "train.jsonl",
+        "eval": out / "data" / "eval.jsonl",
+        "teacher_tokenizer": out / "tokenizers" / "teacher",
+        "student_tokenizer": out / "tokenizers" / "student",
+        "teacher": out / "models" / "teacher",
+    }
+    if not paths["eval"].exists():
+        texts = generate_corpus(num_docs + num_docs // 10, seed=seed)
+        write_jsonl(texts[:num_docs], paths["train"])
+        write_jsonl(texts[num_docs:], paths["eval"])
+    texts = [json.loads(line)["text"] for line in paths["train"].read_text(encoding="utf-8").splitlines()]
+    if not (paths["teacher"] / "config.json").exists():
+        teacher_tok = train_tokenizer(texts, 1024, paths["teacher_tokenizer"])
+        train_tokenizer(texts, 512, paths["student_tokenizer"])
+        build_model(teacher_config(len(teacher_tok)), paths["teacher"], teacher_tok, seed=seed)
+    return paths
+
+
+def run_demo(out: Path, seed: int = 0) -> None:
+    """Assets -> cache-teacher -> cache info (the later stages join as they land)."""
+    from distill.cache.info import format_info, store_info
+    from distill.config import CacheConfig
+    from distill.pipeline import teacher as stage1
+
+    out.mkdir(parents=True, exist_ok=True)
+    paths = build_demo_assets(out, seed)
+    store = str(out / "cache" / "train")
+    cfg = CacheConfig(
+        teacher=str(paths["teacher"]), dataset=str(paths["train"]), out=store, seq_len=128, batch_size=8, chunk_rows=32
+    )
+    summary = stage1.run(cfg)
+    print(f"cache-teacher: {summary['rows']} rows, {summary['tokens']:,} tokens, {summary['tokens_per_s']:,.0f} tok/s")
+    print(format_info(store_info(store)))

@@ -1,0 +1,68 @@
+"""Shared fixtures: offline HF settings and tiny assets built, saved and reloaded like real ones."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import pytest
+
+_HF_HOME = tempfile.mkdtemp(prefix="distill-hf-")
+os.environ.update(
+    HF_HUB_OFFLINE="1",
+    HF_DATASETS_OFFLINE="1",
+    HF_HOME=_HF_HOME,
+    TOKENIZERS_PARALLELISM="false",
+    HF_HUB_DISABLE_PROGRESS_BARS="1",
+    TRANSFORMERS_VERBOSITY="error",
+)
+
+SPECIAL_TEXTS = [
+    "Le café est très naïve, déjà vu à Zürich — ça coûte 3,50 €.",
+    "日本語の文章と中文句子混在。東京タワー！",
+    "Emoji test 👍🏽 🧪 🤖 and a family 👨‍👩‍👧 at the end 🎉",
+    "",
+    "Short one.",
+]
+
+
+@pytest.fixture(scope="session")
+def tiny_assets(tmp_path_factory) -> dict[str, Path]:
+    """A corpus with accents, CJK, emoji, a long and an empty document; a BPE tokenizer; a tiny Qwen3-MoE teacher."""
+    from distill.pipeline.demo import build_model, generate_corpus, teacher_config, train_tokenizer, write_jsonl
+
+    root = tmp_path_factory.mktemp("assets")
+    corpus = generate_corpus(120, seed=1)
+    long_doc = " ".join(corpus[:12])  # several rows' worth of tokens
+    texts = SPECIAL_TEXTS + [long_doc] + corpus[12:60]
+    data = write_jsonl(texts, root / "data.jsonl")
+    tokenizer = train_tokenizer(corpus + SPECIAL_TEXTS, 400, root / "tokenizer")
+    teacher = root / "teacher"
+    build_model(teacher_config(len(tokenizer), hidden=64, layers=2, experts=4), teacher, tokenizer, seed=0)
+    return {"root": root, "data": data, "teacher": teacher, "tokenizer": root / "tokenizer", "texts": texts}
+
+
+def cache_args(assets: dict[str, Path], out: Path, **extra: object) -> list[str]:
+    """CLI arguments of a small cache-teacher run on the tiny assets."""
+    args = {
+        "teacher": assets["teacher"],
+        "dataset": assets["data"],
+        "out": out,
+        "seq-len": 32,
+        "top-k": 16,
+        "hidden-layers": "0,1,2",
+        "attention-layers": "1,2",
+        "attention-topk": 8,
+        "batch-size": 4,
+        "chunk-rows": 8,
+        "calibration-rows": 8,
+    }
+    args.update({k.replace("_", "-"): v for k, v in extra.items()})
+    flat = []
+    for k, v in args.items():
+        if v is True:
+            flat.append(f"--{k}")
+        elif v is not None:
+            flat += [f"--{k}", str(v)]
+    return flat

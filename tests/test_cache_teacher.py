@@ -1,0 +1,173 @@
+"""Stage 1 end to end on a tiny Qwen3-MoE teacher: stored fields against a full-vocabulary fp32 reference."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from distill.cache.reader import CacheReader
+from distill.cli import app
+from tests.conftest import cache_args
+
+TEMPS = [1.0, 2.0, 4.0]
+
+
+@pytest.fixture(scope="module")
+def store(tiny_assets, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("stores") / "main"
+    result = CliRunner().invoke(app, ["cache-teacher", *cache_args(tiny_assets, out)])
+    assert result.exit_code == 0, result.output
+    return out
+
+
+@pytest.fixture(scope="module")
+def reference(tiny_assets):
+    """The teacher in fp32 with eager attention: full logits, hidden states, attention maps."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(
+        tiny_assets["teacher"], dtype=torch.float32, attn_implementation="eager"
+    ).eval()
+
+    def run(ids: torch.Tensor):
+        with torch.no_grad():
+            return model(input_ids=ids[None], output_hidden_states=True, output_attentions=True)
+
+    return model, run
+
+
+def test_logit_fields_match_full_vocabulary_reference(store, reference):
+    model, run = reference
+    reader = CacheReader(str(store))
+    batch = reader.read_rows(range(min(10, reader.num_rows)))
+    assert batch["topk_logits"].dtype == torch.float16 and batch["lse"].dtype == torch.float32
+    assert batch["topk_ids"].dtype == torch.int64
+    for r in range(len(batch["length"])):
+        n = int(batch["length"][r])
+        out = run(batch["input_ids"][r, :n])
+        logits = out.logits[0].float()  # (n, V)
+        ids = batch["topk_ids"][r, :n]
+        stored = batch["topk_logits"][r, :n].float()
+        for ti, t in enumerate(TEMPS):
+            ref_logp = torch.log_softmax(logits / t, dim=-1)
+            lse = batch["lse"][r, :n, ti]
+            torch.testing.assert_close(lse, torch.logsumexp(logits / t, dim=-1), atol=1e-4, rtol=1e-5)
+            probs = torch.exp(stored / t - lse[:, None])  # (n, K) from the store
+            ref_probs = ref_logp.exp().gather(1, ids)
+            assert (probs - ref_probs).abs().max() < 1e-3
+            # the tail from lse, computed independently of the head sum
+            head_lse = torch.logsumexp(stored / t, dim=-1)
+            tail = -torch.expm1(head_lse - lse)
+            ref_tail = 1 - ref_probs.sum(-1)
+            assert (tail - ref_tail).abs().max() < 1e-3
+            assert (probs.sum(-1) + tail - 1).abs().max() < 1e-5
+        ref_top = logits.topk(ids.shape[1], dim=-1)
+        assert torch.equal(ids, ref_top.indices)
+        target = batch["target_logprob"][r]
+        ref_target = torch.log_softmax(logits, -1)[:-1].gather(1, batch["input_ids"][r, 1:n, None])[:, 0]
+        assert (target[: n - 1] - ref_target).abs().max() < 1e-4
+        assert torch.isnan(target[n - 1 :]).all()
+        t_star = reader.layout["vocab_proj_temperature"]
+        ref_proj = torch.softmax(logits / t_star, -1) @ model.get_input_embeddings().weight.float()
+        torch.testing.assert_close(batch["vocab_proj"][r, :n].float(), ref_proj, atol=2e-3, rtol=2e-3)
+
+
+def test_hidden_and_attention_match_reference(store, reference):
+    _, run = reference
+    reader = CacheReader(str(store))
+    assert reader.layout["hidden_layers"] == [0, 1, 2] and reader.layout["attention_layers"] == [1, 2]
+    batch = reader.read_rows(range(min(6, reader.num_rows)))
+    for r in range(len(batch["length"])):
+        n = int(batch["length"][r])
+        out = run(batch["input_ids"][r, :n])
+        for layer in (0, 1, 2):
+            torch.testing.assert_close(
+                batch[f"hidden/{layer}"][r, :n].float(), out.hidden_states[layer][0], atol=2e-3, rtol=2e-3
+            )
+        for layer in (1, 2):
+            averaged = out.attentions[layer - 1][0].mean(0)  # (n, n) head-averaged rows
+            keys = batch[f"attn_ids/{layer}"][r, :n]
+            values = batch[f"attn/{layer}"][r, :n].float()
+            used = values > 0  # query t has t+1 keys; the other slots are unused (value 0, id 0)
+            ka = keys.shape[1]
+            assert used.sum(1).tolist() == [min(t + 1, ka) for t in range(n)]
+            assert (keys[~used] == 0).all() and (keys <= torch.arange(n)[:, None]).all()  # causal, no padding
+            torch.testing.assert_close(values[used], averaged.gather(1, keys)[used], atol=1e-3, rtol=1e-2)
+            kk = min(ka, n)
+            torch.testing.assert_close(values[:, :kk], averaged.topk(kk, dim=-1).values, atol=1e-3, rtol=1e-2)
+
+
+def test_offsets_slice_the_text_of_each_token(store, tiny_assets):
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_assets["tokenizer"])
+    reader = CacheReader(str(store))
+    batch = reader.read_rows(reader.row_ids)
+    special_docs = {0, 1, 2}  # accents, CJK, emoji (see conftest.SPECIAL_TEXTS)
+    seen = set()
+    for r, text in enumerate(batch["text"]):
+        n = int(batch["length"][r])
+        ids, offs = batch["input_ids"][r, :n].tolist(), batch["offsets"][r, :n].tolist()
+        i = 0
+        while i < n:  # tokens with overlapping spans (byte-split characters) decode together to their text
+            j, end = i + 1, offs[i][1]
+            while j < n and offs[j][0] < end:
+                end = max(end, offs[j][1])
+                j += 1
+            assert text[offs[i][0] : end] == tok.decode(ids[i:j]), (r, i, offs[i])
+            assert j == n or offs[j][0] == end  # spans tile the text: no gap, no overlap between groups
+            i = j
+        assert offs[0][0] == 0 and end == len(text)
+        seen.add(int(batch["doc_id"][r]))
+    assert special_docs <= seen
+
+
+def test_long_documents_become_rows_that_cover_them_and_empty_ones_are_counted(store, tiny_assets):
+    reader = CacheReader(str(store))
+    batch = reader.read_rows(reader.row_ids, fields=["doc_id", "text", "length"])
+    texts = tiny_assets["texts"]
+    docs: dict[int, list[str]] = {}
+    for doc, text in zip(batch["doc_id"].tolist(), batch["text"]):
+        docs.setdefault(doc, []).append(text)
+    long_doc = 5
+    assert len(docs[long_doc]) >= 3
+    for doc, parts in docs.items():
+        assert "".join(parts) == texts[doc]
+    assert 3 not in docs  # the empty document
+    assert reader.manifest["dataset"]["empty_documents"] == 1
+    assert len(docs) == len(texts) - 1
+
+
+def test_cache_info_reports_rows_shards_and_bytes(store):
+    result = CliRunner().invoke(app, ["cache", "info", str(store), "--json"])
+    assert result.exit_code == 0, result.output
+    info = json.loads(result.stdout)
+    reader = CacheReader(str(store))
+    assert info["complete"] and info["rows"] == reader.num_rows == info["rows_committed"]
+    assert info["tokens_committed"] == int(reader.read_rows(reader.row_ids, ["length"])["length"].sum())
+    assert set(info["bytes"]["fields"]) == set(reader.fields)
+    assert all(b > 0 for b in info["bytes"]["fields"].values())
+    assert info["bytes_per_token"]["total"] > 0
+    human = CliRunner().invoke(app, ["cache", "info", str(store)])
+    assert "complete" in human.stdout and "topk_logits" in human.stdout
+
+
+def test_reader_checks_fields_and_temperatures(store):
+    from distill.cache.schema import CacheError
+
+    reader = CacheReader(str(store))
+    assert reader.temperature_index(4.0) == 2
+    with pytest.raises(CacheError, match="temperature 3.0 is not stored"):
+        reader.temperature_index(3.0)
+    with pytest.raises(CacheError, match="hidden/7"):
+        reader.require_fields(["hidden/7"])
+    files = reader.tokenizer_files()
+    assert "tokenizer.json" in files and json.loads(files["tokenizer.json"])["model"]["type"] == "BPE"
+    stats = reader.root_array("stats/hidden/2/std")
+    assert stats.shape == (reader.layout["hidden_dim"],) and (stats > 0).all()
+    ordered = reader.read_rows([3, 1, 2], ["row_id"])["row_id"]
+    assert ordered.tolist() == [3, 1, 2]
