@@ -43,6 +43,17 @@ def tiny_assets(tmp_path_factory) -> dict[str, Path]:
     return {"root": root, "data": data, "teacher": teacher, "tokenizer": root / "tokenizer", "texts": texts}
 
 
+@pytest.fixture
+def single_thread():
+    """Tiny tensors: one intra-op thread is faster, and immune to a busy machine's oversubscription."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 def cache_args(assets: dict[str, Path], out: Path, **extra: object) -> list[str]:
     """CLI arguments of a small cache-teacher run on the tiny assets."""
     args = {

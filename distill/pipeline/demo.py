@@ -85,10 +85,17 @@ def write_jsonl(texts: list[str], path: Path, field: str = "text") -> Path:
 # --- tokenizers ---------------------------------------------------------------------------
 
 
-def train_tokenizer(texts: list[str], vocab_size: int, out_dir: Path) -> Any:
-    """A byte-level BPE tokenizer trained on ``texts``, saved with ``save_pretrained`` to ``out_dir``.
+def train_tokenizer(
+    texts: list[str],
+    vocab_size: int,
+    out_dir: Path | None = None,
+    trim_offsets: bool = False,
+    special_tokens: tuple[str, ...] = ("<|endoftext|>", "<|pad|>"),
+) -> Any:
+    """A GPT-2 style byte-level BPE tokenizer trained on ``texts``; saved to ``out_dir`` if given.
 
-    Offsets are not trimmed, so each token's span includes its leading space (as in GPT-2 / Qwen).
+    The first special token is EOS, the last one the pad token. With ``trim_offsets=False``
+    (the default, as in GPT-2 / Qwen) each token's span includes its leading space.
     """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
@@ -96,16 +103,17 @@ def train_tokenizer(texts: list[str], vocab_size: int, out_dir: Path) -> Any:
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    tok.post_processor = processors.ByteLevel(trim_offsets=False)
+    tok.post_processor = processors.ByteLevel(trim_offsets=trim_offsets)
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=["<|endoftext|>", "<|pad|>"],
+        special_tokens=list(special_tokens),
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
     tok.train_from_iterator(texts, trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|pad|>")
-    fast.save_pretrained(out_dir)
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token=special_tokens[0], pad_token=special_tokens[-1])
+    if out_dir is not None:
+        fast.save_pretrained(out_dir)
     return fast
 
 

@@ -1,0 +1,477 @@
+"""Cross-tokenizer alignment: teacher rows from the cache vs the student's own tokenization.
+
+The student reads each cached row's `text` with its own tokenizer. Two positions, teacher
+`t` and student `s`, are *aligned* when the tokens 0..t and 0..s consumed exactly the same
+text prefix `text[:e]`: then their next-token predictions (and hidden states) are
+comparable. Offsets are character spans `[start, end)` in `text`, as HF fast tokenizers
+return them.
+
+    from distill.pipeline.align import align_batch, load_or_build_vocab_map
+    batch = align_batch(texts, teacher_offsets, teacher_lengths, student_tokenizer, max_length=2048)
+    teacher_rows = topk_ids[batch.batch_idx, batch.teacher_pos]      # (A, K)
+    student_rows = logits[batch.batch_idx, batch.student_pos]         # (A, V_s)
+    vocab_map = load_or_build_vocab_map(teacher_tokenizer, student_tokenizer, cache_dir)
+    student_ids = vocab_map[teacher_rows]                             # (A, K), -1 = tail bin
+
+[clean-end note] A token closes a clean prefix only when the next token starts at or
+after its end. Byte-level BPE splits a character into several byte tokens that all report
+the character's span, and a token may even end in the middle of one character and start
+the next (`'¥æ'` = last bytes of 日 + first byte of 本, span of both): such a token ends
+*inside* a character, the next token then starts before its end, and the position is
+skipped. Among clean tokens ending at the same character the last one counts (it consumed
+everything up to there). Special tokens have the span (0, 0) and are ignored. Known limit:
+when a teacher row was cut in the middle of a character, its very last token looks clean.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+BYTE_LEVEL = "byte_level"
+SENTENCEPIECE = "sentencepiece"
+PLAIN = "plain"
+
+_SP_SPACE = "\u2581"  # '▁'
+_BYTE_FALLBACK = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
+_CALL_TIME_KEYS = ("truncation", "padding")  # backend state that tokenizer calls mutate; not identity
+VOCAB_MAP_VERSION = 1  # bump when build_vocab_map changes, so cached maps are rebuilt
+
+
+# --- position alignment ---------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Alignment:
+    """Aligned position pairs of one row.
+
+    teacher_pos: (A,) int64 teacher positions, strictly increasing.
+    student_pos: (A,) int64 student positions, strictly increasing; pair i = (teacher_pos[i], student_pos[i]).
+    num_student: number of real (non-padding) student tokens of the row.
+    num_teacher: number of real (non-padding) teacher tokens of the row.
+    """
+
+    teacher_pos: np.ndarray
+    student_pos: np.ndarray
+    num_student: int
+    num_teacher: int
+
+    @property
+    def num_aligned(self) -> int:
+        return int(self.teacher_pos.shape[0])
+
+    @property
+    def student_coverage(self) -> float:
+        """Share of student positions that have a teacher partner (0.0 for an empty row)."""
+        return self.num_aligned / self.num_student if self.num_student else 0.0
+
+
+def _to_offsets(offsets: Any, length: int) -> np.ndarray:
+    """(L, 2) array-like (numpy, torch, nested lists) -> (length, 2) int64 numpy array."""
+    if isinstance(offsets, torch.Tensor):
+        offsets = offsets.detach().cpu().numpy()
+    array = np.asarray(offsets, dtype=np.int64).reshape(-1, 2)
+    return array[: max(int(length), 0)]
+
+
+def find_clean_ends(offsets: Any, length: int) -> tuple[np.ndarray, np.ndarray]:
+    """Positions after which the consumed text is exactly `text[:end]`, see [clean-end note].
+
+    offsets: (L, 2) character spans; positions >= length are padding.
+    Returns (positions (P,) int64, ends (P,) int64), both strictly increasing.
+    """
+    spans = _to_offsets(offsets, length)
+    positions = np.flatnonzero(spans[:, 1] > 0)  # (0, 0) = special token
+    starts, ends = spans[positions, 0], spans[positions, 1]
+    clean = np.ones(positions.shape[0], dtype=bool)
+    clean[:-1] = starts[1:] >= ends[:-1]
+    # a token that ends before an earlier token did has not consumed text[:end]
+    clean[1:] &= ends[1:] >= np.maximum.accumulate(ends)[:-1]
+    positions, ends = positions[clean], ends[clean]
+    last_at_end = np.ones(positions.shape[0], dtype=bool)
+    last_at_end[:-1] = ends[1:] != ends[:-1]
+    return positions[last_at_end].astype(np.int64), ends[last_at_end].astype(np.int64)
+
+
+def match_sorted_ends(ends_a: np.ndarray, ends_b: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Indices (ia, ib) with ends_a[ia] == ends_b[ib]; both inputs strictly increasing. O(len a + len b)."""
+    a, b = ends_a.tolist(), ends_b.tolist()
+    matched_a: list[int] = []
+    matched_b: list[int] = []
+    i = j = 0
+    while i < len(a) and j < len(b):
+        if a[i] == b[j]:
+            matched_a.append(i)
+            matched_b.append(j)
+            i += 1
+            j += 1
+        elif a[i] < b[j]:
+            i += 1
+        else:
+            j += 1
+    return np.asarray(matched_a, dtype=np.int64), np.asarray(matched_b, dtype=np.int64)
+
+
+def align_offsets(teacher_offsets: Any, teacher_length: int, student_offsets: Any) -> Alignment:
+    """Align one row: teacher (L_t, 2) spans with the first `teacher_length` real, student (L_s, 2) spans.
+
+    Student offsets are all real tokens (cut to the student's context beforehand); the
+    student's own special tokens, if any, have span (0, 0) and are never aligned.
+    """
+    teacher_spans = _to_offsets(teacher_offsets, teacher_length)
+    student_spans = _to_offsets(student_offsets, len(student_offsets))
+    teacher_positions, teacher_ends = find_clean_ends(teacher_spans, teacher_spans.shape[0])
+    student_positions, student_ends = find_clean_ends(student_spans, student_spans.shape[0])
+    it, js = match_sorted_ends(teacher_ends, student_ends)
+    return Alignment(
+        teacher_pos=teacher_positions[it],
+        student_pos=student_positions[js],
+        num_student=int(student_spans.shape[0]),
+        num_teacher=int(teacher_spans.shape[0]),
+    )
+
+
+def teacher_to_student_span(
+    teacher_offsets: Any, teacher_length: int, student_offsets: Any, num_student: int
+) -> np.ndarray:
+    """For each teacher position, the student token holding the teacher token's last character.
+
+    Used to pool the teacher's cached attention keys onto student key spans.
+    teacher_offsets: (L_t, 2); student_offsets: (L_s, 2), the first `num_student` real.
+    Returns (L_t,) int64: the first student token ending after that character (the one
+    containing it; for whitespace that trimmed offsets leave out of every span, the token
+    that swallowed it), or -1 for special/padding teacher tokens and characters beyond the
+    kept student tokens. Within byte tokens sharing one span, the first of the group.
+    """
+    teacher_spans = _to_offsets(teacher_offsets, len(teacher_offsets))
+    result = np.full(teacher_spans.shape[0], -1, dtype=np.int64)
+    student_spans = _to_offsets(student_offsets, num_student)
+    real_students = np.flatnonzero(student_spans[:, 1] > 0)  # (0, 0) = special token
+    if real_students.size == 0:
+        return result
+    student_ends = np.maximum.accumulate(student_spans[real_students, 1])  # sorted for searchsorted
+    length = min(int(teacher_length), teacher_spans.shape[0])
+    teacher_real = np.flatnonzero(teacher_spans[:length, 1] > 0)
+    last_chars = teacher_spans[teacher_real, 1] - 1
+    candidate = np.searchsorted(student_ends, last_chars, side="right")  # first student end > char
+    inside = candidate < real_students.size
+    result[teacher_real[inside]] = real_students[candidate[inside]]
+    return result
+
+
+# --- tokenizer identity -----------------------------------------------------------------------
+
+
+def _backend_json(tokenizer: Any) -> dict | None:
+    """The tokenizers-library JSON of a fast tokenizer, or None when it has no backend."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return None
+    return json.loads(backend.to_str())
+
+
+def _special_tokens(tokenizer: Any) -> set[str]:
+    """Every special token string: the named ones and added tokens flagged special."""
+    specials = {str(token) for token in getattr(tokenizer, "all_special_tokens", [])}
+    for added in getattr(tokenizer, "added_tokens_decoder", {}).values():
+        if getattr(added, "special", False):
+            specials.add(str(added.content))
+    return specials
+
+
+def tokenizer_hash(tokenizer: Any) -> str:
+    """sha256 hex of the canonical backend JSON + special tokens; independent of folder and name.
+
+    Call-time state (truncation, padding) is left out, so a tokenizer hashes the same
+    before and after it was called with `truncation=True`.
+    """
+    backend = _backend_json(tokenizer)
+    if backend is None:
+        backend = {"vocab": sorted(tokenizer.get_vocab().items()), "class": type(tokenizer).__name__}
+    for key in _CALL_TIME_KEYS:
+        backend.pop(key, None)
+    named = {key: str(value) for key, value in getattr(tokenizer, "special_tokens_map", {}).items()}
+    payload = {"backend": backend, "special_tokens": sorted(_special_tokens(tokenizer)), "named_special": named}
+    canonical = json.dumps(payload, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+
+
+def is_same_tokenizer(a: Any, b: Any) -> bool:
+    """True when both tokenize identically (same object, or same `tokenizer_hash`); names do not matter."""
+    return a is b or tokenizer_hash(a) == tokenizer_hash(b)
+
+
+# --- vocabulary map ---------------------------------------------------------------------------
+
+
+@lru_cache(maxsize=1)
+def build_byte_decoder() -> dict[str, int]:
+    """Inverse of GPT-2's bytes_to_unicode: printable stand-in character -> byte value."""
+    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+    printable += list(range(ord("®"), ord("ÿ") + 1))
+    table = {byte: chr(byte) for byte in printable}
+    shifted = 0
+    for byte in range(256):
+        if byte not in table:
+            table[byte] = chr(256 + shifted)
+            shifted += 1
+    return {char: byte for byte, char in table.items()}
+
+
+def _collect_types(component: Any) -> set[str]:
+    """All `type` values in a (possibly nested Sequence) pre-tokenizer/decoder/normalizer JSON."""
+    if isinstance(component, dict):
+        found = {component["type"]} if isinstance(component.get("type"), str) else set()
+        for value in component.values():
+            found |= _collect_types(value)
+        return found
+    if isinstance(component, list):
+        return set().union(*(_collect_types(item) for item in component)) if component else set()
+    return set()
+
+
+def detect_token_style(tokenizer: Any) -> str:
+    """How vocabulary strings encode bytes: BYTE_LEVEL ('Ġ'), SENTENCEPIECE ('▁', <0xNN>) or PLAIN (utf-8).
+
+    Read from the backend's pre-tokenizer/decoder/model; falls back to counting 'Ġ' and '▁'
+    prefixes in the vocabulary when there is no backend JSON.
+    """
+    backend = _backend_json(tokenizer)
+    if backend is not None:
+        types = _collect_types(backend.get("pre_tokenizer")) | _collect_types(backend.get("decoder"))
+        if "ByteLevel" in types:
+            return BYTE_LEVEL
+        uses_sp_space = _SP_SPACE in json.dumps(backend.get("decoder"), ensure_ascii=False)
+        if "Metaspace" in types or "ByteFallback" in types or uses_sp_space:
+            return SENTENCEPIECE
+        if backend.get("model", {}).get("byte_fallback"):
+            return SENTENCEPIECE
+        return PLAIN
+    vocab = tokenizer.get_vocab()
+    byte_level = sum(token.startswith("Ġ") for token in vocab)
+    sentencepiece = sum(token.startswith(_SP_SPACE) for token in vocab)
+    if max(byte_level, sentencepiece) < 0.01 * max(len(vocab), 1):
+        return PLAIN
+    return BYTE_LEVEL if byte_level > sentencepiece else SENTENCEPIECE
+
+
+def normalize_token_bytes(token: str, style: str) -> bytes:
+    """The raw bytes a vocabulary string stands for.
+
+    BYTE_LEVEL: each character maps back through GPT-2's table ('ĠCafÃ©' -> b' Caf\\xc3\\xa9');
+    characters outside the table mean the string is raw text, then utf-8.
+    SENTENCEPIECE: '▁' is a space, '<0xNN>' is the byte NN ('▁Café' -> b' Caf\\xc3\\xa9').
+    PLAIN: utf-8.
+    """
+    if style == BYTE_LEVEL:
+        decoder = build_byte_decoder()
+        if all(char in decoder for char in token):
+            return bytes(decoder[char] for char in token)
+        return token.encode("utf-8")
+    if style == SENTENCEPIECE:
+        byte_token = _BYTE_FALLBACK.match(token)
+        if byte_token:
+            return bytes([int(byte_token.group(1), 16)])
+        return token.replace(_SP_SPACE, " ").encode("utf-8")
+    return token.encode("utf-8")
+
+
+def list_token_keys(tokenizer: Any) -> list[tuple[int, tuple[str, Any], int]]:
+    """Every vocabulary entry as (id, key, rank).
+
+    key: ("special", string) for special tokens, else ("bytes", raw bytes); added tokens are
+    stored as raw text, so their bytes are their utf-8. rank 1 marks SentencePiece byte
+    fallback pieces (<0x41> and 'A' share bytes; the ordinary piece wins), else 0.
+    """
+    style = detect_token_style(tokenizer)
+    specials = _special_tokens(tokenizer)
+    added_ids = set(getattr(tokenizer, "added_tokens_decoder", {}))
+    entries = []
+    for token, token_id in tokenizer.get_vocab().items():
+        if token in specials:
+            entries.append((token_id, ("special", token), 0))
+        elif token_id in added_ids:
+            entries.append((token_id, ("bytes", token.encode("utf-8")), 0))
+        else:
+            is_fallback = style == SENTENCEPIECE and _BYTE_FALLBACK.match(token) is not None
+            entries.append((token_id, ("bytes", normalize_token_bytes(token, style)), int(is_fallback)))
+    return entries
+
+
+def build_vocab_map(teacher_tokenizer: Any, student_tokenizer: Any) -> np.ndarray:
+    """Teacher id -> student id of the token with identical bytes (specials: identical special), else -1.
+
+    Returns (V_t,) int64, V_t = len(teacher_tokenizer). Injective on matched entries. Two
+    passes, each in id order: first ordinary pieces match ordinary pieces and byte-fallback
+    pieces match byte-fallback pieces (so identical tokenizers give the identity), then the
+    teacher tokens left over take any student token with the same bytes not yet taken
+    (a lone byte 'Ã' of a byte-level BPE and '<0xC3>' of SentencePiece).
+    """
+    student_entries = sorted(list_token_keys(student_tokenizer), key=lambda entry: (entry[2], entry[0]))
+    teacher_entries = sorted(list_token_keys(teacher_tokenizer), key=lambda entry: entry[0])
+    size = max([len(teacher_tokenizer)] + [token_id + 1 for token_id, _, _ in teacher_entries])
+    vocab_map = np.full(size, -1, dtype=np.int64)
+    taken: set[int] = set()
+    same_kind: dict[tuple[tuple[str, Any], int], int] = {}
+    any_kind: dict[tuple[str, Any], list[int]] = {}
+    for token_id, key, rank in student_entries:
+        same_kind.setdefault((key, rank), token_id)
+        any_kind.setdefault(key, []).append(token_id)
+    for token_id, key, rank in teacher_entries:
+        student_id = same_kind.get((key, rank))
+        if student_id is not None and student_id not in taken:
+            vocab_map[token_id] = student_id
+            taken.add(student_id)
+    for token_id, key, _ in teacher_entries:
+        if vocab_map[token_id] >= 0:
+            continue
+        student_id = next((candidate for candidate in any_kind.get(key, ()) if candidate not in taken), None)
+        if student_id is not None:
+            vocab_map[token_id] = student_id
+            taken.add(student_id)
+    return vocab_map
+
+
+def load_or_build_vocab_map(teacher_tokenizer: Any, student_tokenizer: Any, cache_dir: Path) -> np.ndarray:
+    """`build_vocab_map`, kept in `cache_dir/vocab_map-v<version>-<teacher hash>-<student hash>.npy`.
+
+    Hashes are the first 16 hex digits of `tokenizer_hash`; the file is written atomically.
+    """
+    cache_dir = Path(cache_dir)
+    teacher_key, student_key = tokenizer_hash(teacher_tokenizer)[:16], tokenizer_hash(student_tokenizer)[:16]
+    name = f"vocab_map-v{VOCAB_MAP_VERSION}-{teacher_key}-{student_key}.npy"
+    path = cache_dir / name
+    if path.exists():
+        return np.load(path)
+    vocab_map = build_vocab_map(teacher_tokenizer, student_tokenizer)
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.NamedTemporaryFile(dir=cache_dir, suffix=".npy.tmp", delete=False) as handle:
+        np.save(handle, vocab_map)
+    os.replace(handle.name, path)
+    return vocab_map
+
+
+# --- student batches --------------------------------------------------------------------------
+
+
+def tokenize_for_student(
+    student_tokenizer: Any, texts: list[str], max_length: int
+) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """Student tokens of each text, cut at the student's context `max_length`.
+
+    Returns (input_ids: list of (L_s,) int64, offsets: list of (L_s, 2) int64), L_s <= max_length.
+    No special tokens are added. Cutting here (not via `truncation=True`) leaves the
+    tokenizer's backend state untouched.
+    """
+    if max_length <= 0:
+        raise ValueError(f"max_length must be > 0, got {max_length}")
+    encoded = student_tokenizer(list(texts), add_special_tokens=False, return_offsets_mapping=True)
+    input_ids = [np.asarray(ids[:max_length], dtype=np.int64) for ids in encoded["input_ids"]]
+    offsets = [np.asarray(spans[:max_length], dtype=np.int64).reshape(-1, 2) for spans in encoded["offset_mapping"]]
+    return input_ids, offsets
+
+
+@dataclass
+class AlignedBatch:
+    """A student batch and its alignment with the teacher rows.
+
+    input_ids: (B, L_s) int64 student tokens, right-padded.
+    attention_mask: (B, L_s) int64, 1 on real tokens.
+    batch_idx, teacher_pos, student_pos: (A,) int64, pair i gathers teacher[batch_idx[i], teacher_pos[i]]
+        and student[batch_idx[i], student_pos[i]].
+    aligned_share: aligned student positions / student positions over the batch (for logging).
+    """
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    batch_idx: torch.Tensor
+    teacher_pos: torch.Tensor
+    student_pos: torch.Tensor
+    aligned_share: float
+
+
+def _pad_id(tokenizer: Any) -> int:
+    """The student's pad id, else its eos id, else 0 (masked out either way)."""
+    for token_id in (getattr(tokenizer, "pad_token_id", None), getattr(tokenizer, "eos_token_id", None)):
+        if token_id is not None:
+            return int(token_id)
+    return 0
+
+
+def _pad_rows(rows: Sequence[np.ndarray], pad_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """List of (L_i,) int arrays -> (B, max L_i) ids right-padded with pad_id, and the (B, max L_i) mask."""
+    width = max([row.shape[0] for row in rows] + [1])
+    input_ids = torch.full((len(rows), width), pad_id, dtype=torch.int64)
+    attention_mask = torch.zeros((len(rows), width), dtype=torch.int64)
+    for b, row in enumerate(rows):
+        input_ids[b, : row.shape[0]] = torch.from_numpy(row.astype(np.int64))
+        attention_mask[b, : row.shape[0]] = 1
+    return input_ids, attention_mask
+
+
+def _to_numpy(array: Any) -> np.ndarray:
+    return array.detach().cpu().numpy() if isinstance(array, torch.Tensor) else np.asarray(array)
+
+
+def _identity_alignments(lengths: np.ndarray, max_length: int) -> list[Alignment]:
+    """Same tokenizer: student position t is teacher position t, for t < min(length, max_length)."""
+    alignments = []
+    for length in lengths.tolist():
+        kept = np.arange(min(int(length), max_length), dtype=np.int64)
+        alignments.append(Alignment(kept, kept.copy(), num_student=kept.shape[0], num_teacher=int(length)))
+    return alignments
+
+
+def _concat_pairs(alignments: Sequence[Alignment]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per-row alignments -> flat (A,) int64 index tensors (batch_idx, teacher_pos, student_pos)."""
+    batch_idx = [np.full(a.num_aligned, b, dtype=np.int64) for b, a in enumerate(alignments)]
+    teacher_pos = [a.teacher_pos for a in alignments]
+    student_pos = [a.student_pos for a in alignments]
+    empty = np.zeros(0, dtype=np.int64)
+    return tuple(torch.from_numpy(np.concatenate(parts or [empty])) for parts in (batch_idx, teacher_pos, student_pos))
+
+
+def align_batch(
+    texts: Sequence[str],
+    teacher_offsets: Any,
+    teacher_lengths: Any,
+    student_tokenizer: Any,
+    max_length: int,
+    *,
+    teacher_input_ids: Any = None,
+    same_tokenizer: bool = False,
+) -> AlignedBatch:
+    """Tokenize a batch of cached rows for the student and align it with the teacher positions.
+
+    texts: B row texts; teacher_offsets: (B, L, 2); teacher_lengths: (B,); max_length: student context.
+    same_tokenizer: the identity fast path (decide once with `is_same_tokenizer` or the cache
+    manifest's tokenizer hash): the student reuses `teacher_input_ids` (B, L) and position t
+    aligns with t; no re-tokenization.
+    """
+    lengths = _to_numpy(teacher_lengths).astype(np.int64).reshape(-1)
+    if same_tokenizer:
+        if teacher_input_ids is None:
+            raise ValueError("same_tokenizer=True needs teacher_input_ids (the cached `input_ids` field)")
+        teacher_ids = _to_numpy(teacher_input_ids)
+        rows = [teacher_ids[b, : min(int(n), max_length)] for b, n in enumerate(lengths.tolist())]
+        alignments = _identity_alignments(lengths, max_length)
+    else:
+        rows, student_offsets = tokenize_for_student(student_tokenizer, list(texts), max_length)
+        offsets = _to_numpy(teacher_offsets)
+        alignments = [align_offsets(offsets[b], lengths[b], student_offsets[b]) for b in range(len(rows))]
+    input_ids, attention_mask = _pad_rows(rows, _pad_id(student_tokenizer))
+    batch_idx, teacher_pos, student_pos = _concat_pairs(alignments)
+    num_student = sum(a.num_student for a in alignments)
+    aligned_share = sum(a.num_aligned for a in alignments) / num_student if num_student else 0.0
+    return AlignedBatch(input_ids, attention_mask, batch_idx, teacher_pos, student_pos, aligned_share)
