@@ -155,6 +155,73 @@ def cache_teacher(
     )
 
 
+@app.command("train")
+def train(
+    cache: Annotated[str | None, typer.Option(help="Teacher-output store made by cache-teacher.")] = None,
+    student: Annotated[str | None, typer.Option(help="Student: hub id or local model directory.")] = None,
+    out: Annotated[str | None, typer.Option(help="Run directory (config, metrics.jsonl, checkpoints, final/).")] = None,
+    eval_cache: Annotated[str | None, typer.Option(help="Store of a validation split for held-out rows.")] = None,
+    max_steps: Annotated[int | None, typer.Option(help="Optimizer steps (default: one epoch).")] = None,
+    batch_size: Annotated[int | None, typer.Option(help="Rows per micro-batch (default 2).")] = None,
+    log_every: Annotated[int | None, typer.Option(help="Optimizer steps per log line (default 10).")] = None,
+    eval_every: Annotated[int | None, typer.Option(help="Optimizer steps per eval + checkpoint (default 500).")] = None,
+    resume: Annotated[
+        str | None, typer.Option(help="'auto' (latest checkpoint in --out) or a checkpoint folder.")
+    ] = None,
+    live_teacher: Annotated[str | None, typer.Option(help="Run this teacher in the loop instead of the cache.")] = None,
+    config: Annotated[Path | None, typer.Option(help="YAML/JSON file with any TrainConfig setting.")] = None,
+    set_: Annotated[
+        list[str] | None,
+        typer.Option("--set", help="key=value override, e.g. lr=1e-4, curriculum.kd=0.5, grad_accum=8 (repeatable)."),
+    ] = None,
+) -> None:
+    """Stage 2: train the student and its student-aware router against the cache, with the curriculum.
+
+    Example:
+
+        distill train --cache cache/wt103 --student HuggingFaceTB/SmolLM-135M --out runs/smol
+        --config configs/reference.yaml --resume auto
+
+    Settings of the cache (layers, top-K, temperatures) are read from its manifest. SIGINT/SIGTERM
+    save an emergency checkpoint; --resume auto continues exactly where the run stopped.
+    """
+    from distill.cache.schema import CacheError
+    from distill.config import TrainConfig, parse_set_overrides
+    from distill.pipeline.train import run
+
+    try:
+        overrides = dict(
+            cache=cache,
+            student=student,
+            out=out,
+            eval_cache=eval_cache,
+            max_steps=max_steps,
+            batch_size=batch_size,
+            log_every=log_every,
+            eval_every=eval_every,
+            resume=resume,
+            live_teacher=live_teacher,
+            **parse_set_overrides(set_ or []),
+        )
+        cfg = load_config(TrainConfig, config, overrides)
+        cfg.require_io()
+        print_config("train", cfg)
+        summary = run(cfg)
+    except (ConfigError, CacheError, FileNotFoundError) as exc:
+        fail(str(exc))
+    if summary["stop_reason"] == "signal":
+        typer.echo(
+            f"stopped by signal {summary['signal']} at step {summary['steps']}: emergency checkpoint saved; "
+            f"continue with --resume auto",
+            err=True,
+        )
+        raise typer.Exit(128 + int(summary["signal"]))
+    typer.echo(
+        f"trained {summary['steps']} steps ({summary['stop_reason']}); best eval loss "
+        f"{summary['best_eval']:.4g}; student saved in {summary['final']}"
+    )
+
+
 @cache_app.command("info")
 def cache_info(
     store: Annotated[str, typer.Argument(help="Store path or fsspec URL.")],

@@ -17,6 +17,8 @@ from typing import Any, TypeVar
 
 import yaml
 
+from distill.pipeline.curriculum import CurriculumConfig
+
 
 class ConfigError(ValueError):
     """A configuration value is invalid; the message names the flag to change."""
@@ -113,6 +115,159 @@ class CacheConfig:
                 raise ConfigError(f"--{name} is required")
 
 
+@dataclass
+class TrainConfig:
+    """Settings of ``distill train`` (stage 2). Cache settings (layers, top-K, temperatures) come from the
+    store's manifest, never repeated here."""
+
+    cache: str = ""
+    """The teacher-output store (path or fsspec URL) made by ``distill cache-teacher``."""
+    student: str = ""
+    """Student model: hub id or local directory (``AutoModelForCausalLM`` + its tokenizer)."""
+    out: str = ""
+    """Run directory: config.json, metrics.jsonl, checkpoints/, final/."""
+    eval_cache: str | None = None
+    """A second store (a validation split) for held-out rows. Without it, ``eval_fraction`` of the rows is held out."""
+    eval_fraction: float = 0.02
+    """Share of the store's rows held out for eval (chosen by row id, deterministically) when no --eval-cache."""
+    eval_rows: int | None = None
+    """Evaluate on at most this many held-out rows (default all)."""
+    max_steps: int | None = None
+    """Optimizer steps to run. Default: ``epochs`` passes over the training rows."""
+    epochs: float = 1.0
+    """Passes over the training rows when --max-steps is not given."""
+    batch_size: int = 2
+    """Rows per micro-batch."""
+    grad_accum: int = 16
+    """Micro-batches per optimizer step (global batch = batch_size x grad_accum x world size)."""
+    lr: float = 5e-5
+    """Peak learning rate of the student."""
+    router_lr: float = 1e-4
+    """Peak learning rate of the router and projectors."""
+    weight_decay: float = 0.01
+    """AdamW weight decay (not applied to biases and norms)."""
+    warmup: float = 0.1
+    """Warmup as a fraction of the optimizer steps (linear), then cosine decay."""
+    min_lr_ratio: float = 0.1
+    """The cosine decays to lr x min_lr_ratio."""
+    clip: float = 1.0
+    """Gradient-norm clipping (0 disables)."""
+    temperature: float = 4.0
+    """KD temperature; must be one of the store's temperatures."""
+    kd_mode: str = "tail"
+    """tail (top-K + tail bin, default) | projector (vocab_proj -> linear -> student vocab) | uld (sorted probs)."""
+    curriculum: CurriculumConfig = field(default_factory=CurriculumConfig)
+    """Term weights and their schedule (see curriculum.py). --set curriculum.kd=0.5 etc."""
+    router_top_k: int = 2
+    """Experts (teacher layers) mixed per position by the student-aware router."""
+    balance_coef: float = 0.01
+    """Weight of the router's load-balancing term, relative to the feature weight."""
+    importance_coef: float = 0.01
+    """Weight of the router's importance term, relative to the feature weight."""
+    router_attention_coef: float = 0.1
+    """Weight of the router's attention-alignment term, relative to the attention weight."""
+    contrastive_temperature: float = 0.1
+    """InfoNCE temperature."""
+    precision: str = "auto"
+    """auto (bf16 on GPUs that have it, fp16 + GradScaler on older GPUs, fp32 on CPU) | fp32 | bf16 | fp16."""
+    device: str = "auto"
+    """auto | cpu | cuda | cuda:N."""
+    log_every: int = 10
+    """Optimizer steps between log lines / metrics records."""
+    eval_every: int = 500
+    """Optimizer steps between evals (and checkpoints)."""
+    save_every: int | None = None
+    """Optimizer steps between checkpoints (default: eval_every)."""
+    keep_checkpoints: int = 2
+    """Periodic checkpoints kept on disk (older ones are deleted)."""
+    patience: int = 20
+    """Early stopping: evals without improvement before stopping."""
+    min_delta: float = 0.0
+    """Early stopping: the smallest decrease of the eval loss that counts as improvement."""
+    early_stop_warmup: int = 1000
+    """Early stopping is not applied before this optimizer step."""
+    student_max_length: int | None = None
+    """Student context (default: its config's max_position_embeddings); longer student rows are cut."""
+    live_teacher: str | None = None
+    """Run this teacher in the loop instead of reading teacher outputs from the store (same loss code)."""
+    seed: int = 0
+    """Seed of initialization of the added modules, data order and dropout."""
+    resume: str | None = None
+    """auto (latest checkpoint in --out, if any) or a checkpoint directory."""
+    num_workers_prefetch: int = 2
+    """Batches read and aligned ahead of the training step on a background thread (0 disables)."""
+
+    def __post_init__(self) -> None:
+        if isinstance(self.curriculum, dict):
+            self.curriculum = CurriculumConfig(**self.curriculum)
+        checks = [
+            (0 <= self.eval_fraction < 1, "--set eval_fraction=F needs 0 <= F < 1"),
+            (self.max_steps is None or self.max_steps >= 1, "--max-steps must be at least 1"),
+            (self.epochs > 0, "--set epochs=N needs N > 0"),
+            (self.batch_size >= 1, "--batch-size must be at least 1"),
+            (self.grad_accum >= 1, "--set grad_accum=N needs N >= 1"),
+            (self.lr > 0 and self.router_lr > 0, "--set lr / router_lr must be > 0"),
+            (0 <= self.warmup < 1, "--set warmup=F needs 0 <= F < 1"),
+            (0 <= self.min_lr_ratio <= 1, "--set min_lr_ratio=F needs 0 <= F <= 1"),
+            (self.temperature > 0, "--set temperature=T needs T > 0"),
+            (self.kd_mode in ("tail", "projector", "uld"), "--set kd_mode must be tail, projector or uld"),
+            (self.precision in ("auto", "fp32", "bf16", "fp16"), "--set precision must be auto, fp32, bf16 or fp16"),
+            (self.log_every >= 1, "--log-every must be at least 1"),
+            (self.eval_every >= 1, "--eval-every must be at least 1"),
+            (self.patience >= 1, "--set patience=N needs N >= 1"),
+            (self.keep_checkpoints >= 1, "--set keep_checkpoints=N needs N >= 1"),
+            (
+                self.resume is None or self.resume == "auto" or Path(self.resume).is_dir(),
+                f"--resume {self.resume}: use 'auto' or an existing checkpoint directory",
+            ),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ConfigError(message)
+
+    def require_io(self) -> None:
+        for name in ("cache", "student", "out"):
+            if not getattr(self, name):
+                raise ConfigError(f"--{name} is required")
+
+
+def parse_set_overrides(items: list[str]) -> dict[str, Any]:
+    """``["lr=1e-4", "curriculum.kd=0.5"]`` -> nested dict with YAML-parsed values."""
+    out: dict[str, Any] = {}
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"--set {item!r}: expected key=value")
+        key, raw = item.split("=", 1)
+        target = out
+        *parents, leaf = key.strip().split(".")
+        for p in parents:
+            target = target.setdefault(p, {})
+        target[leaf] = parse_value(raw)
+    return out
+
+
+def parse_value(raw: str) -> Any:
+    """int, then float (YAML 1.1 reads ``1e-4`` as a string), then YAML (lists, bools, null, strings)."""
+    for kind in (int, float):
+        try:
+            return kind(raw)
+        except ValueError:
+            pass
+    return yaml.safe_load(raw)
+
+
+def coerce_numbers(cls: type, values: dict[str, Any]) -> dict[str, Any]:
+    """Turn numeric strings from YAML files (``lr: 1e-4``) into the float/int their field declares."""
+    types = {f.name: str(f.type) for f in dataclasses.fields(cls)}
+    out = dict(values)
+    for key, value in values.items():
+        if isinstance(value, str) and key in types and ("float" in types[key] or "int" in types[key]):
+            parsed = parse_value(value)
+            if isinstance(parsed, (int, float)):
+                out[key] = parsed
+    return out
+
+
 def parse_shard(spec: str) -> tuple[int, int]:
     """Parse ``"i/n"`` into ``(i, n)`` with ``0 <= i < n``."""
     try:
@@ -131,15 +286,26 @@ def load_config(cls: type[C], path: str | Path | None, overrides: dict[str, Any]
     """Build a ``cls`` config from defaults, an optional YAML/JSON file and non-None overrides."""
     values: dict[str, Any] = {}
     if path:
+        if not Path(path).is_file():
+            raise ConfigError(f"--config {path}: no such file")
         text = Path(path).read_text()
         loaded = json.loads(text) if str(path).endswith(".json") else yaml.safe_load(text)
         values.update(loaded or {})
-    values.update({k: v for k, v in overrides.items() if v is not None})
+    for key, value in overrides.items():
+        if value is None:
+            continue
+        if isinstance(value, dict) and isinstance(values.get(key), dict):
+            values[key] = {**values[key], **value}
+        else:
+            values[key] = value
     known = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
     unknown = sorted(set(values) - known)
     if unknown:
         raise ConfigError(f"unknown config key(s) {unknown}; known keys: {sorted(known)}")
-    return cls(**values)
+    try:
+        return cls(**coerce_numbers(cls, values))
+    except TypeError as exc:  # a nested config with an unknown key
+        raise ConfigError(str(exc)) from None
 
 
 def config_to_dict(cfg: Any) -> dict[str, Any]:

@@ -391,6 +391,7 @@ class AlignedBatch:
     batch_idx, teacher_pos, student_pos: (A,) int64, pair i gathers teacher[batch_idx[i], teacher_pos[i]]
         and student[batch_idx[i], student_pos[i]].
     aligned_share: aligned student positions / student positions over the batch (for logging).
+    student_offsets: B arrays (L_s_b, 2) of character spans of the student tokens in each row's text.
     """
 
     input_ids: torch.Tensor
@@ -399,6 +400,7 @@ class AlignedBatch:
     teacher_pos: torch.Tensor
     student_pos: torch.Tensor
     aligned_share: float
+    student_offsets: list[np.ndarray]
 
 
 def _pad_id(tokenizer: Any) -> int:
@@ -465,6 +467,8 @@ def align_batch(
             raise ValueError("same_tokenizer=True needs teacher_input_ids (the cached `input_ids` field)")
         teacher_ids = _to_numpy(teacher_input_ids)
         rows = [teacher_ids[b, : min(int(n), max_length)] for b, n in enumerate(lengths.tolist())]
+        offsets = _to_numpy(teacher_offsets)
+        student_offsets = [offsets[b, : len(r)] for b, r in enumerate(rows)]
         alignments = _identity_alignments(lengths, max_length)
     else:
         rows, student_offsets = tokenize_for_student(student_tokenizer, list(texts), max_length)
@@ -474,4 +478,6 @@ def align_batch(
     batch_idx, teacher_pos, student_pos = _concat_pairs(alignments)
     num_student = sum(a.num_student for a in alignments)
     aligned_share = sum(a.num_aligned for a in alignments) / num_student if num_student else 0.0
-    return AlignedBatch(input_ids, attention_mask, batch_idx, teacher_pos, student_pos, aligned_share)
+    return AlignedBatch(
+        input_ids, attention_mask, batch_idx, teacher_pos, student_pos, aligned_share, list(student_offsets)
+    )

@@ -190,6 +190,7 @@ def build_demo_assets(out: Path, seed: int = 0, num_docs: int = 600) -> dict[str
         "teacher_tokenizer": out / "tokenizers" / "teacher",
         "student_tokenizer": out / "tokenizers" / "student",
         "teacher": out / "models" / "teacher",
+        "student": out / "models" / "student",
     }
     if not paths["eval"].exists():
         texts = generate_corpus(num_docs + num_docs // 10, seed=seed)
@@ -198,8 +199,9 @@ def build_demo_assets(out: Path, seed: int = 0, num_docs: int = 600) -> dict[str
     texts = [json.loads(line)["text"] for line in paths["train"].read_text(encoding="utf-8").splitlines()]
     if not (paths["teacher"] / "config.json").exists():
         teacher_tok = train_tokenizer(texts, 1024, paths["teacher_tokenizer"])
-        train_tokenizer(texts, 512, paths["student_tokenizer"])
+        student_tok = train_tokenizer(texts, 512, paths["student_tokenizer"])
         build_model(teacher_config(len(teacher_tok)), paths["teacher"], teacher_tok, seed=seed)
+        build_model(student_config(len(student_tok)), paths["student"], student_tok, seed=seed)
     return paths
 
 

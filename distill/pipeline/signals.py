@@ -1,0 +1,144 @@
+"""The teacher signal of a batch: what stage 2 consumes, whether read from the cache or computed live.
+
+Losses never know where the teacher's outputs came from. ``read_cached_signal`` reads rows
+of a store; ``LiveTeacher.signal`` runs the teacher on the same rows with the store's own
+settings (layers, top-K, temperatures, PCA basis) and converts the result through the same
+storage dtypes, so that both paths give the same tensors (and the same loss curve).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from distill.cache.reader import CacheReader, to_output
+from distill.pipeline.data import Row
+
+BASE_FIELDS = ("input_ids", "length", "offsets", "text", "row_id")
+
+
+@dataclass
+class TeacherSignal:
+    """Teacher outputs for B rows of L teacher positions (dtypes per the reader's contract).
+
+    input_ids (B, L) int64; length (B,) int64; offsets (B, L, 2) int64; text: B strings;
+    topk_ids (B, L, K) int64; topk_logits (B, L, K) fp16; lse (B, L, nT) fp32;
+    vocab_proj (B, L, H) fp16; hidden {layer: (B, L, D) fp16}; attn {layer: ((B, L, Ka) fp16, (B, L, Ka) int64)}.
+    Fields that no enabled loss term needs are None / empty.
+    """
+
+    input_ids: torch.Tensor
+    length: torch.Tensor
+    offsets: torch.Tensor
+    text: list[str]
+    row_id: torch.Tensor
+    topk_ids: torch.Tensor | None = None
+    topk_logits: torch.Tensor | None = None
+    lse: torch.Tensor | None = None
+    vocab_proj: torch.Tensor | None = None
+    hidden: dict[int, torch.Tensor] | None = None
+    attn: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None
+
+    def to(self, device: torch.device) -> TeacherSignal:
+        move = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
+        return TeacherSignal(
+            input_ids=move(self.input_ids),
+            length=move(self.length),
+            offsets=self.offsets,
+            text=self.text,
+            row_id=self.row_id,
+            topk_ids=move(self.topk_ids),
+            topk_logits=move(self.topk_logits),
+            lse=move(self.lse),
+            vocab_proj=move(self.vocab_proj),
+            hidden={k: move(v) for k, v in (self.hidden or {}).items()},
+            attn={k: (move(v), move(i)) for k, (v, i) in (self.attn or {}).items()},
+        )
+
+
+def signal_fields(layout: dict[str, Any], need: set[str]) -> list[str]:
+    """Store fields to read for the loss families in ``need`` (kd, projector, hidden, attention)."""
+    fields = list(BASE_FIELDS)
+    if "kd" in need:
+        fields += ["topk_ids", "topk_logits", "lse"]
+    if "projector" in need:
+        fields += ["vocab_proj"]
+    if "hidden" in need:
+        fields += [f"hidden/{layer}" for layer in layout["hidden_layers"]]
+    if "attention" in need:
+        for layer in layout["attention_layers"]:
+            fields += [f"attn/{layer}", f"attn_ids/{layer}"]
+    return fields
+
+
+def signal_from_arrays(data: dict[str, Any]) -> TeacherSignal:
+    """Assemble a signal from a dict of field name -> tensor (``CacheReader.read_rows`` output)."""
+    hidden = {int(k.split("/")[1]): v for k, v in data.items() if k.startswith("hidden/")}
+    attn = {
+        int(k.split("/")[1]): (v, data[f"attn_ids/{k.split('/')[1]}"]) for k, v in data.items() if k.startswith("attn/")
+    }
+    return TeacherSignal(
+        input_ids=data["input_ids"],
+        length=data["length"],
+        offsets=data["offsets"],
+        text=data["text"],
+        row_id=data["row_id"],
+        topk_ids=data.get("topk_ids"),
+        topk_logits=data.get("topk_logits"),
+        lse=data.get("lse"),
+        vocab_proj=data.get("vocab_proj"),
+        hidden=hidden or None,
+        attn=attn or None,
+    )
+
+
+def read_cached_signal(reader: CacheReader, rows: np.ndarray, fields: list[str]) -> TeacherSignal:
+    return signal_from_arrays(reader.read_rows(rows, fields))
+
+
+class LiveTeacher:
+    """The teacher in the loop: computes the cache's fields for the rows of a batch on the fly."""
+
+    def __init__(self, teacher: str, reader: CacheReader, device: torch.device) -> None:
+        from distill.config import CacheConfig
+        from distill.pipeline.teacher import FieldSettings, load_pca, load_teacher, resolve_dtype
+
+        layout = reader.layout
+        self.reader, self.device = reader, device
+        dtype = resolve_dtype(
+            {"fp32": "fp32", "bf16": "bf16", "fp16": "fp16"}[reader.manifest["teacher"]["dtype"]], device
+        )
+        cfg = CacheConfig(teacher=teacher)
+        self.model = load_teacher(cfg, device, dtype, need_attention=bool(layout["attention_layers"]))
+        self.settings = FieldSettings(
+            seq_len=layout["seq_len"],
+            top_k=layout["top_k"],
+            temperatures=layout["temperatures"],
+            vocab_proj_temperature=layout["vocab_proj_temperature"],
+            hidden_layers=layout["hidden_layers"],
+            attention_layers=layout["attention_layers"],
+            attention_topk=layout["attention_topk"],
+            pca=load_pca(reader.root, layout["hidden_layers"], device),
+        )
+
+    def signal(self, rows: np.ndarray, fields: list[str]) -> TeacherSignal:
+        from distill.pipeline.teacher import compute_batch_fields
+
+        base = self.reader.read_rows(rows, BASE_FIELDS)
+        batch = [
+            Row(
+                int(base["row_id"][i]),
+                -1,
+                base["input_ids"][i, : int(n)].numpy(),
+                base["offsets"][i, : int(n)].numpy(),
+                base["text"][i],
+            )
+            for i, n in enumerate(base["length"].tolist())
+        ]
+        arrays, _ = compute_batch_fields(self.model, batch, self.settings, self.device)
+        data = {name: to_output(name, [arrays[name]], np.arange(len(rows))) for name in fields if name in arrays}
+        data.update({k: v for k, v in base.items()})
+        return signal_from_arrays(data)

@@ -1,0 +1,698 @@
+"""Stage 2 — ``distill train``: the student and its student-aware router against the teacher cache.
+
+    distill train --cache cache/wt103 --student HuggingFaceTB/SmolLM-135M --out runs/smol \
+        --config configs/reference.yaml
+
+``setup`` loads the store (checked against what the enabled terms need), the student, the
+alignment to the teacher's tokenizer and the trainable modules; ``fit`` is the one training
+loop: per optimizer step the curriculum gives the term weights, micro-batches are read
+(ahead of time, on a thread), aligned, pushed through the student and the loss terms whose
+weight is > 0, gradients accumulate, get clipped, the optimizer and schedule step; every
+``log_every`` steps one line and one metrics record, every ``eval_every`` an eval on
+held-out rows and a checkpoint.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import signal
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from tempfile import TemporaryDirectory
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn as nn
+
+from distill.cache.reader import CacheReader
+from distill.cache.schema import CacheError
+from distill.config import ConfigError, TrainConfig, config_to_dict
+from distill.pipeline.align import AlignedBatch, align_batch, load_or_build_vocab_map, teacher_to_student_span
+from distill.pipeline.checkpoint import (
+    capture_rng,
+    find_checkpoint,
+    load_checkpoint,
+    restore_rng,
+    save_checkpoint,
+    save_final,
+)
+from distill.pipeline.curriculum import RAMPED_TERMS, weights_at
+from distill.pipeline.losses import (
+    attention_kl_loss,
+    build_layer_map,
+    combine_terms,
+    contrastive_loss,
+    feature_loss,
+    importance_loss,
+    kd_tail_loss,
+    layerwise_loss,
+    lm_loss,
+    load_balance_loss,
+    pool_attention_to_spans,
+    projector_kd_loss,
+    uld_loss,
+)
+from distill.pipeline.router import LogitProjector, StudentAwareRouter, expert_usage, standardize_hidden
+from distill.pipeline.signals import LiveTeacher, TeacherSignal, read_cached_signal, signal_fields
+
+# --- setup --------------------------------------------------------------------------------
+
+
+@dataclass
+class Context:
+    """Everything the loop needs, built once by ``setup``."""
+
+    cfg: TrainConfig
+    device: torch.device
+    reader: CacheReader
+    eval_reader: CacheReader
+    train_rows: np.ndarray
+    eval_rows: np.ndarray
+    student: Any
+    tokenizer: Any
+    modules: nn.ModuleDict  # router, layer projections, contrastive projection, logit projector
+    vocab_map: torch.Tensor | None  # (V_teacher,) teacher id -> student id or -1; None = same tokenizer
+    same_tokenizer: bool
+    t_index: int
+    fields: list[str]
+    layer_map: dict[int, int]  # student hidden layer -> teacher hidden layer
+    attention_map: dict[int, int]  # student block -> teacher block
+    stats: dict[int, tuple[torch.Tensor, torch.Tensor]]  # teacher layer -> (mean, std) of stored hidden
+    max_length: int
+    total_steps: int
+    autocast_dtype: torch.dtype | None
+    live: LiveTeacher | None = None
+    run_dir: Path = field(default_factory=Path)
+
+
+def resolve_precision(name: str, device: torch.device) -> torch.dtype | None:
+    """Autocast dtype (None = plain fp32). auto: bf16 on GPUs with it, fp16 on older GPUs, fp32 on CPU."""
+    if name == "auto":
+        if device.type == "cuda":
+            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return None
+    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
+
+
+def needed_families(cfg: TrainConfig) -> set[str]:
+    """Which teacher fields the enabled terms (base weight > 0, not disabled) need."""
+    cur = cfg.curriculum
+    on = {t for t in ("kd", *RAMPED_TERMS) if getattr(cur, t) > 0 and t not in cur.disabled}
+    need = set()
+    if "kd" in on:
+        need.add("projector" if cfg.kd_mode == "projector" else "kd")
+    if on & {"feature", "layerwise", "contrastive"}:
+        need.add("hidden")
+    if "attention" in on:
+        need.add("attention")
+    return need
+
+
+def load_student(cfg: TrainConfig, need_attention: bool, device: torch.device) -> tuple[Any, Any]:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    kwargs: dict[str, Any] = {"dtype": torch.float32}
+    if need_attention:
+        kwargs["attn_implementation"] = "eager"  # the attention term needs the student's attention weights
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(cfg.student)
+        student = AutoModelForCausalLM.from_pretrained(cfg.student, **kwargs)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"--student {cfg.student}: cannot load it ({str(exc).splitlines()[0]})") from None
+    if not getattr(tokenizer, "is_fast", False):
+        raise ConfigError(f"--student {cfg.student}: a fast tokenizer is needed (character offsets)")
+    return student.to(device), tokenizer
+
+
+def load_cache_tokenizer(reader: CacheReader) -> Any:
+    """The teacher tokenizer stored in the cache (stage 2 needs nothing but the store and the student)."""
+    from transformers import AutoTokenizer
+
+    try:
+        files = reader.tokenizer_files()
+    except CacheError:
+        raise CacheError(
+            f"{reader.url}: the store has no teacher tokenizer files, needed to map the teacher vocabulary "
+            "onto the student's; re-create it with `distill cache-teacher`"
+        ) from None
+    with TemporaryDirectory() as tmp:
+        for name, data in files.items():
+            (Path(tmp) / name).write_bytes(data)
+        return AutoTokenizer.from_pretrained(tmp)
+
+
+def split_rows(reader: CacheReader, eval_reader: CacheReader | None, fraction: float) -> tuple[np.ndarray, np.ndarray]:
+    """Train and held-out row ids. Without an eval store, a fixed-seed choice of ``fraction`` of the rows."""
+    rows = reader.row_ids
+    if eval_reader is not None:
+        return rows, eval_reader.row_ids
+    if fraction == 0:
+        return rows, rows[:0]
+    n_eval = max(1, round(fraction * len(rows)))
+    held = np.sort(np.random.default_rng(12345).permutation(rows)[:n_eval])
+    return np.setdiff1d(rows, held), held
+
+
+def build_modules(
+    cfg: TrainConfig, reader: CacheReader, student: Any, need: set[str], layer_map: dict[int, int], student_dim: int
+) -> nn.ModuleDict:
+    """Trainable modules beside the student: all on the student side (teacher targets stay fixed)."""
+    torch.manual_seed(cfg.seed)
+    lay = reader.layout
+    modules = nn.ModuleDict()
+    cur = cfg.curriculum
+    if "hidden" in need:
+        layers = [layer for layer in lay["hidden_layers"] if layer > 0] or lay["hidden_layers"]
+        if cur.feature > 0 and "feature" not in cur.disabled:
+            modules["router"] = StudentAwareRouter(
+                student_dim, {layer: lay["hidden_dim"] for layer in layers}, top_k=cfg.router_top_k
+            )
+        if cur.layerwise > 0 and "layerwise" not in cur.disabled:
+            modules["layerwise"] = nn.ModuleDict({str(i): nn.Linear(student_dim, lay["hidden_dim"]) for i in layer_map})
+        if cur.contrastive > 0 and "contrastive" not in cur.disabled:
+            modules["contrastive"] = nn.Linear(student_dim, lay["hidden_dim"])
+    if "projector" in need:
+        modules["projector"] = LogitProjector(lay["teacher_hidden_size"], student.get_output_embeddings())
+    return modules
+
+
+def setup(cfg: TrainConfig) -> Context:
+    """Load and check everything before the first step; every problem is reported here, not mid-run."""
+    cfg.require_io()
+    device = torch.device(
+        "cuda"
+        if cfg.device == "auto" and torch.cuda.is_available()
+        else ("cpu" if cfg.device == "auto" else cfg.device)
+    )
+    reader = CacheReader(cfg.cache)
+    eval_reader = CacheReader(cfg.eval_cache) if cfg.eval_cache else None
+    need = needed_families(cfg)
+    fields = signal_fields(reader.layout, need)
+    reader.require_fields(fields, "needed by the enabled loss terms")
+    if eval_reader is not None:
+        eval_reader.require_fields(fields, "needed by the enabled loss terms")
+    t_index = reader.temperature_index(cfg.temperature) if need & {"kd"} else 0
+    if "attention" in need and not reader.layout["attention_layers"]:
+        raise CacheError(f"{cfg.cache}: the attention term is on but the store has no attention layers")
+    student, tokenizer = load_student(cfg, "attention" in need, device)
+    teacher_tokenizer = load_cache_tokenizer(reader)
+    from distill.pipeline.align import is_same_tokenizer
+
+    same = is_same_tokenizer(teacher_tokenizer, tokenizer)
+    vocab_map = None
+    run_dir = Path(cfg.out)
+    if not same:
+        vocab_map = torch.from_numpy(load_or_build_vocab_map(teacher_tokenizer, tokenizer, run_dir / "vocab_map"))
+    num_layers = student.config.num_hidden_layers
+    hidden_layers = [layer for layer in reader.layout["hidden_layers"] if layer > 0]
+    teacher_depth = reader.manifest["teacher"]["num_hidden_layers"]
+    layer_map = build_layer_map(num_layers, hidden_layers, teacher_depth) if hidden_layers else {}
+    attention_map = (
+        build_layer_map(num_layers, reader.layout["attention_layers"], teacher_depth) if "attention" in need else {}
+    )
+    stats = (
+        {
+            layer: (
+                torch.from_numpy(reader.root_array(f"stats/hidden/{layer}/mean")).to(device),
+                torch.from_numpy(reader.root_array(f"stats/hidden/{layer}/std")).to(device),
+            )
+            for layer in reader.layout["hidden_layers"]
+        }
+        if "hidden" in need
+        else {}
+    )
+    modules = build_modules(cfg, reader, student, need, layer_map, student.config.hidden_size).to(device)
+    train_rows, eval_rows = split_rows(reader, eval_reader, cfg.eval_fraction)
+    if cfg.eval_rows is not None:
+        eval_rows = eval_rows[: cfg.eval_rows]
+    steps_per_epoch = max(1, len(train_rows) // (cfg.batch_size * cfg.grad_accum))
+    total = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
+    max_length = cfg.student_max_length or int(getattr(student.config, "max_position_embeddings", 2048))
+    live = LiveTeacher(cfg.live_teacher, reader, device) if cfg.live_teacher else None
+    return Context(
+        cfg=cfg,
+        device=device,
+        reader=reader,
+        eval_reader=eval_reader or reader,
+        train_rows=train_rows,
+        eval_rows=eval_rows,
+        student=student,
+        tokenizer=tokenizer,
+        modules=modules,
+        vocab_map=vocab_map,
+        same_tokenizer=same,
+        t_index=t_index,
+        fields=fields,
+        layer_map=layer_map,
+        attention_map=attention_map,
+        stats=stats,
+        max_length=max_length,
+        total_steps=total,
+        autocast_dtype=resolve_precision(cfg.precision, device),
+        live=live,
+        run_dir=run_dir,
+    )
+
+
+def build_optimizer(ctx: Context) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
+    """AdamW: student and router/projector groups, no decay on biases and norms; warmup + cosine in optimizer steps."""
+    cfg = ctx.cfg
+
+    def groups(module: nn.Module, lr: float) -> list[dict[str, Any]]:
+        decay = [p for n, p in module.named_parameters() if p.requires_grad and p.dim() >= 2]
+        no_decay = [p for n, p in module.named_parameters() if p.requires_grad and p.dim() < 2]
+        return [
+            {"params": decay, "lr": lr, "weight_decay": cfg.weight_decay},
+            {"params": no_decay, "lr": lr, "weight_decay": 0.0},
+        ]
+
+    param_groups = groups(ctx.student, cfg.lr) + groups(ctx.modules, cfg.router_lr)
+    optimizer = torch.optim.AdamW([g for g in param_groups if g["params"]])
+    warmup = max(1, round(cfg.warmup * ctx.total_steps)) if cfg.warmup > 0 else 0
+
+    def factor(step: int) -> float:  # step = optimizer steps done; the first update uses factor(0) > 0
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, ctx.total_steps - warmup)
+        return cfg.min_lr_ratio + (1 - cfg.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+    return optimizer, torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+# --- batches ------------------------------------------------------------------------------
+
+
+@dataclass
+class Batch:
+    signal: TeacherSignal
+    aligned: AlignedBatch
+    key_spans: torch.Tensor | None  # (B, Lt) teacher key position -> student token index, for the attention term
+    student_tokens: int
+
+
+def prepare_batch(ctx: Context, reader: CacheReader, rows: np.ndarray) -> Batch:
+    """Read the rows' teacher signal and tokenize + align them for the student (CPU work, done ahead)."""
+    sig = ctx.live.signal(rows, ctx.fields) if ctx.live else read_cached_signal(reader, rows, ctx.fields)
+    aligned = align_batch(
+        sig.text,
+        sig.offsets.numpy(),
+        sig.length.numpy(),
+        ctx.tokenizer,
+        ctx.max_length,
+        teacher_input_ids=sig.input_ids.numpy(),
+        same_tokenizer=ctx.same_tokenizer,
+    )
+    key_spans = None
+    if sig.attn:
+        spans = [
+            teacher_to_student_span(
+                sig.offsets[b].numpy(), int(sig.length[b]), aligned.student_offsets[b], len(aligned.student_offsets[b])
+            )
+            for b in range(len(rows))
+        ]
+        key_spans = torch.from_numpy(np.stack(spans)).long()
+    return Batch(sig, aligned, key_spans, int(aligned.attention_mask.sum()))
+
+
+class BatchStream:
+    """Deterministic row order (a permutation per epoch from the seed) with a resumable cursor; reads ahead."""
+
+    def __init__(self, ctx: Context, cursor: tuple[int, int] = (0, 0)) -> None:
+        self.ctx, self.epoch, self.index = ctx, cursor[0], cursor[1]
+        self._consumed = (self.epoch, self.index)
+        self.order = self._order(self.epoch)
+        workers = ctx.cfg.num_workers_prefetch
+        self.pool = ThreadPoolExecutor(max_workers=1) if workers > 0 else None
+        self.ahead: list[Future] = []
+
+    def _order(self, epoch: int) -> np.ndarray:
+        return np.random.default_rng([self.ctx.cfg.seed, epoch]).permutation(self.ctx.train_rows)
+
+    def _take_rows(self) -> np.ndarray:
+        rows = []
+        while len(rows) < self.ctx.cfg.batch_size:
+            if self.index >= len(self.order):
+                self.epoch, self.index = self.epoch + 1, 0
+                self.order = self._order(self.epoch)
+            take = min(self.ctx.cfg.batch_size - len(rows), len(self.order) - self.index)
+            rows.extend(self.order[self.index : self.index + take].tolist())
+            self.index += take
+        return np.asarray(rows, dtype=np.int64)
+
+    @property
+    def cursor(self) -> tuple[int, int]:
+        """Position after the batches consumed so far (read-ahead batches are not counted)."""
+        return self._consumed
+
+    def next(self) -> Batch:
+        if self.pool is None:
+            batch = prepare_batch(self.ctx, self.ctx.reader, self._take_rows())
+            self._consumed = (self.epoch, self.index)
+            return batch
+        while len(self.ahead) < 1 + self.ctx.cfg.num_workers_prefetch:
+            rows = self._take_rows()
+            self.ahead.append(
+                (self.pool.submit(prepare_batch, self.ctx, self.ctx.reader, rows), (self.epoch, self.index))
+            )
+        future, cursor = self.ahead.pop(0)
+        self._consumed = cursor
+        return future.result()
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(wait=True, cancel_futures=True)
+
+
+# --- the loss step ------------------------------------------------------------------------
+
+
+def term_weights(cfg: TrainConfig, w: dict[str, float]) -> dict[str, float]:
+    """Curriculum weights of the families -> weights of every logged term (router terms follow their family)."""
+    out = dict(w)
+    out["router_balance"] = w["feature"] * cfg.balance_coef
+    out["router_importance"] = w["feature"] * cfg.importance_coef
+    out["router_attention"] = w["attention"] * cfg.router_attention_coef
+    if cfg.kd_mode == "projector":
+        out["projector_anchor"] = w["kd"]
+    return out
+
+
+def teacher_hidden_at(ctx: Context, sig: TeacherSignal, layer: int, b: torch.Tensor, tp: torch.Tensor) -> torch.Tensor:
+    """(N, D) cached teacher hidden state at aligned positions, fp32, standardized with the store's statistics."""
+    mean, std = ctx.stats[layer]
+    return standardize_hidden(sig.hidden[layer][b, tp].float(), mean, std)
+
+
+def compute_losses(ctx: Context, batch: Batch, weights: dict[str, float]) -> tuple[torch.Tensor, dict[str, float]]:
+    """Student forward + every term whose weight is > 0. Returns the weighted total and the log dict."""
+    cfg, sig, a = ctx.cfg, batch.signal.to(ctx.device), batch.aligned
+    tw = term_weights(cfg, weights)
+    on = {name for name, value in tw.items() if value > 0}
+    need_hidden = bool(
+        on & {"feature", "router_balance", "router_importance", "router_attention", "layerwise", "contrastive"}
+    )
+    need_attn = "attention" in on
+    input_ids, mask = a.input_ids.to(ctx.device), a.attention_mask.to(ctx.device)
+    with torch.autocast(
+        ctx.device.type, dtype=ctx.autocast_dtype or torch.float32, enabled=ctx.autocast_dtype is not None
+    ):
+        out = ctx.student(
+            input_ids=input_ids, attention_mask=mask, output_hidden_states=need_hidden, output_attentions=need_attn
+        )
+    logits = out.logits  # (B, Ls, Vs)
+    b, tp, sp = a.batch_idx.to(ctx.device), a.teacher_pos.to(ctx.device), a.student_pos.to(ctx.device)
+    raw: dict[str, torch.Tensor] = {}
+    logs: dict[str, Any] = {"aligned_share": a.aligned_share}
+    labels = input_ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
+    raw["lm"] = lm_loss(logits[:, :-1], labels)
+    if "kd" in on:
+        raw.update(compute_kd(ctx, sig, logits[b, sp], b, tp, labels, sp))
+    if on & {"feature", "router_balance", "router_importance", "router_attention"} and "router" in ctx.modules:
+        student_h = out.hidden_states[-1][b, sp]  # (N, Ds)
+        teacher_h = {layer: teacher_hidden_at(ctx, sig, layer, b, tp) for layer in ctx.modules["router"].layers}
+        routed = ctx.modules["router"](student_h, teacher_h)
+        raw["feature"] = feature_loss(routed.student_proj, routed.target)
+        raw["router_balance"] = load_balance_loss(routed.router_probs, routed.expert_index)
+        raw["router_importance"] = importance_loss(routed.router_probs)
+        raw["router_attention"] = routed.attention_alignment
+        logs["expert_usage"] = expert_usage(routed.router_probs.detach())
+    if need_attn:
+        raw["attention"] = compute_attention(ctx, sig, out.attentions, batch.key_spans.to(ctx.device), b, tp, sp)
+    if "layerwise" in on:
+        raw["layerwise"] = torch.stack(
+            [
+                layerwise_loss(
+                    ctx.modules["layerwise"][str(i)](out.hidden_states[i][b, sp].float()),
+                    teacher_hidden_at(ctx, sig, m, b, tp),
+                )
+                for i, m in ctx.layer_map.items()
+            ]
+        ).mean()
+    if "contrastive" in on:
+        last = max(ctx.stats)
+        raw["contrastive"] = contrastive_loss(
+            ctx.modules["contrastive"](out.hidden_states[-1][b, sp].float()),
+            teacher_hidden_at(ctx, sig, last, b, tp),
+            cfg.contrastive_temperature,
+        )
+    total, term_logs = combine_terms(raw, tw)
+    logs.update(term_logs)
+    return total, logs
+
+
+def compute_kd(
+    ctx: Context,
+    sig: TeacherSignal,
+    student_logits: torch.Tensor,
+    b: torch.Tensor,
+    tp: torch.Tensor,
+    labels: torch.Tensor,
+    sp: torch.Tensor,
+) -> dict[str, torch.Tensor]:
+    """The kd term at aligned positions, in the selected mode. student_logits: (N, Vs)."""
+    cfg = ctx.cfg
+    if cfg.kd_mode == "projector":
+        projected = ctx.modules["projector"](sig.vocab_proj[b, tp])  # (N, Vs); fp16 cache cast inside
+        # The projector is itself trained: anchor it on the next student token, and let the student
+        # match a detached projection (otherwise both sides could drift to agree on anything).
+        next_tokens = labels[b, sp.clamp(max=labels.shape[1] - 1)]
+        return {
+            "kd": projector_kd_loss(student_logits, projected.detach(), cfg.temperature),
+            "projector_anchor": lm_loss(projected[:, None], next_tokens[:, None]),
+        }
+    lse = sig.lse[b, tp, ctx.t_index]
+    if cfg.kd_mode == "uld":
+        return {"kd": uld_loss(student_logits, sig.topk_logits[b, tp], lse, cfg.temperature)}
+    ids = sig.topk_ids[b, tp]  # (N, K) teacher vocabulary
+    if ctx.vocab_map is not None:
+        ids = ctx.vocab_map.to(ids.device)[ids]  # -> student ids, -1 where no student token has those bytes
+    return {"kd": kd_tail_loss(student_logits, ids, sig.topk_logits[b, tp], lse, cfg.temperature)}
+
+
+def compute_attention(
+    ctx: Context,
+    sig: TeacherSignal,
+    attentions: tuple,
+    key_spans: torch.Tensor,
+    b: torch.Tensor,
+    tp: torch.Tensor,
+    sp: torch.Tensor,
+) -> torch.Tensor:
+    """Mean over mapped (student block, teacher block) pairs of the per-query KL on student key spans."""
+    terms = []
+    for s_block, t_block in ctx.attention_map.items():
+        values, ids = sig.attn[t_block]
+        student_rows = attentions[s_block - 1].float().mean(dim=1)[b, sp]  # (N, Ls) head-averaged
+        pooled, valid = pool_attention_to_spans(values[b, tp], ids[b, tp], key_spans[b], student_rows.shape[-1])
+        terms.append(attention_kl_loss(student_rows, pooled, valid))
+    return torch.stack(terms).mean()
+
+
+# --- eval ---------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def evaluate(ctx: Context) -> dict[str, float]:
+    """Held-out kd and lm with fixed weights (base kd weight), so evals are comparable across the run."""
+    ctx.student.eval()
+    ctx.modules.eval()
+    cur = ctx.cfg.curriculum
+    alpha = 0.0 if "kd" in cur.disabled or cur.kd == 0 else cur.kd
+    fixed = {"kd": alpha, "lm": 1 - alpha, **{t: 0.0 for t in RAMPED_TERMS}}
+    sums: dict[str, float] = {}
+    count = 0
+    for start in range(0, len(ctx.eval_rows), ctx.cfg.batch_size):
+        batch = prepare_batch(ctx, ctx.eval_reader, ctx.eval_rows[start : start + ctx.cfg.batch_size])
+        _, logs = compute_losses(ctx, batch, fixed)
+        for key in ("loss/total", "loss/lm", "loss/kd", "aligned_share"):
+            if key in logs:
+                sums[key] = sums.get(key, 0.0) + logs[key]
+        count += 1
+    ctx.student.train()
+    ctx.modules.train()
+    return {f"eval/{k.split('/')[-1] if k != 'loss/total' else 'loss'}": v / max(1, count) for k, v in sums.items()}
+
+
+# --- the loop -----------------------------------------------------------------------------
+
+
+class StopSignal:
+    """SIGINT/SIGTERM set a flag; the loop saves an emergency checkpoint at the next step boundary."""
+
+    def __init__(self) -> None:
+        self.received: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> StopSignal:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(ValueError):  # not the main thread
+                self._previous[sig] = signal.signal(sig, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.received = signum
+
+    def __exit__(self, *exc: Any) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+
+def format_line(
+    step: int, total: int, logs: dict[str, Any], lr: float, step_ms: float, tok_s: float, eta_s: float
+) -> str:
+    terms = " ".join(
+        f"{k.split('/')[1]} {v:.3g}" for k, v in logs.items() if k.startswith("loss/") and k != "loss/total"
+    )
+    eta = f"{eta_s / 60:.0f}m" if eta_s >= 60 else f"{eta_s:.0f}s"
+    return (
+        f"step {step:05d}/{total} ({100 * step / total:.1f}%) | loss {logs['loss/total']:.4g} ({terms}) | "
+        f"lr {lr:.3g} | {step_ms:.0f}ms | tok/s {tok_s:,.0f} | aligned {logs['aligned_share']:.2f} | eta {eta}"
+    )
+
+
+def fit(ctx: Context) -> dict[str, Any]:
+    """The training loop. Returns a summary (steps, best eval, stop reason, final directory)."""
+    cfg, run_dir = ctx.cfg, ctx.run_dir
+    run_dir.mkdir(parents=True, exist_ok=True)
+    optimizer, scheduler = build_optimizer(ctx)
+    scaler = torch.amp.GradScaler(ctx.device.type, enabled=ctx.autocast_dtype == torch.float16)
+    params = list(ctx.student.parameters()) + list(ctx.modules.parameters())
+    step, cursor, best, bad_evals = 0, (0, 0), math.inf, 0
+    ckpt = find_checkpoint(run_dir, cfg.resume)
+    if ckpt is not None:
+        state, meta = load_checkpoint(ckpt)
+        ctx.student.load_state_dict(state["student"])
+        ctx.modules.load_state_dict(state["modules"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        scaler.load_state_dict(state["scaler"])
+        restore_rng(state["rng"])
+        step, cursor = meta["step"], tuple(meta["cursor"])
+        best, bad_evals = meta["best_eval"], meta["bad_evals"]
+        print(f"resumed from {ckpt} at step {step}", flush=True)
+    else:
+        torch.manual_seed(cfg.seed)
+    (run_dir / "config.json").write_text(
+        json.dumps(
+            {
+                "train": config_to_dict(cfg),
+                "total_steps": ctx.total_steps,
+                "eval_rows": ctx.eval_rows.tolist(),
+                "eval_source": cfg.eval_cache or cfg.cache,
+                "same_tokenizer": ctx.same_tokenizer,
+                "layer_map": ctx.layer_map,
+                "attention_map": ctx.attention_map,
+                "cache_manifest": ctx.reader.manifest,
+            },
+            indent=2,
+            default=str,
+        )
+    )
+    metrics = (run_dir / "metrics.jsonl").open("a")
+    stream = BatchStream(ctx, cursor)
+    save_every = cfg.save_every or cfg.eval_every
+    stop_reason, window_tokens, window_start = "max_steps", 0, time.perf_counter()
+
+    def checkpoint(reason: str) -> None:
+        state = {
+            "student": ctx.student.state_dict(),
+            "modules": ctx.modules.state_dict(),
+            "optimizer": optimizer.state_dict(),
+            "scheduler": scheduler.state_dict(),
+            "scaler": scaler.state_dict(),
+            "rng": capture_rng(),
+        }
+        meta = {
+            "step": step,
+            "cursor": list(stream.cursor),
+            "best_eval": best,
+            "bad_evals": bad_evals,
+            "reason": reason,
+            "total_steps": ctx.total_steps,
+            "config": config_to_dict(cfg),
+        }
+        save_checkpoint(run_dir, step, state, meta, cfg.keep_checkpoints)
+
+    ctx.student.train()
+    ctx.modules.train()
+    with StopSignal() as stop:
+        while step < ctx.total_steps:
+            # --- one optimizer step: weights from the curriculum, accumulate micro-batches
+            weights = weights_at(step, ctx.total_steps, cfg.curriculum)
+            step_start = time.perf_counter()
+            step_logs: dict[str, float] = {}
+            for _ in range(cfg.grad_accum):
+                batch = stream.next()
+                total, logs = compute_losses(ctx, batch, weights)
+                scaler.scale(total / cfg.grad_accum).backward()
+                window_tokens += batch.student_tokens
+                for k, v in logs.items():
+                    if isinstance(v, float):
+                        step_logs[k] = step_logs.get(k, 0.0) + v / cfg.grad_accum
+                    else:
+                        step_logs[k] = v
+            scaler.unscale_(optimizer)
+            if cfg.clip > 0:
+                step_logs["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, cfg.clip))
+            lr = optimizer.param_groups[0]["lr"]
+            scaler.step(optimizer)
+            scaler.update()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            last_step = step == ctx.total_steps
+            # --- log
+            if step % cfg.log_every == 0 or last_step or step == 1:
+                elapsed = time.perf_counter() - window_start
+                tok_s = window_tokens / elapsed if elapsed > 0 else 0.0
+                eta = (time.perf_counter() - step_start) * (ctx.total_steps - step)
+                record = {"split": "train", "step": step, "lr": lr, "tokens_per_s": tok_s, **step_logs}
+                metrics.write(json.dumps(record) + "\n")
+                metrics.flush()
+                print(
+                    format_line(
+                        step, ctx.total_steps, step_logs, lr, 1000 * (time.perf_counter() - step_start), tok_s, eta
+                    ),
+                    flush=True,
+                )
+                window_tokens, window_start = 0, time.perf_counter()
+            # --- eval, early stopping, checkpoint
+            stop_now = False
+            if (step % cfg.eval_every == 0 or last_step) and len(ctx.eval_rows):
+                result = evaluate(ctx)
+                metrics.write(json.dumps({"split": "eval", "step": step, **result}) + "\n")
+                metrics.flush()
+                print(f"eval step {step}: " + " ".join(f"{k[5:]} {v:.4g}" for k, v in result.items()), flush=True)
+                if result["eval/loss"] < best - cfg.min_delta:
+                    best, bad_evals = result["eval/loss"], 0
+                elif step >= cfg.early_stop_warmup:
+                    bad_evals += 1
+                    if bad_evals >= cfg.patience:
+                        stop_reason, stop_now = "early_stopping", True
+                        print(f"early stopping at step {step}: no improvement in {bad_evals} evals", flush=True)
+            if step % save_every == 0 and not last_step:
+                checkpoint("periodic")
+            if stop.received is not None:
+                checkpoint(f"signal {stop.received}")
+                stop_reason = "signal"
+                break
+            if stop_now:
+                break
+    stream.close()
+    metrics.close()
+    summary = {"steps": step, "total_steps": ctx.total_steps, "best_eval": best, "stop_reason": stop_reason}
+    if stop_reason != "signal":
+        summary["final"] = str(save_final(run_dir, ctx.student, ctx.tokenizer, ctx.modules, summary))
+    else:
+        summary["signal"] = stop.received
+    return summary
+
+
+def run(cfg: TrainConfig) -> dict[str, Any]:
+    """``distill train``: setup, then fit."""
+    return fit(setup(cfg))
