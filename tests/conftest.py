@@ -77,3 +77,55 @@ def cache_args(assets: dict[str, Path], out: Path, **extra: object) -> list[str]
         elif v is not None:
             flat += [f"--{k}", str(v)]
     return flat
+
+
+@pytest.fixture(scope="session")
+def train_assets(tiny_assets, tmp_path_factory) -> dict[str, Path]:
+    """A complete store on the tiny assets, a student with another tokenizer and one sharing the teacher's."""
+    from transformers import AutoTokenizer
+    from typer.testing import CliRunner
+
+    from distill.cli import app
+    from distill.pipeline.demo import build_model, generate_corpus, student_config, train_tokenizer
+
+    root = tmp_path_factory.mktemp("train")
+    store = root / "store"
+    result = CliRunner().invoke(app, ["cache-teacher", *cache_args(tiny_assets, store)])
+    assert result.exit_code == 0, result.output
+    student_tok = train_tokenizer(generate_corpus(120, seed=1) + SPECIAL_TEXTS, 300, root / "student_tok")
+    student = root / "student"
+    build_model(student_config(len(student_tok), hidden=32, layers=3), student, student_tok, seed=0)
+    teacher_tok = AutoTokenizer.from_pretrained(tiny_assets["tokenizer"])
+    same = root / "student_same_tok"
+    build_model(student_config(len(teacher_tok), hidden=32, layers=3), same, teacher_tok, seed=0)
+    return {"store": store, "student": student, "student_same_tok": same, **tiny_assets}
+
+
+def train_args(
+    assets: dict[str, Path], out: Path, student: str = "student", batch_size: int = 2, **settings: object
+) -> list[str]:
+    """CLI arguments of a short training run (all terms on from step 0 unless overridden)."""
+    base = {
+        "grad_accum": 2,
+        "curriculum.kd_only_until": 0,
+        "curriculum.feature_ramp": "[0,0]",
+        "curriculum.attention_ramp": "[0,0]",
+        "curriculum.layerwise_ramp": "[0,0]",
+        "curriculum.contrastive_ramp": "[0,0]",
+        "eval_fraction": 0.1,
+        "num_workers_prefetch": 1,
+    }
+    base.update(settings)
+    args = [
+        "--cache",
+        str(assets["store"]),
+        "--student",
+        str(assets[student]),
+        "--out",
+        str(out),
+        "--batch-size",
+        str(batch_size),
+    ]
+    for key, value in base.items():
+        args += ["--set", f"{key}={value}"]
+    return args

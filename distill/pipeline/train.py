@@ -167,7 +167,7 @@ def build_modules(
     modules = nn.ModuleDict()
     cur = cfg.curriculum
     if "hidden" in need:
-        layers = [layer for layer in lay["hidden_layers"] if layer > 0] or lay["hidden_layers"]
+        layers = [layer for layer in lay["hidden_layers"] if layer > 0]
         if cur.feature > 0 and "feature" not in cur.disabled:
             modules["router"] = StudentAwareRouter(
                 student_dim, {layer: lay["hidden_dim"] for layer in layers}, top_k=cfg.router_top_k
@@ -198,7 +198,16 @@ def setup(cfg: TrainConfig) -> Context:
         eval_reader.require_fields(fields, "needed by the enabled loss terms")
     t_index = reader.temperature_index(cfg.temperature) if need & {"kd"} else 0
     if "attention" in need and not reader.layout["attention_layers"]:
-        raise CacheError(f"{cfg.cache}: the attention term is on but the store has no attention layers")
+        raise CacheError(
+            f"{cfg.cache}: the attention term is on (curriculum.attention > 0) but the store has no attention maps; "
+            "re-cache with --attention-layers, or pass --set curriculum.attention=0"
+        )
+    if "hidden" in need and not [layer for layer in reader.layout["hidden_layers"] if layer > 0]:
+        raise CacheError(
+            f"{cfg.cache}: the feature/layerwise/contrastive terms need teacher hidden states of blocks >= 1, the "
+            f"store has layers {reader.layout['hidden_layers']}; re-cache with --hidden-layers, or set "
+            "curriculum.feature, curriculum.layerwise and curriculum.contrastive to 0"
+        )
     student, tokenizer = load_student(cfg, "attention" in need, device)
     teacher_tokenizer = load_cache_tokenizer(reader)
     from distill.pipeline.align import is_same_tokenizer
@@ -434,7 +443,7 @@ def compute_losses(ctx: Context, batch: Batch, weights: dict[str, float]) -> tup
             ]
         ).mean()
     if "contrastive" in on:
-        last = max(ctx.stats)
+        last = max(ctx.stats)  # the deepest cached teacher layer
         raw["contrastive"] = contrastive_loss(
             ctx.modules["contrastive"](out.hidden_states[-1][b, sp].float()),
             teacher_hidden_at(ctx, sig, last, b, tp),

@@ -1,0 +1,272 @@
+"""Stage 2 through the real CLI on tiny models: logging, curriculum, dtypes, errors, cache vs live teacher."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from distill.cli import app
+from distill.config import TrainConfig, load_config, parse_set_overrides
+from distill.pipeline import train as train_mod
+from distill.pipeline.curriculum import weights_at
+from tests.conftest import cache_args, train_args
+
+TERMS = (
+    "kd",
+    "lm",
+    "feature",
+    "router_balance",
+    "router_importance",
+    "router_attention",
+    "attention",
+    "layerwise",
+    "contrastive",
+)
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def make_config(args: list[str]) -> TrainConfig:
+    """The TrainConfig the CLI would build from ``args`` (for in-process setup/fit)."""
+    values, sets = {}, []
+    it = iter(args)
+    for flag in it:
+        value = next(it)
+        if flag == "--set":
+            sets.append(value)
+        else:
+            values[flag[2:].replace("-", "_")] = int(value) if value.isdigit() else value
+    return load_config(TrainConfig, None, {**values, **parse_set_overrides(sets)})
+
+
+@pytest.fixture(scope="module")
+def short_run(train_assets, tmp_path_factory) -> tuple[Path, str]:
+    out = tmp_path_factory.mktemp("runs") / "short"
+    result = CliRunner().invoke(
+        app, ["train", *train_args(train_assets, out), "--max-steps", "6", "--log-every", "1", "--eval-every", "3"]
+    )
+    assert result.exit_code == 0, result.output
+    return out, result.stdout
+
+
+def test_metrics_total_equals_sum_of_weighted_terms(short_run):
+    out, _ = short_run
+    records = [r for r in read_metrics(out) if r["split"] == "train"]
+    assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6]
+    for r in records:
+        weighted = sum(v for k, v in r.items() if k.startswith("weighted/"))
+        assert r["loss/total"] == pytest.approx(weighted, rel=1e-5)
+        for term in TERMS:
+            assert f"loss/{term}" in r and f"weight/{term}" in r and f"weighted/{term}" in r
+            assert r[f"weighted/{term}"] == pytest.approx(r[f"loss/{term}"] * r[f"weight/{term}"], rel=1e-5, abs=1e-9)
+        assert r["lr"] > 0 and r["tokens_per_s"] > 0
+        assert 0 < r["aligned_share"] <= 1
+        assert (
+            len(r["expert_usage"]) == 2
+        )  # cached layers 1, 2 (0 = embeddings is no expert) and sum(r["expert_usage"]) == pytest.approx(1.0)
+    evals = [r for r in read_metrics(out) if r["split"] == "eval"]
+    assert [r["step"] for r in evals] == [3, 6] and all(r["eval/loss"] > 0 for r in evals)
+
+
+def test_run_dir_holds_config_and_a_loadable_student(short_run, train_assets):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    out, stdout = short_run
+    saved = json.loads((out / "config.json").read_text())
+    assert saved["train"]["student"] == str(train_assets["student"]) and saved["eval_rows"]
+    assert saved["same_tokenizer"] is False and saved["cache_manifest"]["layout"]["top_k"] == 16
+    model = AutoModelForCausalLM.from_pretrained(out / "final")
+    tok = AutoTokenizer.from_pretrained(out / "final")
+    ids = tok("The cat sees", return_tensors="pt").input_ids
+    generated = model.generate(ids, max_new_tokens=5, do_sample=False, pad_token_id=tok.pad_token_id)
+    assert generated.shape[1] == ids.shape[1] + 5
+    assert "student saved in" in stdout
+
+
+def test_terms_at_zero_weight_are_not_computed(train_assets, tmp_path, monkeypatch):
+    cfg = make_config(
+        train_args(
+            train_assets,
+            tmp_path / "run",
+            **{
+                "curriculum.kd_only_until": 0.1,
+                "curriculum.feature_ramp": "[0.1,0.4]",
+                "curriculum.attention_ramp": "[0.1,0.4]",
+                "curriculum.layerwise_ramp": "[0.4,0.7]",
+                "curriculum.contrastive_ramp": "[0.7,1.0]",
+            },
+        )
+    )
+    ctx = train_mod.setup(cfg)
+    calls: list[str] = []
+    for name in (
+        "feature_loss",
+        "attention_kl_loss",
+        "layerwise_loss",
+        "contrastive_loss",
+        "load_balance_loss",
+        "importance_loss",
+        "kd_tail_loss",
+        "lm_loss",
+    ):
+        original = getattr(train_mod, name)
+        monkeypatch.setattr(train_mod, name, lambda *a, _f=original, _n=name, **k: (calls.append(_n), _f(*a, **k))[1])
+    batch = train_mod.prepare_batch(ctx, ctx.reader, ctx.train_rows[:2])
+    early = weights_at(5, 100, cfg.curriculum)
+    assert all(early[t] == 0 for t in ("feature", "attention", "layerwise", "contrastive"))
+    _, logs = train_mod.compute_losses(ctx, batch, early)
+    assert set(calls) == {"kd_tail_loss", "lm_loss"}
+    assert "loss/feature" not in logs and logs["loss/total"] == pytest.approx(
+        0.7 * logs["loss/kd"] + 0.3 * logs["loss/lm"], rel=1e-6
+    )
+    calls.clear()
+    mid = weights_at(25, 100, cfg.curriculum)
+    assert mid["feature"] == pytest.approx(0.05) and mid["attention"] == pytest.approx(0.05)
+    train_mod.compute_losses(ctx, batch, mid)
+    assert {"feature_loss", "attention_kl_loss", "load_balance_loss"} <= set(calls)
+    assert "layerwise_loss" not in calls and "contrastive_loss" not in calls
+
+
+@pytest.mark.parametrize(("seq_len", "hidden"), [(32, 32), (32, 256), (512, 32), (512, 256)])
+def test_every_term_is_order_one_at_initialization(tiny_assets, tmp_path, seq_len, hidden):
+    from transformers import AutoTokenizer
+
+    from distill.pipeline.demo import build_model, generate_corpus, student_config, teacher_config, write_jsonl
+
+    tok = AutoTokenizer.from_pretrained(tiny_assets["tokenizer"])
+    teacher = tmp_path / "teacher"
+    build_model(teacher_config(len(tok), hidden=hidden, layers=2, experts=4), teacher, tok, seed=1)
+    data = write_jsonl([" ".join(generate_corpus(40, seed=3))] * 2, tmp_path / "long.jsonl")
+    store = tmp_path / "store"
+    result = CliRunner().invoke(
+        app,
+        [
+            "cache-teacher",
+            *cache_args(
+                {**tiny_assets, "teacher": teacher, "data": data},
+                store,
+                seq_len=seq_len,
+                max_rows=2,
+                batch_size=2,
+                calibration_rows=2,
+            ),
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    student_tok = tmp_path / "stok"
+    from distill.pipeline.demo import train_tokenizer
+
+    s_tok = train_tokenizer(generate_corpus(80, seed=4), 300, student_tok)
+    student = tmp_path / "student"
+    build_model(student_config(len(s_tok), hidden=hidden, layers=3, max_position_embeddings=2048), student, s_tok)
+    cfg = make_config(train_args({"store": store, "student": student}, tmp_path / "run", eval_fraction=0))
+    ctx = train_mod.setup(cfg)
+    batch = train_mod.prepare_batch(ctx, ctx.reader, ctx.train_rows[:2])
+    full = weights_at(100, 100, cfg.curriculum)
+    _, logs = train_mod.compute_losses(ctx, batch, full)
+    for term in ("kd", "lm", "feature", "router_balance", "router_attention", "attention", "layerwise", "contrastive"):
+        assert 1e-3 <= logs[f"loss/{term}"] <= 20, (term, logs[f"loss/{term}"])
+    assert 0 <= logs["loss/router_importance"] <= 20
+
+
+def test_eval_runs_on_fp16_cache_with_fp32_student_without_autocast_and_training_runs_in_bf16(train_assets, tmp_path):
+    cfg = make_config(train_args(train_assets, tmp_path / "fp32", precision="fp32"))
+    ctx = train_mod.setup(cfg)
+    assert ctx.autocast_dtype is None and next(ctx.student.parameters()).dtype == torch.float32
+    batch = train_mod.prepare_batch(ctx, ctx.reader, ctx.eval_rows[:2])
+    assert batch.signal.topk_logits.dtype == torch.float16 and batch.signal.hidden[1].dtype == torch.float16
+    result = train_mod.evaluate(ctx)
+    assert result["eval/loss"] > 0 and torch.isfinite(torch.tensor(result["eval/loss"]))
+    out = tmp_path / "bf16"
+    run = CliRunner().invoke(
+        app, ["train", *train_args(train_assets, out, precision="bf16"), "--max-steps", "2", "--eval-every", "2"]
+    )
+    assert run.exit_code == 0, run.output
+    records = read_metrics(out)
+    assert records[-1]["split"] == "eval" and records[-1]["eval/loss"] > 0
+
+
+def test_cache_trained_and_live_teacher_trained_students_agree(train_assets, tmp_path):
+    curves = {}
+    for mode in ("cache", "live"):
+        extra = ["--live-teacher", str(train_assets["teacher"])] if mode == "live" else []
+        out = tmp_path / mode
+        result = CliRunner().invoke(
+            app,
+            [
+                "train",
+                *train_args(train_assets, out, num_workers_prefetch=0),
+                "--max-steps",
+                "4",
+                "--log-every",
+                "1",
+                "--eval-every",
+                "100",
+                *extra,
+            ],
+        )
+        assert result.exit_code == 0, result.output
+        curves[mode] = [r["loss/total"] for r in read_metrics(out) if r["split"] == "train"]
+    assert len(curves["cache"]) == 4
+    for a, b in zip(curves["cache"], curves["live"]):
+        assert a == pytest.approx(b, abs=1e-4)
+
+
+def test_clear_errors_before_training(train_assets, tmp_path):
+    runner = CliRunner()
+
+    def error(args: list[str]) -> str:
+        result = runner.invoke(app, ["train", *args, "--max-steps", "1"])
+        assert result.exit_code == 2, result.output
+        lines = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+        assert len(lines) == 1
+        return lines[0]
+
+    assert "temperature 3.0 is not stored" in error(train_args(train_assets, tmp_path / "a", temperature=3.0))
+    assert "--student /nope" in error(train_args({**train_assets, "student": "/nope"}, tmp_path / "b"))
+    no_attention = tmp_path / "no_attention"
+    made = runner.invoke(
+        app, ["cache-teacher", *cache_args(train_assets, no_attention, attention_layers="none", max_rows=16)]
+    )
+    assert made.exit_code == 0, made.output
+    message = error(train_args({**train_assets, "store": no_attention}, tmp_path / "c"))
+    assert "no attention maps" in message and "--attention-layers" in message
+    no_hidden = tmp_path / "no_hidden"
+    made = runner.invoke(app, ["cache-teacher", *cache_args(train_assets, no_hidden, hidden_layers="0", max_rows=16)])
+    assert made.exit_code == 0, made.output
+    message = error(train_args({**train_assets, "store": no_hidden}, tmp_path / "e", **{"curriculum.attention": 0}))
+    assert "hidden states of blocks >= 1" in message and "--hidden-layers" in message
+    no_tokenizer = tmp_path / "no_tokenizer"
+    shutil.copytree(train_assets["store"], no_tokenizer)
+    shutil.rmtree(no_tokenizer / "teacher_tokenizer")
+    assert "no teacher tokenizer files" in error(train_args({**train_assets, "store": no_tokenizer}, tmp_path / "d"))
+    assert not (tmp_path / "a" / "metrics.jsonl").exists()
+
+
+def test_identical_tokenizers_take_the_identity_fast_path(train_assets, tmp_path):
+    cfg = make_config(train_args(train_assets, tmp_path / "same", student="student_same_tok"))
+    ctx = train_mod.setup(cfg)
+    assert ctx.same_tokenizer and ctx.vocab_map is None
+    batch = train_mod.prepare_batch(ctx, ctx.reader, ctx.train_rows[:2])
+    assert batch.aligned.aligned_share == 1.0
+    assert torch.equal(batch.aligned.teacher_pos, batch.aligned.student_pos)
+
+
+def test_reference_configs_load_and_validate():
+    from distill.config import CacheConfig
+
+    root = Path(__file__).resolve().parents[1] / "configs"
+    train = load_config(TrainConfig, root / "reference.yaml", {"cache": "c", "out": "o"})
+    assert (train.batch_size, train.grad_accum, train.lr, train.router_lr) == (2, 16, 5e-5, 1e-4)
+    assert (train.warmup, train.temperature, train.eval_every, train.patience) == (0.1, 4.0, 500, 20)
+    assert train.early_stop_warmup == 1000 and train.curriculum.kd == 0.7
+    assert train.curriculum.feature == 0.1 and train.curriculum.attention == 0.1
+    cache = load_config(CacheConfig, root / "reference-cache.yaml", {})
+    assert cache.top_k == 256 and cache.teacher == "huihui-ai/Huihui-MoE-1B-A0.6B"
