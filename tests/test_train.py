@@ -270,3 +270,42 @@ def test_reference_configs_load_and_validate():
     assert train.curriculum.feature == 0.1 and train.curriculum.attention == 0.1
     cache = load_config(CacheConfig, root / "reference-cache.yaml", {})
     assert cache.top_k == 256 and cache.teacher == "huihui-ai/Huihui-MoE-1B-A0.6B"
+
+
+@pytest.mark.parametrize("mode", ["projector", "uld"])
+def test_alternative_kd_modes_train_through_the_same_loop(train_assets, tmp_path, mode):
+    out = tmp_path / mode
+    result = CliRunner().invoke(
+        app,
+        [
+            "train",
+            *train_args(train_assets, out, kd_mode=mode),
+            "--max-steps",
+            "2",
+            "--log-every",
+            "1",
+            "--eval-every",
+            "2",
+        ],
+    )
+    assert result.exit_code == 0, result.output
+    records = [r for r in read_metrics(out) if r["split"] == "train"]
+    assert all(0 < r["loss/kd"] < 20 and r["weight/kd"] == pytest.approx(0.7) for r in records)
+    if mode == "projector":  # the projector is anchored on the next student token, logged as its own term
+        assert all("loss/projector_anchor" in r for r in records)
+
+
+def test_early_stopping_honours_patience_min_delta_and_warmup(train_assets, tmp_path):
+    def stop_step(warmup: int) -> tuple[int, str]:
+        out = tmp_path / f"warmup{warmup}"
+        args = train_args(train_assets, out, patience=1, min_delta=1e9, early_stop_warmup=warmup)
+        result = CliRunner().invoke(app, ["train", *args, "--max-steps", "20", "--eval-every", "2"])
+        assert result.exit_code == 0, result.output
+        evals = [r["step"] for r in read_metrics(out) if r["split"] == "eval"]
+        return evals[-1], result.stdout
+
+    # with min_delta huge, only the first eval improves (on +inf); the next counted eval stops the run
+    step, stdout = stop_step(0)
+    assert step == 4 and "early stopping at step 4" in stdout
+    step, _ = stop_step(9)  # evals before step 9 do not count
+    assert step == 10
