@@ -241,6 +241,152 @@ def cache_info(
     typer.echo(json.dumps(info, indent=2) if as_json else format_info(info))
 
 
+@cache_app.command("verify")
+def cache_verify(
+    store: Annotated[str, typer.Argument(help="Store path or fsspec URL.")],
+    quick: Annotated[bool, typer.Option("--quick", help="Check manifest, records and arrays, not chunk data.")] = False,
+    repair: Annotated[
+        bool, typer.Option("--repair", help="Un-commit bad chunks so that re-running cache-teacher recomputes them.")
+    ] = False,
+) -> None:
+    """Check a store: every shard complete, every chunk's checksum, manifest consistency.
+
+    Exit status 0 only if the store is sound; otherwise each problem is printed with its shard and chunk
+    and the status is 1.
+
+    Example: distill cache verify s3://bucket/cache/wt103
+    """
+    from distill.cache.manage import repair_store, verify_store
+    from distill.cache.schema import CacheError
+
+    try:
+        report = verify_store(store, deep=not quick)
+        repaired = repair_store(store, report) if repair and not report.sound else []
+    except CacheError as exc:
+        fail(str(exc))
+    for problem in report.problems:
+        typer.echo(str(problem))
+    checked = f"{report.chunks_checked} chunks checksummed" if report.deep else "chunk data not read (--quick)"
+    if report.sound:
+        typer.echo(f"{store}: sound ({report.shards} shards, {report.rows:,} rows, {checked})")
+        return
+    if repaired:
+        typer.echo(
+            f"un-committed the bad chunks of shard(s) {', '.join(f'{i:05d}' for i in repaired)}: re-run the same "
+            "`distill cache-teacher` command to recompute them"
+        )
+    typer.echo(f"{store}: NOT sound, {len(report.problems)} problem(s) ({checked})")
+    raise typer.Exit(1)
+
+
+@cache_app.command("merge")
+def cache_merge(
+    out: Annotated[str, typer.Argument(help="New store to write: a path or fsspec URL.")],
+    stores: Annotated[list[str], typer.Argument(help="Stores with equal manifests and disjoint complete shards.")],
+) -> None:
+    """Merge stores filled apart (each with its own --shard i/n) into one store holding the union.
+
+    With a single STORE it copies it verbatim (to an object store, say).
+
+    Example: distill cache merge cache/wt103 /mnt/a/wt103 /mnt/b/wt103
+    """
+    from distill.cache.manage import merge_stores
+    from distill.cache.schema import CacheError
+
+    try:
+        summary = merge_stores(out, stores)
+    except CacheError as exc:
+        fail(str(exc))
+    missing = [f"{s['index']:05d}" for s in summary["shards"] if s["status"] != "complete"]
+    tail = (
+        "complete"
+        if summary["complete"]
+        else f"shard(s) {', '.join(missing)} not complete: fill them with `distill cache-teacher ... --out {out}`"
+    )
+    typer.echo(
+        f"merged {len(stores)} store(s) into {out} ({len(summary['shards'])} shards, {tail}); check it with "
+        f"distill cache verify {out}"
+    )
+
+
+@cache_app.command("export")
+def cache_export(
+    store: Annotated[str, typer.Argument(help="Complete store: a path or fsspec URL.")],
+    file: Annotated[str, typer.Argument(help="HDF5 file to write: a path or fsspec URL.")],
+    format_: Annotated[str, typer.Option("--format", help="File format (hdf5).")] = "hdf5",
+    compression: Annotated[str, typer.Option(help="gzip (any HDF5 reader), lzf (h5py only, faster) or none.")] = "gzip",
+) -> None:
+    """Write a complete store to one portable file (every chunk's checksum is checked on the way).
+
+    Example: distill cache export cache/wt103 --format hdf5 wt103.h5
+    """
+    from distill.cache.manage import export_hdf5
+    from distill.cache.schema import CacheError
+
+    try:
+        if format_ != "hdf5":
+            raise CacheError(f"--format {format_}: only hdf5 is supported")
+        summary = export_hdf5(store, file, compression)
+    except CacheError as exc:
+        fail(str(exc))
+    typer.echo(f"exported {store} ({summary['shards']} shards, {summary['rows']:,} rows) to {file}")
+
+
+@cache_app.command("import")
+def cache_import(
+    file: Annotated[str, typer.Argument(help="HDF5 file written by `distill cache export`: a path or fsspec URL.")],
+    store: Annotated[str, typer.Argument(help="New store to create: a path or fsspec URL.")],
+) -> None:
+    """Create a store from a file written by `distill cache export`: the same manifest, records and arrays.
+
+    Example: distill cache import wt103.h5 cache/wt103
+    """
+    from distill.cache.manage import import_hdf5
+    from distill.cache.schema import CacheError
+
+    try:
+        summary = import_hdf5(file, store)
+    except CacheError as exc:
+        fail(str(exc))
+    typer.echo(f"imported {file} into {store} ({summary['shards']} shards); check it with distill cache verify {store}")
+
+
+@app.command("eval")
+def eval_(
+    students: Annotated[list[Path], typer.Argument(help="Run directories (of distill train) or HF model folders.")],
+    cache: Annotated[
+        str | None,
+        typer.Option(
+            help="Store to score plain model folders on (run directories use the store and rows they held out)."
+        ),
+    ] = None,
+    split: Annotated[str, typer.Option(help="eval: the rows each run held out; all: every row of the store.")] = "eval",
+    baseline: Annotated[
+        str | None,
+        typer.Option(help="Name (folder name) of the baseline student, e.g. ce_only, for the share of the gap closed."),
+    ] = None,
+    out: Annotated[Path, typer.Option(help="Folder for report.json, report.md and PNG plots.")] = Path("report"),
+) -> None:
+    """Tokenizer-independent quality: bits per byte of each student and of the teacher, held-out kd loss,
+    top-1 agreement with the teacher, calibration (ECE), and the share of the baseline->teacher gap closed.
+
+    Example: distill eval runs/kd runs/ce_only --baseline ce_only --out reports/demo
+    """
+    from distill.cache.schema import CacheError
+    from distill.pipeline.evaluate import format_report, run_eval
+
+    if split not in ("eval", "all"):
+        fail("--split must be eval or all")
+    try:
+        report = run_eval(students, cache, split, baseline, out)
+    except (CacheError, ValueError, FileNotFoundError) as exc:
+        fail(str(exc))
+    typer.echo(format_report(report))
+    typer.echo(
+        f"written: {out / 'report.json'}, {out / 'report.md'}, " + ", ".join(str(out / p) for p in report["plots"])
+    )
+
+
 @app.command("demo")
 def demo(
     out: Annotated[Path, typer.Option(help="Folder for everything the demo makes.")] = Path("demo_out"),

@@ -194,6 +194,9 @@ class TrainConfig:
     """Seed of initialization of the added modules, data order and dropout."""
     resume: str | None = None
     """auto (latest checkpoint in --out, if any) or a checkpoint directory."""
+    verify_cache: str = "auto"
+    """Check the store before training: deep (re-checksum every chunk), quick (completeness and metadata),
+    off, or auto (deep below 16 GiB of uncompressed rows, quick above)."""
     num_workers_prefetch: int = 2
     """Batches read and aligned ahead of the training step on a background thread (0 disables)."""
 
@@ -216,6 +219,10 @@ class TrainConfig:
             (self.eval_every >= 1, "--eval-every must be at least 1"),
             (self.patience >= 1, "--set patience=N needs N >= 1"),
             (self.keep_checkpoints >= 1, "--set keep_checkpoints=N needs N >= 1"),
+            (
+                self.verify_cache in ("auto", "deep", "quick", "off"),
+                "--set verify_cache must be auto, deep, quick or off",
+            ),
             (
                 self.resume is None or self.resume == "auto" or Path(self.resume).is_dir(),
                 f"--resume {self.resume}: use 'auto' or an existing checkpoint directory",

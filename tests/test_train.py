@@ -124,7 +124,7 @@ def test_terms_at_zero_weight_are_not_computed(train_assets, tmp_path, monkeypat
     _, logs = train_mod.compute_losses(ctx, batch, early)
     assert set(calls) == {"kd_tail_loss", "lm_loss"}
     assert "loss/feature" not in logs and logs["loss/total"] == pytest.approx(
-        0.7 * logs["loss/kd"] + 0.3 * logs["loss/lm"], rel=1e-6
+        0.7 * logs["loss/kd"] + 0.3 * logs["loss/lm"] + 0.7 * logs["loss/lm_unaligned"], rel=1e-6
     )
     calls.clear()
     mid = weights_at(25, 100, cfg.curriculum)
@@ -309,3 +309,18 @@ def test_early_stopping_honours_patience_min_delta_and_warmup(train_assets, tmp_
     assert step == 4 and "early stopping at step 4" in stdout
     step, _ = stop_step(9)  # evals before step 9 do not count
     assert step == 10
+
+
+def test_train_refuses_a_store_with_a_flipped_byte(train_assets, tmp_path):
+    store = tmp_path / "store"
+    shutil.copytree(train_assets["store"], store)
+    chunk = sorted((store / "shards" / "00000" / "topk_logits" / "c").rglob("*"))
+    chunk = [p for p in chunk if p.is_file()][0]
+    data = bytearray(chunk.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    chunk.write_bytes(bytes(data))
+    result = CliRunner().invoke(
+        app, ["train", *train_args({**train_assets, "store": store}, tmp_path / "run"), "--max-steps", "1"]
+    )
+    assert result.exit_code == 2
+    assert "not sound" in result.stderr and "shard 00000 chunk" in result.stderr

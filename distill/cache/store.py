@@ -16,19 +16,33 @@ small JSON object rewritten atomically (temp file + rename on local disk, a sing
 object stores). The record therefore never names a chunk whose data is incomplete; a
 writer killed mid-chunk leaves a record that ends before that chunk, and a re-run rewrites
 it. The record's status becomes ``complete`` only after the last chunk is committed.
+
+Creation note [creation note]: many processes may start on one fresh store at once (``--shard i/n``
+on several machines, or ranks under torchrun). Exactly one creates it: it claims the creation
+marker ``distill-creating.json`` with an exclusive create (``O_EXCL`` on local disks, a
+conditional PUT on object stores, ``mode="create"`` in fsspec), writes arrays, root arrays and the
+manifest last, then removes the marker. The others wait until the manifest appears, then check it
+against their own settings. A creator that dies leaves the marker and no manifest: waiters stop
+with an error that says so, and one process re-run with ``--overwrite`` starts the store again.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+import socket
 import time
+import uuid
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
+import fsspec
 import numpy as np
 import zarr
+from fsspec.implementations.local import LocalFileSystem
+from fsspec.utils import get_protocol
 from zarr.codecs import BloscCodec
 
 from distill.cache.schema import (
@@ -47,23 +61,62 @@ from distill.cache.schema import (
 )
 
 SHARD_ATTR = "shard"
+CREATION_MARKER = "distill-creating.json"
+CREATE_TIMEOUT_ENV = "DISTILL_CREATE_TIMEOUT"
+DEFAULT_CREATE_TIMEOUT_S = 600.0
+
+
+# --- locations: local paths and fsspec URLs -----------------------------------------------
+
+
+def is_url(url: str) -> bool:
+    return "://" in url
+
+
+def is_local(url: str) -> bool:
+    """True for a plain path or a ``file://`` URL."""
+    return not is_url(url) or get_protocol(url) in ("file", "local")
+
+
+def zarr_storage_options(url: str) -> dict[str, Any] | None:
+    """fsspec options zarr needs for ``url``: ``file://`` stores must create their folders as they go."""
+    return {"auto_mkdir": True} if is_url(url) and is_local(url) else None
+
+
+def open_group(url: str, mode: str) -> zarr.Group:
+    """``zarr.open_group`` at a local path (zarr's LocalStore) or an fsspec URL (zarr's FsspecStore)."""
+    return zarr.open_group(url, mode=mode, storage_options=zarr_storage_options(url))
+
+
+def store_fs(url: str) -> tuple[Any, str]:
+    """The fsspec filesystem and root path of a store, for byte-level work (markers, raw copies)."""
+    options = {"auto_mkdir": True} if is_local(url) else {}
+    return fsspec.core.url_to_fs(url, **options)
 
 
 def open_root(url: str, mode: str = "r") -> zarr.Group:
     """Open the store's root group at a local path or an fsspec URL."""
     try:
-        return zarr.open_group(url, mode=mode)
-    except FileNotFoundError:
+        return open_group(url, mode=mode)
+    except (FileNotFoundError, zarr.errors.GroupNotFoundError):
         raise CacheError(f"{url}: no cache store there (create one with `distill cache-teacher`)") from None
 
 
 def store_exists(url: str) -> bool:
     """True when ``url`` holds a zarr group (finished or not)."""
     try:
-        zarr.open_group(url, mode="r")
+        open_group(url, mode="r")
         return True
     except (FileNotFoundError, zarr.errors.GroupNotFoundError, zarr.errors.NodeTypeValidationError):
         return False
+
+
+def find_manifest(url: str) -> dict[str, Any] | None:
+    """The manifest of the store at ``url``, or None when there is no store or it has no manifest yet."""
+    if not store_exists(url):
+        return None
+    root = open_group(url, mode="r")
+    return load_manifest(root, url) if MANIFEST_ATTR in root.attrs else None
 
 
 def load_manifest(root: zarr.Group, url: str) -> dict[str, Any]:
@@ -105,13 +158,16 @@ def create_store(
     manifest: dict[str, Any],
     tokenizer_files: dict[str, bytes],
     root_arrays: dict[str, np.ndarray],
+    write_manifest: bool = True,
 ) -> zarr.Group:
     """Create a new store: shard groups with pre-sized arrays, tokenizer files, stats; the manifest last.
 
     ``root_arrays`` maps paths under the root (``stats/hidden/6/mean``...) to small float arrays.
     Writing the manifest last means a creation that dies half-way is recognisable (no manifest).
+    The location must be empty or hold only the creation marker (see [creation note]). ``write_manifest=False``
+    leaves the manifest to the caller (import writes it after the data).
     """
-    root = zarr.open_group(url, mode="w")
+    root = open_group(url, mode="a")
     for name, data in tokenizer_files.items():
         root.create_array(f"{TOKENIZER_GROUP}/{name}", data=np.frombuffer(data, dtype=np.uint8))
     for path, data in root_arrays.items():
@@ -120,7 +176,8 @@ def create_store(
     specs = build_field_specs(layout)
     for index, (start, end) in enumerate(layout["shard_rows"]):
         create_shard_arrays(root, index, end - start, layout["chunk_rows"], specs)
-    root.attrs[MANIFEST_ATTR] = manifest
+    if write_manifest:
+        root.attrs[MANIFEST_ATTR] = manifest
     return root
 
 
@@ -240,8 +297,121 @@ def check_compatible(existing: dict[str, Any], wanted: dict[str, Any], url: str)
 
 
 def delete_store(url: str) -> None:
-    """Remove a store (for --overwrite)."""
-    zarr.open_group(url, mode="w")
+    """Remove a store and everything under its location (for --overwrite, and after a failed creation)."""
+    fs, root = store_fs(url)
+    if fs.exists(root):
+        fs.rm(root, recursive=True)
+
+
+# --- safe creation by one of many processes (see [creation note]) -------------------------
+
+
+def claim_creation(url: str) -> bool:
+    """Atomically claim the creation of the store at ``url``: True in exactly one of many racing processes."""
+    fs, root = store_fs(url)
+    token = uuid.uuid4().hex
+    marker = {"host": socket.gethostname(), "pid": os.getpid(), "started_at": utc_now(), "token": token}
+    data = json.dumps(marker).encode()
+    path = f"{root.rstrip('/')}/{CREATION_MARKER}"
+    try:
+        if isinstance(fs, LocalFileSystem):
+            fs.makedirs(root, exist_ok=True)
+            with os.fdopen(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644), "wb") as f:
+                f.write(data)
+        else:
+            fs.pipe_file(path, data, mode="create")  # a conditional PUT on object stores that offer one
+    except FileExistsError:
+        return False
+    # Reading our own token back also catches backends whose "create" is only check-then-write.
+    return (read_creation_marker(url) or {}).get("token") == token
+
+
+def read_creation_marker(url: str) -> dict[str, Any] | None:
+    """The creation marker (who is creating the store, since when), {} while being written, None if absent."""
+    fs, root = store_fs(url)
+    try:
+        data = fs.cat_file(f"{root.rstrip('/')}/{CREATION_MARKER}")
+    except FileNotFoundError:
+        return None
+    try:
+        return dict(json.loads(data))
+    except ValueError:
+        return {}
+
+
+def release_creation(url: str) -> None:
+    """Remove the creation marker (after the manifest is written, or when the claim is not needed)."""
+    fs, root = store_fs(url)
+    try:
+        fs.rm_file(f"{root.rstrip('/')}/{CREATION_MARKER}")
+    except FileNotFoundError:
+        pass
+
+
+def store_state(url: str) -> tuple[str, dict[str, Any] | None]:
+    """``("ready", manifest)``, ``("creating", marker)``, ``("foreign", None)`` (a zarr group without a
+    manifest and nobody creating it) or ``("empty", None)``."""
+    manifest = find_manifest(url)
+    if manifest is not None:
+        return "ready", manifest
+    marker = read_creation_marker(url)
+    if marker is not None:
+        return "creating", marker
+    manifest = find_manifest(url)  # the creator may have finished between the two reads
+    if manifest is not None:
+        return "ready", manifest
+    return ("foreign", None) if store_exists(url) else ("empty", None)
+
+
+def create_timeout() -> float:
+    """Seconds a process waits for another to create a store (``DISTILL_CREATE_TIMEOUT``, default 600)."""
+    raw = os.environ.get(CREATE_TIMEOUT_ENV)
+    try:
+        return float(raw) if raw else DEFAULT_CREATE_TIMEOUT_S
+    except ValueError:
+        raise CacheError(f"{CREATE_TIMEOUT_ENV}={raw!r}: expected a number of seconds") from None
+
+
+def wait_for_creation(url: str, timeout: float, poll_s: float | None = None) -> None:
+    """Wait while another process creates the store; return when it is no longer being created.
+
+    Polls every ``poll_s`` seconds (default 0.25 on local disks, 2 on remote stores: fewer requests)."""
+    poll_s = poll_s if poll_s is not None else (0.25 if is_local(url) else 2.0)
+    deadline = time.monotonic() + timeout
+    while True:
+        state, marker = store_state(url)
+        if state != "creating":
+            return
+        assert marker is not None
+        who = f"pid {marker.get('pid', '?')} on {marker.get('host', '?')} (since {marker.get('started_at', '?')})"
+        if creator_died(marker):
+            raise CacheError(
+                f"{url}: the process creating this store ({who}) died before writing its manifest; re-run one "
+                "`distill cache-teacher` with --overwrite to start the store again"
+            )
+        if time.monotonic() > deadline:
+            raise CacheError(
+                f"{url}: still being created by {who} after {timeout:.0f}s; if that process died, re-run one "
+                f"`distill cache-teacher` with --overwrite, otherwise raise {CREATE_TIMEOUT_ENV}"
+            )
+        time.sleep(poll_s)
+
+
+def creator_died(marker: dict[str, Any]) -> bool:
+    """True when the marker's process ran on this host and is gone (elsewhere we cannot tell)."""
+    if marker.get("host") != socket.gethostname():
+        return False
+    try:
+        os.kill(int(marker["pid"]), 0)
+    except ProcessLookupError:
+        return True
+    except (PermissionError, KeyError, ValueError, TypeError):
+        return False
+    return False
+
+
+def utc_now() -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
 
 
 # --- sizes --------------------------------------------------------------------------------
@@ -285,7 +455,14 @@ __all__ = [
     "SHARDS_GROUP",
     "ShardWriter",
     "check_compatible",
+    "claim_creation",
     "create_store",
+    "delete_store",
+    "find_manifest",
+    "open_group",
+    "release_creation",
+    "store_state",
+    "wait_for_creation",
     "field_bytes",
     "load_manifest",
     "open_root",

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import random
+import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -182,8 +184,8 @@ def build_model(config: Any, out_dir: Path, tokenizer: Any = None, seed: int = 0
 # --- the demo run -------------------------------------------------------------------------
 
 
-def build_demo_assets(out: Path, seed: int = 0, num_docs: int = 600) -> dict[str, Path]:
-    """Corpus (train + held-out), teacher and student tokenizers, a tiny teacher: reused when present."""
+def build_demo_assets(out: Path, seed: int = 0, num_docs: int = 1500) -> dict[str, Path]:
+    """Corpus (train + held-out), teacher and student tokenizers, tiny teacher and student: reused when present."""
     paths = {
         "train": out / "data" / "train.jsonl",
         "eval": out / "data" / "eval.jsonl",
@@ -196,8 +198,8 @@ def build_demo_assets(out: Path, seed: int = 0, num_docs: int = 600) -> dict[str
         texts = generate_corpus(num_docs + num_docs // 10, seed=seed)
         write_jsonl(texts[:num_docs], paths["train"])
         write_jsonl(texts[num_docs:], paths["eval"])
-    texts = [json.loads(line)["text"] for line in paths["train"].read_text(encoding="utf-8").splitlines()]
-    if not (paths["teacher"] / "config.json").exists():
+    if not (paths["student"] / "config.json").exists():
+        texts = [json.loads(line)["text"] for line in paths["train"].read_text(encoding="utf-8").splitlines()]
         teacher_tok = train_tokenizer(texts, 1024, paths["teacher_tokenizer"])
         student_tok = train_tokenizer(texts, 512, paths["student_tokenizer"])
         build_model(teacher_config(len(teacher_tok)), paths["teacher"], teacher_tok, seed=seed)
@@ -205,18 +207,139 @@ def build_demo_assets(out: Path, seed: int = 0, num_docs: int = 600) -> dict[str
     return paths
 
 
-def run_demo(out: Path, seed: int = 0) -> None:
-    """Assets -> cache-teacher -> cache info (the later stages join as they land)."""
-    from distill.cache.info import format_info, store_info
-    from distill.config import CacheConfig
-    from distill.pipeline import teacher as stage1
+def pretrain_teacher(
+    model_dir: Path,
+    texts: list[str],
+    steps: int,
+    seq_len: int = 128,
+    batch_size: int = 16,
+    lr: float = 3e-3,
+    seed: int = 0,
+) -> list[float]:
+    """A short causal-LM pretraining of the tiny teacher on ``texts`` (packed); saved back to ``model_dir``."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    torch.manual_seed(seed)
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    stream = [i for t in texts for i in tokenizer(t, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]]
+    data = torch.tensor(stream[: len(stream) // seq_len * seq_len]).view(-1, seq_len)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
+    schedule = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=lr, total_steps=steps, pct_start=0.1)
+    generator = torch.Generator().manual_seed(seed)
+    losses = []
+    model.train()
+    for _ in range(steps):
+        batch = data[torch.randint(0, len(data), (batch_size,), generator=generator)]
+        loss = model(input_ids=batch, labels=batch).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad(set_to_none=True)
+        losses.append(float(loss))
+    model.save_pretrained(model_dir)
+    return losses
+
+
+@dataclass
+class DemoSettings:
+    """Sizes of the embedded default, chosen to finish in a few minutes on 2 CPU cores."""
+
+    num_docs: int = 1500
+    teacher_steps: int = 300
+    seq_len: int = 128
+    train_steps: int = 150
+    batch_size: int = 8
+    grad_accum: int = 1
+    lr: float = 2e-3
+    router_lr: float = 2e-3
+    temperature: float = 2.0
+
+
+def timed(times: dict[str, float], name: str, fn: Any, *args: Any, **kwargs: Any) -> Any:
+    start = time.perf_counter()
+    result = fn(*args, **kwargs)
+    times[name] = time.perf_counter() - start
+    print(f"[demo] {name}: {times[name]:.1f}s", flush=True)
+    return result
+
+
+def run_demo(out: Path, seed: int = 0, settings: DemoSettings | None = None) -> dict[str, Any]:
+    """corpus -> tokenizers -> teacher pretraining -> cache-teacher -> train (KD) -> train (CE-only) -> eval.
+
+    Every stage goes through the same functions as the CLI commands; a stage whose output exists is reused.
+    """
+    from distill.config import CacheConfig, TrainConfig
+    from distill.pipeline import evaluate, teacher, train
+    from distill.pipeline.curriculum import CurriculumConfig
+
+    s = settings or DemoSettings()
     out.mkdir(parents=True, exist_ok=True)
-    paths = build_demo_assets(out, seed)
-    store = str(out / "cache" / "train")
-    cfg = CacheConfig(
-        teacher=str(paths["teacher"]), dataset=str(paths["train"]), out=store, seq_len=128, batch_size=8, chunk_rows=32
+    times: dict[str, float] = {}
+    paths = timed(times, "assets", build_demo_assets, out, seed, s.num_docs)
+    marker = paths["teacher"] / "pretrained.json"
+    if not marker.exists():
+        texts = [json.loads(line)["text"] for line in paths["train"].read_text(encoding="utf-8").splitlines()]
+        losses = timed(
+            times,
+            "teacher pretraining",
+            pretrain_teacher,
+            paths["teacher"],
+            texts,
+            s.teacher_steps,
+            s.seq_len,
+            seed=seed,
+        )
+        marker.write_text(json.dumps({"steps": s.teacher_steps, "first_loss": losses[0], "last_loss": losses[-1]}))
+    stores = {}
+    for split in ("train", "eval"):
+        stores[split] = str(out / "cache" / split)
+        cfg = CacheConfig(
+            teacher=str(paths["teacher"]),
+            dataset=str(paths[split]),
+            out=stores[split],
+            seq_len=s.seq_len,
+            batch_size=16,
+            chunk_rows=32,
+            calibration_rows=64,
+        )
+        timed(times, f"cache-teacher ({split})", teacher.run, cfg)
+    runs = {}
+    for name, curriculum in (
+        ("kd", CurriculumConfig()),
+        ("ce_only", CurriculumConfig(kd=0.0, disabled=("kd", "feature", "attention", "layerwise", "contrastive"))),
+    ):
+        run_dir = out / "runs" / name
+        runs[name] = run_dir
+        if (run_dir / "final" / "config.json").exists():
+            continue
+        cfg = TrainConfig(
+            cache=stores["train"],
+            eval_cache=stores["eval"],
+            student=str(paths["student"]),
+            out=str(run_dir),
+            max_steps=s.train_steps,
+            batch_size=s.batch_size,
+            grad_accum=s.grad_accum,
+            lr=s.lr,
+            router_lr=s.router_lr,
+            temperature=s.temperature,
+            curriculum=curriculum,
+            log_every=max(1, s.train_steps // 10),
+            eval_every=max(1, s.train_steps // 5),
+            early_stop_warmup=s.train_steps,
+            seed=seed,
+            eval_rows=64,
+        )
+        timed(times, f"train ({name})", train.run, cfg)
+    report = timed(
+        times, "eval", evaluate.run_eval, [runs["kd"], runs["ce_only"]], None, "eval", "ce_only", out / "report"
     )
-    summary = stage1.run(cfg)
-    print(f"cache-teacher: {summary['rows']} rows, {summary['tokens']:,} tokens, {summary['tokens_per_s']:,.0f} tok/s")
-    print(format_info(store_info(store)))
+    report["stage_seconds"] = times
+    (out / "report" / "report.json").write_text(json.dumps(report, indent=2))
+    print(evaluate.format_report(report))
+    print("stage times: " + ", ".join(f"{k} {v:.0f}s" for k, v in times.items()))
+    print(f"files: {out}/ (report/report.md, report/*.png, runs/*/final, cache/)")
+    return report

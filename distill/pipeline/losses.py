@@ -216,6 +216,29 @@ def lm_loss(logits: Tensor, labels: Tensor, ignore_index: int = -100) -> Tensor:
 # --- hidden-state and attention terms ---------------------------------------------------
 
 
+def lm_unaligned_loss(logits: Tensor, labels: Tensor, aligned: Tensor, ignore_index: int = -100) -> Tensor:
+    """Cross-entropy of the positions WITHOUT a teacher target, summed and divided by ALL valid positions.
+
+    Args:
+        logits: (B, L, V) predictions, logits[:, t] predicting labels[:, t].
+        labels: (B, L) next tokens, ``ignore_index`` where there is none.
+        aligned: (B, L) bool, True where the position has a teacher target (the kd term covers it).
+
+    [unaligned-lm note] With kd weight a, lm weighs 1 - a everywhere; positions that no teacher
+    position aligns with get no kd signal, so they would train at 1 - a only. This term, weighted
+    a, lifts them back to weight 1: per unaligned position (1 - a)/N + a/N = 1/N. It is 0 when
+    every position is aligned (one tokenizer).
+    """
+    valid = labels != ignore_index
+    if not bool(valid.any()):
+        return _zero(logits)
+    ce = F.cross_entropy(
+        logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1).clamp(min=0), reduction="none"
+    ).reshape(labels.shape)
+    keep = valid & ~aligned
+    return torch.where(keep, ce, 0.0).sum() / valid.sum()
+
+
 def feature_loss(student_proj: Tensor, teacher_target: Tensor, mask: Tensor | None = None) -> Tensor:
     """MSE between (N, D) tensors, mean over positions AND dims.
 

@@ -14,10 +14,12 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import queue
+import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from tempfile import TemporaryDirectory
@@ -33,13 +35,19 @@ from distill.cache.schema import SCHEMA_VERSION, attention_id_dtype, build_field
 from distill.cache.store import (
     ShardWriter,
     check_compatible,
+    claim_creation,
     create_store,
+    create_timeout,
+    delete_store,
+    find_manifest,
     load_manifest,
     open_root,
     open_shard_writer,
+    release_creation,
     shard_records,
     shard_row_ranges,
-    store_exists,
+    store_state,
+    wait_for_creation,
 )
 from distill.config import CacheConfig, ConfigError, parse_shard
 from distill.pipeline.data import Row, RowBuilder, RowPlan, dataset_identity, load_text_dataset, plan_rows
@@ -80,19 +88,94 @@ def check_teacher_source(teacher: str) -> None:
 
 
 def load_teacher(cfg: CacheConfig, device: torch.device, dtype: torch.dtype, need_attention: bool) -> Any:
-    """The teacher in eval mode. Eager attention only when attention maps are stored."""
+    """The teacher in eval mode, with its fast attention; see [selective-attention note] when maps are stored."""
     from transformers import AutoModelForCausalLM
 
     kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": cfg.trust_remote_code, "revision": cfg.revision}
-    if need_attention:
-        kwargs["attn_implementation"] = "eager"  # sdpa returns no attention weights
     try:
         model = AutoModelForCausalLM.from_pretrained(cfg.teacher, **kwargs)
     except (OSError, ValueError) as exc:
         raise ConfigError(f"--teacher {cfg.teacher}: cannot load the model ({str(exc).splitlines()[0]})") from None
+    if need_attention:
+        use_selective_attention(model)
     if device.type == "cpu" and getattr(model.config, "_experts_implementation", None) == "batched_mm":
         model.set_experts_implementation("grouped_mm")  # batched_mm is ~100x slower on CPU
     return model.to(device).eval()
+
+
+# [selective-attention note] sdpa returns no attention weights, and an all-eager teacher materializes
+# (B, heads, L, L) weights in every block and keeps them all in its output (24 blocks x 8 rows x 16 heads
+# x 512^2 fp32 = 3 GB for the reference teacher), while the store keeps two blocks' head average. The
+# teacher therefore runs the `distill_selective` attention: sdpa in every block, except the blocks
+# `forward_teacher` flags, which compute eager weights and return their head average (B, 1, L, L) fp32.
+# Its masks are sdpa's (boolean, or None for a plain causal batch). A model whose attention cannot be
+# switched at run time (remote code outside transformers' AttentionInterface) falls back to eager.
+SELECTIVE_ATTENTION = "distill_selective"
+_FLAG = "_distill_keep_attention"
+
+
+def selective_attention_forward(
+    module: Any,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    dropout: float = 0.0,
+    scaling: float | None = None,
+    **kwargs: Any,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """query (B, Hq, Lq, d), key/value (B, Hkv, Lk, d) -> output (B, Lq, Hq, d), head-mean weights or None."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    kwargs.pop("output_attentions", None)
+    if not getattr(module, _FLAG, False):
+        return sdpa_attention_forward(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+        )
+    groups = query.shape[1] // key.shape[1]
+    key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    scores = torch.matmul(query, key.transpose(2, 3)) * scale  # (B, Hq, Lq, Lk)
+    lq, lk = scores.shape[-2:]
+    if attention_mask is None:  # sdpa's mask builder skips plain causal batches
+        keep = torch.ones(lq, lk, dtype=torch.bool, device=scores.device).tril(diagonal=lk - lq)
+        scores = scores.masked_fill(~keep, torch.finfo(scores.dtype).min)
+    elif attention_mask.dtype == torch.bool:
+        scores = scores.masked_fill(~attention_mask, torch.finfo(scores.dtype).min)
+    else:
+        scores = scores + attention_mask
+    weights = torch.softmax(scores, dim=-1, dtype=torch.float32)
+    output = torch.matmul(weights.to(value.dtype), value).transpose(1, 2).contiguous()
+    return output, weights.mean(dim=1, keepdim=True)
+
+
+def use_selective_attention(model: Any) -> None:
+    """Switch ``model`` to the selective attention (registered once), or to eager where that is impossible."""
+    from transformers import AttentionInterface
+    from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
+
+    AttentionInterface.register(SELECTIVE_ATTENTION, selective_attention_forward)
+    AttentionMaskInterface.register(SELECTIVE_ATTENTION, sdpa_mask)
+    base = model.get_decoder() if hasattr(model, "get_decoder") else model.base_model
+    blocks = getattr(base, "layers", None)
+    if blocks is not None and all(hasattr(block, "self_attn") for block in blocks):
+        with_logging_quiet(model.set_attn_implementation, SELECTIVE_ATTENTION)
+    if model.config._attn_implementation != SELECTIVE_ATTENTION:
+        model.set_attn_implementation("eager")
+
+
+def with_logging_quiet(fn: Any, *args: Any) -> None:
+    """Call ``fn``; a model that cannot switch its attention only logs a warning, checked by the caller."""
+    from transformers.utils import logging
+
+    level = logging.get_verbosity()
+    logging.set_verbosity_error()
+    try:
+        fn(*args)
+    except (ValueError, KeyError):
+        pass
+    finally:
+        logging.set_verbosity(level)
 
 
 def load_teacher_tokenizer(cfg: CacheConfig) -> Any:
@@ -149,53 +232,126 @@ class FieldSettings:
     pca: dict[int, tuple[torch.Tensor, torch.Tensor]]  # layer -> (mean (H,), components (H, D))
 
 
-def forward_teacher(model: Any, input_ids: torch.Tensor, attention_mask: torch.Tensor, need_attention: bool) -> Any:
-    """Base-model forward (no logits: those are computed in slices by ``compute_logit_fields``)."""
+def forward_teacher(
+    model: Any,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    need_attention: bool,
+    attention_layers: list[int] | None = None,
+) -> Any:
+    """Base-model forward (no logits: those are computed in slices by ``compute_logit_fields``).
+
+    With ``need_attention``, ``out.attentions[l - 1]`` holds block l's attention for each l in
+    ``attention_layers`` (default: every block): its head average (B, 1, L, L) under the selective
+    attention, all heads (B, heads, L, L) under eager; the other blocks' entries may be None.
+    """
     base = model.get_decoder() if hasattr(model, "get_decoder") else model.base_model
-    return base(
-        input_ids=input_ids,
-        attention_mask=attention_mask,
-        output_hidden_states=True,
-        output_attentions=need_attention,
-        use_cache=False,
-    )
+    blocks = getattr(base, "layers", None)
+    wanted: list[int] = []
+    if need_attention and blocks is not None:
+        wanted = sorted(set(range(1, len(blocks) + 1) if attention_layers is None else attention_layers))
+    flagged = [blocks[layer - 1].self_attn for layer in wanted]
+    for module in flagged:
+        setattr(module, _FLAG, True)
+    try:
+        out = base(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            output_hidden_states=True,
+            output_attentions=need_attention,
+            use_cache=False,
+        )
+    finally:
+        for module in flagged:
+            setattr(module, _FLAG, False)
+    if wanted and len(out.attentions) == len(wanted) < len(blocks):  # only the flagged blocks reported weights
+        by_layer = dict(zip(wanted, out.attentions))
+        out.attentions = tuple(by_layer.get(layer) for layer in range(1, len(blocks) + 1))
+    return out
+
+
+LOGIT_FIELDS = ("topk_logits", "topk_ids", "lse", "target_logprob", "vocab_proj")
 
 
 def compute_logit_fields(
-    model: Any, final_hidden: torch.Tensor, input_ids: torch.Tensor, lengths: torch.Tensor, s: FieldSettings
+    model: Any,
+    final_hidden: torch.Tensor,
+    input_ids: torch.Tensor,
+    lengths: torch.Tensor,
+    s: FieldSettings,
+    fields: Collection[str] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Top-K logits, per-temperature logsumexp, target log-prob and vocab_proj, position slice by position slice.
 
-    final_hidden (B, L, H) -> topk (B, L, K), lse (B, L, nT), target_logprob (B, L), vocab_proj (B, L, H).
-    All softmax arithmetic in fp32.
+    final_hidden (B, L, H) -> topk (B, L, K), lse (B, L, nT), target_logprob (B, L), vocab_proj (B, L, H);
+    only the ``fields`` asked (a subset of LOGIT_FIELDS; default all). Softmax arithmetic in fp32.
+
+    [logit-pass note] Past the lm_head, the vocabulary-wide passes are the cost, so each slice makes as
+    few as it can: one top-K (its first value is the row max), then one softmax per temperature needed,
+    which gives the logsumexp exactly (to fp32 rounding): lse_T = max / T - log p_T[argmax], since
+    p_T[argmax] = 1 / sum_v exp((z_v - max) / T); target_logprob reuses T = 1 and vocab_proj reuses the
+    probabilities at T*. The (P, V) buffers are allocated once per call and written with out= (on CPU
+    a fresh 150 MB tensor costs more in page faults than the softmax over it). vocab_proj multiplies in
+    the teacher's dtype when it is bf16, like its lm_head: on a bf16 GPU an fp32 (P, V) @ (V, H)
+    product is many times slower than the lm_head itself, and its bf16 rounding is the teacher's own.
     """
+    want = set(LOGIT_FIELDS if fields is None else fields)
     b, length, h = final_hidden.shape
     lm_head = model.get_output_embeddings()
-    embedding = model.get_input_embeddings().weight.float()  # (V, H), fp32 once per batch
+    embedding = model.get_input_embeddings().weight  # (V, H)
+    proj_dtype = torch.bfloat16 if embedding.dtype == torch.bfloat16 else torch.float32
+    embedding = embedding.to(proj_dtype)
     flat = final_hidden.reshape(-1, h)
+    n, device, vocab = flat.shape[0], flat.device, lm_head.weight.shape[0]
     next_ids = torch.cat([input_ids[:, 1:], torch.zeros_like(input_ids[:, :1])], dim=1).reshape(-1)
-    outs: dict[str, list[torch.Tensor]] = {k: [] for k in ("topk_logits", "topk_ids", "lse", "target", "proj")}
-    for start in range(0, flat.shape[0], LOGIT_CHUNK):
-        logits = lm_head(flat[start : start + LOGIT_CHUNK]).float()  # (P, V)
-        values, ids = logits.topk(s.top_k, dim=-1)
-        outs["topk_logits"].append(values)
-        outs["topk_ids"].append(ids)
-        outs["lse"].append(torch.stack([torch.logsumexp(logits / t, dim=-1) for t in s.temperatures], dim=-1))
-        nxt = next_ids[start : start + LOGIT_CHUNK]
-        outs["target"].append(logits.gather(1, nxt[:, None])[:, 0] - torch.logsumexp(logits, dim=-1))
-        probs = torch.softmax(logits / s.vocab_proj_temperature, dim=-1)
-        outs["proj"].append(probs @ embedding)
-    cat = {k: torch.cat(v).reshape(b, length, -1) for k, v in outs.items()}
-    positions = torch.arange(length, device=input_ids.device)[None, :]
-    has_next = positions < (lengths[:, None] - 1)
-    target = torch.where(has_next, cat["target"][..., 0], torch.full_like(cat["target"][..., 0], float("nan")))
-    return {
-        "topk_logits": cat["topk_logits"],
-        "topk_ids": cat["topk_ids"],
-        "lse": cat["lse"],
-        "target_logprob": target,
-        "vocab_proj": cat["proj"],
-    }
+    temps = list(s.temperatures) if "lse" in want else []
+    if "target_logprob" in want and 1.0 not in temps:
+        temps.append(1.0)
+    if "vocab_proj" in want and s.vocab_proj_temperature not in temps:
+        temps.append(s.vocab_proj_temperature)
+    k = s.top_k if want & {"topk_logits", "topk_ids"} else 1
+    topk_logits = torch.empty(n, k, device=device)
+    topk_ids = torch.empty(n, k, dtype=torch.long, device=device)
+    lse = torch.empty(n, len(temps), device=device)
+    target = torch.empty(n, device=device)
+    proj = torch.empty(n, h, device=device) if "vocab_proj" in want else None
+    chunk = min(LOGIT_CHUNK, n)
+    logits_buf = torch.empty(chunk, vocab, device=device)  # (P, V) fp32, reused by every slice
+    scaled_buf = torch.empty_like(logits_buf) if any(t != 1.0 for t in temps) else None
+    probs_buf = torch.empty_like(logits_buf) if temps else None
+    plain = isinstance(lm_head, torch.nn.Linear) and lm_head.bias is None and lm_head.weight.dtype == torch.float32
+    for start in range(0, n, chunk):
+        x = flat[start : start + chunk]
+        p, rows = x.shape[0], slice(start, start + x.shape[0])
+        logits = logits_buf[:p]
+        if plain and x.dtype == torch.float32:
+            torch.mm(x, lm_head.weight.t(), out=logits)
+        else:
+            logits.copy_(lm_head(x))
+        torch.topk(logits, k, dim=-1, out=(topk_logits[rows], topk_ids[rows]))  # descending
+        argmax = topk_ids[rows, :1]
+        for j, t in enumerate(temps):
+            scaled = logits if t == 1.0 else torch.mul(logits, 1.0 / t, out=scaled_buf[:p])
+            probs = torch.softmax(scaled, dim=-1, out=probs_buf[:p])
+            lse[rows, j] = scaled.gather(1, argmax)[:, 0] - probs.gather(1, argmax)[:, 0].log()
+            if t == 1.0 and "target_logprob" in want:
+                target[rows] = logits.gather(1, next_ids[rows, None])[:, 0] - lse[rows, j]
+            if t == s.vocab_proj_temperature and proj is not None:
+                proj[rows] = probs.to(proj_dtype) @ embedding
+    out: dict[str, torch.Tensor] = {}
+    if "topk_logits" in want:
+        out["topk_logits"] = topk_logits.reshape(b, length, k)
+    if "topk_ids" in want:
+        out["topk_ids"] = topk_ids.reshape(b, length, k)
+    if "lse" in want:
+        out["lse"] = lse[:, : len(s.temperatures)].reshape(b, length, -1)
+    if "target_logprob" in want:
+        positions = torch.arange(length, device=input_ids.device)[None, :]
+        has_next = positions < (lengths[:, None] - 1)
+        out["target_logprob"] = torch.where(has_next, target.reshape(b, length), float("nan"))
+    if proj is not None:
+        out["vocab_proj"] = proj.reshape(b, length, h)
+    return out
 
 
 def reduce_hidden(hidden: torch.Tensor, layer: int, s: FieldSettings) -> torch.Tensor:
@@ -208,7 +364,8 @@ def reduce_hidden(hidden: torch.Tensor, layer: int, s: FieldSettings) -> torch.T
 
 
 def attention_topk(attn: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(B, heads, L, L) eager attention -> head-averaged top-k per query row: values, key positions (B, L, k)."""
+    """(B, heads, L, L) attention (or its head average, heads = 1) -> head-averaged top-k per query row:
+    values, key positions (B, L, k)."""
     averaged = attn.float().mean(dim=1)
     values, ids = averaged.topk(k, dim=-1)
     # A query at position t has only t+1 keys: the slots past them hold weight 0. Give them id 0 so
@@ -218,9 +375,13 @@ def attention_topk(attn: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tens
 
 
 def compute_batch_fields(
-    model: Any, rows: list[Row], s: FieldSettings, device: torch.device
+    model: Any, rows: list[Row], s: FieldSettings, device: torch.device, fields: Collection[str] | None = None
 ) -> tuple[dict[str, np.ndarray], list[int]]:
-    """Every stored field of ``rows`` as numpy arrays padded to seq_len; plus the rows that were not finite."""
+    """Every stored field of ``rows`` as numpy arrays padded to seq_len; plus the rows that were not finite.
+
+    ``fields``: compute only these of the teacher's fields (default all; the row fields input_ids, offsets,
+    length, row_id, doc_id and text always come back): the live teacher and the benchmarks skip the rest.
+    """
     width = max(len(r.input_ids) for r in rows)
     ids = torch.zeros(len(rows), width, dtype=torch.long)
     mask = torch.zeros(len(rows), width, dtype=torch.long)
@@ -229,18 +390,24 @@ def compute_batch_fields(
         mask[i, : len(r.input_ids)] = 1
     ids, mask = ids.to(device), mask.to(device)
     lengths = mask.sum(dim=1)
+    wanted = None if fields is None else set(fields)
+    attention_layers = [layer for layer in s.attention_layers if wanted is None or f"attn/{layer}" in wanted]
+    hidden_layers = [layer for layer in s.hidden_layers if wanted is None or f"hidden/{layer}" in wanted]
+    logit_fields = [name for name in LOGIT_FIELDS if wanted is None or name in wanted]
+    computed: dict[str, torch.Tensor] = {}
     with torch.inference_mode():
-        out = forward_teacher(model, ids, mask, bool(s.attention_layers))
-        fields = compute_logit_fields(model, out.last_hidden_state, ids, lengths, s)
-        for layer in s.hidden_layers:
-            fields[f"hidden/{layer}"] = reduce_hidden(out.hidden_states[layer], layer, s)
-        for layer in s.attention_layers:
-            fields[f"attn/{layer}"], fields[f"attn_ids/{layer}"] = attention_topk(
+        out = forward_teacher(model, ids, mask, bool(attention_layers), attention_layers)
+        if logit_fields:
+            computed.update(compute_logit_fields(model, out.last_hidden_state, ids, lengths, s, logit_fields))
+        for layer in hidden_layers:
+            computed[f"hidden/{layer}"] = reduce_hidden(out.hidden_states[layer], layer, s)
+        for layer in attention_layers:
+            computed[f"attn/{layer}"], computed[f"attn_ids/{layer}"] = attention_topk(
                 out.attentions[layer - 1], s.attention_topk
             )
     valid = mask.bool()
-    bad = find_nonfinite_rows(fields, valid)
-    return pad_fields(fields, rows, valid, s), bad
+    bad = find_nonfinite_rows(computed, valid)
+    return pad_fields(computed, rows, valid, s), bad
 
 
 def find_nonfinite_rows(fields: dict[str, torch.Tensor], valid: torch.Tensor) -> list[int]:
@@ -509,13 +676,53 @@ def text_digest(dataset: Any, text_field: str) -> str:
     return h.hexdigest()
 
 
+def torchrun_rank() -> tuple[int, int] | None:
+    """``(rank, world_size)`` when launched by torchrun (``RANK`` and ``WORLD_SIZE`` set), else None."""
+    rank, world = os.environ.get("RANK"), os.environ.get("WORLD_SIZE")
+    if rank is None or world is None:
+        return None
+    try:
+        r, w = int(rank), int(world)
+    except ValueError:
+        raise ConfigError(f"RANK={rank!r} WORLD_SIZE={world!r}: expected integers, as torchrun sets them") from None
+    if not 0 <= r < w:
+        raise ConfigError(f"RANK={r} WORLD_SIZE={w}: need 0 <= RANK < WORLD_SIZE")
+    return r, w
+
+
+def new_store_shards(cfg: CacheConfig) -> int:
+    """Shards of a new store: n of ``--shard i/n``; at least WORLD_SIZE under torchrun; else --num-shards."""
+    if cfg.shard is not None:
+        _, count = parse_shard(cfg.shard)
+        if cfg.num_shards not in (1, count):
+            raise ConfigError(
+                f"--num-shards {cfg.num_shards} and --shard {cfg.shard} disagree; --shard i/n alone sets n shards"
+            )
+        return count
+    ranks = torchrun_rank()
+    return max(cfg.num_shards, ranks[1]) if ranks else cfg.num_shards
+
+
 def shards_to_fill(cfg: CacheConfig, num_shards: int) -> list[int]:
-    if cfg.shard is None:
-        return list(range(num_shards))
-    index, count = parse_shard(cfg.shard)
-    if count != num_shards:
-        raise ConfigError(f"--shard {cfg.shard}: the store has {num_shards} shards (use i/{num_shards})")
-    return [index]
+    """``--shard i/n``: shard i; under torchrun: shards rank, rank + world, ...; otherwise every shard."""
+    if cfg.shard is not None:
+        index, count = parse_shard(cfg.shard)
+        if count != num_shards:
+            raise ConfigError(f"--shard {cfg.shard}: the store has {num_shards} shards (use i/{num_shards})")
+        return [index]
+    ranks = torchrun_rank()
+    if ranks is not None:
+        rank, world = ranks
+        return list(range(rank, num_shards, world))
+    return list(range(num_shards))
+
+
+def rank_device(device: torch.device) -> torch.device:
+    """Under torchrun, a bare ``cuda`` means this rank's GPU (``LOCAL_RANK``)."""
+    local_rank = os.environ.get("LOCAL_RANK")
+    if device.type == "cuda" and device.index is None and local_rank is not None:
+        return torch.device("cuda", int(local_rank))
+    return device
 
 
 def prepare_store(
@@ -528,23 +735,54 @@ def prepare_store(
     device: torch.device,
     builder: RowBuilder,
 ) -> tuple[Any, dict[str, Any]]:
-    """Open the store to resume it, or create it (after the calibration pass)."""
+    """Open the store to resume it, or create it (after the calibration pass).
+
+    Safe when many processes start on one fresh store at once: one claims the creation, the others
+    wait for its manifest and check it against their own settings (see [creation note] in store.py).
+    """
     files = tokenizer_files(tokenizer)
     data_id = dataset_identity(dataset, cfg.dataset, cfg.dataset_config, cfg.split, cfg.text_field)
     data_id["text_sha256"] = text_digest(dataset, cfg.text_field)
-    num_shards = cfg.num_shards
-    if store_exists(cfg.out) and not cfg.overwrite:
-        existing = load_manifest(open_root(cfg.out), cfg.out)
-        num_shards = len(existing["layout"]["shard_rows"])
-    layout = build_layout(CacheConfig(**{**cfg.__dict__, "num_shards": num_shards}), model, plan)
-    wanted = build_manifest(cfg, model, tokenizer, files, data_id, plan, layout, dtype)
-    if store_exists(cfg.out) and not cfg.overwrite:
-        check_compatible(existing, wanted, cfg.out)
-        return open_root(cfg.out, mode="a"), existing
-    rows = [builder.row(i) for i in range(layout["calibration_rows"])]
-    _, root_arrays = calibrate(model, rows, layout["hidden_layers"], cfg.hidden_dim, cfg.batch_size, device)
-    create_store(cfg.out, wanted, files, root_arrays)
-    return open_root(cfg.out, mode="a"), wanted
+
+    def manifest_for(num_shards: int) -> dict[str, Any]:
+        layout = build_layout(CacheConfig(**{**cfg.__dict__, "num_shards": num_shards}), model, plan)
+        return build_manifest(cfg, model, tokenizer, files, data_id, plan, layout, dtype)
+
+    wanted = manifest_for(new_store_shards(cfg))  # validates the settings before anything is touched
+    if cfg.overwrite:
+        delete_store(cfg.out)
+    while True:
+        state, found = store_state(cfg.out)
+        if state == "ready":
+            assert found is not None
+            check_compatible(found, manifest_for(len(found["layout"]["shard_rows"])), cfg.out)
+            return open_root(cfg.out, mode="a"), found
+        if state == "foreign":
+            load_manifest(open_root(cfg.out), cfg.out)  # raises: a zarr group without a manifest
+        if state == "empty" and claim_creation(cfg.out):
+            if find_manifest(cfg.out) is not None:  # another process finished just before our claim
+                release_creation(cfg.out)
+                continue
+            create_new_store(cfg, model, wanted, files, builder, device)
+            return open_root(cfg.out, mode="a"), wanted
+        tqdm.write(f"cache-teacher: waiting for another process to create {cfg.out}", file=sys.stderr)
+        wait_for_creation(cfg.out, create_timeout())
+
+
+def create_new_store(
+    cfg: CacheConfig, model: Any, manifest: dict[str, Any], files: dict[str, bytes], builder: RowBuilder, device: Any
+) -> None:
+    """Calibrate, write the store (manifest last) and release the claim; on failure remove the partial store."""
+    layout = manifest["layout"]
+    tqdm.write(f"cache-teacher: creating {cfg.out} ({len(layout['shard_rows'])} shards)", file=sys.stderr)
+    try:
+        rows = [builder.row(i) for i in range(layout["calibration_rows"])]
+        _, root_arrays = calibrate(model, rows, layout["hidden_layers"], cfg.hidden_dim, cfg.batch_size, device)
+        create_store(cfg.out, manifest, files, root_arrays)
+    except BaseException:
+        delete_store(cfg.out)  # so that a waiting process can claim the creation (or fail the same way)
+        raise
+    release_creation(cfg.out)
 
 
 def iter_chunk_batches(builder: RowBuilder, start: int, end: int, batch_size: int) -> Iterator[list[Row]]:
@@ -556,7 +794,7 @@ def run(cfg: CacheConfig) -> dict[str, Any]:
     """Fill the store at ``cfg.out`` (creating or resuming it). Returns a summary of the work done."""
     cfg.require_io()
     check_teacher_source(cfg.teacher)
-    device = resolve_device(cfg.device)
+    device = rank_device(resolve_device(cfg.device))
     dtype = resolve_dtype(cfg.dtype, device)
     tokenizer = load_teacher_tokenizer(cfg)
     dataset = load_text_dataset(cfg.dataset, cfg.dataset_config, cfg.split, cfg.text_field)
@@ -578,7 +816,8 @@ def run(cfg: CacheConfig) -> dict[str, Any]:
     )
     records = shard_records(root, manifest)
     todo = []  # (writer, chunk index, global start, global end)
-    for index in shards_to_fill(cfg, len(records)):
+    mine = shards_to_fill(cfg, len(records))
+    for index in mine:
         rec = records[index]
         writer = open_shard_writer(root, index)
         for chunk in range(len(rec["checksums"]), rec["num_chunks"]):
@@ -589,7 +828,7 @@ def run(cfg: CacheConfig) -> dict[str, Any]:
         "rows": sum(b - a for *_, a, b in todo),
         "tokens": total_tokens,
         "nonfinite_rows": [],
-        "skipped_chunks": sum(len(r["checksums"]) for r in records),
+        "skipped_chunks": sum(len(records[i]["checksums"]) for i in mine),
     }
     started = time.perf_counter()
     writer_thread = BackgroundWriter()

@@ -52,6 +52,7 @@ from distill.pipeline.losses import (
     kd_tail_loss,
     layerwise_loss,
     lm_loss,
+    lm_unaligned_loss,
     load_balance_loss,
     pool_attention_to_spans,
     projector_kd_loss,
@@ -181,6 +182,28 @@ def build_modules(
     return modules
 
 
+DEEP_VERIFY_LIMIT = 16 * 2**30  # bytes of uncompressed rows below which `auto` re-checksums every chunk
+
+
+def check_store(url: str, mode: str) -> None:
+    """Refuse an incomplete or corrupted store before training (see ``distill cache verify``)."""
+    if mode == "off":
+        return
+    from distill.cache.manage import require_sound_store
+    from distill.cache.schema import build_field_specs
+    from distill.cache.store import load_manifest, open_root
+
+    deep = mode == "deep"
+    if mode == "auto":
+        layout = load_manifest(open_root(url), url)["layout"]
+        row_bytes = sum(
+            int(np.prod(f.row_shape)) * (np.dtype(f.dtype).itemsize if f.dtype != "str" else 1)
+            for f in build_field_specs(layout).values()
+        )
+        deep = layout["num_rows"] * row_bytes < DEEP_VERIFY_LIMIT
+    require_sound_store(url, deep=deep)
+
+
 def setup(cfg: TrainConfig) -> Context:
     """Load and check everything before the first step; every problem is reported here, not mid-run."""
     cfg.require_io()
@@ -189,6 +212,8 @@ def setup(cfg: TrainConfig) -> Context:
         if cfg.device == "auto" and torch.cuda.is_available()
         else ("cpu" if cfg.device == "auto" else cfg.device)
     )
+    for url in filter(None, (cfg.cache, cfg.eval_cache)):
+        check_store(url, cfg.verify_cache)
     reader = CacheReader(cfg.cache)
     eval_reader = CacheReader(cfg.eval_cache) if cfg.eval_cache else None
     need = needed_families(cfg)
@@ -383,6 +408,7 @@ class BatchStream:
 def term_weights(cfg: TrainConfig, w: dict[str, float]) -> dict[str, float]:
     """Curriculum weights of the families -> weights of every logged term (router terms follow their family)."""
     out = dict(w)
+    out["lm_unaligned"] = w["kd"]  # [unaligned-lm note] in losses.py
     out["router_balance"] = w["feature"] * cfg.balance_coef
     out["router_importance"] = w["feature"] * cfg.importance_coef
     out["router_attention"] = w["attention"] * cfg.router_attention_coef
@@ -421,6 +447,10 @@ def compute_losses(ctx: Context, batch: Batch, weights: dict[str, float]) -> tup
     raw["lm"] = lm_loss(logits[:, :-1], labels)
     if "kd" in on:
         raw.update(compute_kd(ctx, sig, logits[b, sp], b, tp, labels, sp))
+        if not ctx.same_tokenizer:
+            aligned = torch.zeros_like(labels, dtype=torch.bool)
+            aligned[b, sp.clamp(max=labels.shape[1] - 1)] = True
+            raw["lm_unaligned"] = lm_unaligned_loss(logits[:, :-1], labels, aligned)
     if on & {"feature", "router_balance", "router_importance", "router_attention"} and "router" in ctx.modules:
         student_h = out.hidden_states[-1][b, sp]  # (N, Ds)
         teacher_h = {layer: teacher_hidden_at(ctx, sig, layer, b, tp) for layer in ctx.modules["router"].layers}
