@@ -8,6 +8,7 @@ distill cache info STORE           # what a store holds
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Annotated, Any
@@ -45,7 +46,14 @@ def parse_list(value: str | None, kind: type) -> list | None:
         raise ConfigError(f"cannot read {value!r} as a comma-separated list of {kind.__name__}") from None
 
 
+def is_main_process() -> bool:
+    """False on the non-zero ranks of a torchrun job (they stay quiet)."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 def print_config(title: str, cfg: Any) -> None:
+    if not is_main_process():
+        return
     typer.echo(f"{title} config:\n" + "\n".join(f"  {k}: {v}" for k, v in config_to_dict(cfg).items()), err=True)
 
 
@@ -216,6 +224,8 @@ def train(
             err=True,
         )
         raise typer.Exit(128 + int(summary["signal"]))
+    if not is_main_process():
+        return
     typer.echo(
         f"trained {summary['steps']} steps ({summary['stop_reason']}); best eval loss "
         f"{summary['best_eval']:.4g}; student saved in {summary['final']}"

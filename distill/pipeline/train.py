@@ -42,6 +42,17 @@ from distill.pipeline.checkpoint import (
     save_final,
 )
 from distill.pipeline.curriculum import RAMPED_TERMS, weights_at
+from distill.pipeline.distributed import (
+    World,
+    any_rank,
+    average_gradients,
+    average_logs,
+    barrier,
+    init_world,
+    leave_world,
+    share_from_main,
+    sum_over_ranks,
+)
 from distill.pipeline.losses import (
     attention_kl_loss,
     build_layer_map,
@@ -89,6 +100,7 @@ class Context:
     autocast_dtype: torch.dtype | None
     live: LiveTeacher | None = None
     run_dir: Path = field(default_factory=Path)
+    world: World = field(default_factory=World)
 
 
 def resolve_precision(name: str, device: torch.device) -> torch.dtype | None:
@@ -207,11 +219,14 @@ def check_store(url: str, mode: str) -> None:
 def setup(cfg: TrainConfig) -> Context:
     """Load and check everything before the first step; every problem is reported here, not mid-run."""
     cfg.require_io()
+    world = init_world(cfg.device)
     device = torch.device(
         "cuda"
         if cfg.device == "auto" and torch.cuda.is_available()
         else ("cpu" if cfg.device == "auto" else cfg.device)
     )
+    if device.type == "cuda" and world.active:
+        device = torch.device("cuda", world.local_rank)
     for url in filter(None, (cfg.cache, cfg.eval_cache)):
         check_store(url, cfg.verify_cache)
     reader = CacheReader(cfg.cache)
@@ -264,7 +279,7 @@ def setup(cfg: TrainConfig) -> Context:
     train_rows, eval_rows = split_rows(reader, eval_reader, cfg.eval_fraction)
     if cfg.eval_rows is not None:
         eval_rows = eval_rows[: cfg.eval_rows]
-    steps_per_epoch = max(1, len(train_rows) // (cfg.batch_size * cfg.grad_accum))
+    steps_per_epoch = max(1, len(train_rows) // (cfg.batch_size * cfg.grad_accum * world.size))
     total = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
     max_length = cfg.student_max_length or int(getattr(student.config, "max_position_embeddings", 2048))
     live = LiveTeacher(cfg.live_teacher, reader, device) if cfg.live_teacher else None
@@ -289,6 +304,7 @@ def setup(cfg: TrainConfig) -> Context:
         total_steps=total,
         autocast_dtype=resolve_precision(cfg.precision, device),
         live=live,
+        world=world,
         run_dir=run_dir,
     )
 
@@ -357,6 +373,7 @@ class BatchStream:
     """Deterministic row order (a permutation per epoch from the seed) with a resumable cursor; reads ahead."""
 
     def __init__(self, ctx: Context, cursor: tuple[int, int] = (0, 0)) -> None:
+        # Under torchrun rank r takes micro-batches r, r + W, ... of the one global order.
         self.ctx, self.epoch, self.index = ctx, cursor[0], cursor[1]
         self._consumed = (self.epoch, self.index)
         self.order = self._order(self.epoch)
@@ -368,6 +385,15 @@ class BatchStream:
         return np.random.default_rng([self.ctx.cfg.seed, epoch]).permutation(self.ctx.train_rows)
 
     def _take_rows(self) -> np.ndarray:
+        world = self.ctx.world
+        mine = None
+        for r in range(world.size):
+            rows = self._take_global_rows()
+            if r == world.rank:
+                mine = rows
+        return mine
+
+    def _take_global_rows(self) -> np.ndarray:
         rows = []
         while len(rows) < self.ctx.cfg.batch_size:
             if self.index >= len(self.order):
@@ -581,6 +607,14 @@ class StopSignal:
             signal.signal(sig, handler)
 
 
+def say(message: str) -> None:
+    """Print on rank 0 only (every rank runs the loop)."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        print(message, flush=True)
+
+
 def format_line(
     step: int, total: int, logs: dict[str, Any], lr: float, step_ms: float, tok_s: float, eta_s: float
 ) -> str:
@@ -592,6 +626,29 @@ def format_line(
         f"step {step:05d}/{total} ({100 * step / total:.1f}%) | loss {logs['loss/total']:.4g} ({terms}) | "
         f"lr {lr:.3g} | {step_ms:.0f}ms | tok/s {tok_s:,.0f} | aligned {logs['aligned_share']:.2f} | eta {eta}"
     )
+
+
+def write_run_config(ctx: Context) -> None:
+    """RUN_DIR/config.json: the resolved config and what eval needs to score the same rows."""
+    cfg = ctx.cfg
+    saved = {
+        "train": config_to_dict(cfg),
+        "total_steps": ctx.total_steps,
+        "world_size": ctx.world.size,
+        "eval_rows": ctx.eval_rows.tolist(),
+        "eval_source": cfg.eval_cache or cfg.cache,
+        "same_tokenizer": ctx.same_tokenizer,
+        "layer_map": ctx.layer_map,
+        "attention_map": ctx.attention_map,
+        "cache_manifest": ctx.reader.manifest,
+    }
+    (ctx.run_dir / "config.json").write_text(json.dumps(saved, indent=2, default=str))
+
+
+def write_record(metrics: Any, record: dict[str, Any]) -> None:
+    if metrics is not None:
+        metrics.write(json.dumps(record) + "\n")
+        metrics.flush()
 
 
 def fit(ctx: Context) -> dict[str, Any]:
@@ -613,31 +670,21 @@ def fit(ctx: Context) -> dict[str, Any]:
         restore_rng(state["rng"])
         step, cursor = meta["step"], tuple(meta["cursor"])
         best, bad_evals = meta["best_eval"], meta["bad_evals"]
-        print(f"resumed from {ckpt} at step {step}", flush=True)
+        say(f"resumed from {ckpt} at step {step}")
     else:
         torch.manual_seed(cfg.seed)
-    (run_dir / "config.json").write_text(
-        json.dumps(
-            {
-                "train": config_to_dict(cfg),
-                "total_steps": ctx.total_steps,
-                "eval_rows": ctx.eval_rows.tolist(),
-                "eval_source": cfg.eval_cache or cfg.cache,
-                "same_tokenizer": ctx.same_tokenizer,
-                "layer_map": ctx.layer_map,
-                "attention_map": ctx.attention_map,
-                "cache_manifest": ctx.reader.manifest,
-            },
-            indent=2,
-            default=str,
-        )
-    )
-    metrics = (run_dir / "metrics.jsonl").open("a")
+    main = ctx.world.main
+    if main:
+        write_run_config(ctx)
+    metrics = (run_dir / "metrics.jsonl").open("a") if main else None
     stream = BatchStream(ctx, cursor)
     save_every = cfg.save_every or cfg.eval_every
     stop_reason, window_tokens, window_start = "max_steps", 0, time.perf_counter()
 
     def checkpoint(reason: str) -> None:
+        if not main:
+            barrier(ctx.world)
+            return
         state = {
             "student": ctx.student.state_dict(),
             "modules": ctx.modules.state_dict(),
@@ -656,6 +703,7 @@ def fit(ctx: Context) -> dict[str, Any]:
             "config": config_to_dict(cfg),
         }
         save_checkpoint(run_dir, step, state, meta, cfg.keep_checkpoints)
+        barrier(ctx.world)
 
     ctx.student.train()
     ctx.modules.train()
@@ -675,6 +723,8 @@ def fit(ctx: Context) -> dict[str, Any]:
                         step_logs[k] = step_logs.get(k, 0.0) + v / cfg.grad_accum
                     else:
                         step_logs[k] = v
+            average_gradients(params, ctx.world)
+            step_logs = average_logs(step_logs, ctx.world)
             scaler.unscale_(optimizer)
             if cfg.clip > 0:
                 step_logs["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(params, cfg.clip))
@@ -688,47 +738,55 @@ def fit(ctx: Context) -> dict[str, Any]:
             # --- log
             if step % cfg.log_every == 0 or last_step or step == 1:
                 elapsed = time.perf_counter() - window_start
-                tok_s = window_tokens / elapsed if elapsed > 0 else 0.0
+                tok_s = sum_over_ranks(window_tokens, ctx.world) / elapsed if elapsed > 0 else 0.0
                 eta = (time.perf_counter() - step_start) * (ctx.total_steps - step)
                 record = {"split": "train", "step": step, "lr": lr, "tokens_per_s": tok_s, **step_logs}
-                metrics.write(json.dumps(record) + "\n")
-                metrics.flush()
-                print(
+                write_record(metrics, record)
+                say(
                     format_line(
                         step, ctx.total_steps, step_logs, lr, 1000 * (time.perf_counter() - step_start), tok_s, eta
-                    ),
-                    flush=True,
+                    )
                 )
                 window_tokens, window_start = 0, time.perf_counter()
             # --- eval, early stopping, checkpoint
             stop_now = False
             if (step % cfg.eval_every == 0 or last_step) and len(ctx.eval_rows):
-                result = evaluate(ctx)
-                metrics.write(json.dumps({"split": "eval", "step": step, **result}) + "\n")
-                metrics.flush()
-                print(f"eval step {step}: " + " ".join(f"{k[5:]} {v:.4g}" for k, v in result.items()), flush=True)
-                if result["eval/loss"] < best - cfg.min_delta:
-                    best, bad_evals = result["eval/loss"], 0
-                elif step >= cfg.early_stop_warmup:
-                    bad_evals += 1
-                    if bad_evals >= cfg.patience:
-                        stop_reason, stop_now = "early_stopping", True
-                        print(f"early stopping at step {step}: no improvement in {bad_evals} evals", flush=True)
+                if main:  # the other ranks wait for its decision
+                    result = evaluate(ctx)
+                    write_record(metrics, {"split": "eval", "step": step, **result})
+                    say(f"eval step {step}: " + " ".join(f"{k[5:]} {v:.4g}" for k, v in result.items()))
+                    if result["eval/loss"] < best - cfg.min_delta:
+                        best, bad_evals = result["eval/loss"], 0
+                    elif step >= cfg.early_stop_warmup:
+                        bad_evals += 1
+                        if bad_evals >= cfg.patience:
+                            stop_reason, stop_now = "early_stopping", True
+                            say(f"early stopping at step {step}: no improvement in {bad_evals} evals")
+                best, bad_evals, stop_reason, stop_now = share_from_main(
+                    (best, bad_evals, stop_reason, stop_now), ctx.world
+                )
             if step % save_every == 0 and not last_step:
                 checkpoint("periodic")
-            if stop.received is not None:
+            if any_rank(stop.received is not None, ctx.world):
+                stop.received = share_from_main(stop.received or int(signal.SIGTERM), ctx.world)
                 checkpoint(f"signal {stop.received}")
                 stop_reason = "signal"
                 break
             if stop_now:
                 break
     stream.close()
-    metrics.close()
+    if metrics is not None:
+        metrics.close()
     summary = {"steps": step, "total_steps": ctx.total_steps, "best_eval": best, "stop_reason": stop_reason}
     if stop_reason != "signal":
-        summary["final"] = str(save_final(run_dir, ctx.student, ctx.tokenizer, ctx.modules, summary))
+        final = run_dir / "final"
+        if main:
+            save_final(run_dir, ctx.student, ctx.tokenizer, ctx.modules, summary)
+        summary["final"] = str(final)
     else:
         summary["signal"] = stop.received
+    barrier(ctx.world)
+    leave_world(ctx.world)
     return summary
 
 

@@ -1,0 +1,133 @@
+"""torchrun --nproc_per_node 2 (gloo, CPU): same loss curve as one process with the same global batch; a
+killed DDP run resumed with --resume auto ends with the same weights as an uninterrupted one."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.conftest import train_args
+
+REPO = Path(__file__).resolve().parents[1]
+STEPS = 12
+
+
+def command(args: list[str], ranks: int) -> list[str]:
+    if ranks == 1:
+        return [sys.executable, "-m", "distill.cli", "train", *args]
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={ranks}",
+        "-m",
+        "distill.cli",
+        "train",
+        *args,
+    ]
+
+
+def launch(args: list[str], ranks: int) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen(
+        command(args, ranks),
+        env=env,
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+
+
+def finish(proc: subprocess.Popen) -> str:
+    out, err = proc.communicate(timeout=400)
+    assert proc.returncode == 0, err[-3000:]
+    return out
+
+
+def run_args(assets: dict, out: Path, grad_accum: int) -> list[str]:
+    return [
+        *train_args(assets, out, grad_accum=grad_accum, save_every=2, num_workers_prefetch=0),
+        "--max-steps",
+        str(STEPS),
+        "--log-every",
+        "1",
+        "--eval-every",
+        "3",
+    ]
+
+
+def descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (from /proc), children first."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError, IndexError, ValueError):
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+                children.setdefault(ppid, []).append(int(entry.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def curve(out: Path) -> list[float]:
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    return [r["loss/total"] for r in records if r["split"] == "train"]
+
+
+def weights(out: Path) -> dict[str, torch.Tensor]:
+    return load_file(out / "final" / "model.safetensors")
+
+
+@pytest.fixture(scope="module")
+def ddp_run(train_assets, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("ddp") / "ddp"
+    finish(launch(run_args(train_assets, out, grad_accum=2), ranks=2))
+    return out
+
+
+def test_ddp_loss_curve_matches_one_process_with_the_same_global_batch(train_assets, ddp_run, tmp_path):
+    single = tmp_path / "single"
+    finish(launch(run_args(train_assets, single, grad_accum=4), ranks=1))
+    a, b = curve(single), curve(ddp_run)
+    assert len(a) == len(b) == STEPS
+    for x, y in zip(a, b):
+        assert x == pytest.approx(y, abs=1e-4)
+    config = json.loads((ddp_run / "config.json").read_text())
+    assert config["world_size"] == 2
+    evals = [json.loads(line) for line in (ddp_run / "metrics.jsonl").read_text().splitlines() if '"eval"' in line]
+    assert [r["step"] for r in evals] == [3, 6, 9, 12]  # rank 0 alone evaluates and writes
+
+
+def test_killed_ddp_run_resumes_to_the_same_weights(train_assets, ddp_run, tmp_path):
+    out = tmp_path / "killed"
+    proc = launch(run_args(train_assets, out, grad_accum=2), ranks=2)
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        latest = out / "checkpoints" / "latest"
+        if latest.exists():  # a periodic checkpoint (every 2 steps) is complete
+            break
+        time.sleep(0.05)
+    for pid in [proc.pid, *descendants(proc.pid)]:  # torchrun's workers are not all in its process group
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    proc.communicate(timeout=60)
+    assert not (out / "final").exists(), "the run finished before it could be killed"
+    finish(launch([*run_args(train_assets, out, grad_accum=2), "--resume", "auto"], ranks=2))
+    wa, wb = weights(out), weights(ddp_run)
+    assert max((wa[k] - wb[k]).abs().max().item() for k in wa) <= 1e-6
