@@ -219,9 +219,9 @@ def plot_runs(runs: dict[str, list[dict[str, Any]]], out: Path) -> list[str]:
     fig, axes = plt.subplots(1, 2, figsize=(12, 4))
     for name, records in runs.items():
         evals = [r for r in records if r.get("split") == "eval"]
-        for ax, key in zip(axes, ("eval/loss", "eval/lm")):
+        for ax, key in zip(axes, ("eval/kd", "eval/lm")):
             ax.plot([r["step"] for r in evals if key in r], [r[key] for r in evals if key in r], marker="o", label=name)
-    axes[0].set(title="Held-out loss (fixed kd/lm weights)", xlabel="optimizer step", ylabel="loss")
+    axes[0].set(title="Held-out kd loss (runs with kd)", xlabel="optimizer step", ylabel="kd (K+1 bins) x T^2")
     axes[1].set(title="Held-out student cross-entropy", xlabel="optimizer step", ylabel="nats / student token")
     for ax in axes:
         ax.legend()

@@ -104,25 +104,14 @@ class LiveTeacher:
 
     def __init__(self, teacher: str, reader: CacheReader, device: torch.device) -> None:
         from distill.config import CacheConfig
-        from distill.pipeline.teacher import FieldSettings, load_pca, load_teacher, resolve_dtype
+        from distill.pipeline.teacher import field_settings, load_teacher, resolve_dtype
 
         layout = reader.layout
         self.reader, self.device = reader, device
-        dtype = resolve_dtype(
-            {"fp32": "fp32", "bf16": "bf16", "fp16": "fp16"}[reader.manifest["teacher"]["dtype"]], device
-        )
+        dtype = resolve_dtype(reader.manifest["teacher"]["dtype"], device)  # the dtype the cache was made in
         cfg = CacheConfig(teacher=teacher)
         self.model = load_teacher(cfg, device, dtype, need_attention=bool(layout["attention_layers"]))
-        self.settings = FieldSettings(
-            seq_len=layout["seq_len"],
-            top_k=layout["top_k"],
-            temperatures=layout["temperatures"],
-            vocab_proj_temperature=layout["vocab_proj_temperature"],
-            hidden_layers=layout["hidden_layers"],
-            attention_layers=layout["attention_layers"],
-            attention_topk=layout["attention_topk"],
-            pca=load_pca(reader.root, layout["hidden_layers"], device),
-        )
+        self.settings = field_settings(layout, reader.root, device)
 
     def signal(self, rows: np.ndarray, fields: list[str]) -> TeacherSignal:
         from distill.pipeline.teacher import compute_batch_fields

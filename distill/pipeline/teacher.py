@@ -250,7 +250,7 @@ def forward_teacher(
     wanted: list[int] = []
     if need_attention and blocks is not None:
         wanted = sorted(set(range(1, len(blocks) + 1) if attention_layers is None else attention_layers))
-    flagged = [blocks[layer - 1].self_attn for layer in wanted]
+    flagged = [module for layer in wanted if (module := getattr(blocks[layer - 1], "self_attn", None)) is not None]
     for module in flagged:
         setattr(module, _FLAG, True)
     try:
@@ -512,6 +512,20 @@ def calibrate(
         arrays[f"stats/hidden/{layer}/mean"] = stored.mean(dim=0).numpy()
         arrays[f"stats/hidden/{layer}/std"] = stored.std(dim=0).clamp_min(1e-6).numpy()
     return pca, arrays
+
+
+def field_settings(layout: dict[str, Any], root: Any, device: torch.device) -> FieldSettings:
+    """What to compute per row, from a store's layout and its PCA bases (the live teacher uses it too)."""
+    return FieldSettings(
+        seq_len=layout["seq_len"],
+        top_k=layout["top_k"],
+        temperatures=layout["temperatures"],
+        vocab_proj_temperature=layout["vocab_proj_temperature"],
+        hidden_layers=layout["hidden_layers"],
+        attention_layers=layout["attention_layers"],
+        attention_topk=layout["attention_topk"],
+        pca=load_pca(root, layout["hidden_layers"], device),
+    )
 
 
 def load_pca(root: Any, hidden_layers: list[int], device: torch.device) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
@@ -804,16 +818,7 @@ def run(cfg: CacheConfig) -> dict[str, Any]:
     builder = RowBuilder(dataset, cfg.text_field, tokenizer, plan)
     root, manifest = prepare_store(cfg, model, tokenizer, dataset, plan, dtype, device, builder)
     layout = manifest["layout"]
-    settings = FieldSettings(
-        seq_len=layout["seq_len"],
-        top_k=layout["top_k"],
-        temperatures=layout["temperatures"],
-        vocab_proj_temperature=layout["vocab_proj_temperature"],
-        hidden_layers=layout["hidden_layers"],
-        attention_layers=layout["attention_layers"],
-        attention_topk=layout["attention_topk"],
-        pca=load_pca(root, layout["hidden_layers"], device),
-    )
+    settings = field_settings(layout, root, device)
     records = shard_records(root, manifest)
     todo = []  # (writer, chunk index, global start, global end)
     mine = shards_to_fill(cfg, len(records))
