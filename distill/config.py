@@ -260,6 +260,8 @@ def parse_value(raw: str) -> Any:
             return kind(raw)
         except ValueError:
             pass
+    if raw.strip().lower() in ("on", "off", "yes", "no", "y", "n"):  # YAML 1.1 would make these booleans
+        return raw.strip()
     return yaml.safe_load(raw)
 
 

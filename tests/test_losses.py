@@ -432,3 +432,17 @@ def test_combine_terms_nothing_weighted_is_zero_in_graph():
     assert skipped_nan.item() == 2.0  # a weight-0 term is left out, not multiplied by 0
     empty_total, empty_logs = combine_terms({}, {})
     assert empty_total.item() == 0.0 and empty_logs == {"loss/total": 0.0}
+
+
+def test_lm_losses_share_one_pass_and_equal_the_separate_terms():
+    from distill.pipeline.losses import lm_losses, lm_unaligned_loss
+
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(2, 7, 11, generator=g)
+    labels = torch.randint(0, 11, (2, 7), generator=g)
+    labels[1, 5:] = -100
+    aligned = torch.rand(2, 7, generator=g) > 0.4
+    lm, unaligned = lm_losses(logits, labels, aligned)
+    assert lm.item() == pytest.approx(lm_loss(logits, labels).item(), rel=1e-6)
+    assert unaligned.item() == pytest.approx(lm_unaligned_loss(logits, labels, aligned).item(), rel=1e-6)
+    assert lm_losses(logits, labels)[1] is None

@@ -343,6 +343,14 @@ def build_vocab_map(teacher_tokenizer: Any, student_tokenizer: Any) -> np.ndarra
     return vocab_map
 
 
+def pad_vocab_map(vocab_map: np.ndarray, teacher_vocab_size: int) -> np.ndarray:
+    """Extend the map to the teacher MODEL's vocabulary (embedding rows can outnumber tokenizer entries,
+    e.g. Qwen: 151,936 rows, ~151.7k tokens): ids past the tokenizer map to -1 (no student token)."""
+    if len(vocab_map) >= teacher_vocab_size:
+        return vocab_map
+    return np.concatenate([vocab_map, np.full(teacher_vocab_size - len(vocab_map), -1, dtype=vocab_map.dtype)])
+
+
 def load_or_build_vocab_map(teacher_tokenizer: Any, student_tokenizer: Any, cache_dir: Path) -> np.ndarray:
     """`build_vocab_map`, kept in `cache_dir/vocab_map-v<version>-<teacher hash>-<student hash>.npy`.
 

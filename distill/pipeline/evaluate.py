@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from distill.cache.reader import CacheReader
-from distill.pipeline.align import align_batch, is_same_tokenizer, load_or_build_vocab_map
+from distill.pipeline.align import align_batch, is_same_tokenizer, load_or_build_vocab_map, pad_vocab_map
 from distill.pipeline.losses import kd_tail_loss
 
 ECE_BINS = 15
@@ -111,13 +111,12 @@ def evaluate_student(source: StudentSource, batch_size: int = 8) -> dict[str, An
     tokenizer = AutoTokenizer.from_pretrained(source.model_dir)
     teacher_tokenizer = load_cache_tokenizer(reader)
     same = is_same_tokenizer(teacher_tokenizer, tokenizer)
-    vocab_map = (
-        None
-        if same
-        else torch.from_numpy(
-            load_or_build_vocab_map(teacher_tokenizer, tokenizer, (source.run_dir or source.model_dir) / "vocab_map")
+    vocab_map = None
+    if not same:
+        built = load_or_build_vocab_map(
+            teacher_tokenizer, tokenizer, (source.run_dir or source.model_dir) / "vocab_map"
         )
-    )
+        vocab_map = torch.from_numpy(pad_vocab_map(built, reader.manifest["teacher"]["vocab_size"]))
     t_index = reader.temperature_index(source.temperature)
     max_length = int(getattr(model.config, "max_position_embeddings", 2048))
     nll, nbytes, kd_sum, kd_count, agree, aligned = 0.0, 0, 0.0, 0, 0, 0

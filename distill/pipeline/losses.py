@@ -216,6 +216,28 @@ def lm_loss(logits: Tensor, labels: Tensor, ignore_index: int = -100) -> Tensor:
 # --- hidden-state and attention terms ---------------------------------------------------
 
 
+def lm_losses(
+    logits: Tensor, labels: Tensor, aligned: Tensor | None = None, ignore_index: int = -100
+) -> tuple[Tensor, Tensor | None]:
+    """``lm_loss`` and, given ``aligned``, ``lm_unaligned_loss`` from ONE cross-entropy pass.
+
+    Same values as the two functions (the vocabulary-wide log-softmax is the costly part of a
+    step: sharing it saves one pass over (B, L, V) and its copies).
+    """
+    valid = labels != ignore_index
+    if not bool(valid.any()):
+        zero = _zero(logits)
+        return zero, (zero if aligned is not None else None)
+    ce = F.cross_entropy(
+        logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1).clamp(min=0), reduction="none"
+    ).reshape(labels.shape)
+    count = valid.sum()
+    lm = torch.where(valid, ce, 0.0).sum() / count
+    if aligned is None:
+        return lm, None
+    return lm, torch.where(valid & ~aligned, ce, 0.0).sum() / count
+
+
 def lm_unaligned_loss(logits: Tensor, labels: Tensor, aligned: Tensor, ignore_index: int = -100) -> Tensor:
     """Cross-entropy of the positions WITHOUT a teacher target, summed and divided by ALL valid positions.
 

@@ -32,7 +32,13 @@ import torch.nn as nn
 from distill.cache.reader import CacheReader
 from distill.cache.schema import CacheError
 from distill.config import ConfigError, TrainConfig, config_to_dict
-from distill.pipeline.align import AlignedBatch, align_batch, load_or_build_vocab_map, teacher_to_student_span
+from distill.pipeline.align import (
+    AlignedBatch,
+    align_batch,
+    load_or_build_vocab_map,
+    pad_vocab_map,
+    teacher_to_student_span,
+)
 from distill.pipeline.checkpoint import (
     capture_rng,
     find_checkpoint,
@@ -63,7 +69,7 @@ from distill.pipeline.losses import (
     kd_tail_loss,
     layerwise_loss,
     lm_loss,
-    lm_unaligned_loss,
+    lm_losses,
     load_balance_loss,
     pool_attention_to_spans,
     projector_kd_loss,
@@ -256,7 +262,12 @@ def setup(cfg: TrainConfig) -> Context:
     vocab_map = None
     run_dir = Path(cfg.out)
     if not same:
-        vocab_map = torch.from_numpy(load_or_build_vocab_map(teacher_tokenizer, tokenizer, run_dir / "vocab_map"))
+        vocab_map = torch.from_numpy(
+            pad_vocab_map(
+                load_or_build_vocab_map(teacher_tokenizer, tokenizer, run_dir / "vocab_map"),
+                reader.manifest["teacher"]["vocab_size"],
+            )
+        )
     num_layers = student.config.num_hidden_layers
     hidden_layers = [layer for layer in reader.layout["hidden_layers"] if layer > 0]
     teacher_depth = reader.manifest["teacher"]["num_hidden_layers"]
@@ -470,13 +481,15 @@ def compute_losses(ctx: Context, batch: Batch, weights: dict[str, float]) -> tup
     raw: dict[str, torch.Tensor] = {}
     logs: dict[str, Any] = {"aligned_share": a.aligned_share}
     labels = input_ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
-    raw["lm"] = lm_loss(logits[:, :-1], labels)
+    aligned = None
+    if "kd" in on and not ctx.same_tokenizer:  # positions without a teacher target: [unaligned-lm note]
+        aligned = torch.zeros_like(labels, dtype=torch.bool)
+        aligned[b, sp.clamp(max=labels.shape[1] - 1)] = True
+    raw["lm"], lm_unaligned = lm_losses(logits[:, :-1], labels, aligned)
+    if lm_unaligned is not None:
+        raw["lm_unaligned"] = lm_unaligned
     if "kd" in on:
         raw.update(compute_kd(ctx, sig, logits[b, sp], b, tp, labels, sp))
-        if not ctx.same_tokenizer:
-            aligned = torch.zeros_like(labels, dtype=torch.bool)
-            aligned[b, sp.clamp(max=labels.shape[1] - 1)] = True
-            raw["lm_unaligned"] = lm_unaligned_loss(logits[:, :-1], labels, aligned)
     if on & {"feature", "router_balance", "router_importance", "router_attention"} and "router" in ctx.modules:
         student_h = out.hidden_states[-1][b, sp]  # (N, Ds)
         teacher_h = {layer: teacher_hidden_at(ctx, sig, layer, b, tp) for layer in ctx.modules["router"].layers}

@@ -1,0 +1,194 @@
+"""Stage 1 throughput: ``cache-teacher`` with the default fields against a bare teacher forward.
+
+    .venv/bin/python bench/stage1.py              # about 2 minutes on 2 CPU cores
+    .venv/bin/python bench/stage1.py --quick      # smoke test (< 30 s), figures not meaningful
+    .venv/bin/python bench/stage1.py --reference  # the reference teacher's sizes (for a GPU)
+
+The teacher is a random-init Qwen3-MoE. Default: the reference teacher (hidden 1024, vocab
+151,936, 24 blocks, 16/8 heads) at quarter width AND quarter vocabulary (hidden 256, vocab
+37,984, 24 blocks, 4/2 heads of 64, 4 experts top-2 of 384), so that the share of the
+vocabulary-sized work (lm_head, softmaxes, vocab_proj) in a forward stays close to the
+reference's (~30% of the forward's multiply-adds); seq_len 512 as in configs/reference-cache.yaml.
+
+Measured on the same rows, in one process, each variant repeated (the best repeat counts):
+
+  forward          ``model(input_ids, attention_mask)``: the causal LM forward with its logits
+  fields           ``compute_batch_fields`` with every default field (no storage)
+  fields - X       the same without field group X (hidden, vocab_proj, attention, logits =
+                   topk_ids + topk_logits + lse + target_logprob): X's marginal cost
+  cache-teacher    ``teacher.run``: the whole fill loop, with the background writer (compression,
+                   checksums, commits); its own tokens/s (store creation and calibration excluded)
+
+Last line: JSON with cache_over_forward = cache-teacher tokens/s / forward tokens/s,
+fields_over_forward, marginal_over_forward {group: its extra seconds / forward seconds},
+tokens_per_s, sizes, machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from tempfile import TemporaryDirectory
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.common import build_corpus_and_tokenizers, build_teacher, emit, machine, offline_env  # noqa: E402
+
+SIZES = {
+    "full": dict(
+        vocab=151_936 // 4, hidden=256, layers=24, heads=4, kv_heads=2, head_dim=64, experts=4, moe=384,
+        seq_len=512, rows=8, batch_size=4, repeats=2,
+    ),
+    "quick": dict(
+        vocab=4096, hidden=64, layers=2, heads=4, kv_heads=2, head_dim=16, experts=4, moe=32,
+        seq_len=64, rows=4, batch_size=2, repeats=1,
+    ),
+    "reference": dict(
+        vocab=151_936, hidden=1024, layers=24, heads=16, kv_heads=8, head_dim=64, experts=4, moe=1536,
+        seq_len=512, rows=32, batch_size=8, repeats=2,
+    ),
+}  # fmt: skip
+
+GROUPS = {
+    "hidden": lambda s: [f"hidden/{layer}" for layer in s.hidden_layers],
+    "vocab_proj": lambda s: ["vocab_proj"],
+    "attention": lambda s: [f"attn/{layer}" for layer in s.attention_layers],
+    "logits": lambda s: ["topk_ids", "topk_logits", "lse", "target_logprob"],
+}
+
+
+def all_fields(s: Any) -> list[str]:
+    return [name for group in GROUPS.values() for name in group(s)]
+
+
+def timed(fn: Any, device: Any) -> float:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    start = time.perf_counter()
+    fn()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke test, not a measurement")
+    parser.add_argument("--reference", action="store_true", help="the reference teacher's sizes (use a GPU)")
+    parser.add_argument("--device", default="auto", help="auto | cpu | cuda")
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads on CPU (see docs/benchmarks.md)")
+    args = parser.parse_args()
+    offline_env()
+    import torch
+
+    from distill.config import CacheConfig
+    from distill.pipeline import teacher as stage1
+    from distill.pipeline.data import RowBuilder, load_text_dataset, plan_rows
+
+    torch.set_num_threads(args.threads)
+    name = "quick" if args.quick else "reference" if args.reference else "full"
+    size = SIZES[name]
+    device = stage1.resolve_device(args.device)
+    dtype = stage1.resolve_dtype("auto", device)
+    started = time.perf_counter()
+    with TemporaryDirectory(prefix="distill-bench-stage1-") as tmp:
+        root = Path(tmp)
+        assets = build_corpus_and_tokenizers(root, num_docs=size["rows"], docs_per_document=3 * size["seq_len"] // 40)
+        teacher = build_teacher(
+            root, assets["teacher_tok"], size["vocab"], size["hidden"], size["layers"], experts=size["experts"],
+            num_attention_heads=size["heads"], num_key_value_heads=size["kv_heads"], head_dim=size["head_dim"],
+            moe_intermediate_size=size["moe"], intermediate_size=4 * size["hidden"],
+        )  # fmt: skip
+        cfg = CacheConfig(
+            teacher=str(teacher),
+            dataset=str(assets["data"]),
+            out=str(root / "store"),
+            seq_len=size["seq_len"],
+            max_rows=size["rows"],
+            batch_size=size["batch_size"],
+            chunk_rows=size["batch_size"],
+            calibration_rows=size["batch_size"],
+            device=str(device),
+        )
+        model = stage1.load_teacher(cfg, device, dtype, need_attention=True)
+        tokenizer = stage1.load_teacher_tokenizer(cfg)
+        dataset = load_text_dataset(cfg.dataset, None, "train", "text")
+        plan = plan_rows(dataset, "text", tokenizer, cfg.seq_len).truncated(cfg.max_rows)
+        builder = RowBuilder(dataset, "text", tokenizer, plan)
+        batches = list(stage1.iter_chunk_batches(builder, 0, len(plan), cfg.batch_size))
+        tokens = sum(len(r.input_ids) for batch in batches for r in batch)
+        n_layers = model.config.num_hidden_layers
+        s = stage1.FieldSettings(
+            seq_len=cfg.seq_len,
+            top_k=cfg.top_k,
+            temperatures=cfg.temperatures,
+            vocab_proj_temperature=cfg.vocab_proj_temperature,
+            hidden_layers=stage1.default_hidden_layers(n_layers),
+            attention_layers=stage1.default_attention_layers(n_layers),
+            attention_topk=cfg.attention_topk,
+            pca={},
+        )
+
+        def forward() -> None:
+            for batch in batches:
+                width = max(len(r.input_ids) for r in batch)
+                ids = torch.zeros(len(batch), width, dtype=torch.long)
+                mask = torch.zeros_like(ids)
+                for i, r in enumerate(batch):
+                    ids[i, : len(r.input_ids)] = torch.from_numpy(r.input_ids)
+                    mask[i, : len(r.input_ids)] = 1
+                with torch.inference_mode():
+                    model(input_ids=ids.to(device), attention_mask=mask.to(device))
+
+        def fields(names: list[str]) -> Any:
+            return lambda: [stage1.compute_batch_fields(model, batch, s, device, names) for batch in batches]
+
+        variants = {"forward": forward, "fields": fields(all_fields(s))}
+        for group, members in GROUPS.items():
+            variants[f"fields-{group}"] = fields([f for f in all_fields(s) if f not in members(s)])
+        seconds: dict[str, float] = {}
+        variants["forward"]()  # warm-up: the first calls initialize kernels and allocator pools
+        variants["fields"]()
+        for _ in range(size["repeats"]):
+            for key, variant in variants.items():
+                seconds[key] = min(seconds.get(key, float("inf")), timed(variant, device))
+        runs = []
+        for repeat in range(size["repeats"]):
+            summary = stage1.run(
+                CacheConfig(**{**cfg.__dict__, "out": str(root / f"store{repeat}"), "device": str(device)})
+            )
+            assert summary["tokens"] == tokens, (summary["tokens"], tokens)
+            runs.append(summary["seconds"])
+        seconds["cache-teacher"] = min(runs)
+    forward_s = seconds["forward"]
+    result = {
+        "cache_over_forward": round(forward_s / seconds["cache-teacher"], 3),
+        "fields_over_forward": round(forward_s / seconds["fields"], 3),
+        "marginal_over_forward": {
+            group: round((seconds["fields"] - seconds[f"fields-{group}"]) / forward_s, 3) for group in GROUPS
+        },
+        "tokens_per_s": {key: round(tokens / value, 1) for key, value in seconds.items()},
+        "tokens": tokens,
+        "sizes": {**size, "dtype": stage1.DTYPE_NAMES[dtype], "threads": args.threads},
+        "quick": args.quick,
+        "machine": machine(),
+        "wall_s": round(time.perf_counter() - started, 1),
+    }
+    print(f"stage 1 bench ({name}), sizes: {result['sizes']}, {tokens} tokens per variant")
+    for key, value in seconds.items():
+        print(f"  {key:18s} {tokens / value:10.1f} tok/s  {value:7.2f} s  ({value / forward_s:5.2f}x forward)")
+    print("  marginal cost of each field group, as a share of the bare forward's time:")
+    for group, share in result["marginal_over_forward"].items():
+        print(f"    {group:12s} {share:+.3f}")
+    ok = result["cache_over_forward"] >= 0.75
+    print(f"  cache_over_forward {result['cache_over_forward']:.3f}  target >= 0.75  {'met' if ok else 'MISSED'}")
+    emit(result)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,325 @@
+"""Stage 2 throughput: training from the cache against CE only and against the live teacher.
+
+    .venv/bin/python bench/stage2.py            # about 2 minutes on 2 CPU cores
+    .venv/bin/python bench/stage2.py --quick    # smoke test (< 30 s), figures not meaningful
+    .venv/bin/python bench/stage2.py --reference --device cuda   # the reference pair's sizes, on a GPU
+
+The reference pair's vocabularies (teacher 151,936, student 49,152) with hidden sizes scaled
+down (printed, and in the JSON under "sizes"). One store is made with ``cache-teacher``'s
+defaults, then four variants train the same student on the same rows in the same order:
+
+  a  ce        the student alone, CE only (every distillation term disabled)
+  b  kd        from the cache, kd (top-K + tail bin, T=4) + lm
+  c  all       from the cache, every term at full weight from step 0
+  d  live      the teacher in the loop (``live_teacher``) with the seeds' full-vocabulary logit
+               projector (``kd_mode=projector``: softmax(teacher logits / T*) @ teacher embedding
+               computed in the step -> linear -> student vocabulary) + lm; its store holds no
+               hidden/attention fields so that the live teacher computes only the logit fields;
+               without read-ahead, see [one-device note]
+
+Each variant runs in its own process: ``train.setup`` builds the Context, then the loop of
+``train.fit`` (stream.next -> compute_losses -> backward -> clip -> AdamW step) runs
+``steps`` optimizer steps; the first ``warmup`` are not timed. Peak memory (CPU): the bytes of
+the tensors that live across steps (student and module weights, AdamW state, the live
+teacher's weights) + the torch profiler's peak of tensor bytes allocated during one more step
+(activations, gradients, teacher buffers, read-ahead), see [tensor-peak note]; the RSS
+high-water mark over the RSS before ``setup`` is reported beside it. GPU: the allocator's peak.
+
+Last line: JSON with tokens_per_s {ce, kd, all, live}, kd_over_ce, all_over_ce, live_over_cache
+(step-time ratios), peak_mem_bytes {kd, live}, mem_cache_over_live, sizes, machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+from pathlib import Path
+from tempfile import TemporaryDirectory
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from bench.common import (  # noqa: E402
+    STUDENT_VOCAB,
+    TEACHER_VOCAB,
+    build_corpus_and_tokenizers,
+    build_student,
+    build_teacher,
+    emit,
+    machine,
+    offline_env,
+    peak_rss_bytes,
+    rss_bytes,
+)
+
+SIZES = {
+    "full": dict(
+        teacher_vocab=TEACHER_VOCAB, teacher_hidden=256, teacher_layers=24, teacher_heads=4, teacher_kv_heads=2,
+        teacher_moe=384, student_vocab=STUDENT_VOCAB, student_hidden=144, student_layers=30, student_heads=3,
+        student_kv_heads=1, student_intermediate=384, seq_len=256, batch_size=2, steps=8, warmup=2,
+    ),
+    "reference": dict(
+        teacher_vocab=TEACHER_VOCAB, teacher_hidden=1024, teacher_layers=24, teacher_heads=16, teacher_kv_heads=8,
+        teacher_moe=1536, student_vocab=STUDENT_VOCAB, student_hidden=576, student_layers=30, student_heads=9,
+        student_kv_heads=3, student_intermediate=1536, seq_len=512, batch_size=2, steps=12, warmup=3,
+    ),
+    "quick": dict(
+        teacher_vocab=TEACHER_VOCAB, teacher_hidden=32, teacher_layers=2, teacher_heads=4, teacher_kv_heads=2,
+        teacher_moe=16, student_vocab=STUDENT_VOCAB, student_hidden=32, student_layers=2, student_heads=4,
+        student_kv_heads=2, student_intermediate=64, seq_len=32, batch_size=2, steps=2, warmup=1,
+    ),
+}  # fmt: skip
+
+NO_DISTILL = ("feature", "attention", "layerwise", "contrastive")
+VARIANTS: dict[str, dict[str, Any]] = {
+    "ce": {"curriculum": {"disabled": ("kd", *NO_DISTILL)}},
+    "kd": {"curriculum": {"disabled": NO_DISTILL}},
+    "all": {
+        "curriculum": {
+            "kd_only_until": 0.0,
+            "feature_ramp": (0.0, 0.0),
+            "attention_ramp": (0.0, 0.0),
+            "layerwise_ramp": (0.0, 0.0),
+            "contrastive_ramp": (0.0, 0.0),
+        }
+    },
+    "live": {"curriculum": {"disabled": NO_DISTILL}, "kd_mode": "projector", "live": True},
+}
+
+
+# --- one variant, in its own process --------------------------------------------------------
+
+
+def run_variant(spec: dict[str, Any]) -> dict[str, Any]:
+    """Train ``spec['steps']`` optimizer steps of one variant; time the steps after the warm-up ones."""
+    import numpy as np
+    import torch
+
+    from distill.config import TrainConfig
+    from distill.pipeline import train
+    from distill.pipeline.curriculum import CurriculumConfig, weights_at
+
+    variant = VARIANTS[spec["variant"]]
+    cuda = spec["device"].startswith("cuda")
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    base_rss = rss_bytes()
+    cfg = TrainConfig(
+        cache=spec["store"],
+        student=spec["student"],
+        out=spec["out"],
+        batch_size=spec["batch_size"],
+        grad_accum=1,
+        max_steps=spec["steps"],
+        eval_fraction=0.0,
+        temperature=4.0,
+        kd_mode=variant.get("kd_mode", "tail"),
+        curriculum=CurriculumConfig(**variant["curriculum"]),
+        live_teacher=spec["teacher"] if variant.get("live") else None,
+        # [one-device note] Read-ahead overlaps reading the cache with the step (CPU work, beside the
+        # accelerator). The live teacher is compute on the same device as the student: on one GPU the two
+        # serialize, but here read-ahead would run it on the second CPU core in parallel. So no read-ahead.
+        num_workers_prefetch=0 if variant.get("live") else 2,
+        device=spec["device"],
+        precision="auto",  # fp32 on CPU, bf16 on GPUs that have it
+        seed=0,
+    )
+    ctx = train.setup(cfg)
+    if ctx.vocab_map is not None and len(ctx.vocab_map) < spec["teacher_vocab"]:
+        # The bench tokenizers are small; the models have the reference vocabularies. Teacher ids past the
+        # tokenizer (a random-init teacher ranks them like any other) have no student token: -1, tail bin.
+        pad = torch.full((spec["teacher_vocab"] - len(ctx.vocab_map),), -1, dtype=ctx.vocab_map.dtype)
+        ctx.vocab_map = torch.cat([ctx.vocab_map, pad])
+    optimizer, scheduler = train.build_optimizer(ctx)
+    params = list(ctx.student.parameters()) + list(ctx.modules.parameters())
+    stream = train.BatchStream(ctx)
+    ctx.student.train()
+    ctx.modules.train()
+
+    def train_step(step: int) -> tuple[int, dict[str, float]]:
+        weights = weights_at(step, ctx.total_steps, cfg.curriculum)
+        batch = stream.next()
+        total, logs = train.compute_losses(ctx, batch, weights)
+        total.backward()
+        torch.nn.utils.clip_grad_norm_(params, cfg.clip)
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad(set_to_none=True)
+        if cuda:
+            torch.cuda.synchronize()
+        return batch.student_tokens, logs
+
+    times, tokens = [], []
+    for step in range(cfg.max_steps):
+        start = time.perf_counter()
+        n, logs = train_step(step)
+        if step >= spec["warmup"]:
+            times.append(time.perf_counter() - start)
+            tokens.append(n)
+    terms = sorted(k.split("/", 1)[1] for k, v in logs.items() if k.startswith("weighted/") and v != 0)
+    peak_rss = peak_rss_bytes() - base_rss
+    if cuda:
+        peak = torch.cuda.max_memory_allocated()
+    else:
+        # [tensor-peak note] RSS on glibc keeps freed heap memory mapped, so it says more about the allocator
+        # than about the path. The tensor peak = bytes that live across steps (weights, optimizer state, the
+        # live teacher) + the profiler's peak of bytes allocated during one more step (activations, grads,
+        # the teacher's buffers, read-ahead) on top of them.
+        persistent = {t.data_ptr(): t.nbytes for t in persistent_tensors(ctx, optimizer)}
+        with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
+            train_step(cfg.max_steps)
+        peak = sum(persistent.values()) + profiled_peak(prof)
+    stream.close()
+    return {
+        "variant": spec["variant"],
+        "step_s": float(np.median(times)),
+        "tokens_per_s": sum(tokens) / sum(times),
+        "tokens_per_step": sum(tokens) / len(tokens),
+        "peak_mem_bytes": peak,
+        "peak_rss_bytes": peak_rss,
+        "terms": terms,
+    }
+
+
+def persistent_tensors(ctx: Any, optimizer: Any) -> list[Any]:
+    """Tensors alive across steps: student and module weights, optimizer state, the live teacher's weights."""
+    import torch
+
+    modules = [ctx.student, ctx.modules] + ([ctx.live.model] if ctx.live is not None else [])
+    found = [t for m in modules for t in [*m.parameters(), *m.buffers()]]
+    found += [v for state in optimizer.state.values() for v in state.values() if isinstance(v, torch.Tensor)]
+    return found
+
+
+def profiled_peak(prof: Any) -> int:
+    """The largest 'Total Allocated' of a CPU profile with profile_memory=True (bytes allocated since it began)."""
+    with TemporaryDirectory() as tmp:
+        path = Path(tmp) / "trace.json"
+        prof.export_chrome_trace(str(path))
+        events = json.loads(path.read_text())["traceEvents"]
+    totals = [e["args"]["Total Allocated"] for e in events if e.get("name") == "[memory]"]
+    return max(totals, default=0)
+
+
+def spawn_variant(spec: dict[str, Any]) -> dict[str, Any]:
+    command = [sys.executable, __file__, "--threads", str(spec["threads"]), "--worker", json.dumps(spec)]
+    proc = subprocess.run(command, capture_output=True, text=True, check=False)
+    if proc.returncode != 0:
+        raise RuntimeError(f"variant {spec['variant']} failed:\n{proc.stderr[-4000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+# --- the bench ------------------------------------------------------------------------------
+
+
+def make_store(teacher: Path, data: Path, out: Path, size: dict[str, Any], minimal: bool) -> dict[str, Any]:
+    """``cache-teacher`` with its defaults (minimal: no hidden states, no attention maps) on ``batch_size`` rows."""
+    from distill.config import CacheConfig
+    from distill.pipeline import teacher as stage1
+
+    cfg = CacheConfig(
+        teacher=str(teacher),
+        dataset=str(data),
+        out=str(out),
+        seq_len=size["seq_len"],
+        max_rows=size["batch_size"],
+        batch_size=size["batch_size"],
+        chunk_rows=size["batch_size"],
+        calibration_rows=size["batch_size"],
+        hidden_layers=[] if minimal else None,
+        attention_layers=[] if minimal else None,
+        device=size.get("device", "cpu"),
+    )
+    return stage1.run(cfg)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="tiny sizes: a smoke test, not a measurement")
+    parser.add_argument("--reference", action="store_true", help="the reference pair's sizes (use a GPU)")
+    parser.add_argument("--device", default="cpu", help="cpu | cuda")
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (see docs/benchmarks.md)")
+    parser.add_argument("--keep", help="build the assets here and keep them (default: a temporary directory)")
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    offline_env()
+    import torch
+
+    torch.set_num_threads(args.threads)
+    if args.worker:
+        emit(run_variant(json.loads(args.worker)))
+        return
+    name = "quick" if args.quick else "reference" if args.reference else "full"
+    size = {**SIZES[name], "device": args.device}
+    started = time.perf_counter()
+    with TemporaryDirectory(prefix="distill-bench-stage2-") as tmp:
+        root = Path(args.keep or tmp)
+        assets = build_corpus_and_tokenizers(root, size["batch_size"], docs_per_document=3 * size["seq_len"] // 40)
+        teacher = build_teacher(
+            root, assets["teacher_tok"], size["teacher_vocab"], size["teacher_hidden"], size["teacher_layers"],
+            num_attention_heads=size["teacher_heads"], num_key_value_heads=size["teacher_kv_heads"],
+            head_dim=size["teacher_hidden"] // size["teacher_heads"], moe_intermediate_size=size["teacher_moe"],
+        )  # fmt: skip
+        student = build_student(
+            root, assets["student_tok"], size["student_vocab"], size["student_hidden"], size["student_layers"],
+            num_attention_heads=size["student_heads"], num_key_value_heads=size["student_kv_heads"],
+            intermediate_size=size["student_intermediate"],
+        )  # fmt: skip
+        make_store(teacher, assets["data"], root / "store", size, minimal=False)
+        make_store(teacher, assets["data"], root / "store_live", size, minimal=True)
+        results = {}
+        for variant in VARIANTS:
+            spec = {
+                "variant": variant,
+                "store": str(root / ("store_live" if VARIANTS[variant].get("live") else "store")),
+                "student": str(student),
+                "teacher": str(teacher),
+                "out": str(root / "runs" / variant),
+                "threads": args.threads,
+                "device": args.device,
+                **{k: size[k] for k in ("batch_size", "steps", "warmup", "teacher_vocab")},
+            }
+            results[variant] = spawn_variant(spec)
+    step = {name: r["step_s"] for name, r in results.items()}
+    summary = {
+        "kd_over_ce": round(step["kd"] / step["ce"], 3),
+        "all_over_ce": round(step["all"] / step["ce"], 3),
+        "live_over_cache": round(step["live"] / step["kd"], 3),
+        "mem_cache_over_live": round(results["kd"]["peak_mem_bytes"] / results["live"]["peak_mem_bytes"], 3),
+        "tokens_per_s": {name: round(r["tokens_per_s"], 1) for name, r in results.items()},
+        "step_ms": {name: round(1000 * s, 1) for name, s in step.items()},
+        "student_tokens_per_step": results["ce"]["tokens_per_step"],
+        "peak_mem_bytes": {name: r["peak_mem_bytes"] for name, r in results.items()},
+        "peak_rss_bytes": {name: r["peak_rss_bytes"] for name, r in results.items()},
+        "terms": {name: r["terms"] for name, r in results.items()},
+        "sizes": {**size, "threads": args.threads},
+        "quick": args.quick,
+        "machine": machine(),
+        "wall_s": round(time.perf_counter() - started, 1),
+    }
+    print(f"stage 2 bench ({name}), sizes: {summary['sizes']}")
+    for name, r in results.items():
+        print(
+            f"  {name:5s} {r['tokens_per_s']:9.1f} tok/s  step {1000 * r['step_s']:8.1f} ms  "
+            f"peak mem {r['peak_mem_bytes'] / 2**20:7.1f} MiB (RSS {r['peak_rss_bytes'] / 2**20:7.1f})  "
+            f"terms {','.join(r['terms'])}"
+        )
+    for key, (op, target) in TARGETS.items():
+        value = summary[key]
+        ok = value <= target if op == "<=" else value >= target
+        print(f"  {key:20s} {value:7.3f}  target {op} {target}  {'met' if ok else 'MISSED'}")
+    emit(summary)
+
+
+TARGETS = {
+    "kd_over_ce": ("<=", 1.3),
+    "all_over_ce": ("<=", 1.8),
+    "live_over_cache": (">=", 3.0),
+    "mem_cache_over_live": ("<=", 0.5),
+}
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,62 @@
+"""The bench scripts run end to end (--quick) and end with one JSON line holding their keys.
+
+Times are never asserted here (the machines are noisy): only that each script works and reports.
+About 45 s on 2 cores in all, hence the slow tier (`make test-slow`).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+KEYS = {
+    "stage1.py": {"cache_over_forward", "fields_over_forward", "marginal_over_forward", "tokens_per_s", "sizes"},
+    "stage2.py": {
+        "kd_over_ce",
+        "all_over_ce",
+        "live_over_cache",
+        "mem_cache_over_live",
+        "tokens_per_s",
+        "peak_mem_bytes",
+        "sizes",
+    },
+    "cache_size.py": {"logits_over_naive", "values_exact_fp16", "bytes_per_token", "total_bytes_per_token", "sizes"},
+}
+RATIOS = {
+    "stage1.py": ["cache_over_forward", "fields_over_forward"],
+    "stage2.py": ["kd_over_ce", "all_over_ce", "live_over_cache", "mem_cache_over_live"],
+    "cache_size.py": ["logits_over_naive"],
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("script", sorted(KEYS))
+def test_quick_run_ends_with_a_json_line(script):
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "bench" / script), "--quick"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=REPO,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    lines = proc.stdout.strip().splitlines()
+    assert len(lines) >= 2, proc.stdout  # a human summary, then the JSON
+    result = json.loads(lines[-1])
+    assert KEYS[script] <= set(result), sorted(KEYS[script] - set(result))
+    for key in RATIOS[script]:
+        assert isinstance(result[key], float) and result[key] > 0, (key, result[key])
+    assert result["quick"] is True
+    if script == "stage1.py":
+        assert set(result["marginal_over_forward"]) == {"hidden", "vocab_proj", "attention", "logits"}
+    if script == "stage2.py":
+        assert set(result["tokens_per_s"]) == {"ce", "kd", "all", "live"}
+        assert result["sizes"]["teacher_vocab"] == 151_936 and result["sizes"]["student_vocab"] == 49_152
+    if script == "cache_size.py":
+        assert result["values_exact_fp16"] is True and result["positions_checked"] > 0
