@@ -313,6 +313,7 @@ def run_demo(out: Path, seed: int = 0, settings: DemoSettings | None = None) -> 
         # only (both of them the same ones): distillation carries what the teacher knows beyond them.
         cfg = CacheConfig(
             max_rows=s.cache_rows if split == "train" else None,
+            split="train" if split == "train" else "validation",
             teacher=str(paths["teacher"]),
             dataset=str(paths[split]),
             out=stores[split],
