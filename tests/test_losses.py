@@ -446,3 +446,34 @@ def test_lm_losses_share_one_pass_and_equal_the_separate_terms():
     assert lm.item() == pytest.approx(lm_loss(logits, labels).item(), rel=1e-6)
     assert unaligned.item() == pytest.approx(lm_unaligned_loss(logits, labels, aligned).item(), rel=1e-6)
     assert lm_losses(logits, labels)[1] is None
+
+
+def test_sliced_lm_and_kd_equal_the_full_logits_computation_with_gradients():
+    from distill.pipeline.losses import lm_and_kd_from_hidden, lm_losses
+
+    g = torch.Generator().manual_seed(5)
+    p_rows, d, v, k = 37, 8, 50, 6
+    hidden = torch.randn(p_rows, d, generator=g, requires_grad=True)
+    head = torch.nn.Linear(d, v, bias=False)
+    labels = torch.randint(0, v, (p_rows,), generator=g)
+    labels[-3:] = -100
+    unaligned = torch.rand(p_rows, generator=g) > 0.6
+    kd_pos = torch.tensor([30, 2, 3, 17, 36, 9])
+    ids = torch.stack([torch.randperm(v, generator=g)[:k] for _ in kd_pos])
+    ids[0, 1] = -1
+    t_logits = torch.randn(len(kd_pos), k, generator=g).half()
+    lse = torch.logsumexp(torch.randn(len(kd_pos), v, generator=g) / 2.0, -1)
+
+    lm, un, kd = lm_and_kd_from_hidden(hidden, head, labels, unaligned, kd_pos, ids, t_logits, lse, 2.0, slice_size=8)
+    (lm + un + kd).backward()
+    grads = hidden.grad.clone(), head.weight.grad.clone()
+    hidden.grad, head.weight.grad = None, None
+
+    logits = head(hidden)
+    ref_lm, ref_un = lm_losses(logits, labels, ~unaligned)
+    ref_kd = kd_tail_loss(logits[kd_pos], ids, t_logits, lse, 2.0)
+    (ref_lm + ref_un + ref_kd).backward()
+    for got, want in ((lm, ref_lm), (un, ref_un), (kd, ref_kd)):
+        assert got.item() == pytest.approx(want.item(), rel=1e-5, abs=1e-7)
+    torch.testing.assert_close(grads[0], hidden.grad, rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(grads[1], head.weight.grad, rtol=1e-4, atol=1e-6)

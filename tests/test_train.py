@@ -113,8 +113,7 @@ def test_terms_at_zero_weight_are_not_computed(train_assets, tmp_path, monkeypat
         "contrastive_loss",
         "load_balance_loss",
         "importance_loss",
-        "kd_tail_loss",
-        "lm_losses",
+        "lm_and_kd_from_hidden",
     ):
         original = getattr(train_mod, name)
         monkeypatch.setattr(train_mod, name, lambda *a, _f=original, _n=name, **k: (calls.append(_n), _f(*a, **k))[1])
@@ -122,7 +121,7 @@ def test_terms_at_zero_weight_are_not_computed(train_assets, tmp_path, monkeypat
     early = weights_at(5, 100, cfg.curriculum)
     assert all(early[t] == 0 for t in ("feature", "attention", "layerwise", "contrastive"))
     _, logs = train_mod.compute_losses(ctx, batch, early)
-    assert set(calls) == {"kd_tail_loss", "lm_losses"}
+    assert set(calls) == {"lm_and_kd_from_hidden"} and "loss/kd" in logs
     assert "loss/feature" not in logs and logs["loss/total"] == pytest.approx(
         0.7 * logs["loss/kd"] + 0.3 * logs["loss/lm"] + 0.7 * logs["loss/lm_unaligned"], rel=1e-6
     )

@@ -28,6 +28,8 @@ Terms (see DESIGN.md, "Stage 2"):
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -236,6 +238,73 @@ def lm_losses(
     if aligned is None:
         return lm, None
     return lm, torch.where(valid & ~aligned, ce, 0.0).sum() / count
+
+
+def lm_and_kd_from_hidden(
+    hidden: Tensor,
+    project: Callable[[Tensor], Tensor],
+    labels: Tensor,
+    unaligned: Tensor | None,
+    kd_pos: Tensor,
+    kd_ids: Tensor | None,
+    kd_logits: Tensor | None,
+    kd_lse: Tensor | None,
+    temperature: float,
+    slice_size: int = 256,
+) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """``lm`` (and ``lm_unaligned``) and the tail-bin ``kd`` from the student's last hidden state, slice by slice.
+
+    Args:
+        hidden: (P, D) last hidden state of every student position, flattened over the batch.
+        project: the student's output layer, (n, D) -> (n, V) logits.
+        labels: (P,) next token of each position, -100 where there is none.
+        unaligned: (P,) bool, positions without a teacher target (for ``lm_unaligned``), or None.
+        kd_pos: (N,) int64 rows of ``hidden`` that have a teacher target (ascending or not).
+        kd_ids, kd_logits, kd_lse: the ``kd_tail_loss`` teacher inputs of those N rows; None skips kd.
+        temperature: KD temperature.
+        slice_size: rows per slice.
+
+    [sliced-logits note] The (P, V) logits are a step's largest tensor (49k columns for the
+    reference student). These terms need them only row by row, so each slice of rows is projected,
+    reduced to three sums, and freed; its logits are recomputed in backward (activation
+    checkpointing), so no (P, V) tensor ever exists. The values equal ``lm_losses`` and
+    ``kd_tail_loss`` on the full logits.
+    """
+    from torch.utils.checkpoint import checkpoint
+
+    do_kd = kd_ids is not None and kd_pos.numel() > 0
+
+    def slice_sums(h: Tensor, lab: Tensor, unal: Tensor, rows: Tensor, ids: Tensor, tl: Tensor, lse: Tensor):
+        logits = project(h)  # (n, V)
+        ce = F.cross_entropy(logits.float(), lab.clamp(min=0), reduction="none") * (lab != -100)
+        kd_sum = (
+            kd_tail_loss(logits[rows], ids, tl, lse, temperature) * rows.numel()
+            if rows.numel()
+            else logits.new_zeros((), dtype=torch.float32)
+        )
+        return ce.sum(), (ce * unal).sum(), kd_sum
+
+    unal_all = unaligned.float() if unaligned is not None else torch.zeros_like(labels, dtype=torch.float32)
+    lm_sum = un_sum = kd_sum = hidden.new_zeros((), dtype=torch.float32)
+    for start in range(0, hidden.shape[0], slice_size):
+        end = min(start + slice_size, hidden.shape[0])
+        pick = ((kd_pos >= start) & (kd_pos < end)).nonzero()[:, 0] if do_kd else kd_pos[:0]
+        args = (kd_ids[pick], kd_logits[pick], kd_lse[pick]) if do_kd else (kd_pos[:0],) * 3
+        sums = checkpoint(
+            slice_sums,
+            hidden[start:end],
+            labels[start:end],
+            unal_all[start:end],
+            kd_pos[pick] - start,
+            *args,
+            use_reentrant=False,
+        )
+        lm_sum, un_sum, kd_sum = lm_sum + sums[0], un_sum + sums[1], kd_sum + sums[2]
+    count = (labels != -100).sum().clamp(min=1)
+    lm = lm_sum / count
+    lm_unaligned = un_sum / count if unaligned is not None else None
+    kd = kd_sum / kd_pos.numel() if do_kd else None
+    return lm, lm_unaligned, kd
 
 
 def lm_unaligned_loss(logits: Tensor, labels: Tensor, aligned: Tensor, ignore_index: int = -100) -> Tensor:

@@ -28,6 +28,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from distill.cache.reader import CacheReader
 from distill.cache.schema import CacheError
@@ -68,8 +69,8 @@ from distill.pipeline.losses import (
     importance_loss,
     kd_tail_loss,
     layerwise_loss,
+    lm_and_kd_from_hidden,
     lm_loss,
-    lm_losses,
     load_balance_loss,
     pool_attention_to_spans,
     projector_kd_loss,
@@ -470,26 +471,42 @@ def compute_losses(ctx: Context, batch: Batch, weights: dict[str, float]) -> tup
     )
     need_attn = "attention" in on
     input_ids, mask = a.input_ids.to(ctx.device), a.attention_mask.to(ctx.device)
-    with torch.autocast(
-        ctx.device.type, dtype=ctx.autocast_dtype or torch.float32, enabled=ctx.autocast_dtype is not None
-    ):
-        out = ctx.student(
-            input_ids=input_ids, attention_mask=mask, output_hidden_states=need_hidden, output_attentions=need_attn
-        )
-    logits = out.logits  # (B, Ls, Vs)
     b, tp, sp = a.batch_idx.to(ctx.device), a.teacher_pos.to(ctx.device), a.student_pos.to(ctx.device)
     raw: dict[str, torch.Tensor] = {}
     logs: dict[str, Any] = {"aligned_share": a.aligned_share}
-    labels = input_ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100)
-    aligned = None
-    if "kd" in on and not ctx.same_tokenizer:  # positions without a teacher target: [unaligned-lm note]
-        aligned = torch.zeros_like(labels, dtype=torch.bool)
-        aligned[b, sp.clamp(max=labels.shape[1] - 1)] = True
-    raw["lm"], lm_unaligned = lm_losses(logits[:, :-1], labels, aligned)
-    if lm_unaligned is not None:
-        raw["lm_unaligned"] = lm_unaligned
-    if "kd" in on:
-        raw.update(compute_kd(ctx, sig, logits[b, sp], b, tp, labels, sp))
+    autocast = torch.autocast(
+        ctx.device.type, dtype=ctx.autocast_dtype or torch.float32, enabled=ctx.autocast_dtype is not None
+    )
+    with autocast:
+        # The decoder without its output layer: logits are made slice by slice ([sliced-logits note]).
+        out = ctx.student.get_decoder()(
+            input_ids=input_ids, attention_mask=mask, output_hidden_states=need_hidden, output_attentions=need_attn
+        )
+        hidden = out.last_hidden_state  # (B, Ls, D)
+        bsz, length = input_ids.shape
+        labels = F.pad(input_ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100), (0, 1), value=-100)  # (B, Ls)
+        unaligned = None
+        if "kd" in on and not ctx.same_tokenizer:  # positions without a teacher target: [unaligned-lm note]
+            unaligned = torch.ones_like(labels, dtype=torch.bool)
+            unaligned[b, sp] = False
+        tail_kd = "kd" in on and cfg.kd_mode == "tail"
+        kd_inputs = teacher_kd_inputs(ctx, sig, b, tp) if tail_kd else (None, None, None)
+        raw["lm"], lm_unaligned, kd = lm_and_kd_from_hidden(
+            hidden.reshape(bsz * length, -1),
+            ctx.student.get_output_embeddings(),
+            labels.reshape(-1),
+            None if unaligned is None else unaligned.reshape(-1),
+            b * length + sp,
+            *kd_inputs,
+            cfg.temperature,
+        )
+        if lm_unaligned is not None:
+            raw["lm_unaligned"] = lm_unaligned
+        if kd is not None:
+            raw["kd"] = kd
+        elif "kd" in on:  # projector / ULD: the logits of the aligned positions only
+            student_logits = ctx.student.get_output_embeddings()(hidden[b, sp])  # (N, Vs)
+            raw.update(compute_kd(ctx, sig, student_logits, b, tp, labels, sp))
     if on & {"feature", "router_balance", "router_importance", "router_attention"} and "router" in ctx.modules:
         student_h = out.hidden_states[-1][b, sp]  # (N, Ds)
         teacher_h = {layer: teacher_hidden_at(ctx, sig, layer, b, tp) for layer in ctx.modules["router"].layers}
@@ -538,18 +555,25 @@ def compute_kd(
         projected = ctx.modules["projector"](sig.vocab_proj[b, tp])  # (N, Vs); fp16 cache cast inside
         # The projector is itself trained: anchor it on the next student token, and let the student
         # match a detached projection (otherwise both sides could drift to agree on anything).
-        next_tokens = labels[b, sp.clamp(max=labels.shape[1] - 1)]
+        next_tokens = labels[b, sp]  # -100 at a row's last position (ignored)
         return {
             "kd": projector_kd_loss(student_logits, projected.detach(), cfg.temperature),
             "projector_anchor": lm_loss(projected[:, None], next_tokens[:, None]),
         }
-    lse = sig.lse[b, tp, ctx.t_index]
     if cfg.kd_mode == "uld":
-        return {"kd": uld_loss(student_logits, sig.topk_logits[b, tp], lse, cfg.temperature)}
+        return {"kd": uld_loss(student_logits, sig.topk_logits[b, tp], sig.lse[b, tp, ctx.t_index], cfg.temperature)}
+    return {"kd": kd_tail_loss(student_logits, *teacher_kd_inputs(ctx, sig, b, tp), cfg.temperature)}
+
+
+def teacher_kd_inputs(
+    ctx: Context, sig: TeacherSignal, b: torch.Tensor, tp: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(N, K) teacher top-K ids mapped to student ids (-1: no student token with those bytes), their raw
+    logits (N, K) and the full-vocabulary logsumexp (N,) at the run's temperature."""
     ids = sig.topk_ids[b, tp]  # (N, K) teacher vocabulary
     if ctx.vocab_map is not None:
-        ids = ctx.vocab_map.to(ids.device)[ids]  # -> student ids, -1 where no student token has those bytes
-    return {"kd": kd_tail_loss(student_logits, ids, sig.topk_logits[b, tp], lse, cfg.temperature)}
+        ids = ctx.vocab_map.to(ids.device)[ids]
+    return ids, sig.topk_logits[b, tp], sig.lse[b, tp, ctx.t_index]
 
 
 def compute_attention(
