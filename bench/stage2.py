@@ -231,6 +231,7 @@ def make_store(teacher: Path, data: Path, out: Path, size: dict[str, Any], minim
         calibration_rows=size["batch_size"],
         hidden_layers=[] if minimal else None,
         attention_layers=[] if minimal else None,
+        vocab_proj=True,  # the projector variant (d) reads it
         device=size.get("device", "cpu"),
     )
     return stage1.run(cfg)

@@ -46,8 +46,11 @@ class CacheConfig:
     """How many teacher logits to keep per position (the rest is summarized by the full-vocabulary logsumexp)."""
     temperatures: list[float] = field(default_factory=lambda: [1.0, 2.0, 4.0])
     """Temperatures at which the full-vocabulary logsumexp is stored; stage 2 may train at any of them."""
+    vocab_proj: bool = False
+    """Store ``vocab_proj`` = softmax(logits / T*) @ teacher input embedding: the input of the logit-projector kd
+    mode (``kd_mode=projector``) only. It costs about a quarter of a teacher forward, hence off by default."""
     vocab_proj_temperature: float = 4.0
-    """Temperature T* of ``vocab_proj`` = softmax(logits / T*) @ teacher input embedding."""
+    """Temperature T* of ``vocab_proj``."""
     hidden_layers: list[int] | None = None
     """Teacher hidden states to store, by index in ``output_hidden_states`` (0 = embeddings, i = after block i).
     Default: 4 layers evenly spaced up to the last block. An empty list stores none."""

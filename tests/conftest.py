@@ -68,6 +68,7 @@ def cache_args(assets: dict[str, Path], out: Path, **extra: object) -> list[str]
         "batch-size": 4,
         "chunk-rows": 8,
         "calibration-rows": 8,
+        "vocab-proj": True,  # pass vocab_proj=None to leave it out (the default of cache-teacher)
     }
     args.update({k.replace("_", "-"): v for k, v in extra.items()})
     flat = []

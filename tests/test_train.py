@@ -237,6 +237,11 @@ def test_clear_errors_before_training(train_assets, tmp_path):
     assert made.exit_code == 0, made.output
     message = error(train_args({**train_assets, "store": no_attention}, tmp_path / "c"))
     assert "no attention maps" in message and "--attention-layers" in message
+    no_proj = tmp_path / "no_vocab_proj"
+    made = runner.invoke(app, ["cache-teacher", *cache_args(train_assets, no_proj, vocab_proj=None, max_rows=16)])
+    assert made.exit_code == 0, made.output
+    message = error(train_args({**train_assets, "store": no_proj}, tmp_path / "f", kd_mode="projector"))
+    assert "['vocab_proj']" in message and "--vocab-proj" in message
     no_hidden = tmp_path / "no_hidden"
     made = runner.invoke(app, ["cache-teacher", *cache_args(train_assets, no_hidden, hidden_layers="0", max_rows=16)])
     assert made.exit_code == 0, made.output

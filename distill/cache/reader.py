@@ -77,8 +77,8 @@ class CacheReader:
         if missing:
             reason = f" ({why})" if why else ""
             raise CacheError(
-                f"{self.url}: the store lacks field(s) {missing}{reason}; stored: {self.fields}. Re-cache with the "
-                "layers needed (--hidden-layers / --attention-layers) or disable the loss term that needs them"
+                f"{self.url}: the store lacks field(s) {missing}{reason}; stored: {self.fields}. Re-cache with what is "
+                "needed (--hidden-layers / --attention-layers / --vocab-proj) or disable the loss term that needs it"
             )
 
     def temperature_index(self, temperature: float) -> int:

@@ -63,8 +63,9 @@ def build_field_specs(layout: dict[str, Any]) -> dict[str, FieldSpec]:
         FieldSpec("topk_logits", "float16", (seq, k)),
         FieldSpec("lse", "float32", (seq, len(layout["temperatures"]))),
         FieldSpec("target_logprob", "float32", (seq,)),
-        FieldSpec("vocab_proj", "float16", (seq, layout["teacher_hidden_size"])),
     ]
+    if layout.get("vocab_proj", True):  # stores made before the flag existed always held it
+        specs.append(FieldSpec("vocab_proj", "float16", (seq, layout["teacher_hidden_size"])))
     for layer in layout["hidden_layers"]:
         specs.append(FieldSpec(f"hidden/{layer}", "float16", (seq, layout["hidden_dim"])))
     ka = layout["attention_topk"]

@@ -230,6 +230,7 @@ class FieldSettings:
     attention_layers: list[int]
     attention_topk: int
     pca: dict[int, tuple[torch.Tensor, torch.Tensor]]  # layer -> (mean (H,), components (H, D))
+    vocab_proj: bool = True  # compute vocab_proj (stored only with --vocab-proj)
 
 
 def forward_teacher(
@@ -393,7 +394,9 @@ def compute_batch_fields(
     wanted = None if fields is None else set(fields)
     attention_layers = [layer for layer in s.attention_layers if wanted is None or f"attn/{layer}" in wanted]
     hidden_layers = [layer for layer in s.hidden_layers if wanted is None or f"hidden/{layer}" in wanted]
-    logit_fields = [name for name in LOGIT_FIELDS if wanted is None or name in wanted]
+    logit_fields = [
+        name for name in LOGIT_FIELDS if (wanted is None or name in wanted) and (name != "vocab_proj" or s.vocab_proj)
+    ]
     computed: dict[str, torch.Tensor] = {}
     with torch.inference_mode():
         out = forward_teacher(model, ids, mask, bool(attention_layers), attention_layers)
@@ -525,6 +528,7 @@ def field_settings(layout: dict[str, Any], root: Any, device: torch.device) -> F
         attention_layers=layout["attention_layers"],
         attention_topk=layout["attention_topk"],
         pca=load_pca(root, layout["hidden_layers"], device),
+        vocab_proj=layout.get("vocab_proj", True),
     )
 
 
@@ -666,6 +670,7 @@ def build_layout(cfg: CacheConfig, model: Any, plan: RowPlan) -> dict[str, Any]:
         "hidden_dim": cfg.hidden_dim or hidden,
         "hidden_pca": cfg.hidden_dim is not None and cfg.hidden_dim < hidden,
         "teacher_hidden_size": hidden,
+        "vocab_proj": cfg.vocab_proj,
         "attention_layers": attention_layers,
         "attention_topk": cfg.attention_topk,
         "attention_reduction": "head_mean",
