@@ -68,19 +68,14 @@ def check_values_exact(store: Path, teacher: Path, dataset: Path, size: dict, at
     lm_head = model.get_output_embeddings()
     checked = 0
     for batch in stage1.iter_chunk_batches(builder, 0, len(plan), size["batch_size"]):
-        width = max(len(r.input_ids) for r in batch)
-        ids = torch.zeros(len(batch), width, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for i, r in enumerate(batch):
-            ids[i, : len(r.input_ids)] = torch.from_numpy(r.input_ids)
-            mask[i, : len(r.input_ids)] = 1
+        ids, mask = stage1.pad_rows(batch)
         with torch.inference_mode():
             # the same forward as stage 1 (the blocks whose maps are stored run eager attention)
             out = stage1.forward_teacher(model, ids, mask, bool(attention_layers), attention_layers)
             hidden = out.last_hidden_state
             flat = hidden.reshape(-1, hidden.shape[-1])
             logits = torch.cat([lm_head(flat[a : a + 256]).float() for a in range(0, len(flat), 256)])
-        logits = logits.reshape(len(batch), width, -1)
+        logits = logits.reshape(len(batch), ids.shape[1], -1)
         for i, r in enumerate(batch):
             n = len(r.input_ids)
             stored_ids = torch.from_numpy(np.asarray(shard["topk_ids"][r.row_id, :n]).astype(np.int64))

@@ -136,12 +136,7 @@ def main() -> None:
 
         def forward() -> None:
             for batch in batches:
-                width = max(len(r.input_ids) for r in batch)
-                ids = torch.zeros(len(batch), width, dtype=torch.long)
-                mask = torch.zeros_like(ids)
-                for i, r in enumerate(batch):
-                    ids[i, : len(r.input_ids)] = torch.from_numpy(r.input_ids)
-                    mask[i, : len(r.input_ids)] = 1
+                ids, mask = stage1.pad_rows(batch)
                 with torch.inference_mode():
                     model(input_ids=ids.to(device), attention_mask=mask.to(device))
 

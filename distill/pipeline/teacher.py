@@ -375,6 +375,17 @@ def attention_topk(attn: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tens
     return values, ids
 
 
+def pad_rows(rows: list[Row]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Teacher ids (B, W) right-padded with 0 to the longest row, and the attention mask (B, W)."""
+    width = max(len(r.input_ids) for r in rows)
+    ids = torch.zeros(len(rows), width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, r in enumerate(rows):
+        ids[i, : len(r.input_ids)] = torch.from_numpy(r.input_ids)
+        mask[i, : len(r.input_ids)] = 1
+    return ids, mask
+
+
 def compute_batch_fields(
     model: Any, rows: list[Row], s: FieldSettings, device: torch.device, fields: Collection[str] | None = None
 ) -> tuple[dict[str, np.ndarray], list[int]]:
@@ -383,12 +394,7 @@ def compute_batch_fields(
     ``fields``: compute only these of the teacher's fields (default all; the row fields input_ids, offsets,
     length, row_id, doc_id and text always come back): the live teacher and the benchmarks skip the rest.
     """
-    width = max(len(r.input_ids) for r in rows)
-    ids = torch.zeros(len(rows), width, dtype=torch.long)
-    mask = torch.zeros(len(rows), width, dtype=torch.long)
-    for i, r in enumerate(rows):
-        ids[i, : len(r.input_ids)] = torch.from_numpy(r.input_ids)
-        mask[i, : len(r.input_ids)] = 1
+    ids, mask = pad_rows(rows)
     ids, mask = ids.to(device), mask.to(device)
     lengths = mask.sum(dim=1)
     wanted = None if fields is None else set(fields)
@@ -487,13 +493,7 @@ def calibrate(
     """Fit each hidden layer's PCA basis (if ``hidden_dim``) and per-dimension mean/std of what is stored."""
     samples: dict[int, list[torch.Tensor]] = {layer: [] for layer in hidden_layers}
     for start in range(0, len(rows), batch_size):
-        batch = rows[start : start + batch_size]
-        width = max(len(r.input_ids) for r in batch)
-        ids = torch.zeros(len(batch), width, dtype=torch.long)
-        mask = torch.zeros_like(ids)
-        for i, r in enumerate(batch):
-            ids[i, : len(r.input_ids)] = torch.from_numpy(r.input_ids)
-            mask[i, : len(r.input_ids)] = 1
+        ids, mask = pad_rows(rows[start : start + batch_size])
         with torch.inference_mode():
             out = forward_teacher(model, ids.to(device), mask.to(device), False)
         valid = mask.bool().to(device)
