@@ -130,3 +130,23 @@ def train_args(
     for key, value in base.items():
         args += ["--set", f"{key}={value}"]
     return args
+
+
+def run_train(
+    args: list[str],
+    steps: int,
+    log_every: int | None = None,
+    eval_every: int | None = None,
+    extra: tuple[str, ...] = (),
+):
+    """``distill train ARGS --max-steps STEPS ...`` through the real CLI; asserts it succeeded, returns the result."""
+    from typer.testing import CliRunner
+
+    from distill.cli import app
+
+    flags = ["--max-steps", str(steps)]
+    flags += ["--log-every", str(log_every)] if log_every is not None else []
+    flags += ["--eval-every", str(eval_every)] if eval_every is not None else []
+    result = CliRunner().invoke(app, ["train", *args, *flags, *extra])
+    assert result.exit_code == 0, result.output
+    return result

@@ -21,7 +21,7 @@ from distill.pipeline.evaluate import (
     resolve_student,
     scored_bytes,
 )
-from tests.conftest import train_args
+from tests.conftest import run_train, train_args
 
 
 def test_bits_per_byte_counts_the_utf8_bytes_of_the_scored_text():
@@ -45,20 +45,7 @@ def runs(train_assets, tmp_path_factory) -> dict[str, Path]:
         ("ce_only", {"curriculum.kd": 0, "curriculum.disabled": "[kd,feature,attention,layerwise,contrastive]"}),
     ):
         out = root / name
-        result = CliRunner().invoke(
-            app,
-            [
-                "train",
-                *train_args(train_assets, out, **settings),
-                "--max-steps",
-                "4",
-                "--log-every",
-                "1",
-                "--eval-every",
-                "2",
-            ],
-        )
-        assert result.exit_code == 0, result.output
+        run_train(train_args(train_assets, out, **settings), steps=4, log_every=1, eval_every=2)
         made[name] = out
     return made
 
@@ -105,11 +92,7 @@ def test_top1_agreement_with_a_shared_tokenizer_equals_a_direct_argmax_compariso
     from transformers import AutoModelForCausalLM
 
     out = tmp_path / "same"
-    result = CliRunner().invoke(
-        app,
-        ["train", *train_args(train_assets, out, student="student_same_tok"), "--max-steps", "2", "--eval-every", "2"],
-    )
-    assert result.exit_code == 0, result.output
+    run_train(train_args(train_assets, out, student="student_same_tok"), steps=2, eval_every=2)
     source = resolve_student(out, None, "eval")
     metrics = evaluate_student(source)
     assert metrics["same_tokenizer"]

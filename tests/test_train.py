@@ -14,7 +14,7 @@ from distill.cli import app
 from distill.config import TrainConfig, load_config, parse_set_overrides
 from distill.pipeline import train as train_mod
 from distill.pipeline.curriculum import weights_at
-from tests.conftest import cache_args, train_args
+from tests.conftest import cache_args, run_train, train_args
 
 TERMS = (
     "kd",
@@ -49,10 +49,7 @@ def make_config(args: list[str]) -> TrainConfig:
 @pytest.fixture(scope="module")
 def short_run(train_assets, tmp_path_factory) -> tuple[Path, str]:
     out = tmp_path_factory.mktemp("runs") / "short"
-    result = CliRunner().invoke(
-        app, ["train", *train_args(train_assets, out), "--max-steps", "6", "--log-every", "1", "--eval-every", "3"]
-    )
-    assert result.exit_code == 0, result.output
+    result = run_train(train_args(train_assets, out), steps=6, log_every=1, eval_every=3)
     return out, result.stdout
 
 
@@ -184,10 +181,7 @@ def test_eval_runs_on_fp16_cache_with_fp32_student_without_autocast_and_training
     result = train_mod.evaluate(ctx)
     assert result["eval/loss"] > 0 and torch.isfinite(torch.tensor(result["eval/loss"]))
     out = tmp_path / "bf16"
-    run = CliRunner().invoke(
-        app, ["train", *train_args(train_assets, out, precision="bf16"), "--max-steps", "2", "--eval-every", "2"]
-    )
-    assert run.exit_code == 0, run.output
+    run_train(train_args(train_assets, out, precision="bf16"), steps=2, eval_every=2)
     records = read_metrics(out)
     assert records[-1]["split"] == "eval" and records[-1]["eval/loss"] > 0
 
@@ -197,21 +191,13 @@ def test_cache_trained_and_live_teacher_trained_students_agree(train_assets, tmp
     for mode in ("cache", "live"):
         extra = ["--live-teacher", str(train_assets["teacher"])] if mode == "live" else []
         out = tmp_path / mode
-        result = CliRunner().invoke(
-            app,
-            [
-                "train",
-                *train_args(train_assets, out, num_workers_prefetch=0),
-                "--max-steps",
-                "4",
-                "--log-every",
-                "1",
-                "--eval-every",
-                "100",
-                *extra,
-            ],
+        run_train(
+            train_args(train_assets, out, num_workers_prefetch=0),
+            steps=4,
+            log_every=1,
+            eval_every=100,
+            extra=tuple(extra),
         )
-        assert result.exit_code == 0, result.output
         curves[mode] = [r["loss/total"] for r in read_metrics(out) if r["split"] == "train"]
     assert len(curves["cache"]) == 4
     for a, b in zip(curves["cache"], curves["live"]):
@@ -281,20 +267,7 @@ def test_reference_configs_load_and_validate():
 @pytest.mark.parametrize("mode", ["projector", "uld"])
 def test_alternative_kd_modes_train_through_the_same_loop(train_assets, tmp_path, mode):
     out = tmp_path / mode
-    result = CliRunner().invoke(
-        app,
-        [
-            "train",
-            *train_args(train_assets, out, kd_mode=mode),
-            "--max-steps",
-            "2",
-            "--log-every",
-            "1",
-            "--eval-every",
-            "2",
-        ],
-    )
-    assert result.exit_code == 0, result.output
+    run_train(train_args(train_assets, out, kd_mode=mode), steps=2, log_every=1, eval_every=2)
     records = [r for r in read_metrics(out) if r["split"] == "train"]
     assert all(0 < r["loss/kd"] < 20 and r["weight/kd"] == pytest.approx(0.7) for r in records)
     if mode == "projector":  # the projector is anchored on the next student token, logged as its own term
@@ -305,8 +278,7 @@ def test_early_stopping_honours_patience_min_delta_and_warmup(train_assets, tmp_
     def stop_step(warmup: int) -> tuple[int, str]:
         out = tmp_path / f"warmup{warmup}"
         args = train_args(train_assets, out, patience=1, min_delta=1e9, early_stop_warmup=warmup)
-        result = CliRunner().invoke(app, ["train", *args, "--max-steps", "20", "--eval-every", "2"])
-        assert result.exit_code == 0, result.output
+        result = run_train(args, steps=20, eval_every=2)
         evals = [r["step"] for r in read_metrics(out) if r["split"] == "eval"]
         return evals[-1], result.stdout
 

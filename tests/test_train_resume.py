@@ -14,10 +14,8 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors.torch import load_file
-from typer.testing import CliRunner
 
-from distill.cli import app
-from tests.conftest import train_args
+from tests.conftest import run_train, train_args
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS = 24
@@ -123,10 +121,7 @@ def test_sigkill_resumes_from_the_last_periodic_checkpoint_and_matches(train_ass
 def test_a_thousand_steps_print_few_lines_and_nothing_per_eval_batch(train_assets, tmp_path):
     off = {f"curriculum.{t}": 0 for t in ("feature", "attention", "layerwise", "contrastive")}
     args = train_args(train_assets, tmp_path / "long", batch_size=1, grad_accum=1, eval_rows=6, **off)
-    result = CliRunner().invoke(
-        app, ["train", *args, "--max-steps", "1000", "--log-every", "100", "--eval-every", "250"]
-    )
-    assert result.exit_code == 0, result.output
+    result = run_train(args, steps=1000, log_every=100, eval_every=250)
     lines = result.stdout.splitlines()
     step_lines = [line for line in lines if line.startswith("step ")]
     eval_lines = [line for line in lines if line.startswith("eval ")]
