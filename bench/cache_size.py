@@ -33,17 +33,20 @@ from tempfile import TemporaryDirectory
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import (  # noqa: E402
-    TEACHER_VOCAB,
+    REFERENCE_TEACHER,
     build_corpus_and_tokenizers,
     build_teacher,
     emit,
     machine,
+    narrowed,
     offline_env,
 )
 
 SIZES = {
-    "full": dict(vocab=TEACHER_VOCAB, hidden=256, layers=4, heads=4, kv_heads=2, seq_len=512, rows=8, batch_size=4),
-    "quick": dict(vocab=TEACHER_VOCAB, hidden=32, layers=2, heads=4, kv_heads=2, seq_len=64, rows=4, batch_size=2),
+    # The reference teacher at quarter width with 4 of its 28 blocks: the vocabulary is whole (the
+    # logits fields depend on it), the hidden fields scale with the width (docs/scaling.md).
+    "full": dict(teacher=narrowed(REFERENCE_TEACHER, 4, num_hidden_layers=4), seq_len=512, rows=8, batch_size=4),
+    "quick": dict(teacher=narrowed(REFERENCE_TEACHER, 32, num_hidden_layers=2), seq_len=64, rows=4, batch_size=2),
 }
 LOGIT_FIELDS = ("topk_ids", "topk_logits", "lse")
 
@@ -107,11 +110,7 @@ def main() -> None:
     with TemporaryDirectory(prefix="distill-bench-size-") as tmp:
         root = Path(tmp)
         assets = build_corpus_and_tokenizers(root, size["rows"], docs_per_document=3 * size["seq_len"] // 40)
-        teacher = build_teacher(
-            root, assets["teacher_tok"], size["vocab"], size["hidden"], size["layers"],
-            num_attention_heads=size["heads"], num_key_value_heads=size["kv_heads"],
-            head_dim=size["hidden"] // size["heads"],
-        )  # fmt: skip
+        teacher = build_teacher(root, assets["teacher_tok"], size["teacher"])
         store = root / "store"
         cfg = CacheConfig(
             teacher=str(teacher),

@@ -14,9 +14,49 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-# The reference pair (DESIGN.md): huihui-ai/Huihui-MoE-1B-A0.6B -> HuggingFaceTB/SmolLM-135M.
-TEACHER_VOCAB = 151_936
-STUDENT_VOCAB = 49_152
+# The reference pair (DESIGN.md): huihui-ai/Huihui-MoE-1B-A0.6B -> HuggingFaceTB/SmolLM-135M, as
+# transformers config fields. The teacher's shape is that of its published GGUF metadata (qwen3moe:
+# 28 blocks, 16/8 heads of 128, 3 experts of 3,072 with 1 used per token: ~0.44B active parameters in
+# the blocks + a 0.16B lm_head, "A0.6B"); the student's is SmolLM-135M's config.
+REFERENCE_TEACHER: dict[str, Any] = dict(
+    vocab_size=151_936, hidden_size=1024, num_hidden_layers=28, num_attention_heads=16, num_key_value_heads=8,
+    head_dim=128, num_local_experts=3, num_experts_per_tok=1, moe_intermediate_size=3072, intermediate_size=3072,
+)  # fmt: skip
+REFERENCE_STUDENT: dict[str, Any] = dict(
+    vocab_size=49_152, hidden_size=576, num_hidden_layers=30, num_attention_heads=9, num_key_value_heads=3,
+    head_dim=64, intermediate_size=1536,
+)  # fmt: skip
+TEACHER_VOCAB = REFERENCE_TEACHER["vocab_size"]
+STUDENT_VOCAB = REFERENCE_STUDENT["vocab_size"]
+WIDTHS = ("hidden_size", "head_dim", "intermediate_size", "moe_intermediate_size")
+
+
+def narrowed(config: dict[str, Any], factor: int, **changes: Any) -> dict[str, Any]:
+    """``config`` with every width (hidden, head, MLP, expert) divided by ``factor``; counts, vocabulary kept.
+
+    Dividing every width by the same factor keeps the pair's proportions (teacher/student width,
+    depth, heads, experts); the body's multiply-adds shrink by factor², the vocabulary-sized
+    products (lm_head, vocab_proj, projector) only by factor.
+    """
+    out = {key: value // factor if key in WIDTHS else value for key, value in config.items()}
+    return {**out, **changes}
+
+
+def describe(config: dict[str, Any]) -> str:
+    """One line: the shape of a model config, for the bench summaries."""
+    keys = {
+        "vocab_size": "vocab",
+        "hidden_size": "hidden",
+        "num_hidden_layers": "blocks",
+        "num_attention_heads": "heads",
+        "num_key_value_heads": "kv",
+        "head_dim": "head_dim",
+        "intermediate_size": "mlp",
+        "num_local_experts": "experts",
+        "num_experts_per_tok": "used",
+        "moe_intermediate_size": "expert_mlp",
+    }
+    return " ".join(f"{short}={config[key]}" for key, short in keys.items() if key in config)
 
 
 def offline_env() -> None:
@@ -63,41 +103,45 @@ def long_documents(num_docs: int, docs_per_document: int = 8, seed: int = 0) -> 
 
 
 def build_corpus_and_tokenizers(root: Path, num_docs: int, docs_per_document: int = 8) -> dict[str, Path]:
-    """A jsonl corpus and two different byte-level BPE tokenizers trained on it (teacher 1024, student 512)."""
+    """A jsonl corpus and two different byte-level BPE tokenizers trained on it.
+
+    The two cut the corpus into about as many tokens (student ~1.03 per teacher token) but at
+    different places (~3% of the student's token ends are not teacher token ends), like the
+    reference pair on English text, where SmolLM's 49k English-centred vocabulary and Qwen's
+    152k multilingual one give similar counts. The stage-2 step time scales with the student's
+    tokens and the live teacher's cost with the teacher's, so this ratio matters; the bench
+    reports it (``student_tokens_per_teacher_token``).
+    """
     from distill.pipeline.demo import generate_corpus, train_tokenizer, write_jsonl
 
     texts = long_documents(num_docs, docs_per_document)
     data = write_jsonl(texts, root / "data.jsonl")
-    training = generate_corpus(600, seed=0)
-    train_tokenizer(training, 1024, root / "teacher_tok")
-    train_tokenizer(training, 512, root / "student_tok")
+    train_tokenizer(generate_corpus(600, seed=0), 1024, root / "teacher_tok")
+    train_tokenizer(generate_corpus(600, seed=1), 560, root / "student_tok")
     return {"data": data, "teacher_tok": root / "teacher_tok", "student_tok": root / "student_tok"}
 
 
-def build_teacher(
-    root: Path, tokenizer_dir: Path, vocab: int, hidden: int, layers: int, experts: int = 4, **overrides: Any
-) -> Path:
-    """A random-init Qwen3-MoE teacher (the reference family) with the given vocabulary, saved with its tokenizer."""
+def build_teacher(root: Path, tokenizer_dir: Path, config: dict[str, Any]) -> Path:
+    """A random-init Qwen3-MoE teacher (the reference family) of the given shape, saved with its tokenizer."""
     from transformers import AutoTokenizer
 
     from distill.pipeline.demo import build_model, teacher_config
 
     out = root / "teacher"
-    settings = {"max_position_embeddings": 4096, **overrides}
-    config = teacher_config(vocab, hidden=hidden, layers=layers, experts=experts, **settings)
-    build_model(config, out, AutoTokenizer.from_pretrained(tokenizer_dir), seed=0)
+    shape = {"max_position_embeddings": 4096, **config}
+    build_model(teacher_config(**shape), out, AutoTokenizer.from_pretrained(tokenizer_dir), seed=0)
     return out
 
 
-def build_student(root: Path, tokenizer_dir: Path, vocab: int, hidden: int, layers: int, **overrides: Any) -> Path:
-    """A random-init Llama student (the reference family, tied embeddings), saved with its tokenizer."""
+def build_student(root: Path, tokenizer_dir: Path, config: dict[str, Any]) -> Path:
+    """A random-init Llama student (the reference family, tied embeddings) of the given shape, with its tokenizer."""
     from transformers import AutoTokenizer
 
     from distill.pipeline.demo import build_model, student_config
 
     out = root / "student"
-    config = student_config(vocab, hidden=hidden, layers=layers, **{"max_position_embeddings": 4096, **overrides})
-    build_model(config, out, AutoTokenizer.from_pretrained(tokenizer_dir), seed=0)
+    shape = {"max_position_embeddings": 4096, **config}
+    build_model(student_config(**shape), out, AutoTokenizer.from_pretrained(tokenizer_dir), seed=0)
     return out
 
 

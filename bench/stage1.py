@@ -5,17 +5,18 @@
     .venv/bin/python bench/stage1.py --reference  # the reference teacher's sizes (for a GPU)
 
 The teacher is a random-init Qwen3-MoE. Default: the reference teacher (hidden 1024, vocab
-151,936, 24 blocks, 16/8 heads) at quarter width AND quarter vocabulary (hidden 256, vocab
-37,984, 24 blocks, 4/2 heads of 64, 4 experts top-2 of 384), so that the share of the
-vocabulary-sized work (lm_head, softmaxes, vocab_proj) in a forward stays close to the
-reference's (~30% of the forward's multiply-adds); seq_len 512 as in configs/reference-cache.yaml.
+151,936, 28 blocks, 16/8 heads of 128, 3 experts of 3,072, 1 used) with every width AND the
+vocabulary divided by 4 (hidden 256, vocab 37,984, heads of 32, experts of 768), so that the
+share of the vocabulary-sized work (lm_head, softmaxes, vocab_proj) in a forward stays at the
+reference's (~26% of the forward's multiply-adds); seq_len 512 as in configs/reference-cache.yaml.
 
 Measured on the same rows, in one process, each variant repeated (the best repeat counts):
 
   forward          ``model(input_ids, attention_mask)``: the causal LM forward with its logits
   fields           ``compute_batch_fields`` with every default field (no storage)
-  fields - X       the same without field group X (hidden, vocab_proj, attention, logits =
+  fields - X       the same without default field group X (hidden, attention, logits =
                    topk_ids + topk_logits + lse + target_logprob): X's marginal cost
+  fields + vocab_proj  the defaults and the opt-in ``vocab_proj`` (``--vocab-proj``): its cost
   cache-teacher    ``teacher.run``: the whole fill loop, with the background writer (compression,
                    checksums, commits); its own tokens/s (store creation and calibration excluded)
 
@@ -35,21 +36,30 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.common import build_corpus_and_tokenizers, build_teacher, emit, machine, offline_env  # noqa: E402
+from bench.common import (  # noqa: E402
+    REFERENCE_TEACHER,
+    build_corpus_and_tokenizers,
+    build_teacher,
+    describe,
+    emit,
+    machine,
+    narrowed,
+    offline_env,
+)
 
 SIZES = {
+    # Every width of the reference teacher divided by 4 AND its vocabulary divided by 4: the body's
+    # multiply-adds shrink 16x, the lm_head's only 4x with a whole vocabulary; with both divided by 4
+    # the vocabulary-sized work keeps its reference share of a forward (~26%).
     "full": dict(
-        vocab=151_936 // 4, hidden=256, layers=24, heads=4, kv_heads=2, head_dim=64, experts=4, moe=384,
+        teacher=narrowed(REFERENCE_TEACHER, 4, vocab_size=REFERENCE_TEACHER["vocab_size"] // 4),
         seq_len=512, rows=8, batch_size=4, repeats=2,
     ),
     "quick": dict(
-        vocab=4096, hidden=64, layers=2, heads=4, kv_heads=2, head_dim=16, experts=4, moe=32,
+        teacher=narrowed(REFERENCE_TEACHER, 16, num_hidden_layers=2, vocab_size=4096),
         seq_len=64, rows=4, batch_size=2, repeats=1,
     ),
-    "reference": dict(
-        vocab=151_936, hidden=1024, layers=24, heads=16, kv_heads=8, head_dim=64, experts=4, moe=1536,
-        seq_len=512, rows=32, batch_size=8, repeats=2,
-    ),
+    "reference": dict(teacher=REFERENCE_TEACHER, seq_len=512, rows=32, batch_size=8, repeats=2),
 }  # fmt: skip
 
 GROUPS = {
@@ -60,8 +70,7 @@ GROUPS = {
 }
 
 
-def all_fields(s: Any) -> list[str]:
-    return [name for group in GROUPS.values() for name in group(s)]
+DEFAULT_GROUPS = ("hidden", "attention", "logits")  # what cache-teacher stores by default; vocab_proj is opt-in
 
 
 def timed(fn: Any, device: Any) -> float:
@@ -99,11 +108,7 @@ def main() -> None:
     with TemporaryDirectory(prefix="distill-bench-stage1-") as tmp:
         root = Path(tmp)
         assets = build_corpus_and_tokenizers(root, num_docs=size["rows"], docs_per_document=3 * size["seq_len"] // 40)
-        teacher = build_teacher(
-            root, assets["teacher_tok"], size["vocab"], size["hidden"], size["layers"], experts=size["experts"],
-            num_attention_heads=size["heads"], num_key_value_heads=size["kv_heads"], head_dim=size["head_dim"],
-            moe_intermediate_size=size["moe"], intermediate_size=4 * size["hidden"],
-        )  # fmt: skip
+        teacher = build_teacher(root, assets["teacher_tok"], size["teacher"])
         cfg = CacheConfig(
             teacher=str(teacher),
             dataset=str(assets["data"]),
@@ -143,9 +148,11 @@ def main() -> None:
         def fields(names: list[str]) -> Any:
             return lambda: [stage1.compute_batch_fields(model, batch, s, device, names) for batch in batches]
 
-        variants = {"forward": forward, "fields": fields(all_fields(s))}
-        for group, members in GROUPS.items():
-            variants[f"fields-{group}"] = fields([f for f in all_fields(s) if f not in members(s)])
+        defaults = [name for group in DEFAULT_GROUPS for name in GROUPS[group](s)]
+        variants = {"forward": forward, "fields": fields(defaults)}
+        for group in DEFAULT_GROUPS:
+            variants[f"fields-{group}"] = fields([f for f in defaults if f not in GROUPS[group](s)])
+        variants["fields+vocab_proj"] = fields(defaults + GROUPS["vocab_proj"](s))
         seconds: dict[str, float] = {}
         variants["forward"]()  # warm-up: the first calls initialize kernels and allocator pools
         variants["fields"]()
@@ -165,7 +172,8 @@ def main() -> None:
         "cache_over_forward": round(forward_s / seconds["cache-teacher"], 3),
         "fields_over_forward": round(forward_s / seconds["fields"], 3),
         "marginal_over_forward": {
-            group: round((seconds["fields"] - seconds[f"fields-{group}"]) / forward_s, 3) for group in GROUPS
+            **{g: round((seconds["fields"] - seconds[f"fields-{g}"]) / forward_s, 3) for g in DEFAULT_GROUPS},
+            "vocab_proj": round((seconds["fields+vocab_proj"] - seconds["fields"]) / forward_s, 3),
         },
         "tokens_per_s": {key: round(tokens / value, 1) for key, value in seconds.items()},
         "tokens": tokens,
@@ -174,7 +182,8 @@ def main() -> None:
         "machine": machine(),
         "wall_s": round(time.perf_counter() - started, 1),
     }
-    print(f"stage 1 bench ({name}), sizes: {result['sizes']}, {tokens} tokens per variant")
+    print(f"stage 1 bench ({name}): teacher {describe(size['teacher'])}")
+    print(f"  rows of {size['seq_len']} tokens, batch {size['batch_size']}, {tokens} tokens per variant")
     for key, value in seconds.items():
         print(f"  {key:18s} {tokens / value:10.1f} tok/s  {value:7.2f} s  ({value / forward_s:5.2f}x forward)")
     print("  marginal cost of each field group, as a share of the bare forward's time:")

@@ -4,8 +4,11 @@
     .venv/bin/python bench/stage2.py --quick    # smoke test (< 30 s), figures not meaningful
     .venv/bin/python bench/stage2.py --reference --device cuda   # the reference pair's sizes, on a GPU
 
-The reference pair's vocabularies (teacher 151,936, student 49,152) with hidden sizes scaled
-down (printed, and in the JSON under "sizes"). One store is made with ``cache-teacher``'s
+The reference pair (bench.common: the teacher's published shape, SmolLM-135M's config) with
+every width divided by 4 and both vocabularies whole (teacher 151,936, student 49,152), so that
+a run takes about 2 minutes on 2 CPU cores; the sizes are printed and in the JSON under "sizes".
+The two tokenizers cut the text into about as many tokens, like the reference pair on English
+(``student_tokens_per_teacher_token`` in the JSON). One store is made with ``cache-teacher``'s
 defaults, then four variants train the same student on the same rows in the same order:
 
   a  ce        the student alone, CE only (every distillation term disabled)
@@ -43,33 +46,35 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.common import (  # noqa: E402
-    STUDENT_VOCAB,
-    TEACHER_VOCAB,
+    REFERENCE_STUDENT,
+    REFERENCE_TEACHER,
     build_corpus_and_tokenizers,
     build_student,
     build_teacher,
+    describe,
     emit,
     machine,
+    narrowed,
     offline_env,
     peak_rss_bytes,
     rss_bytes,
 )
 
 SIZES = {
+    # The reference pair with every width divided by 4 (bench.common.narrowed): teacher hidden 256,
+    # 16/8 heads of 32, 3 experts of 768 (1 used), 28 blocks; student hidden 144, 9/3 heads of 16,
+    # MLP 384, 30 blocks; both vocabularies whole.
     "full": dict(
-        teacher_vocab=TEACHER_VOCAB, teacher_hidden=256, teacher_layers=24, teacher_heads=4, teacher_kv_heads=2,
-        teacher_moe=384, student_vocab=STUDENT_VOCAB, student_hidden=144, student_layers=30, student_heads=3,
-        student_kv_heads=1, student_intermediate=384, seq_len=256, batch_size=2, steps=8, warmup=2,
+        teacher=narrowed(REFERENCE_TEACHER, 4), student=narrowed(REFERENCE_STUDENT, 4),
+        seq_len=256, batch_size=2, steps=8, warmup=2,
     ),
     "reference": dict(
-        teacher_vocab=TEACHER_VOCAB, teacher_hidden=1024, teacher_layers=24, teacher_heads=16, teacher_kv_heads=8,
-        teacher_moe=1536, student_vocab=STUDENT_VOCAB, student_hidden=576, student_layers=30, student_heads=9,
-        student_kv_heads=3, student_intermediate=1536, seq_len=512, batch_size=2, steps=12, warmup=3,
+        teacher=REFERENCE_TEACHER, student=REFERENCE_STUDENT, seq_len=512, batch_size=4, steps=12, warmup=3,
     ),
     "quick": dict(
-        teacher_vocab=TEACHER_VOCAB, teacher_hidden=32, teacher_layers=2, teacher_heads=4, teacher_kv_heads=2,
-        teacher_moe=16, student_vocab=STUDENT_VOCAB, student_hidden=32, student_layers=2, student_heads=4,
-        student_kv_heads=2, student_intermediate=64, seq_len=32, batch_size=2, steps=2, warmup=1,
+        teacher=narrowed(REFERENCE_TEACHER, 16, num_hidden_layers=2),
+        student=narrowed(REFERENCE_STUDENT, 16, num_hidden_layers=2),
+        seq_len=32, batch_size=2, steps=2, warmup=1,
     ),
 }  # fmt: skip
 
@@ -128,11 +133,6 @@ def run_variant(spec: dict[str, Any]) -> dict[str, Any]:
         seed=0,
     )
     ctx = train.setup(cfg)
-    if ctx.vocab_map is not None and len(ctx.vocab_map) < spec["teacher_vocab"]:
-        # The bench tokenizers are small; the models have the reference vocabularies. Teacher ids past the
-        # tokenizer (a random-init teacher ranks them like any other) have no student token: -1, tail bin.
-        pad = torch.full((spec["teacher_vocab"] - len(ctx.vocab_map),), -1, dtype=ctx.vocab_map.dtype)
-        ctx.vocab_map = torch.cat([ctx.vocab_map, pad])
     optimizer, scheduler = train.build_optimizer(ctx)
     params = list(ctx.student.parameters()) + list(ctx.modules.parameters())
     stream = train.BatchStream(ctx)
@@ -259,17 +259,9 @@ def main() -> None:
     with TemporaryDirectory(prefix="distill-bench-stage2-") as tmp:
         root = Path(args.keep or tmp)
         assets = build_corpus_and_tokenizers(root, size["batch_size"], docs_per_document=3 * size["seq_len"] // 40)
-        teacher = build_teacher(
-            root, assets["teacher_tok"], size["teacher_vocab"], size["teacher_hidden"], size["teacher_layers"],
-            num_attention_heads=size["teacher_heads"], num_key_value_heads=size["teacher_kv_heads"],
-            head_dim=size["teacher_hidden"] // size["teacher_heads"], moe_intermediate_size=size["teacher_moe"],
-        )  # fmt: skip
-        student = build_student(
-            root, assets["student_tok"], size["student_vocab"], size["student_hidden"], size["student_layers"],
-            num_attention_heads=size["student_heads"], num_key_value_heads=size["student_kv_heads"],
-            intermediate_size=size["student_intermediate"],
-        )  # fmt: skip
-        make_store(teacher, assets["data"], root / "store", size, minimal=False)
+        teacher = build_teacher(root, assets["teacher_tok"], size["teacher"])
+        student = build_student(root, assets["student_tok"], size["student"])
+        stored = make_store(teacher, assets["data"], root / "store", size, minimal=False)
         make_store(teacher, assets["data"], root / "store_live", size, minimal=True)
         results = {}
         for variant in VARIANTS:
@@ -281,7 +273,7 @@ def main() -> None:
                 "out": str(root / "runs" / variant),
                 "threads": args.threads,
                 "device": args.device,
-                **{k: size[k] for k in ("batch_size", "steps", "warmup", "teacher_vocab")},
+                **{k: size[k] for k in ("batch_size", "steps", "warmup")},
             }
             results[variant] = spawn_variant(spec)
     step = {name: r["step_s"] for name, r in results.items()}
@@ -293,6 +285,8 @@ def main() -> None:
         "tokens_per_s": {name: round(r["tokens_per_s"], 1) for name, r in results.items()},
         "step_ms": {name: round(1000 * s, 1) for name, s in step.items()},
         "student_tokens_per_step": results["ce"]["tokens_per_step"],
+        "teacher_tokens_per_step": stored["tokens"],
+        "student_tokens_per_teacher_token": round(results["ce"]["tokens_per_step"] / stored["tokens"], 3),
         "peak_mem_bytes": {name: r["peak_mem_bytes"] for name, r in results.items()},
         "peak_rss_bytes": {name: r["peak_rss_bytes"] for name, r in results.items()},
         "terms": {name: r["terms"] for name, r in results.items()},
@@ -301,7 +295,12 @@ def main() -> None:
         "machine": machine(),
         "wall_s": round(time.perf_counter() - started, 1),
     }
-    print(f"stage 2 bench ({name}), sizes: {summary['sizes']}")
+    print(f"stage 2 bench ({name}): teacher {describe(size['teacher'])}")
+    print(f"  student {describe(size['student'])}")
+    print(
+        f"  rows of {size['seq_len']} teacher tokens, batch {size['batch_size']}, {size['steps']} steps "
+        f"({size['warmup']} warm-up), {summary['student_tokens_per_teacher_token']} student tokens per teacher token"
+    )
     for name, r in results.items():
         print(
             f"  {name:5s} {r['tokens_per_s']:9.1f} tok/s  step {1000 * r['step_s']:8.1f} ms  "

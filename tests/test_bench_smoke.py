@@ -57,6 +57,8 @@ def test_quick_run_ends_with_a_json_line(script):
         assert set(result["marginal_over_forward"]) == {"hidden", "vocab_proj", "attention", "logits"}
     if script == "stage2.py":
         assert set(result["tokens_per_s"]) == {"ce", "kd", "all", "live"}
-        assert result["sizes"]["teacher_vocab"] == 151_936 and result["sizes"]["student_vocab"] == 49_152
+        sizes = result["sizes"]
+        assert sizes["teacher"]["vocab_size"] == 151_936 and sizes["student"]["vocab_size"] == 49_152
+        assert 0.9 < result["student_tokens_per_teacher_token"] < 1.2
     if script == "cache_size.py":
         assert result["values_exact_fp16"] is True and result["positions_checked"] > 0

@@ -448,32 +448,60 @@ def test_lm_losses_share_one_pass_and_equal_the_separate_terms():
     assert lm_losses(logits, labels)[1] is None
 
 
-def test_sliced_lm_and_kd_equal_the_full_logits_computation_with_gradients():
-    from distill.pipeline.losses import lm_and_kd_from_hidden, lm_losses
-
-    g = torch.Generator().manual_seed(5)
+def _head_case(bias: bool, seed: int = 5):
+    g = torch.Generator().manual_seed(seed)
     p_rows, d, v, k = 37, 8, 50, 6
     hidden = torch.randn(p_rows, d, generator=g, requires_grad=True)
-    head = torch.nn.Linear(d, v, bias=False)
+    torch.manual_seed(seed)
+    head = torch.nn.Linear(d, v, bias=bias)
     labels = torch.randint(0, v, (p_rows,), generator=g)
-    labels[-3:] = -100
+    labels[-3:] = -100  # padding; row 36 still has a kd target
     unaligned = torch.rand(p_rows, generator=g) > 0.6
-    kd_pos = torch.tensor([30, 2, 3, 17, 36, 9])
+    kd_pos = torch.tensor([30, 2, 3, 17, 36, 9])  # not sorted, across slices
     ids = torch.stack([torch.randperm(v, generator=g)[:k] for _ in kd_pos])
     ids[0, 1] = -1
     t_logits = torch.randn(len(kd_pos), k, generator=g).half()
     lse = torch.logsumexp(torch.randn(len(kd_pos), v, generator=g) / 2.0, -1)
+    return hidden, head, labels, unaligned, kd_pos, ids, t_logits, lse
 
-    lm, un, kd = lm_and_kd_from_hidden(hidden, head, labels, unaligned, kd_pos, ids, t_logits, lse, 2.0, slice_size=8)
-    (lm + un + kd).backward()
-    grads = hidden.grad.clone(), head.weight.grad.clone()
-    hidden.grad, head.weight.grad = None, None
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("with_kd", [True, False])
+def test_sliced_lm_and_kd_equal_the_full_logits_computation_with_gradients(bias, with_kd):
+    from distill.pipeline.losses import lm_and_kd_from_hidden, lm_losses
+
+    hidden, head, labels, unaligned, kd_pos, ids, t_logits, lse = _head_case(bias)
+    teacher = (ids, t_logits, lse) if with_kd else (None, None, None)
+    lm, un, kd = lm_and_kd_from_hidden(hidden, head, labels, unaligned, kd_pos, *teacher, 2.0, slice_size=8)
+    assert (kd is not None) == with_kd
+    (lm + un + (kd if with_kd else 0)).backward()
+    params = [hidden, *head.parameters()]
+    grads = [t.grad.clone() for t in params]
+    for t in params:
+        t.grad = None
 
     logits = head(hidden)
     ref_lm, ref_un = lm_losses(logits, labels, ~unaligned)
-    ref_kd = kd_tail_loss(logits[kd_pos], ids, t_logits, lse, 2.0)
-    (ref_lm + ref_un + ref_kd).backward()
+    ref_kd = kd_tail_loss(logits[kd_pos], ids, t_logits, lse, 2.0) if with_kd else None
+    (ref_lm + ref_un + (ref_kd if with_kd else 0)).backward()
     for got, want in ((lm, ref_lm), (un, ref_un), (kd, ref_kd)):
-        assert got.item() == pytest.approx(want.item(), rel=1e-5, abs=1e-7)
-    torch.testing.assert_close(grads[0], hidden.grad, rtol=1e-4, atol=1e-6)
-    torch.testing.assert_close(grads[1], head.weight.grad, rtol=1e-4, atol=1e-6)
+        if want is not None:
+            assert got.item() == pytest.approx(want.item(), rel=1e-5, abs=1e-7)
+    for got, t in zip(grads, params):
+        torch.testing.assert_close(got, t.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_sliced_lm_and_kd_under_bf16_autocast_match_fp32():
+    """Under autocast the output layer's products run in bf16, the reductions in fp32 (no dtype errors)."""
+    from distill.pipeline.losses import lm_and_kd_from_hidden
+
+    hidden, head, labels, unaligned, kd_pos, ids, t_logits, lse = _head_case(False)
+    ref = lm_and_kd_from_hidden(hidden, head, labels, unaligned, kd_pos, ids, t_logits, lse, 2.0, slice_size=8)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = lm_and_kd_from_hidden(hidden, head, labels, unaligned, kd_pos, ids, t_logits, lse, 2.0, slice_size=8)
+    assert all(t.dtype == torch.float32 for t in got)
+    for a, b in zip(got, ref):
+        assert a.item() == pytest.approx(b.item(), rel=2e-2)
+    sum(got).backward()
+    assert hidden.grad.dtype == torch.float32 and head.weight.grad.dtype == torch.float32
+    assert torch.isfinite(hidden.grad).all() and torch.isfinite(head.weight.grad).all()

@@ -28,8 +28,6 @@ Terms (see DESIGN.md, "Stage 2"):
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -113,9 +111,16 @@ def kd_tail_loss(
     )
     if student_logits.shape[0] == 0:
         return _zero(student_logits)
-    matched = teacher_ids >= 0  # (N, K)
     student_logp = F.log_softmax(student_logits.float() / temperature, dim=-1)  # (N, Vs)
     s_logp = student_logp.gather(1, teacher_ids.long().clamp(min=0))  # (N, K)
+    return _kd_tail_rows(s_logp, teacher_ids, teacher_logits, teacher_lse, temperature).mean() * temperature**2
+
+
+def _kd_tail_rows(
+    s_logp: Tensor, teacher_ids: Tensor, teacher_logits: Tensor, teacher_lse: Tensor, temperature: float
+) -> Tensor:
+    """Per-row K+1-bin KL of ``kd_tail_loss`` (without T²) from the student's log-probs at T of the ids, (N, K)."""
+    matched = teacher_ids >= 0  # (N, K)
     t_logp = teacher_logits.float() / temperature - teacher_lse.float().unsqueeze(-1)  # (N, K)
 
     # Tails in log space from the matched bins only; see [finite-neg note].
@@ -129,7 +134,7 @@ def kd_tail_loss(
     head_valid = matched & (t_prob > 0)
     head = torch.where(head_valid, t_prob * (t_logp - s_logp), 0.0).sum(dim=-1)  # (N,)
     tail = log_tail_t.exp() * (log_tail_t - log_tail_s)  # (N,)
-    return (head + tail).mean() * temperature**2
+    return head + tail
 
 
 def uld_loss(
@@ -242,7 +247,7 @@ def lm_losses(
 
 def lm_and_kd_from_hidden(
     hidden: Tensor,
-    project: Callable[[Tensor], Tensor],
+    head: torch.nn.Module,
     labels: Tensor,
     unaligned: Tensor | None,
     kd_pos: Tensor,
@@ -256,55 +261,147 @@ def lm_and_kd_from_hidden(
 
     Args:
         hidden: (P, D) last hidden state of every student position, flattened over the batch.
-        project: the student's output layer, (n, D) -> (n, V) logits.
+        head: the student's output layer, a linear map D -> V (``.weight`` (V, D), ``.bias`` or None).
         labels: (P,) next token of each position, -100 where there is none.
         unaligned: (P,) bool, positions without a teacher target (for ``lm_unaligned``), or None.
-        kd_pos: (N,) int64 rows of ``hidden`` that have a teacher target (ascending or not).
+        kd_pos: (N,) int64 distinct rows of ``hidden`` that have a teacher target (any order).
         kd_ids, kd_logits, kd_lse: the ``kd_tail_loss`` teacher inputs of those N rows; None skips kd.
         temperature: KD temperature.
         slice_size: rows per slice.
 
-    [sliced-logits note] The (P, V) logits are a step's largest tensor (49k columns for the
-    reference student). These terms need them only row by row, so each slice of rows is projected,
-    reduced to three sums, and freed; its logits are recomputed in backward (activation
-    checkpointing), so no (P, V) tensor ever exists. The values equal ``lm_losses`` and
-    ``kd_tail_loss`` on the full logits.
+    Values equal ``lm_losses`` and ``kd_tail_loss`` on the full logits; see [sliced-logits note]
+    at ``_HeadStatistics`` for how they are computed.
     """
-    from torch.utils.checkpoint import checkpoint
-
     do_kd = kd_ids is not None and kd_pos.numel() > 0
-
-    def slice_sums(h: Tensor, lab: Tensor, unal: Tensor, rows: Tensor, ids: Tensor, tl: Tensor, lse: Tensor):
-        logits = project(h)  # (n, V)
-        ce = F.cross_entropy(logits.float(), lab.clamp(min=0), reduction="none") * (lab != -100)
-        kd_sum = (
-            kd_tail_loss(logits[rows], ids, tl, lse, temperature) * rows.numel()
-            if rows.numel()
-            else logits.new_zeros((), dtype=torch.float32)
-        )
-        return ce.sum(), (ce * unal).sum(), kd_sum
-
-    unal_all = unaligned.float() if unaligned is not None else torch.zeros_like(labels, dtype=torch.float32)
-    lm_sum = un_sum = kd_sum = hidden.new_zeros((), dtype=torch.float32)
-    for start in range(0, hidden.shape[0], slice_size):
-        end = min(start + slice_size, hidden.shape[0])
-        pick = ((kd_pos >= start) & (kd_pos < end)).nonzero()[:, 0] if do_kd else kd_pos[:0]
-        args = (kd_ids[pick], kd_logits[pick], kd_lse[pick]) if do_kd else (kd_pos[:0],) * 3
-        sums = checkpoint(
-            slice_sums,
-            hidden[start:end],
-            labels[start:end],
-            unal_all[start:end],
-            kd_pos[pick] - start,
-            *args,
-            use_reentrant=False,
-        )
-        lm_sum, un_sum, kd_sum = lm_sum + sums[0], un_sum + sums[1], kd_sum + sums[2]
-    count = (labels != -100).sum().clamp(min=1)
-    lm = lm_sum / count
-    lm_unaligned = un_sum / count if unaligned is not None else None
-    kd = kd_sum / kd_pos.numel() if do_kd else None
+    valid = labels != -100
+    # Rows that are scored at all: padding without a kd target costs nothing.
+    keep = valid.clone()
+    if do_kd:
+        keep[kd_pos] = True
+    rows = keep.nonzero()[:, 0]
+    new_index = torch.cumsum(keep, 0) - 1  # old row -> row among the kept ones
+    device_type = hidden.device.type
+    compute_dtype = (
+        torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else head.weight.dtype
+    )
+    lse1, z_label, lse_t, z_ids = _HeadStatistics.apply(
+        hidden[rows],
+        head.weight,
+        getattr(head, "bias", None),
+        labels[rows].clamp(min=0),
+        new_index[kd_pos] if do_kd else None,
+        kd_ids.long() if do_kd else None,
+        temperature,
+        slice_size,
+        compute_dtype,
+    )
+    count = valid.sum().clamp(min=1)
+    ce = (lse1 - z_label) * valid[rows]  # (P',) per-position cross-entropy, 0 where unscored
+    lm = ce.sum() / count
+    lm_unaligned = (ce * unaligned[rows]).sum() / count if unaligned is not None else None
+    if not do_kd:
+        return lm, lm_unaligned, None
+    s_logp = z_ids / temperature - lse_t.unsqueeze(-1)  # (N, K) student log-probs at T of the mapped ids
+    kd = _kd_tail_rows(s_logp, kd_ids, kd_logits, kd_lse, temperature).mean() * temperature**2
     return lm, lm_unaligned, kd
+
+
+class _HeadStatistics(torch.autograd.Function):
+    """The output layer's logits reduced, slice by slice, to the statistics the lm and kd terms need.
+
+    Forward: for rows h (P, D) and the output layer (W, b), logits z = h Wᵀ + b, per slice of rows:
+    ``lse1`` = logsumexp(z) (P,), ``z_label`` = z at each row's label (P,), and for the kd rows
+    ``lse_t`` = logsumexp(z / T) (N,) and ``z_ids`` = z at the mapped teacher ids (N, K) (-1 ids
+    read column 0; the kd term masks them). cross-entropy = lse1 - z_label and the student's
+    log-prob at T of an id = z_ids / T - lse_t, so both terms are functions of these.
+
+    [sliced-logits note] The (P, V) logits are a step's largest tensor (49k columns for the
+    reference student) and every pass over them costs as much as a good part of the output
+    layer's product at small widths. Here no (P, V) tensor ever exists: each slice's logits are
+    made, reduced in place and freed; backward recomputes them and forms the gradient of the
+    logits directly, dz = softmax(z)·g_lse1 + softmax(z/T)·g_lse_t/T + scatter(g_label) +
+    scatter(g_ids), two exponentials in place instead of autograd's log-softmax, division,
+    index and zero-filled scatter buffers. The products run in ``compute_dtype`` (the autocast
+    dtype under autocast), the reductions in fp32.
+    """
+
+    @staticmethod
+    def forward(ctx, h, weight, bias, labels, kd_rows, kd_ids, temperature, slice_size, compute_dtype):
+        n_rows = h.shape[0]
+        lse1 = h.new_empty(n_rows, dtype=torch.float32)
+        z_label = h.new_empty(n_rows, dtype=torch.float32)
+        n_kd = 0 if kd_rows is None else kd_rows.numel()
+        # logsumexp(z / T) of every row when there are kd rows (most rows are; computing it for all
+        # rows in place is cheaper than copying the kd rows out), of none otherwise.
+        lse_t_all = h.new_zeros(n_rows if n_kd else 0, dtype=torch.float32)
+        z_ids = h.new_empty((n_kd, 0 if kd_ids is None else kd_ids.shape[1]), dtype=torch.float32)
+        with torch.autocast(h.device.type, enabled=False):
+            for start, end, pick, local in _head_slices(n_rows, slice_size, kd_rows):
+                z = _head_logits(h[start:end], weight, bias, compute_dtype)  # (n, V) fp32
+                lse1[start:end] = torch.logsumexp(z, dim=-1)
+                z_label[start:end] = z.gather(1, labels[start:end, None])[:, 0]
+                if local is not None:
+                    z_ids[pick] = z[local[:, None], kd_ids[pick].clamp(min=0)]
+                    lse_t_all[start:end] = torch.logsumexp(z.div_(temperature), dim=-1)
+        ctx.save_for_backward(h, weight, bias, labels, kd_rows, kd_ids, lse1, lse_t_all)
+        ctx.settings = (temperature, slice_size, compute_dtype)
+        lse_t = lse_t_all[kd_rows] if n_kd else lse_t_all
+        return lse1, z_label, lse_t, z_ids
+
+    @staticmethod
+    def backward(ctx, g_lse1, g_label, g_lse_t, g_ids):
+        h, weight, bias, labels, kd_rows, kd_ids, lse1, lse_t_all = ctx.saved_tensors
+        temperature, slice_size, compute_dtype = ctx.settings
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        grad_h = torch.zeros_like(h) if need_h else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+        grad_b = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if need_b else None
+        w = weight.to(compute_dtype)
+        with torch.autocast(h.device.type, enabled=False):
+            for start, end, pick, local in _head_slices(h.shape[0], slice_size, kd_rows):
+                hs = h[start:end]
+                z = _head_logits(hs, weight, bias, compute_dtype)  # (n, V) fp32
+                soft_t = None
+                if local is not None:  # softmax(z / T) · g_lse_t / T, 0 on rows without a kd target
+                    g_t = z.new_zeros(end - start).index_copy_(0, local, g_lse_t[pick] / temperature)
+                    soft_t = torch.div(z, temperature).sub_(lse_t_all[start:end, None]).exp_().mul_(g_t[:, None])
+                dz = z.sub_(lse1[start:end, None]).exp_().mul_(g_lse1[start:end, None])
+                if soft_t is not None:
+                    dz.add_(soft_t)
+                    del soft_t
+                    dz.index_put_(
+                        (local[:, None], kd_ids[pick].clamp(min=0)),
+                        g_ids[pick] * (kd_ids[pick] >= 0),
+                        accumulate=True,
+                    )
+                dz.scatter_add_(1, labels[start:end, None], g_label[start:end, None])
+                dz_c = dz.to(compute_dtype)
+                if need_h:
+                    grad_h[start:end] = (dz_c @ w).to(h.dtype)
+                if need_w:
+                    grad_w.add_((dz_c.t() @ hs.to(compute_dtype)).float())
+                if need_b:
+                    grad_b.add_(dz.sum(0))
+        grad_w = grad_w.to(weight.dtype) if need_w else None
+        grad_b = grad_b.to(bias.dtype) if need_b else None
+        return grad_h, grad_w, grad_b, None, None, None, None, None, None
+
+
+def _head_logits(h: Tensor, weight: Tensor, bias: Tensor | None, compute_dtype: torch.dtype) -> Tensor:
+    """Fp32 logits of a slice of rows, the product in ``compute_dtype``."""
+    z = F.linear(h.to(compute_dtype), weight.to(compute_dtype), None if bias is None else bias.to(compute_dtype))
+    return z.float()
+
+
+def _head_slices(n_rows: int, slice_size: int, kd_rows: Tensor | None):
+    """(start, end, pick, local) per slice: ``pick`` indexes the kd rows in the slice, ``local`` their offsets."""
+    for start in range(0, n_rows, slice_size):
+        end = min(start + slice_size, n_rows)
+        if kd_rows is None:
+            yield start, end, None, None
+            continue
+        pick = ((kd_rows >= start) & (kd_rows < end)).nonzero()[:, 0]
+        yield start, end, pick, (kd_rows[pick] - start if pick.numel() else None)
 
 
 def lm_unaligned_loss(logits: Tensor, labels: Tensor, aligned: Tensor, ignore_index: int = -100) -> Tensor:
