@@ -5,7 +5,7 @@
 
 The teacher is a random-init Qwen3-MoE with the reference vocabulary (151,936) at quarter width
 (hidden 256, 4 blocks: the default fields are then 4 hidden layers and 2 attention layers, as
-for the reference's 24 blocks); seq_len 512, top-256, temperatures 1/2/4 (the defaults). Bytes
+for the reference's 28 blocks); seq_len 512, top-256, temperatures 1/2/4 (the defaults). Bytes
 of ``hidden/<l>`` and ``vocab_proj`` scale with the hidden width (per-dimension figures are
 printed); the top-K fields do not depend on it.
 

@@ -216,7 +216,7 @@ def spawn_variant(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def make_store(teacher: Path, data: Path, out: Path, size: dict[str, Any], minimal: bool) -> dict[str, Any]:
-    """``cache-teacher`` with its defaults (minimal: no hidden states, no attention maps) on ``batch_size`` rows."""
+    """``cache-teacher``'s defaults on ``batch_size`` rows (minimal: no hidden or attention fields, + vocab_proj)."""
     from distill.config import CacheConfig
     from distill.pipeline import teacher as stage1
 
@@ -231,7 +231,7 @@ def make_store(teacher: Path, data: Path, out: Path, size: dict[str, Any], minim
         calibration_rows=size["batch_size"],
         hidden_layers=[] if minimal else None,
         attention_layers=[] if minimal else None,
-        vocab_proj=True,  # the projector variant (d) reads it
+        vocab_proj=minimal,  # opt-in; the projector variant (d), whose store is the minimal one, needs it
         device=size.get("device", "cpu"),
     )
     return stage1.run(cfg)

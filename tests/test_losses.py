@@ -505,3 +505,15 @@ def test_sliced_lm_and_kd_under_bf16_autocast_match_fp32():
     sum(got).backward()
     assert hidden.grad.dtype == torch.float32 and head.weight.grad.dtype == torch.float32
     assert torch.isfinite(hidden.grad).all() and torch.isfinite(head.weight.grad).all()
+
+
+def test_sliced_lm_and_kd_refuse_repeated_rows_and_mixed_dtypes():
+    from distill.pipeline.losses import lm_and_kd_from_hidden
+
+    hidden, head, labels, unaligned, kd_pos, ids, t_logits, lse = _head_case(False)
+    repeated = kd_pos.clone()
+    repeated[1] = repeated[0]  # one row twice would count its target twice in the gradient
+    with pytest.raises(ValueError, match="repeat"):
+        lm_and_kd_from_hidden(hidden, head, labels, unaligned, repeated, ids, t_logits, lse, 2.0)
+    with pytest.raises(ValueError, match="bfloat16"):
+        lm_and_kd_from_hidden(hidden, head.to(torch.bfloat16), labels, None, kd_pos, None, None, None, 2.0)

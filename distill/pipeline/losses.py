@@ -273,6 +273,13 @@ def lm_and_kd_from_hidden(
     at ``_HeadStatistics`` for how they are computed.
     """
     do_kd = kd_ids is not None and kd_pos.numel() > 0
+    if do_kd and kd_pos.unique().numel() != kd_pos.numel():
+        raise ValueError("kd_pos must not repeat a row (each position has one teacher target)")
+    device_type = hidden.device.type
+    autocast = torch.is_autocast_enabled(device_type)
+    if not autocast and hidden.dtype != head.weight.dtype:
+        raise ValueError(f"hidden is {hidden.dtype} but the output layer is {head.weight.dtype} (and no autocast)")
+    compute_dtype = torch.get_autocast_dtype(device_type) if autocast else head.weight.dtype
     valid = labels != -100
     # Rows that are scored at all: padding without a kd target costs nothing.
     keep = valid.clone()
@@ -280,10 +287,6 @@ def lm_and_kd_from_hidden(
         keep[kd_pos] = True
     rows = keep.nonzero()[:, 0]
     new_index = torch.cumsum(keep, 0) - 1  # old row -> row among the kept ones
-    device_type = hidden.device.type
-    compute_dtype = (
-        torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else head.weight.dtype
-    )
     lse1, z_label, lse_t, z_ids = _HeadStatistics.apply(
         hidden[rows],
         head.weight,
@@ -335,9 +338,10 @@ class _HeadStatistics(torch.autograd.Function):
         # rows in place is cheaper than copying the kd rows out), of none otherwise.
         lse_t_all = h.new_zeros(n_rows if n_kd else 0, dtype=torch.float32)
         z_ids = h.new_empty((n_kd, 0 if kd_ids is None else kd_ids.shape[1]), dtype=torch.float32)
+        w, b = _cast(weight, compute_dtype), _cast(bias, compute_dtype)
         with torch.autocast(h.device.type, enabled=False):
             for start, end, pick, local in _head_slices(n_rows, slice_size, kd_rows):
-                z = _head_logits(h[start:end], weight, bias, compute_dtype)  # (n, V) fp32
+                z = F.linear(h[start:end].to(compute_dtype), w, b).float()  # (n, V)
                 lse1[start:end] = torch.logsumexp(z, dim=-1)
                 z_label[start:end] = z.gather(1, labels[start:end, None])[:, 0]
                 if local is not None:
@@ -356,11 +360,11 @@ class _HeadStatistics(torch.autograd.Function):
         grad_h = torch.zeros_like(h) if need_h else None
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
         grad_b = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if need_b else None
-        w = weight.to(compute_dtype)
+        w, b = _cast(weight, compute_dtype), _cast(bias, compute_dtype)
         with torch.autocast(h.device.type, enabled=False):
             for start, end, pick, local in _head_slices(h.shape[0], slice_size, kd_rows):
-                hs = h[start:end]
-                z = _head_logits(hs, weight, bias, compute_dtype)  # (n, V) fp32
+                hs = h[start:end].to(compute_dtype)
+                z = F.linear(hs, w, b).float()  # (n, V)
                 soft_t = None
                 if local is not None:  # softmax(z / T) · g_lse_t / T, 0 on rows without a kd target
                     g_t = z.new_zeros(end - start).index_copy_(0, local, g_lse_t[pick] / temperature)
@@ -378,8 +382,10 @@ class _HeadStatistics(torch.autograd.Function):
                 dz_c = dz.to(compute_dtype)
                 if need_h:
                     grad_h[start:end] = (dz_c @ w).to(h.dtype)
-                if need_w:
-                    grad_w.add_((dz_c.t() @ hs.to(compute_dtype)).float())
+                if need_w and compute_dtype == torch.float32:
+                    grad_w.addmm_(dz_c.t(), hs)
+                elif need_w:
+                    grad_w.add_((dz_c.t() @ hs).float())
                 if need_b:
                     grad_b.add_(dz.sum(0))
         grad_w = grad_w.to(weight.dtype) if need_w else None
@@ -387,10 +393,8 @@ class _HeadStatistics(torch.autograd.Function):
         return grad_h, grad_w, grad_b, None, None, None, None, None, None
 
 
-def _head_logits(h: Tensor, weight: Tensor, bias: Tensor | None, compute_dtype: torch.dtype) -> Tensor:
-    """Fp32 logits of a slice of rows, the product in ``compute_dtype``."""
-    z = F.linear(h.to(compute_dtype), weight.to(compute_dtype), None if bias is None else bias.to(compute_dtype))
-    return z.float()
+def _cast(t: Tensor | None, dtype: torch.dtype) -> Tensor | None:
+    return None if t is None else t.to(dtype)
 
 
 def _head_slices(n_rows: int, slice_size: int, kd_rows: Tensor | None):
