@@ -18,6 +18,7 @@ Terms (see DESIGN.md, "Stage 2"):
 - `uld_loss`         sorted-probability L1 (vocabulary-agnostic, weakest signal)
 - `projector_kd_loss` KL against the logit projector's student-vocabulary logits
 - `lm_loss`          next-token cross-entropy on the student's own tokens
+- `lm_and_kd_from_hidden` lm, lm_unaligned and the tail kd from the last hidden state, in slices
 - `feature_loss`     MSE against the routed teacher target (router.py)
 - `attention_kl_loss` teacher attention pooled onto student key spans vs the student's
 - `layerwise_loss`   student layer i vs teacher layer m(i), see `build_layer_map`
@@ -220,31 +221,6 @@ def lm_loss(logits: Tensor, labels: Tensor, ignore_index: int = -100) -> Tensor:
     return total / count.clamp(min=1)
 
 
-# --- hidden-state and attention terms ---------------------------------------------------
-
-
-def lm_losses(
-    logits: Tensor, labels: Tensor, aligned: Tensor | None = None, ignore_index: int = -100
-) -> tuple[Tensor, Tensor | None]:
-    """``lm_loss`` and, given ``aligned``, ``lm_unaligned_loss`` from ONE cross-entropy pass.
-
-    Same values as the two functions (the vocabulary-wide log-softmax is the costly part of a
-    step: sharing it saves one pass over (B, L, V) and its copies).
-    """
-    valid = labels != ignore_index
-    if not bool(valid.any()):
-        zero = _zero(logits)
-        return zero, (zero if aligned is not None else None)
-    ce = F.cross_entropy(
-        logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1).clamp(min=0), reduction="none"
-    ).reshape(labels.shape)
-    count = valid.sum()
-    lm = torch.where(valid, ce, 0.0).sum() / count
-    if aligned is None:
-        return lm, None
-    return lm, torch.where(valid & ~aligned, ce, 0.0).sum() / count
-
-
 def lm_and_kd_from_hidden(
     hidden: Tensor,
     head: torch.nn.Module,
@@ -269,8 +245,15 @@ def lm_and_kd_from_hidden(
         temperature: KD temperature.
         slice_size: rows per slice.
 
-    Values equal ``lm_losses`` and ``kd_tail_loss`` on the full logits; see [sliced-logits note]
-    at ``_HeadStatistics`` for how they are computed.
+    ``lm`` is the mean cross-entropy over valid positions; ``lm_unaligned`` sums the cross-entropy
+    of the positions WITHOUT a teacher target and divides by ALL valid positions; ``kd`` equals
+    ``kd_tail_loss`` on the logits of the kd rows. See [sliced-logits note] at ``_HeadStatistics``
+    for how they are computed without the full logits.
+
+    [unaligned-lm note] With kd weight a, lm weighs 1 - a everywhere; positions that no teacher
+    position aligns with get no kd signal, so they would train at 1 - a only. ``lm_unaligned``,
+    weighted a, lifts them back to weight 1: per unaligned position (1 - a)/N + a/N = 1/N. It is 0
+    when every position is aligned (one tokenizer).
     """
     do_kd = kd_ids is not None and kd_pos.numel() > 0
     if do_kd and kd_pos.unique().numel() != kd_pos.numel():
@@ -408,27 +391,7 @@ def _head_slices(n_rows: int, slice_size: int, kd_rows: Tensor | None):
         yield start, end, pick, (kd_rows[pick] - start if pick.numel() else None)
 
 
-def lm_unaligned_loss(logits: Tensor, labels: Tensor, aligned: Tensor, ignore_index: int = -100) -> Tensor:
-    """Cross-entropy of the positions WITHOUT a teacher target, summed and divided by ALL valid positions.
-
-    Args:
-        logits: (B, L, V) predictions, logits[:, t] predicting labels[:, t].
-        labels: (B, L) next tokens, ``ignore_index`` where there is none.
-        aligned: (B, L) bool, True where the position has a teacher target (the kd term covers it).
-
-    [unaligned-lm note] With kd weight a, lm weighs 1 - a everywhere; positions that no teacher
-    position aligns with get no kd signal, so they would train at 1 - a only. This term, weighted
-    a, lifts them back to weight 1: per unaligned position (1 - a)/N + a/N = 1/N. It is 0 when
-    every position is aligned (one tokenizer).
-    """
-    valid = labels != ignore_index
-    if not bool(valid.any()):
-        return _zero(logits)
-    ce = F.cross_entropy(
-        logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1).clamp(min=0), reduction="none"
-    ).reshape(labels.shape)
-    keep = valid & ~aligned
-    return torch.where(keep, ce, 0.0).sum() / valid.sum()
+# --- hidden-state and attention terms ---------------------------------------------------
 
 
 def feature_loss(student_proj: Tensor, teacher_target: Tensor, mask: Tensor | None = None) -> Tensor:
