@@ -105,10 +105,10 @@ def long_documents(num_docs: int, docs_per_document: int = 8, seed: int = 0) -> 
 def build_corpus_and_tokenizers(root: Path, num_docs: int, docs_per_document: int = 8) -> dict[str, Path]:
     """A jsonl corpus and two different byte-level BPE tokenizers trained on it.
 
-    The two cut the corpus into about as many tokens (student ~1.03 per teacher token) but at
-    different places (~3% of the student's token ends are not teacher token ends), like the
-    reference pair on English text, where SmolLM's 49k English-centred vocabulary and Qwen's
-    152k multilingual one give similar counts. The stage-2 step time scales with the student's
+    The two cut the corpus into about as many tokens (student ~1.04 per teacher token) but at
+    different places (~3% of the student's token ends are not teacher token ends), as we expect
+    of the reference pair on English text (SmolLM's 49k English-centred vocabulary against Qwen's
+    152k multilingual one; an assumption, not measured). The stage-2 step time scales with the student's
     tokens and the live teacher's cost with the teacher's, so this ratio matters; the bench
     reports it (``student_tokens_per_teacher_token``).
     """

@@ -7,9 +7,10 @@
 The reference pair (bench.common: the teacher's published shape, SmolLM-135M's config) with
 every width divided by 4 and both vocabularies whole (teacher 151,936, student 49,152), so that
 a run takes about 2 minutes on 2 CPU cores; the sizes are printed and in the JSON under "sizes".
-The two tokenizers cut the text into about as many tokens, like the reference pair on English
-(``student_tokens_per_teacher_token`` in the JSON). One store is made with ``cache-teacher``'s
-defaults, then four variants train the same student on the same rows in the same order:
+The two tokenizers cut the text into about as many tokens, as we expect of the reference pair
+on English (an assumption; ``student_tokens_per_teacher_token`` in the JSON, docs/benchmarks.md).
+One store is made with ``cache-teacher``'s defaults, then four variants train the same student on
+the same rows in the same order:
 
   a  ce        the student alone, CE only (every distillation term disabled)
   b  kd        from the cache, kd (top-K + tail bin, T=4) + lm
