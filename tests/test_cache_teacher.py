@@ -84,9 +84,14 @@ def test_hidden_and_attention_match_reference(store, reference):
     for r in range(len(batch["length"])):
         n = int(batch["length"][r])
         out = run(batch["input_ids"][r, :n])
-        for layer in (0, 1, 2):
+        for layer in (0, 1, 2):  # stored standardized per dimension, see [hidden-range note]
+            mean = torch.from_numpy(reader.root_array(f"standardize/hidden/{layer}/mean"))
+            std = torch.from_numpy(reader.root_array(f"standardize/hidden/{layer}/std"))
             torch.testing.assert_close(
-                batch[f"hidden/{layer}"][r, :n].float(), out.hidden_states[layer][0], atol=2e-3, rtol=2e-3
+                batch[f"hidden/{layer}"][r, :n].float(),
+                (out.hidden_states[layer][0] - mean) / std,
+                atol=4e-3,
+                rtol=2e-3,
             )
         for layer in (1, 2):
             averaged = out.attentions[layer - 1][0].mean(0)  # (n, n) head-averaged rows
@@ -154,6 +159,16 @@ def test_cache_info_reports_rows_shards_and_bytes(store):
     assert info["bytes_per_token"]["total"] > 0
     human = CliRunner().invoke(app, ["cache", "info", str(store)])
     assert "complete" in human.stdout and "topk_logits" in human.stdout
+    # head mass per stored temperature: recomputed here from every stored position
+    batch = reader.read_rows(reader.row_ids, ["topk_logits", "lse", "length"])
+    valid = torch.arange(batch["topk_logits"].shape[1])[None, :] < batch["length"][:, None]
+    for j, t in enumerate(TEMPS):
+        mass = (batch["topk_logits"].float()[valid] / t - batch["lse"][valid][:, j : j + 1]).exp().sum(-1)
+        assert info["head_mass"][str(t)]["mean"] == pytest.approx(mass.mean().item(), abs=1e-5)
+        assert info["head_mass"][str(t)]["p10"] == pytest.approx(mass.quantile(0.1).item(), abs=1e-5)
+    masses = [info["head_mass"][str(t)]["mean"] for t in TEMPS]
+    assert masses == sorted(masses, reverse=True)  # a hotter distribution puts less mass in its top-K
+    assert f"T=1 {masses[0]:.3f}" in human.stdout
 
 
 def test_reader_checks_fields_and_temperatures(store):
@@ -171,3 +186,33 @@ def test_reader_checks_fields_and_temperatures(store):
     assert stats.shape == (reader.layout["hidden_dim"],) and (stats > 0).all()
     ordered = reader.read_rows([3, 1, 2], ["row_id"])["row_id"]
     assert ordered.tolist() == [3, 1, 2]
+
+
+def test_hidden_states_beyond_fp16_range_are_stored_finite_and_recoverable(tiny_assets, tmp_path):
+    """A teacher whose residual stream passes 65,504 (as Gemma 3's does) stores finite, standardized states."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_assets["teacher"], dtype=torch.float32)
+    with torch.no_grad():
+        model.get_input_embeddings().weight.mul_(1e7)  # the residual stream now exceeds fp16 in every block
+    loud = tmp_path / "loud_teacher"
+    model.save_pretrained(loud)
+    AutoTokenizer.from_pretrained(tiny_assets["teacher"]).save_pretrained(loud)
+    out = tmp_path / "store"
+    args = cache_args({**tiny_assets, "teacher": loud}, out, max_rows=8, hidden_layers=None, attention_layers="")
+    result = CliRunner().invoke(app, ["cache-teacher", *args])
+    assert result.exit_code == 0, result.output
+    reader = CacheReader(str(out))
+    assert reader.layout["hidden_layers"] == [1, 2]  # the default layers
+    batch = reader.read_rows(reader.row_ids)
+    ids = batch["input_ids"][0, : int(batch["length"][0])]
+    with torch.no_grad():
+        raw = model(input_ids=ids[None], output_hidden_states=True).hidden_states
+    assert raw[1].abs().max() > 65504  # the case being tested (the last layer is after the final norm)
+    for layer in reader.layout["hidden_layers"]:
+        stored = batch[f"hidden/{layer}"]
+        assert torch.isfinite(stored.float()).all()
+        mean = torch.from_numpy(reader.root_array(f"standardize/hidden/{layer}/mean"))
+        std = torch.from_numpy(reader.root_array(f"standardize/hidden/{layer}/std"))
+        recovered = stored[0, : len(ids)].float() * std + mean
+        torch.testing.assert_close(recovered, raw[layer][0], rtol=2e-3, atol=2e-3 * float(std.max()))

@@ -29,7 +29,9 @@ import zarr
 from distill.cache.schema import (
     MANIFEST_ATTR,
     PCA_GROUP,
+    ROOT_ARRAY_GROUPS,
     SHARDS_GROUP,
+    STANDARDIZE_GROUP,
     STATS_GROUP,
     TOKENIZER_GROUP,
     CacheError,
@@ -52,7 +54,7 @@ from distill.cache.store import (
     store_fs,
 )
 
-ROOT_GROUPS = (TOKENIZER_GROUP, STATS_GROUP, PCA_GROUP)
+ROOT_GROUPS = (TOKENIZER_GROUP, *ROOT_ARRAY_GROUPS)
 HDF5_FORMAT = "distill-cache-hdf5"
 HDF5_COMPRESSIONS = ("gzip", "lzf", "none")
 COPY_WORKERS = 16
@@ -200,6 +202,9 @@ def root_array_shapes(layout: dict[str, Any]) -> dict[str, tuple[int, ...]]:
     for layer in layout["hidden_layers"]:
         shapes[f"{STATS_GROUP}/hidden/{layer}/mean"] = (layout["hidden_dim"],)
         shapes[f"{STATS_GROUP}/hidden/{layer}/std"] = (layout["hidden_dim"],)
+        if layout.get("hidden_standardized"):
+            shapes[f"{STANDARDIZE_GROUP}/hidden/{layer}/mean"] = (layout["teacher_hidden_size"],)
+            shapes[f"{STANDARDIZE_GROUP}/hidden/{layer}/std"] = (layout["teacher_hidden_size"],)
         if layout["hidden_pca"]:
             shapes[f"{PCA_GROUP}/hidden/{layer}/mean"] = (layout["teacher_hidden_size"],)
             shapes[f"{PCA_GROUP}/hidden/{layer}/components"] = (layout["teacher_hidden_size"], layout["hidden_dim"])
@@ -520,7 +525,7 @@ def import_hdf5(path: str, url: str) -> dict[str, Any]:
         check_schema(manifest, path)
         files = {name: bytes(np.asarray(ds[:]).tobytes()) for name, ds in f[TOKENIZER_GROUP].items()}
         arrays = {}
-        for group_name in (STATS_GROUP, PCA_GROUP):
+        for group_name in ROOT_ARRAY_GROUPS:
             if group_name in f:
                 f[group_name].visititems(lambda name, node, g=group_name: collect_dataset(arrays, f"{g}/{name}", node))
         root = create_store(url, manifest, files, arrays, write_manifest=False)  # the manifest goes in last

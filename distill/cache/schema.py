@@ -14,12 +14,14 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2  # 2: prefix (BOS) policy in the manifest, standardized hidden states
 MANIFEST_ATTR = "distill"
 SHARDS_GROUP = "shards"
 TOKENIZER_GROUP = "teacher_tokenizer"
 STATS_GROUP = "stats"
 PCA_GROUP = "pca"
+STANDARDIZE_GROUP = "standardize"
+ROOT_ARRAY_GROUPS = (STATS_GROUP, PCA_GROUP, STANDARDIZE_GROUP)  # small float arrays at the store level
 
 # Manifest keys that describe the creation event, not the store's content: two runs of the
 # same command differ in them, so they are left out when manifests are compared.

@@ -5,6 +5,7 @@ Layout (docs/cache-format.md is the reference)::
     STORE/                      root group, attribute "distill" = manifest (immutable)
       teacher_tokenizer/<file>  uint8 arrays: the teacher tokenizer's files, byte for byte
       stats/hidden/<l>/mean|std float32 [D]: per-dimension statistics of stored hidden states
+      standardize/hidden/<l>/mean|std float32 [H]: per-dimension standardization applied before storing
       pca/hidden/<l>/mean|components  float32 [H], [H, D]: the basis (only with --hidden-dim)
       shards/00000/             one group per shard; attribute "shard" = its commit record
         input_ids, text, topk_ids, hidden/<l>, ...   rows on the first axis
@@ -47,9 +48,8 @@ from zarr.codecs import BloscCodec
 
 from distill.cache.schema import (
     MANIFEST_ATTR,
-    PCA_GROUP,
+    ROOT_ARRAY_GROUPS,
     SHARDS_GROUP,
-    STATS_GROUP,
     TOKENIZER_GROUP,
     CacheError,
     FieldSpec,
@@ -430,9 +430,9 @@ def field_bytes(root: zarr.Group, manifest: dict[str, Any]) -> dict[str, int]:
 
 
 def other_bytes(root: zarr.Group) -> dict[str, int]:
-    """Bytes of the store-level arrays: tokenizer files, stats, PCA bases."""
+    """Bytes of the store-level arrays: tokenizer files, stats, PCA bases, standardization."""
     sizes = {}
-    for group_name in (TOKENIZER_GROUP, STATS_GROUP, PCA_GROUP):
+    for group_name in (TOKENIZER_GROUP, *ROOT_ARRAY_GROUPS):
         if group_name in root:
             sizes[group_name] = sum(int(a.nbytes_stored()) for _, a in _walk_arrays(root[group_name]))
     return sizes

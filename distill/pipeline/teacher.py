@@ -20,7 +20,7 @@ import sys
 import threading
 import time
 from collections.abc import Collection, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from tempfile import TemporaryDirectory
 from typing import Any
@@ -51,6 +51,7 @@ from distill.cache.store import (
 )
 from distill.config import CacheConfig, ConfigError, parse_shard
 from distill.pipeline.data import Row, RowBuilder, RowPlan, dataset_identity, load_text_dataset, plan_rows
+from distill.pipeline.tokens import prefix_ids
 
 LOGIT_CHUNK = 256  # positions per lm_head/softmax slice: bounds the (P, vocab) fp32 buffer
 
@@ -229,8 +230,9 @@ class FieldSettings:
     hidden_layers: list[int]
     attention_layers: list[int]
     attention_topk: int
-    pca: dict[int, tuple[torch.Tensor, torch.Tensor]]  # layer -> (mean (H,), components (H, D))
+    pca: dict[int, tuple[torch.Tensor, torch.Tensor]]  # layer -> (mean (H,), components (H, D)) of standardized
     vocab_proj: bool = True  # compute vocab_proj (stored only with --vocab-proj)
+    standardize: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)  # layer -> (mean, std) (H,)
 
 
 def forward_teacher(
@@ -355,13 +357,20 @@ def compute_logit_fields(
     return out
 
 
+FP16_MAX = 65504.0
+
+
 def reduce_hidden(hidden: torch.Tensor, layer: int, s: FieldSettings) -> torch.Tensor:
-    """(B, L, H) -> (B, L, D): projected on the layer's PCA basis when one was fitted."""
+    """(B, L, H) -> (B, L, D) as stored: standardized per dimension, then projected on the PCA basis if one was
+    fitted, then bounded to the fp16 range; see [hidden-range note]."""
     hidden = hidden.float()
+    if layer in s.standardize:
+        mean, std = s.standardize[layer]
+        hidden = (hidden - mean) / std
     if layer in s.pca:
         mean, components = s.pca[layer]
-        return (hidden - mean) @ components
-    return hidden
+        hidden = (hidden - mean) @ components
+    return hidden.clamp(-FP16_MAX, FP16_MAX)
 
 
 def attention_topk(attn: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -481,6 +490,19 @@ def blank_rows(chunk: dict[str, np.ndarray], bad: list[int]) -> None:
 # --- calibration: PCA basis and hidden-state statistics -----------------------------------
 
 
+# [hidden-range note] Real teachers have outlier dimensions: Gemma 3's residual stream passes 65,504, the
+# largest fp16, in its middle layers, so raw hidden states stored as fp16 become inf. Each hidden
+# layer is therefore standardized per dimension, (h - mean) / std with statistics of the calibration
+# rows, before the fp16 cast (and before the PCA, so that the basis is not spent on a few huge
+# dimensions). Standardized values are O(1), so fp16 keeps its 11 significant bits on every
+# dimension; bf16 would avoid the overflow without the standardization but keeps only 8 bits, and
+# neither numpy nor zarr has a bf16 dtype. A position far outside the calibration range is clamped to
+# the fp16 range instead of becoming inf. The statistics are stored (standardize/hidden/<l>/mean|std),
+# so raw states can be recovered: h = stored * std + mean (without PCA). Prefix tokens (a BOS, see
+# [input-as-trained note] in tokens.py) are left out of the statistics: the BOS is an attention sink
+# whose hidden state is orders of magnitude larger than any text token's, and it is never aligned.
+
+
 def calibrate(
     model: Any,
     rows: list[Row],
@@ -489,36 +511,55 @@ def calibrate(
     batch_size: int,
     device: torch.device,
     max_positions: int = 65536,
-) -> tuple[dict[int, tuple[torch.Tensor, torch.Tensor]], dict[str, np.ndarray]]:
-    """Fit each hidden layer's PCA basis (if ``hidden_dim``) and per-dimension mean/std of what is stored."""
+) -> tuple[dict[str, dict[int, tuple[torch.Tensor, torch.Tensor]]], dict[str, np.ndarray]]:
+    """Fit each hidden layer's standardization and PCA basis (if ``hidden_dim``), see [hidden-range note].
+
+    Returns the fitted maps (``{"standardize": ..., "pca": ...}``, as FieldSettings holds them) and the store-level
+    arrays: standardize/hidden/<l>/mean|std (H,), pca/hidden/<l>/mean|components, and stats/hidden/<l>/mean|std:
+    per-dimension statistics of what is stored, which stage 2 uses to standardize its targets.
+    """
     samples: dict[int, list[torch.Tensor]] = {layer: [] for layer in hidden_layers}
     for start in range(0, len(rows), batch_size):
-        ids, mask = pad_rows(rows[start : start + batch_size])
+        batch = rows[start : start + batch_size]
+        ids, mask = pad_rows(batch)
         with torch.inference_mode():
             out = forward_teacher(model, ids.to(device), mask.to(device), False)
-        valid = mask.bool().to(device)
+        text = text_positions(batch, ids.shape[1]).to(device)
         for layer in hidden_layers:
-            samples[layer].append(out.hidden_states[layer][valid].float().cpu())
-    pca: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+            samples[layer].append(out.hidden_states[layer][text].float().cpu())
     arrays: dict[str, np.ndarray] = {}
+    fitted: dict[str, dict[int, tuple[torch.Tensor, torch.Tensor]]] = {"standardize": {}, "pca": {}}
     for layer in hidden_layers:
         x = torch.cat(samples[layer])[:max_positions]  # (N, H)
+        mean, std = x.mean(dim=0), x.std(dim=0).nan_to_num(1.0).clamp_min(1e-6)
+        fitted["standardize"][layer] = (mean, std)
+        arrays[f"standardize/hidden/{layer}/mean"] = mean.numpy()
+        arrays[f"standardize/hidden/{layer}/std"] = std.numpy()
+        x = (x - mean) / std
         if hidden_dim is not None and hidden_dim < x.shape[1]:
-            mean = x.mean(dim=0)
-            _, _, vh = torch.linalg.svd(x - mean, full_matrices=False)
+            center = x.mean(dim=0)
+            _, _, vh = torch.linalg.svd(x - center, full_matrices=False)
             components = vh[:hidden_dim].T.contiguous()  # (H, D)
-            pca[layer] = (mean, components)
-            arrays[f"pca/hidden/{layer}/mean"] = mean.numpy()
+            fitted["pca"][layer] = (center, components)
+            arrays[f"pca/hidden/{layer}/mean"] = center.numpy()
             arrays[f"pca/hidden/{layer}/components"] = components.numpy()
-            x = (x - mean) @ components
-        stored = x.half().float()  # statistics of what stage 2 will read
+            x = (x - center) @ components
+        stored = x.clamp(-FP16_MAX, FP16_MAX).half().float()  # statistics of what stage 2 will read
         arrays[f"stats/hidden/{layer}/mean"] = stored.mean(dim=0).numpy()
-        arrays[f"stats/hidden/{layer}/std"] = stored.std(dim=0).clamp_min(1e-6).numpy()
-    return pca, arrays
+        arrays[f"stats/hidden/{layer}/std"] = stored.std(dim=0).nan_to_num(1.0).clamp_min(1e-6).numpy()
+    return fitted, arrays
+
+
+def text_positions(rows: list[Row], width: int) -> torch.Tensor:
+    """(B, width) bool: the positions of text tokens, without padding and prefix tokens (span (0, 0))."""
+    text = torch.zeros(len(rows), width, dtype=torch.bool)
+    for i, r in enumerate(rows):
+        text[i, : len(r.input_ids)] = torch.from_numpy(np.asarray(r.offsets)[:, 1] > 0)
+    return text
 
 
 def field_settings(layout: dict[str, Any], root: Any, device: torch.device) -> FieldSettings:
-    """What to compute per row, from a store's layout and its PCA bases (the live teacher uses it too)."""
+    """What to compute per row, from a store's layout and its fitted reductions (the live teacher uses it too)."""
     return FieldSettings(
         seq_len=layout["seq_len"],
         top_k=layout["top_k"],
@@ -527,21 +568,22 @@ def field_settings(layout: dict[str, Any], root: Any, device: torch.device) -> F
         hidden_layers=layout["hidden_layers"],
         attention_layers=layout["attention_layers"],
         attention_topk=layout["attention_topk"],
-        pca=load_pca(root, layout["hidden_layers"], device),
+        pca=load_root_pairs(root, "pca", ("mean", "components"), layout["hidden_layers"], device),
         vocab_proj=layout.get("vocab_proj", True),
+        standardize=load_root_pairs(root, "standardize", ("mean", "std"), layout["hidden_layers"], device),
     )
 
 
-def load_pca(root: Any, hidden_layers: list[int], device: torch.device) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
-    pca = {}
+def load_root_pairs(
+    root: Any, group: str, names: tuple[str, str], hidden_layers: list[int], device: torch.device
+) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+    """``{layer: (root[group/hidden/layer/names[0]], .../names[1])}`` for the layers that have them."""
+    pairs = {}
     for layer in hidden_layers:
-        key = f"pca/hidden/{layer}"
+        key = f"{group}/hidden/{layer}"
         if key in root:
-            pca[layer] = (
-                torch.from_numpy(np.asarray(root[f"{key}/mean"][:])).to(device),
-                torch.from_numpy(np.asarray(root[f"{key}/components"][:])).to(device),
-            )
-    return pca
+            pairs[layer] = tuple(torch.from_numpy(np.asarray(root[f"{key}/{name}"][:])).to(device) for name in names)
+    return pairs
 
 
 # --- background writer --------------------------------------------------------------------
@@ -631,6 +673,7 @@ def build_manifest(
             "class": type(tokenizer).__name__,
             "pad_token_id": tokenizer.pad_token_id,
         },
+        "input": describe_input(tokenizer),
         "dataset": {**data_id, "empty_documents": plan.empty_documents},
         "layout": layout,
         "on_nonfinite": cfg.on_nonfinite,
@@ -639,6 +682,17 @@ def build_manifest(
         n: {"dtype": f.dtype, "row_shape": list(f.row_shape)} for n, f in build_field_specs(layout).items()
     }
     return json.loads(json.dumps(manifest))  # exactly what the store will hold (tuples become lists)
+
+
+def describe_input(tokenizer: Any) -> dict[str, Any]:
+    """The manifest's record of how the teacher saw each row, see [input-as-trained note] in tokens.py."""
+    prefix = prefix_ids(tokenizer)
+    return {
+        "prefix_ids": prefix,
+        "prefix_tokens": tokenizer.convert_ids_to_tokens(prefix),
+        "policy": "each row starts with the tokenizer's own prefix (its BOS, if it adds one), span (0, 0), "
+        "counted in seq_len, never a target and never aligned; no other special token; the row's text unchanged",
+    }
 
 
 def build_layout(cfg: CacheConfig, model: Any, plan: RowPlan) -> dict[str, Any]:
@@ -669,6 +723,7 @@ def build_layout(cfg: CacheConfig, model: Any, plan: RowPlan) -> dict[str, Any]:
         "hidden_layers": hidden_layers,
         "hidden_dim": cfg.hidden_dim or hidden,
         "hidden_pca": cfg.hidden_dim is not None and cfg.hidden_dim < hidden,
+        "hidden_standardized": True,
         "teacher_hidden_size": hidden,
         "vocab_proj": cfg.vocab_proj,
         "attention_layers": attention_layers,

@@ -18,6 +18,7 @@ import contextlib
 import json
 import math
 import signal
+import sys
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -30,6 +31,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from distill.cache.info import measure_head_mass
 from distill.cache.reader import CacheReader
 from distill.cache.schema import CacheError
 from distill.config import ConfigError, TrainConfig, config_to_dict
@@ -223,6 +225,27 @@ def check_store(url: str, mode: str) -> None:
     require_sound_store(url, deep=deep)
 
 
+def warn_small_head(reader: CacheReader, temperature: float) -> None:
+    """Say so when the stored top-K hold under half the teacher's mass at ``temperature`` ([head-mass note])."""
+    masses = measure_head_mass(reader)
+    mass = masses.get(str(float(temperature)))
+    if not mass or mass["mean"] >= 0.5:
+        return
+    better = {float(t): m["mean"] for t, m in masses.items() if m and m["mean"] > mass["mean"] + 0.05}
+    advice = (
+        "train at a lower stored temperature (" + ", ".join(f"T={t:g} holds {m:.0%}" for t, m in better.items()) + ")"
+        if better
+        else "re-cache with a larger --top-k"
+    )
+    print(
+        f"warning: the stored top-{reader.layout['top_k']} hold only {mass['mean']:.1%} of the teacher's probability "
+        f"at temperature {temperature:g} (mean; 10th percentile {mass['p10']:.1%}), so kd learns little beyond the "
+        f"tail mass; {advice}",
+        file=sys.stderr,
+        flush=True,
+    )
+
+
 def setup(cfg: TrainConfig) -> Context:
     """Load and check everything before the first step; every problem is reported here, not mid-run."""
     cfg.require_io()
@@ -244,6 +267,8 @@ def setup(cfg: TrainConfig) -> Context:
     if eval_reader is not None:
         eval_reader.require_fields(fields, "needed by the enabled loss terms")
     t_index = reader.temperature_index(cfg.temperature) if need & {"kd"} else 0
+    if "kd" in need and cfg.kd_mode == "tail" and world.rank == 0:
+        warn_small_head(reader, cfg.temperature)
     if "attention" in need and not reader.layout["attention_layers"]:
         raise CacheError(
             f"{cfg.cache}: the attention term is on (curriculum.attention > 0) but the store has no attention maps; "
