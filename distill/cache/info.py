@@ -24,9 +24,9 @@ def measure_head_mass(reader: CacheReader, max_rows: int = HEAD_MASS_ROWS) -> di
     Reads ``topk_logits``, ``lse`` and ``length`` of at most ``max_rows`` rows spread over the store.
     Returns ``{"1.0": {"mean": m, "p10": q}, ...}`` (empty when no row is readable).
     """
-    ids = reader.row_ids
-    if len(ids) == 0 or "topk_logits" not in reader.fields:
+    if not reader.readable or "topk_logits" not in reader.fields:
         return {}
+    ids = reader.row_ids
     picked = ids[np.unique(np.linspace(0, len(ids) - 1, min(max_rows, len(ids))).round().astype(np.int64))]
     data = reader.read_rows(picked, ["topk_logits", "lse", "length"])
     logits, lse = data["topk_logits"].float().numpy(), data["lse"].numpy()  # (R, L, K), (R, L, nT)
