@@ -521,14 +521,12 @@ def _tiny_tail_case(seed: int = 11):
     hidden[:, 0] = torch.linspace(4.0, 27.0, n)  # the bonus, carried by one hidden dim
     weight = torch.randn(v, d, generator=g) * 0.3
     weight[:, 0] = 0.0
-    bias = torch.zeros(v)
     head = torch.nn.Linear(d, v)
     with torch.no_grad():
         head.weight.copy_(weight)
-        head.bias.copy_(bias)
-    bonus_cols = torch.zeros(n, v).scatter_(1, ids.clamp(min=0), (ids >= 0).float())  # (N, V) head of each row
-    # one weight row per vocabulary entry cannot give per-row heads, so the rows use a per-row mask on the
-    # logits instead: logits = h Wᵀ + b + bonus_n · [j in head of row n]
+        head.bias.zero_()
+    # (N, V) 1 on each row's matched head ids: logits = h Wᵀ + h[:, 0] · bonus_cols (a per-row head)
+    bonus_cols = torch.zeros(n, v).scatter_(1, ids.clamp(min=0), (ids >= 0).float())
     t_logits = torch.randn(n, k, generator=g) * 2 + 6.0
     t_rest = torch.randn(n, v, generator=g)
     lse = torch.logsumexp(torch.cat([t_logits.double(), t_rest.double()], dim=-1), dim=-1).float()
