@@ -19,7 +19,8 @@ Terms (see DESIGN.md, "Stage 2"):
 - `projector_kd_loss` KL against the logit projector's student-vocabulary logits
 - `lm_loss`          next-token cross-entropy on the student's own tokens
 - `lm_and_kd_from_hidden` lm, lm_unaligned and the tail kd from the last hidden state, in slices
-- `feature_loss`     MSE against the routed teacher target (router.py)
+- `feature_loss`     MSE against a fixed teacher target
+- `routed_feature_loss` the router's gate-weighted per-expert errors (router.py)
 - `attention_kl_loss` teacher attention pooled onto student key spans vs the student's
 - `layerwise_loss`   student layer i vs teacher layer m(i), see `build_layer_map`
 - `contrastive_loss` InfoNCE between aligned student and teacher representations
@@ -470,6 +471,24 @@ def feature_loss(student_proj: Tensor, teacher_target: Tensor, mask: Tensor | No
     if student_proj.numel() == 0:
         return _zero(student_proj)
     return (student_proj.float() - teacher_target.float()).pow(2).mean()
+
+
+def routed_feature_loss(router_probs: Tensor, expert_error: Tensor, mask: Tensor | None = None) -> Tensor:
+    """Σ_e p_e · err_e per position, mean over positions: the student-aware router's feature term.
+
+    Args:
+        router_probs: (N, E) the gate's softmax (carries the gate's gradient).
+        expert_error: (N, E) per expert, the MSE (mean over dims) of its student projection
+            against its fixed, standardized teacher layer (`router.RouterOutput.expert_error`).
+        mask: (N,) bool or None.
+
+    ~1 + Var(projection) at init for standardized targets, whatever D or E; see
+    [router-gradient note] in router.py for why each expert is scored against its own target.
+    """
+    router_probs, expert_error = _select_rows(mask, router_probs, expert_error)
+    if router_probs.shape[0] == 0:
+        return _zero(expert_error)
+    return (router_probs.float() * expert_error.float()).sum(dim=-1).mean()
 
 
 def attention_kl_loss(
