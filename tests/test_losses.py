@@ -630,3 +630,15 @@ def test_sliced_kd_with_the_whole_vocabulary_in_the_head_is_the_full_kl():
     ref.backward()
     assert torch.isfinite(got).all()
     torch.testing.assert_close(got, hidden.grad.float(), rtol=1e-4, atol=1e-6)
+
+
+def test_routed_feature_loss_golden_mask_and_empty():
+    from distill.pipeline.losses import routed_feature_loss
+
+    probs = torch.tensor([[0.5, 0.5], [1.0, 0.0], [0.25, 0.75]])
+    errors = torch.tensor([[1.0, 3.0], [2.0, 5.0], [4.0, 0.0]])
+    # per position: 2, 2, 1 -> mean 5/3
+    assert routed_feature_loss(probs, errors).item() == pytest.approx(5 / 3)
+    assert routed_feature_loss(probs, errors, mask=torch.tensor([False, True, True])).item() == pytest.approx(1.5)
+    empty = routed_feature_loss(probs, errors.requires_grad_(True), mask=torch.zeros(3, dtype=torch.bool))
+    assert empty.item() == 0.0 and empty.requires_grad
