@@ -164,7 +164,7 @@ class TrainConfig:
     curriculum: CurriculumConfig = field(default_factory=CurriculumConfig)
     """Term weights and their schedule (see curriculum.py). --set curriculum.kd=0.5 etc."""
     router_top_k: int = 2
-    """Experts (teacher layers) mixed per position by the student-aware router."""
+    """Experts (teacher layers) reported per position by the student-aware router (its feature term weighs all)."""
     balance_coef: float = 0.01
     """Weight of the router's load-balancing term, relative to the feature weight."""
     importance_coef: float = 0.01

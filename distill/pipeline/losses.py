@@ -19,7 +19,8 @@ Terms (see DESIGN.md, "Stage 2"):
 - `projector_kd_loss` KL against the logit projector's student-vocabulary logits
 - `lm_loss`          next-token cross-entropy on the student's own tokens
 - `lm_and_kd_from_hidden` lm, lm_unaligned and the tail kd from the last hidden state, in slices
-- `feature_loss`     MSE against the routed teacher target (router.py)
+- `feature_loss`     MSE against a fixed teacher target
+- `routed_feature_loss` the router's gate-weighted per-expert errors (router.py)
 - `attention_kl_loss` teacher attention pooled onto student key spans vs the student's
 - `layerwise_loss`   student layer i vs teacher layer m(i), see `build_layer_map`
 - `contrastive_loss` InfoNCE between aligned student and teacher representations
@@ -28,6 +29,8 @@ Terms (see DESIGN.md, "Stage 2"):
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -39,10 +42,19 @@ from torch import Tensor
 # (masked by `torch.where`) clean.
 _LOG_ZERO = -1e30
 
-# [tail-bin note] log1mexp(x) = log(1 - e^x) for x <= 0. x is clamped to at most
-# -_TAIL_EPS, so a tail is never smaller than ~1e-7 (log r >= -16.1): the tail of a
-# row whose top-K covers (numerically) all the mass is a tiny constant on both sides and
-# its contribution r_t (log r_t - log r_s) is ~0 instead of 0 * log 0 = NaN.
+# [tail-bin note] The two tails of the K+1-bin KL are computed differently, on purpose.
+# Student: log r_s = logsumexp over the vocabulary OUTSIDE the matched head - log Z, summed from the
+# non-head probabilities themselves. This is exact in the relative sense: each term has an absolute
+# log-error of ~|log Z| · 2^-24, so r_s keeps ~6 digits whatever its size (1e-9 or 1e-30). The other
+# route, log1mexp(logsumexp(head)), is exact only for an exact input: the head's log-mass is a sum of
+# z_i/T - log Z whose absolute error is ~|log Z| · 2^-24 ≈ 1e-6, and log1mexp turns that into a
+# relative error of ~1e-6 / r_s on the tail (100% at r_s = 1e-6; the 9-11% value and 26% gradient
+# errors measured at tails below 1e-6). No log1mexp, however stable, recovers digits its input lacks.
+# Teacher: only its top-K logits and the full log Z are stored, so r_t = 1 - head is all there is;
+# log1mexp clamps its input to <= -_TAIL_EPS, so r_t >= ~1e-7 (the input's own precision). That
+# costs at most ~1e-7 · |log r_s| per row, and r_t · (log r_t - log r_s) stays finite when the top-K
+# holds (numerically) all of the teacher's mass. A student with no tail at all (every token of its
+# vocabulary in the head) has no tail bin: the bin is left out (only K >= V can do that).
 _TAIL_EPS = 1e-7
 
 
@@ -69,8 +81,9 @@ def _select_rows(mask: Tensor | None, *tensors: Tensor) -> tuple[Tensor, ...]:
 def log1mexp(x: Tensor) -> Tensor:
     """log(1 - exp(x)) for x <= 0, stable at both ends (Mächler 2012).
 
-    x is clamped to <= -1e-7 first (see [tail-bin note]); the two branches are each
-    exact in their own half: log(-expm1(x)) near 0, log1p(-exp(x)) for very negative x.
+    x is clamped to <= -1e-7 first (see [tail-bin note]: used for the teacher's tail only);
+    the two branches are each exact in their own half: log(-expm1(x)) near 0, log1p(-exp(x))
+    for very negative x. Exact for its input, it cannot undo an error already in x.
     """
     x = x.clamp(max=-_TAIL_EPS)
     return torch.where(x > -0.693, torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
@@ -102,10 +115,12 @@ def kd_tail_loss(
         mask: (N,) bool, True = aligned position to score; None = all.
 
     With teacher probs t_i = exp(z_i / T - lse), student probs s_i of the same tokens,
-    tails r_t = 1 - Σ t_i and r_s = 1 - Σ s_i:
+    tails r_t = 1 - Σ t_i and r_s = Σ_{j not in the head} s_j:
         KL = Σ_i t_i (log t_i - log s_i) + r_t (log r_t - log r_s)
-    a lower bound of the full KL that is zero when the student matches head and tail
-    (Sparse Logit Sampling, arXiv 2503.16870). With K = full vocabulary it is the full KL.
+    This is the KL between the two distributions coarse-grained onto K+1 bins: a lower bound of
+    the full KL (merging bins never raises a KL, log-sum inequality), zero when the student matches
+    the head and the tail mass, blind to how either spreads its tail. With K = full vocabulary it is
+    the full KL. r_s is summed from the non-head tokens, never 1 - Σ s_i: [tail-bin note].
     """
     student_logits, teacher_ids, teacher_logits, teacher_lse = _select_rows(
         mask, student_logits, teacher_ids, teacher_logits, teacher_lse
@@ -113,28 +128,46 @@ def kd_tail_loss(
     if student_logits.shape[0] == 0:
         return _zero(student_logits)
     student_logp = F.log_softmax(student_logits.float() / temperature, dim=-1)  # (N, Vs)
-    s_logp = student_logp.gather(1, teacher_ids.long().clamp(min=0))  # (N, K)
-    return _kd_tail_rows(s_logp, teacher_ids, teacher_logits, teacher_lse, temperature).mean() * temperature**2
+    ids = teacher_ids.long()
+    matched = ids >= 0
+    s_logp = student_logp.gather(1, ids.clamp(min=0))  # (N, K)
+    # Head membership; unmatched ids write to a spare last column, so they never unmark column 0.
+    n, vocab = student_logp.shape
+    spare = torch.where(matched, ids, vocab)
+    in_head = torch.zeros(n, vocab + 1, dtype=torch.bool, device=ids.device).scatter_(1, spare, True)[:, :vocab]
+    log_tail_s = torch.where(in_head, _LOG_ZERO, student_logp).logsumexp(dim=-1)  # (N,) [tail-bin note]
+    return _kd_tail_rows(s_logp, log_tail_s, teacher_ids, teacher_logits, teacher_lse, temperature).mean() * (
+        temperature**2
+    )
 
 
 def _kd_tail_rows(
-    s_logp: Tensor, teacher_ids: Tensor, teacher_logits: Tensor, teacher_lse: Tensor, temperature: float
+    s_logp: Tensor,
+    log_tail_s: Tensor,
+    teacher_ids: Tensor,
+    teacher_logits: Tensor,
+    teacher_lse: Tensor,
+    temperature: float,
 ) -> Tensor:
-    """Per-row K+1-bin KL of ``kd_tail_loss`` (without T²) from the student's log-probs at T of the ids, (N, K)."""
+    """Per-row K+1-bin KL of ``kd_tail_loss`` (without T²), (N,).
+
+    s_logp: (N, K) the student's log-probs at T of the ids; log_tail_s: (N,) the log of the student's
+    mass outside the matched head, summed directly ([tail-bin note]); <= _LOG_ZERO / 2 or -inf = no tail.
+    """
     matched = teacher_ids >= 0  # (N, K)
     t_logp = teacher_logits.float() / temperature - teacher_lse.float().unsqueeze(-1)  # (N, K)
 
-    # Tails in log space from the matched bins only; see [finite-neg note].
+    # The teacher's tail in log space from its matched bins only; see [finite-neg note].
     log_head_t = torch.where(matched, t_logp, _LOG_ZERO).logsumexp(dim=-1)  # (N,)
-    log_head_s = torch.where(matched, s_logp, _LOG_ZERO).logsumexp(dim=-1)
     log_tail_t = log1mexp(log_head_t)
-    log_tail_s = log1mexp(log_head_s)
+    has_tail = log_tail_s > _LOG_ZERO / 2  # False for an empty tail (-inf or the finite stand-in)
+    log_tail_s = torch.where(has_tail, log_tail_s, 0.0)  # no -inf even in the branch not taken
 
     # 0 · log 0 = 0: unmatched bins and teacher probs that underflow contribute nothing.
     t_prob = t_logp.exp()
     head_valid = matched & (t_prob > 0)
     head = torch.where(head_valid, t_prob * (t_logp - s_logp), 0.0).sum(dim=-1)  # (N,)
-    tail = log_tail_t.exp() * (log_tail_t - log_tail_s)  # (N,)
+    tail = torch.where(has_tail, log_tail_t.exp() * (log_tail_t - log_tail_s), 0.0)  # (N,)
     return head + tail
 
 
@@ -270,7 +303,7 @@ def lm_and_kd_from_hidden(
         keep[kd_pos] = True
     rows = keep.nonzero()[:, 0]
     new_index = torch.cumsum(keep, 0) - 1  # old row -> row among the kept ones
-    lse1, z_label, lse_t, z_ids = _HeadStatistics.apply(
+    lse1, z_label, lse_t, lse_rest, z_ids = _HeadStatistics.apply(
         hidden[rows],
         head.weight,
         getattr(head, "bias", None),
@@ -288,7 +321,8 @@ def lm_and_kd_from_hidden(
     if not do_kd:
         return lm, lm_unaligned, None
     s_logp = z_ids / temperature - lse_t.unsqueeze(-1)  # (N, K) student log-probs at T of the mapped ids
-    kd = _kd_tail_rows(s_logp, kd_ids, kd_logits, kd_lse, temperature).mean() * temperature**2
+    log_tail_s = lse_rest - lse_t  # (N,) summed over the non-head tokens: [tail-bin note]
+    kd = _kd_tail_rows(s_logp, log_tail_s, kd_ids, kd_logits, kd_lse, temperature).mean() * temperature**2
     return lm, lm_unaligned, kd
 
 
@@ -297,18 +331,25 @@ class _HeadStatistics(torch.autograd.Function):
 
     Forward: for rows h (P, D) and the output layer (W, b), logits z = h Wᵀ + b, per slice of rows:
     ``lse1`` = logsumexp(z) (P,), ``z_label`` = z at each row's label (P,), and for the kd rows
-    ``lse_t`` = logsumexp(z / T) (N,) and ``z_ids`` = z at the mapped teacher ids (N, K) (-1 ids
-    read column 0; the kd term masks them). cross-entropy = lse1 - z_label and the student's
-    log-prob at T of an id = z_ids / T - lse_t, so both terms are functions of these.
+    ``lse_t`` = logsumexp(z / T) (N,), ``lse_rest`` = logsumexp(z / T) over the columns outside the
+    row's matched ids (N,; -inf when there are none) and ``z_ids`` = z at the mapped teacher ids (N, K)
+    (-1 ids read column 0; the kd term masks them). cross-entropy = lse1 - z_label, the student's
+    log-prob at T of an id = z_ids / T - lse_t and its log tail = lse_rest - lse_t ([tail-bin note]),
+    so both terms are functions of these.
 
     [sliced-logits note] The (P, V) logits are a step's largest tensor (49k columns for the
     reference student) and every pass over them costs as much as a good part of the output
     layer's product at small widths. Here no (P, V) tensor ever exists: each slice's logits are
     made, reduced in place and freed; backward recomputes them and forms the gradient of the
-    logits directly, dz = softmax(z)·g_lse1 + softmax(z/T)·g_lse_t/T + scatter(g_label) +
-    scatter(g_ids), two exponentials in place instead of autograd's log-softmax, division,
-    index and zero-filled scatter buffers. The products run in ``compute_dtype`` (the autocast
-    dtype under autocast), the reductions in fp32.
+    logits directly, dz = softmax(z)·g_lse1 + softmax(z/T)·g_lse_t/T + rest(z/T)·g_rest/T +
+    scatter(g_label) + scatter(g_ids), with rest(z/T) the softmax over the non-head columns (0 on the
+    head). Two exponentials in place instead of autograd's log-softmax, division, index and
+    zero-filled scatter buffers: forward masks the head columns in place and gets lse_t =
+    logaddexp(lse_rest, logsumexp(head)) (a sum of positives, no cancellation); backward makes
+    rest(z/T) once and reads softmax(z/T) from it as rest · exp(lse_rest - lse_t) on the non-head
+    columns (a factor <= 1: nothing overflows) and from z_ids on the K head columns, which it writes
+    over (so the head columns' rest values, which may overflow, never reach the sum). The products run
+    in ``compute_dtype`` (the autocast dtype under autocast), the reductions in fp32.
     """
 
     @staticmethod
@@ -320,6 +361,7 @@ class _HeadStatistics(torch.autograd.Function):
         # logsumexp(z / T) of every row when there are kd rows (most rows are; computing it for all
         # rows in place is cheaper than copying the kd rows out), of none otherwise.
         lse_t_all = h.new_zeros(n_rows if n_kd else 0, dtype=torch.float32)
+        lse_rest_all = h.new_zeros(n_rows if n_kd else 0, dtype=torch.float32)  # = lse_t on rows without kd
         z_ids = h.new_empty((n_kd, 0 if kd_ids is None else kd_ids.shape[1]), dtype=torch.float32)
         w, b = _cast(weight, compute_dtype), _cast(bias, compute_dtype)
         with torch.autocast(h.device.type, enabled=False):
@@ -328,16 +370,24 @@ class _HeadStatistics(torch.autograd.Function):
                 lse1[start:end] = torch.logsumexp(z, dim=-1)
                 z_label[start:end] = z.gather(1, labels[start:end, None])[:, 0]
                 if local is not None:
-                    z_ids[pick] = z[local[:, None], kd_ids[pick].clamp(min=0)]
-                    lse_t_all[start:end] = torch.logsumexp(z.div_(temperature), dim=-1)
-        ctx.save_for_backward(h, weight, bias, labels, kd_rows, kd_ids, lse1, lse_t_all)
+                    ids = kd_ids[pick]
+                    z_ids[pick] = z[local[:, None], ids.clamp(min=0)]
+                    head_t = torch.where(ids >= 0, z_ids[pick] / temperature, -math.inf)  # (k, K)
+                    z.div_(temperature).index_put_(_head_cells(local, ids), z.new_tensor(-math.inf))
+                    lse_rest = torch.logsumexp(z, dim=-1)  # (n,) over the non-head columns
+                    lse_rest_all[start:end] = lse_rest
+                    lse_t = lse_rest.clone()
+                    lse_t[local] = torch.logaddexp(lse_rest[local], torch.logsumexp(head_t, dim=-1))
+                    lse_t_all[start:end] = lse_t
+        ctx.save_for_backward(h, weight, bias, labels, kd_rows, kd_ids, lse1, lse_t_all, lse_rest_all)
         ctx.settings = (temperature, slice_size, compute_dtype)
-        lse_t = lse_t_all[kd_rows] if n_kd else lse_t_all
-        return lse1, z_label, lse_t, z_ids
+        if n_kd:
+            return lse1, z_label, lse_t_all[kd_rows], lse_rest_all[kd_rows], z_ids
+        return lse1, z_label, lse_t_all, lse_rest_all, z_ids
 
     @staticmethod
-    def backward(ctx, g_lse1, g_label, g_lse_t, g_ids):
-        h, weight, bias, labels, kd_rows, kd_ids, lse1, lse_t_all = ctx.saved_tensors
+    def backward(ctx, g_lse1, g_label, g_lse_t, g_rest, g_ids):
+        h, weight, bias, labels, kd_rows, kd_ids, lse1, lse_t_all, lse_rest_all = ctx.saved_tensors
         temperature, slice_size, compute_dtype = ctx.settings
         need_h, need_w, need_b = ctx.needs_input_grad[:3]
         grad_h = torch.zeros_like(h) if need_h else None
@@ -349,9 +399,20 @@ class _HeadStatistics(torch.autograd.Function):
                 hs = h[start:end].to(compute_dtype)
                 z = F.linear(hs, w, b).float()  # (n, V)
                 soft_t = None
-                if local is not None:  # softmax(z / T) · g_lse_t / T, 0 on rows without a kd target
-                    g_t = z.new_zeros(end - start).index_copy_(0, local, g_lse_t[pick] / temperature)
-                    soft_t = torch.div(z, temperature).sub_(lse_t_all[start:end, None]).exp_().mul_(g_t[:, None])
+                if local is not None:  # (softmax(z/T)·g_lse_t + rest(z/T)·g_rest) / T, 0 on rows without kd
+                    ids = kd_ids[pick]
+                    lse_t, lse_rest = lse_t_all[start:end][local], lse_rest_all[start:end][local]
+                    # Non-head columns: softmax(z/T) = rest(z/T) · exp(lse_rest - lse_t), so one exponential
+                    # serves both. Rows without a tail (lse_rest = -inf) are all head: overwritten below.
+                    tail = torch.exp(lse_rest - lse_t)
+                    coef = z.new_zeros(end - start).index_copy_(
+                        0, local, (g_lse_t[pick] * tail + g_rest[pick]) / temperature
+                    )
+                    soft_t = torch.div(z, temperature).sub_(lse_rest_all[start:end, None]).exp_().mul_(coef[:, None])
+                    head_cells = _head_cells(local, ids)
+                    z_head = z[local[:, None], ids.clamp(min=0)]  # (k, K) before z is overwritten
+                    head_grad = (z_head / temperature - lse_t[:, None]).exp() * (g_lse_t[pick] / temperature)[:, None]
+                    soft_t.index_put_(head_cells, head_grad[ids >= 0])  # written over, not added
                 dz = z.sub_(lse1[start:end, None]).exp_().mul_(g_lse1[start:end, None])
                 if soft_t is not None:
                     dz.add_(soft_t)
@@ -374,6 +435,12 @@ class _HeadStatistics(torch.autograd.Function):
         grad_w = grad_w.to(weight.dtype) if need_w else None
         grad_b = grad_b.to(bias.dtype) if need_b else None
         return grad_h, grad_w, grad_b, None, None, None, None, None, None
+
+
+def _head_cells(local: Tensor, ids: Tensor) -> tuple[Tensor, Tensor]:
+    """(row, column) index pairs of the matched head ids; local (k,) rows of the slice, ids (k, K), -1 = none."""
+    matched = ids >= 0
+    return local[:, None].expand_as(ids)[matched], ids[matched]
 
 
 def _cast(t: Tensor | None, dtype: torch.dtype) -> Tensor | None:
@@ -404,6 +471,24 @@ def feature_loss(student_proj: Tensor, teacher_target: Tensor, mask: Tensor | No
     if student_proj.numel() == 0:
         return _zero(student_proj)
     return (student_proj.float() - teacher_target.float()).pow(2).mean()
+
+
+def routed_feature_loss(router_probs: Tensor, expert_error: Tensor, mask: Tensor | None = None) -> Tensor:
+    """Σ_e p_e · err_e per position, mean over positions: the student-aware router's feature term.
+
+    Args:
+        router_probs: (N, E) the gate's softmax (carries the gate's gradient).
+        expert_error: (N, E) per expert, the MSE (mean over dims) of its student projection
+            against its fixed, standardized teacher layer (`router.RouterOutput.expert_error`).
+        mask: (N,) bool or None.
+
+    ~1 + Var(projection) at init for standardized targets, whatever D or E; see
+    [router-gradient note] in router.py for why each expert is scored against its own target.
+    """
+    router_probs, expert_error = _select_rows(mask, router_probs, expert_error)
+    if router_probs.shape[0] == 0:
+        return _zero(expert_error)
+    return (router_probs.float() * expert_error.float()).sum(dim=-1).mean()
 
 
 def attention_kl_loss(

@@ -1,15 +1,17 @@
 """Trainable modules that sit between the student and the cached teacher signals.
 
 - `StudentAwareRouter` — the **feature** term's router: per aligned position a gate reads
-  the student's hidden state and mixes E experts, one per cached teacher layer; the
-  student's projection must match the routed teacher target. Every parameter acts on
-  the student side; teacher tensors are only read, standardized and weighted.
+  the student's hidden state and weighs E experts, one per cached teacher layer, by how well
+  each expert's student projection matches its teacher layer. Every parameter acts on the
+  student side; teacher tensors are only read, standardized and weighted.
+- `StudentProjection` — normalized student state -> Linear, for the layerwise and contrastive
+  terms; `normalize_student` and `standardize_hidden` keep every hidden-state term O(1).
 - `LogitProjector` — the seeds' cross-vocabulary alternative to `kd_tail_loss`: the cached
   `vocab_proj` teacher feature -> linear -> student output embedding -> student logits.
 - `expert_usage` — the fraction of positions routed (top-1) to each expert, for logs.
 
 Stage 2 flattens the batch to the N aligned positions before calling these modules; the
-matching losses are in `losses.py` (`feature_loss`, `load_balance_loss`,
+matching losses are in `losses.py` (`routed_feature_loss`, `load_balance_loss`,
 `importance_loss`, `projector_kd_loss`).
 
 Inputs from the cache are fp16; every module casts its inputs explicitly to its own
@@ -31,25 +33,56 @@ class RouterOutput:
     """What `StudentAwareRouter.forward` returns (N = aligned positions, E = experts).
 
     Attributes:
-        student_proj: (N, Dt) fp32, gate-mixed student projections (trainable side).
-        target: (N, Dt) fp32, gate-mixed standardized teacher layers; no parameter
-            reaches it (the gate weights are detached on this side).
-        router_probs: (N, E) fp32 softmax of the gate, for the balancing terms.
-        expert_index: (N, top_k) int64 chosen experts, best first.
+        expert_error: (N, E) fp32, per position and expert the MSE (mean over dims) between the
+            expert's student projection and its fixed, standardized teacher layer; trainable only
+            through the student side. `losses.routed_feature_loss(router_probs, expert_error)` is
+            the feature term.
+        router_probs: (N, E) fp32 softmax of the gate; carries the gate's gradient.
+        expert_index: (N, top_k) int64, the top_k experts of each position, best first (column 0
+            feeds `load_balance_loss` and the logged usage).
         attention_alignment: scalar fp32, KL(gate || student query attention), see
-            `StudentAwareRouter`.
+            `StudentAwareRouter`; None when not asked for (its weight is 0).
     """
 
-    student_proj: Tensor
-    target: Tensor
+    expert_error: Tensor
     router_probs: Tensor
     expert_index: Tensor
-    attention_alignment: Tensor
+    attention_alignment: Tensor | None
 
 
-def standardize_hidden(hidden: Tensor, mean: Tensor, std: Tensor, eps: float = 1e-5) -> Tensor:
-    """(hidden - mean) / (std + eps) in fp32; mean/std (D,) are the cache's per-layer stats."""
-    return (hidden.float() - mean.float()) / (std.float() + eps)
+# [target-clip note] Stored teacher states are standardized per dimension with the store's statistics.
+# A dimension that was nearly constant on the calibration rows (std ~1e-6) or a massive activation on
+# a few tokens can still give a standardized value of 1e3 or more on another row, and one such value
+# outweighs every other position of the batch in an MSE. Clipping at ±10 (a standardized value a
+# Gaussian dimension reaches with probability ~1e-23) leaves ordinary values untouched and bounds
+# what one element can cost, so the feature, layerwise and attention-alignment terms stay O(1).
+TARGET_CLIP = 10.0
+
+
+def standardize_hidden(
+    hidden: Tensor, mean: Tensor, std: Tensor, eps: float = 1e-5, clip: float = TARGET_CLIP
+) -> Tensor:
+    """(hidden - mean) / (std + eps) in fp32, clipped to ±clip ([target-clip note]); mean/std (D,) per layer."""
+    return ((hidden.float() - mean.float()) / (std.float() + eps)).clamp(-clip, clip)
+
+
+def normalize_student(hidden: Tensor) -> Tensor:
+    """Parameter-free layer norm over the last dim, in fp32: each position to mean 0 and rms 1.
+
+    [student-norm note] The student's raw hidden states are not standardized: a pretrained student
+    has outlier dimensions (SmolLM2's layer 28: rms 74.8, max 23,874), and a Linear fed with them at
+    its default init outputs values ~rms · |x|, so a term against unit-variance teacher targets read
+    1,730 at initialization. After this normalization every position has squared norm D, so any
+    trainable projection at its default init (weights ~U(±1/sqrt(D))) outputs variance ~1/3 per dim
+    whatever the student's scale: the feature, layerwise, contrastive and attention-alignment terms
+    start O(1) and can only grow through the projection's own weights. No affine gain or bias: the
+    Linear after it already has both, and a gain would only let a large scale back in. (It cannot
+    be a way to collapse either: the teacher targets are fixed, so shrinking the student side never
+    lowers an MSE.) Outlier dimensions still dominate the normalized vector; the other dimensions
+    keep their directions at a smaller scale, which Adam's per-parameter steps learn from.
+    """
+    h = hidden.float()
+    return F.layer_norm(h, h.shape[-1:])
 
 
 def expert_usage(router_probs: Tensor) -> list[float]:
@@ -65,39 +98,71 @@ def _build_projection(in_dim: int, out_dim: int, rank: int | None) -> nn.Module:
     return nn.Sequential(nn.Linear(in_dim, rank, bias=False), nn.Linear(rank, out_dim))
 
 
+class StudentProjection(nn.Module):
+    """Student hidden state (.., Ds) -> `normalize_student` -> Linear -> (.., Dt) fp32.
+
+    The projection of the layerwise and contrastive terms ([student-norm note]). Any input dtype
+    (bf16 under autocast, fp32 otherwise); the output is fp32.
+    """
+
+    def __init__(self, student_dim: int, teacher_dim: int, rank: int | None = None) -> None:
+        super().__init__()
+        self.proj = _build_projection(student_dim, teacher_dim, rank)
+
+    def forward(self, hidden: Tensor) -> Tensor:
+        weight = next(self.proj.parameters())
+        return self.proj(normalize_student(hidden).to(weight.dtype)).float()
+
+
 class StudentAwareRouter(nn.Module):
-    """Routes each student position to a mixture of cached teacher layers (the experts).
+    """Routes each student position to the cached teacher layers (the experts) its state fits.
 
     Args:
         student_dim: Ds, width of the student hidden state fed to the router.
         teacher_dims: {teacher layer: cached width}; expert e is the e-th layer in sorted
             order (`self.layers`). All widths must be equal (Dt).
         num_experts: must equal len(teacher_dims) (the default); experts are layers.
-        top_k: experts mixed per position (clamped to E).
+        top_k: experts reported per position in `expert_index` (clamped to E).
         proj_dim: None = each student projection is a full Linear(Ds -> Dt); an int r
             makes it low-rank, Linear(Ds -> r) -> Linear(r -> Dt).
 
-    Per position, with h the layer-normed student state and g = top_k-renormalized
-    softmax(gate(h)):
-        student_proj = Σ_e g_e · P_e(h)                 (P_e: student-side Linear per expert)
-        target       = Σ_e stopgrad(g_e) · T_e          (T_e: standardized teacher layer e)
-    and `losses.feature_loss(student_proj, target)` is the term.
+    Per position, with h the normalized student state ([student-norm note]), p = softmax(gate(h)),
+    P_e a student-side Linear per expert and T_e the fixed standardized teacher layer e:
+        err_e   = mean_d (P_e(h) - T_e)²
+        feature = Σ_e p_e · err_e                      (`losses.routed_feature_loss`)
 
-    Why it cannot collapse: the target is a convex combination of fixed teacher tensors
-    that are standardized (unit variance per dim), with weights that carry no gradient —
-    no parameter can shrink, scale or otherwise reach it, so the MSE can only go down by
-    moving the student's projection onto the teacher. The gate still learns, through the
-    student side: it is pushed towards experts whose projection P_e fits, not towards an
-    "easy" target. Balance between experts comes from `load_balance_loss` /
-    `importance_loss` on `router_probs`.
+    [router-gradient note] The gate weighs each expert's own error (the competitive mixture of
+    experts of Jacobs et al., 1991), over all E experts, with the full softmax. Its gradient is the
+    true one, ∂feature/∂logit_e = p_e (err_e - feature): the gate moves towards the experts whose
+    projection fits this position, for every position and any top_k. The form it replaces mixed the
+    projections and the targets with top-k-renormalized weights and detached the target's weights:
+    a semi-gradient that only saw the student side, and none at all with top_k = 1 (the weight of a
+    single expert is 1); on a synthetic task with one right expert per position its gate stayed
+    near uniform (feature 0.381 against 0.045 with the true gradient) and usage collapsed to 2 of 4
+    experts. Why every expert at every position, not only the top k: with sparse dispatch an expert
+    the gate does not pick is never trained where it would fit, so its error never drops there and
+    the gate never learns to pick it (rich get richer), while a renormalized top-1 has no gradient.
+    The experts are the cached teacher layers (4 in the reference config), each one Ds×Dt product per
+    position: for the reference student (576 wide, 135M parameters) and Dt = 1024 that is ~2% of
+    its forward and backward (less at a PCA-reduced Dt), not worth a biased gradient.
+    Why each expert against its own target and not the mixed projection against the mixed
+    target: a mixture of fixed targets has less power than any of them (averaging uncorrelated
+    layers shrinks it), so the gate could lower the error by blurring experts instead of choosing
+    one; with per-expert errors a blend is never better than its best member.
+
+    Why it cannot collapse: each target T_e is a fixed teacher tensor, standardized (unit variance
+    per dim), that no parameter can reach, so err_e can only go down by moving P_e(h) onto T_e, and
+    the gate can only go down by routing to an expert with a lower error. Balance between experts
+    comes from `load_balance_loss` / `importance_loss` on `router_probs` and from every expert being
+    trained wherever the gate gives it weight.
 
     Attention alignment (a light cross-attention, O(1)): a student-side query
     q = W_q h (Ds -> Dt) attends over the E fixed expert targets at the same position,
     a = softmax(q · T_e / sqrt(Dt)); the term is KL(stopgrad(router_probs) || a), mean
     over positions, bounded by ~log E plus score spread at init. It asks the student's
-    state to carry which teacher layer it is routed to. The gate is detached here too,
-    otherwise gate and query could both flatten to uniform and make the term trivially 0;
-    the keys are fixed teacher tensors, so only the student side can move.
+    state to carry which teacher layer it is routed to. The gate is detached here, otherwise
+    gate and query could both flatten to uniform and make the term trivially 0; the keys are
+    fixed teacher tensors, so only the student side can move. Computed only when asked for.
     """
 
     def __init__(
@@ -126,47 +191,43 @@ class StudentAwareRouter(nn.Module):
         self.num_experts = num_experts
         self.top_k = min(top_k, num_experts)
         self.teacher_dim: int = widths.pop()
-        self.norm = nn.LayerNorm(student_dim)
         self.gate = nn.Linear(student_dim, num_experts)
         self.student_proj = nn.ModuleList(
             _build_projection(student_dim, self.teacher_dim, proj_dim) for _ in range(num_experts)
         )
         self.query = nn.Linear(student_dim, self.teacher_dim, bias=False)
 
-    def forward(self, student_hidden: Tensor, teacher_hidden: dict[int, Tensor]) -> RouterOutput:
+    def forward(
+        self, student_hidden: Tensor, teacher_hidden: dict[int, Tensor], with_attention: bool = True
+    ) -> RouterOutput:
         """Route N aligned positions.
 
         Args:
-            student_hidden: (N, Ds) student hidden states at aligned positions, any dtype.
+            student_hidden: (N, Ds) student hidden states at aligned positions, any dtype and scale.
             teacher_hidden: {layer: (N, Dt)} cached teacher states at the same positions,
                 already standardized (`standardize_hidden`), any dtype; never modified.
+            with_attention: compute `attention_alignment` (False when its weight is 0).
         """
         missing = [layer for layer in self.layers if layer not in teacher_hidden]
         if missing:
             raise KeyError(f"teacher_hidden lacks layers {missing}; the router was built for {self.layers}")
-        h = self.norm(student_hidden.to(self.norm.weight.dtype))  # (N, Ds)
-        n = h.shape[0]
+        h = normalize_student(student_hidden).to(self.gate.weight.dtype)  # (N, Ds)
         router_probs = F.softmax(self.gate(h).float(), dim=-1)  # (N, E)
-        top_probs, expert_index = router_probs.topk(self.top_k, dim=-1)  # (N, k)
-        gates = top_probs / top_probs.sum(dim=-1, keepdim=True)  # renormalized over the chosen k
-
-        # Dispatch: each expert only sees the rows that chose it, so cost is N·k, not N·E.
-        student_proj = h.new_zeros(n, self.teacher_dim, dtype=torch.float32)
-        target = h.new_zeros(n, self.teacher_dim, dtype=torch.float32)
-        for e, layer in enumerate(self.layers):
-            # Rows choosing e, and in which top-k slot. An expert nobody chose still runs on
-            # zero rows, so its parameters get a zero gradient instead of none (DDP-friendly).
-            rows, slot = (expert_index == e).nonzero(as_tuple=True)
-            g = gates[rows, slot].unsqueeze(-1)  # (n_e, 1)
-            student_proj = student_proj.index_add(0, rows, g * self.student_proj[e](h[rows]).float())
-            fixed = teacher_hidden[layer][rows].float()
-            target = target.index_add(0, rows, g.detach() * fixed)
+        expert_index = router_probs.topk(self.top_k, dim=-1).indices  # (N, k)
+        # One expert at a time: never an (N, E, Dt) stack. [router-gradient note]
+        expert_error = torch.stack(
+            [
+                (self.student_proj[e](h).float() - teacher_hidden[layer].float()).pow(2).mean(dim=-1)
+                for e, layer in enumerate(self.layers)
+            ],
+            dim=-1,
+        )  # (N, E)
+        attention = self._attention_alignment(h, teacher_hidden, router_probs) if with_attention else None
         return RouterOutput(
-            student_proj=student_proj,
-            target=target,
+            expert_error=expert_error,
             router_probs=router_probs,
             expert_index=expert_index,
-            attention_alignment=self._attention_alignment(h, teacher_hidden, router_probs),
+            attention_alignment=attention,
         )
 
     def _attention_alignment(self, h: Tensor, teacher_hidden: dict[int, Tensor], router_probs: Tensor) -> Tensor:

@@ -67,7 +67,6 @@ from distill.pipeline.losses import (
     build_layer_map,
     combine_terms,
     contrastive_loss,
-    feature_loss,
     importance_loss,
     kd_tail_loss,
     layerwise_loss,
@@ -76,9 +75,16 @@ from distill.pipeline.losses import (
     load_balance_loss,
     pool_attention_to_spans,
     projector_kd_loss,
+    routed_feature_loss,
     uld_loss,
 )
-from distill.pipeline.router import LogitProjector, StudentAwareRouter, expert_usage, standardize_hidden
+from distill.pipeline.router import (
+    LogitProjector,
+    StudentAwareRouter,
+    StudentProjection,
+    expert_usage,
+    standardize_hidden,
+)
 from distill.pipeline.signals import LiveTeacher, TeacherSignal, read_cached_signal, signal_fields
 
 # --- setup --------------------------------------------------------------------------------
@@ -195,9 +201,11 @@ def build_modules(
                 student_dim, {layer: lay["hidden_dim"] for layer in layers}, top_k=cfg.router_top_k
             )
         if cur.layerwise > 0 and "layerwise" not in cur.disabled:
-            modules["layerwise"] = nn.ModuleDict({str(i): nn.Linear(student_dim, lay["hidden_dim"]) for i in layer_map})
+            modules["layerwise"] = nn.ModuleDict(
+                {str(i): StudentProjection(student_dim, lay["hidden_dim"]) for i in layer_map}
+            )
         if cur.contrastive > 0 and "contrastive" not in cur.disabled:
-            modules["contrastive"] = nn.Linear(student_dim, lay["hidden_dim"])
+            modules["contrastive"] = StudentProjection(student_dim, lay["hidden_dim"])
     if "projector" in need:
         modules["projector"] = LogitProjector(lay["teacher_hidden_size"], student.get_output_embeddings())
     return modules
@@ -535,11 +543,15 @@ def compute_losses(ctx: Context, batch: Batch, weights: dict[str, float]) -> tup
     if on & {"feature", "router_balance", "router_importance", "router_attention"} and "router" in ctx.modules:
         student_h = out.hidden_states[-1][b, sp]  # (N, Ds)
         teacher_h = {layer: teacher_hidden_at(ctx, sig, layer, b, tp) for layer in ctx.modules["router"].layers}
-        routed = ctx.modules["router"](student_h, teacher_h)
-        raw["feature"] = feature_loss(routed.student_proj, routed.target)
-        raw["router_balance"] = load_balance_loss(routed.router_probs, routed.expert_index)
-        raw["router_importance"] = importance_loss(routed.router_probs)
-        raw["router_attention"] = routed.attention_alignment
+        routed = ctx.modules["router"](student_h, teacher_h, with_attention="router_attention" in on)
+        if "feature" in on:
+            raw["feature"] = routed_feature_loss(routed.router_probs, routed.expert_error)
+        if "router_balance" in on:
+            raw["router_balance"] = load_balance_loss(routed.router_probs, routed.expert_index)
+        if "router_importance" in on:
+            raw["router_importance"] = importance_loss(routed.router_probs)
+        if routed.attention_alignment is not None:
+            raw["router_attention"] = routed.attention_alignment
         logs["expert_usage"] = expert_usage(routed.router_probs.detach())
     if need_attn:
         raw["attention"] = compute_attention(ctx, sig, out.attentions, batch.key_spans.to(ctx.device), b, tp, sp)
@@ -547,7 +559,7 @@ def compute_losses(ctx: Context, batch: Batch, weights: dict[str, float]) -> tup
         raw["layerwise"] = torch.stack(
             [
                 layerwise_loss(
-                    ctx.modules["layerwise"][str(i)](out.hidden_states[i][b, sp].float()),
+                    ctx.modules["layerwise"][str(i)](out.hidden_states[i][b, sp]),  # normalized inside
                     teacher_hidden_at(ctx, sig, m, b, tp),
                 )
                 for i, m in ctx.layer_map.items()
@@ -556,7 +568,7 @@ def compute_losses(ctx: Context, batch: Batch, weights: dict[str, float]) -> tup
     if "contrastive" in on:
         last = max(ctx.stats)  # the deepest cached teacher layer
         raw["contrastive"] = contrastive_loss(
-            ctx.modules["contrastive"](out.hidden_states[-1][b, sp].float()),
+            ctx.modules["contrastive"](out.hidden_states[-1][b, sp]),
             teacher_hidden_at(ctx, sig, last, b, tp),
             cfg.contrastive_temperature,
         )
