@@ -15,8 +15,10 @@ from typer.testing import CliRunner
 from distill.cache.reader import CacheReader
 from distill.cli import app
 from distill.pipeline.evaluate import (
+    RowScores,
     bits_per_byte,
     bootstrap_bpb,
+    build_student_spans,
     evaluate_student,
     expected_calibration_error,
     find_boundaries,
@@ -24,6 +26,8 @@ from distill.pipeline.evaluate import (
     gap_closed,
     percentile_interval,
     resolve_student,
+    score_identical_bytes,
+    score_row,
 )
 from tests.conftest import run_train, train_args
 
@@ -296,3 +300,28 @@ def test_eval_verifies_the_store_and_writes_nothing_into_a_plain_model_folder(tr
     )
     assert result.exit_code == 2
     assert "not sound" in result.stderr and "shard 00000 chunk 0" in result.stderr
+
+
+def test_prefix_models_score_every_byte_whichever_way_the_prefix_is_listed():
+    text = "ab cd"
+
+    def one_row(scores: tuple[np.ndarray, np.ndarray]) -> RowScores:
+        return RowScores([scores[0]], [scores[1]])
+
+    # teacher row with its BOS: NLL of "ab" 1.0 (predicted at the BOS), " cd" 2.0
+    teacher = score_row(np.array([[0, 0], [0, 2], [2, 5]]), 3, np.array([1.0, 2.0]))
+    # student with a BOS (id 7), tokens "a" "b" " cd" with NLL 0.5, 0.25, 4.0; align_batch may list the
+    # prefix's (0, 0) span or only the text tokens' spans
+    ids = np.array([7, 11, 12, 13])
+    listed = build_student_spans(ids, [[0, 0], [0, 1], [1, 2], [2, 5]], [7])
+    unlisted = build_student_spans(ids, [[0, 1], [1, 2], [2, 5]], [7])
+    assert listed.tolist() == unlisted.tolist() == [[0, 0], [0, 1], [1, 2], [2, 5]]
+    student = score_row(listed, 4, np.array([0.5, 0.25, 4.0]))
+    no_prefix = build_student_spans(np.array([11, 12, 13]), [[0, 1], [1, 2], [2, 5]], [7])  # row without the BOS
+    assert no_prefix.tolist() == [[0, 1], [1, 2], [2, 5]]
+    nll, nbytes = score_identical_bytes([text], [one_row(teacher), one_row(student)])
+    assert nbytes.tolist() == [5] and nll[:, 0].tolist() == [3.0, 4.75]
+    # without its BOS the student cannot predict "a": every model starts after it, at the next shared boundary 2
+    bare = score_row(no_prefix, 3, np.array([0.25, 4.0]))
+    nll, nbytes = score_identical_bytes([text], [one_row(teacher), one_row(bare)])
+    assert nbytes.tolist() == [3] and nll[:, 0].tolist() == [2.0, 4.0]

@@ -30,7 +30,8 @@ with ``--split all --cache STORE``).
 
 [bootstrap note] Intervals resample rows with replacement (fixed seed, 1,000 resamples), the
 same rows for every model in a resample, and recompute each bits per byte as a ratio of sums
-and gap closed from them; the interval is the 2.5th-97.5th percentile.
+and gap closed from them; the interval is the 2.5th-97.5th percentile. Resamples where the
+teacher is not better than the baseline leave gap closed undefined and are left out of its interval.
 """
 
 from __future__ import annotations
