@@ -378,6 +378,9 @@ def eval_(
         typer.Option(help="Name (folder name) of the baseline student, e.g. ce_only, for the share of the gap closed."),
     ] = None,
     out: Annotated[Path, typer.Option(help="Folder for report.json, report.md and PNG plots.")] = Path("report"),
+    verify_cache: Annotated[
+        str, typer.Option(help="Check the store first, as train does: auto, deep, quick or off.")
+    ] = "auto",
 ) -> None:
     """Tokenizer-independent quality: bits per byte of each student and of the teacher, held-out kd loss,
     top-1 agreement with the teacher, calibration (ECE), and the share of the baseline->teacher gap closed.
@@ -389,8 +392,10 @@ def eval_(
 
     if split not in ("eval", "all"):
         fail("--split must be eval or all")
+    if verify_cache not in ("auto", "deep", "quick", "off"):
+        fail("--verify-cache must be auto, deep, quick or off")
     try:
-        report = run_eval(students, cache, split, baseline, out)
+        report = run_eval(students, cache, split, baseline, out, verify_cache)
     except (CacheError, ValueError, FileNotFoundError) as exc:
         fail(str(exc))
     typer.echo(format_report(report))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -14,21 +15,25 @@ from typer.testing import CliRunner
 from distill.cache.reader import CacheReader
 from distill.cli import app
 from distill.pipeline.evaluate import (
+    RowScores,
     bits_per_byte,
+    bootstrap_bpb,
+    build_student_spans,
     evaluate_student,
     expected_calibration_error,
+    find_boundaries,
+    find_scored_range,
     gap_closed,
+    percentile_interval,
     resolve_student,
-    scored_bytes,
+    score_identical_bytes,
+    score_row,
 )
 from tests.conftest import run_train, train_args
 
 
-def test_bits_per_byte_counts_the_utf8_bytes_of_the_scored_text():
-    text = "Zoë 🤖 ok"  # Z o ë(2 bytes) space 🤖(4 bytes) space o k
-    # first token "Zo" ends at character 2; scored text "ë 🤖 ok" = 2 + 1 + 4 + 1 + 2 = 10 bytes
-    assert scored_bytes(text, 2) == 10
-    nll = 3.0  # nats
+def test_bits_per_byte_gap_closed_and_ece_by_hand():
+    nll = 3.0  # nats over 10 bytes
     assert bits_per_byte(nll, 10) == pytest.approx(3.0 / (math.log(2) * 10))
     assert gap_closed(0.8, 1.0, 0.6) == pytest.approx(0.5)
     assert expected_calibration_error(np.array([0.9, 0.9, 0.1]), np.array([1.0, 0.0, 0.0])) == pytest.approx(
@@ -74,27 +79,13 @@ def test_eval_writes_report_with_every_metric_and_plots(runs, tmp_path):
         assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 10_000  # axes with curves, not an empty canvas
 
 
-def test_teacher_bpb_matches_a_hand_sum_over_target_logprob(runs):
-    from distill.pipeline.evaluate import teacher_nll
-
-    source = resolve_student(runs["kd"], None, "eval")
-    reader = CacheReader(source.store)
-    data = reader.read_rows(source.rows, ["target_logprob", "length", "offsets", "text"])
-    nll, nbytes = 0.0, 0
-    for i, text in enumerate(data["text"]):
-        n = int(data["length"][i])
-        nll -= float(data["target_logprob"][i, : n - 1].double().sum())
-        nbytes += len(text[int(data["offsets"][i, 0, 1]) :].encode("utf-8"))
-    assert teacher_nll(reader, source.rows) == (pytest.approx(nll), nbytes)
-
-
 def test_top1_agreement_with_a_shared_tokenizer_equals_a_direct_argmax_comparison(train_assets, tmp_path):
     from transformers import AutoModelForCausalLM
 
     out = tmp_path / "same"
     run_train(train_args(train_assets, out, student="student_same_tok"), steps=2, eval_every=2)
     source = resolve_student(out, None, "eval")
-    metrics = evaluate_student(source)
+    metrics, _ = evaluate_student(source, tmp_path / "vocab")
     assert metrics["same_tokenizer"]
     model = AutoModelForCausalLM.from_pretrained(out / "final", dtype=torch.float32).eval()
     data = CacheReader(source.store).read_rows(source.rows, ["input_ids", "length", "topk_ids"])
@@ -105,5 +96,232 @@ def test_top1_agreement_with_a_shared_tokenizer_equals_a_direct_argmax_compariso
             logits = model(input_ids=data["input_ids"][i : i + 1, :n]).logits[0]
             agree += int((logits.argmax(-1) == data["topk_ids"][i, :n, 0]).sum())
             total += n
-    assert metrics["aligned_positions"] == total
+    assert metrics["aligned_positions"] == metrics["top1_positions"] == total
+    assert metrics["top1_unmapped_positions"] == 0
     assert metrics["top1_agreement"] == pytest.approx(agree / total)
+
+
+# --- identical bytes, truncated students, row sets, top-1, intervals, store checks ----------------
+
+
+def test_boundaries_and_scored_range_by_hand():
+    # "Hello world!": teacher with a BOS, student without a prefix
+    teacher = np.array([[0, 0], [0, 5], [5, 11], [11, 12]])
+    student = np.array([[0, 3], [3, 5], [5, 8], [8, 12]])
+    t_pos, t_ends = find_boundaries(teacher, kept=4)
+    s_pos, s_ends = find_boundaries(student, kept=4)
+    assert t_pos.tolist() == [0, 1, 2, 3] and t_ends.tolist() == [0, 5, 11, 12]  # the BOS closes text[:0]
+    assert s_pos.tolist() == [0, 1, 2, 3] and s_ends.tolist() == [3, 5, 8, 12]
+    # the student cannot score "Hel" (its first token) and shares no boundary at 3 with the teacher
+    assert find_scored_range([t_ends, s_ends]) == (5, 12)
+    with_bos = np.concatenate([[[0, 0]], student])
+    assert find_scored_range([t_ends, find_boundaries(with_bos, kept=5)[1]]) == (0, 12)  # every byte
+    assert find_scored_range([t_ends, find_boundaries(student, kept=2)[1]]) is None  # only 5 in common
+    # a context cut inside a character: token 1 ends at 3 but the dropped token 2 starts inside it
+    split = np.array([[0, 2], [2, 3], [2, 3], [3, 5]])
+    assert find_boundaries(split, kept=2)[1].tolist() == [2]
+    assert find_boundaries(split, kept=4)[1].tolist() == [2, 3, 5]
+
+
+def test_bootstrap_interval_of_two_rows_spans_their_extremes():
+    # two rows of one byte each: a resample's mean is a, (a + b) / 2 or b with chances 1/4, 1/2, 1/4,
+    # so the 2.5% and 97.5% percentiles are the extremes
+    a, b = 1.0, 3.0
+    samples = bootstrap_bpb(np.array([[a, b]]), np.array([1, 1]), resamples=1000, seed=0)
+    assert samples.shape == (1000, 1)
+    assert percentile_interval(samples[:, 0], 0.95) == pytest.approx((a / math.log(2), b / math.log(2)))
+    again = bootstrap_bpb(np.array([[a, b]]), np.array([1, 1]), resamples=1000, seed=0)
+    assert np.array_equal(samples, again)  # fixed seed
+    flat = bootstrap_bpb(np.array([[2.0, 2.0, 2.0]]), np.array([1, 1, 1]), resamples=50, seed=0)
+    assert percentile_interval(flat[:, 0], 0.95) == pytest.approx((2 / math.log(2), 2 / math.log(2)))
+
+
+def brute_force_boundaries(spans: list[tuple[int, int]], kept: int, prefix: int) -> dict[int, int]:
+    """Character c -> the model position after which its tokens consumed exactly text[:c], by brute force.
+
+    spans: the text tokens of the WHOLE tokenization (kept or not); kept: text tokens the model reads;
+    prefix: tokens before the text (a prefix model has consumed text[:0] at its last prefix position).
+    """
+    found = {0: prefix - 1} if prefix else {}
+    for p in range(kept):
+        c = spans[p][1]
+        if all(e <= c for _, e in spans[: p + 1]) and all(s >= c for s, _ in spans[p + 1 :]):
+            found[c] = prefix + p
+    return found
+
+
+def test_every_model_is_scored_on_identical_bytes_and_a_short_student_only_on_what_it_predicted(train_assets, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from distill.pipeline.tokens import prefix_ids
+
+    short = tmp_path / "short"  # cross-tokenizer student with a 12-token context: rows are cut
+    model = AutoModelForCausalLM.from_pretrained(train_assets["student"])
+    model.config.max_position_embeddings = 12
+    model.save_pretrained(short)
+    AutoTokenizer.from_pretrained(train_assets["student"]).save_pretrained(short)
+    same = train_assets["student_same_tok"]
+    store = str(train_assets["store"])
+    out = tmp_path / "report"
+    result = CliRunner().invoke(
+        app, ["eval", str(short), str(same), "--cache", store, "--split", "all", "--out", str(out)]
+    )
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "report.json").read_text())
+
+    data = CacheReader(store).read_rows(
+        CacheReader(store).row_ids, ["input_ids", "length", "offsets", "text", "target_logprob"]
+    )
+    models = {
+        name: AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+        for name, path in (("short", short), ("student_same_tok", same))
+    }
+    tokenizer = AutoTokenizer.from_pretrained(short)
+    nll = {"teacher": 0.0, "short": 0.0, "student_same_tok": 0.0}
+    nbytes = cut_rows = 0
+    for i, text in enumerate(data["text"]):
+        n = int(data["length"][i])
+        t_spans = [tuple(s) for s in data["offsets"][i, :n].tolist()]
+        t_prefix = next((j for j, s in enumerate(t_spans) if s != (0, 0)), n)
+        t_ids = data["input_ids"][i, :n]
+        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        s_prefix = prefix_ids(tokenizer)
+        kept = 12 - len(s_prefix)
+        cut_rows += len(enc["input_ids"]) > kept
+        s_ids = torch.tensor([s_prefix + enc["input_ids"][:kept]])
+        found = {
+            "teacher": brute_force_boundaries(t_spans[t_prefix:], n - t_prefix, t_prefix),
+            "short": brute_force_boundaries(enc["offset_mapping"], min(kept, len(enc["input_ids"])), len(s_prefix)),
+            "student_same_tok": brute_force_boundaries(t_spans[t_prefix:], n - t_prefix, t_prefix),
+        }
+        common = sorted(set.intersection(*(set(f) for f in found.values())))
+        if len(common) < 2:
+            continue
+        start, end = common[0], common[-1]
+        nbytes += len(text[start:end].encode("utf-8"))
+        first, last = found["teacher"][start], found["teacher"][end]
+        nll["teacher"] -= float(data["target_logprob"][i, first:last].double().sum())
+        for name, ids in (("short", s_ids), ("student_same_tok", t_ids[None].long())):
+            with torch.no_grad():
+                logp = torch.log_softmax(models[name](input_ids=ids).logits[0].double(), -1)
+            first, last = found[name][start], found[name][end]
+            nll[name] -= float(sum(logp[p - 1, ids[0, p]] for p in range(first + 1, last + 1)))
+    assert cut_rows > 0 and nbytes > 0
+    assert report["scored_bytes"] == report["teacher_bytes"] == nbytes
+    assert report["teacher_bpb"] == pytest.approx(bits_per_byte(nll["teacher"], nbytes))
+    for name in ("short", "student_same_tok"):
+        s = report["students"][name]
+        assert s["bytes"] == nbytes
+        assert s["bpb"] == pytest.approx(bits_per_byte(nll[name], nbytes), rel=1e-5)
+        lo, hi = s["bpb_ci"]
+        assert lo <= s["bpb"] <= hi
+    lo, hi = report["teacher_bpb_ci"]
+    assert lo <= report["teacher_bpb"] <= hi
+    assert report["bootstrap"] == {"resamples": 1000, "seed": 0, "confidence": 0.95, "unit": "row"}
+
+
+def test_top1_agreement_leaves_out_teacher_tokens_without_a_student_token(runs, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from distill.pipeline.align import align_offsets, build_vocab_map
+    from distill.pipeline.train import load_cache_tokenizer
+
+    source = resolve_student(runs["kd"], None, "eval")
+    metrics, _ = evaluate_student(source, tmp_path / "vocab")
+    reader = CacheReader(source.store)
+    tokenizer = AutoTokenizer.from_pretrained(source.model_dir)
+    vocab_map = build_vocab_map(load_cache_tokenizer(reader), tokenizer)
+    model = AutoModelForCausalLM.from_pretrained(source.model_dir, dtype=torch.float32).eval()
+    data = reader.read_rows(source.rows, ["length", "offsets", "text", "topk_ids"])
+    agree = compared = unmapped = 0
+    for i, text in enumerate(data["text"]):
+        enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        alignment = align_offsets(data["offsets"][i], int(data["length"][i]), enc["offset_mapping"])
+        with torch.no_grad():
+            logits = model(input_ids=torch.tensor([enc["input_ids"]])).logits[0]
+        for t, s in zip(alignment.teacher_pos.tolist(), alignment.student_pos.tolist()):
+            target = int(vocab_map[int(data["topk_ids"][i, t, 0])])
+            if target < 0:
+                unmapped += 1
+                continue
+            compared += 1
+            agree += int(int(logits[s].argmax()) == target)
+    assert unmapped > 0 and compared > 0
+    assert metrics["top1_unmapped_positions"] == unmapped
+    assert metrics["top1_positions"] == compared
+    assert metrics["top1_agreement"] == pytest.approx(agree / compared)
+
+
+def test_students_held_out_on_other_rows_are_scored_on_their_intersection(runs, tmp_path):
+    kd = tmp_path / "kd_subset"
+    shutil.copytree(runs["kd"], kd)
+    saved = json.loads((kd / "config.json").read_text())
+    full = saved["eval_rows"]
+    saved["eval_rows"] = full[: len(full) // 2 + 1]
+    (kd / "config.json").write_text(json.dumps(saved))
+    out = tmp_path / "report"
+    result = CliRunner().invoke(
+        app, ["eval", str(kd), str(runs["ce_only"]), "--baseline", "ce_only", "--out", str(out)]
+    )
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "report.json").read_text())
+    assert report["rows"] == len(saved["eval_rows"])
+    assert all(s["rows"] == len(saved["eval_rows"]) for s in report["students"].values())
+    assert report["students"]["ce_only"]["rows_held_out"] == len(full)
+    assert "intersection" in result.output and "intersection" in (out / "report.md").read_text()
+
+    saved["eval_source"] = str(tmp_path / "another_store")
+    (kd / "config.json").write_text(json.dumps(saved))
+    refused = CliRunner().invoke(app, ["eval", str(kd), str(runs["ce_only"]), "--out", str(out)])
+    assert refused.exit_code == 2
+    assert "different stores" in refused.stderr and len(refused.stderr.strip().splitlines()) == 1
+
+
+def test_eval_verifies_the_store_and_writes_nothing_into_a_plain_model_folder(train_assets, tmp_path):
+    model_dir = tmp_path / "plain"
+    shutil.copytree(train_assets["student"], model_dir)
+    before = sorted(p.relative_to(model_dir) for p in model_dir.rglob("*"))
+    store = tmp_path / "store"
+    shutil.copytree(train_assets["store"], store)
+    out = tmp_path / "report"
+    result = CliRunner().invoke(
+        app, ["eval", str(model_dir), "--cache", str(store), "--split", "all", "--out", str(out)]
+    )
+    assert result.exit_code == 0, result.output
+    assert sorted(p.relative_to(model_dir) for p in model_dir.rglob("*")) == before
+    assert list((out / "vocab_map").glob("vocab_map-*.npy"))
+
+    chunk_file = store / "shards" / "00000" / "topk_logits" / "c" / "0" / "0" / "0"
+    data = bytearray(chunk_file.read_bytes())
+    data[len(data) // 2] ^= 0x10
+    chunk_file.write_bytes(bytes(data))
+    result = CliRunner().invoke(
+        app, ["eval", str(model_dir), "--cache", str(store), "--split", "all", "--out", str(out)]
+    )
+    assert result.exit_code == 2
+    assert "not sound" in result.stderr and "shard 00000 chunk 0" in result.stderr
+
+
+def test_prefix_models_score_every_byte_whichever_way_the_prefix_is_listed():
+    text = "ab cd"
+
+    def one_row(scores: tuple[np.ndarray, np.ndarray]) -> RowScores:
+        return RowScores([scores[0]], [scores[1]])
+
+    # teacher row with its BOS: NLL of "ab" 1.0 (predicted at the BOS), " cd" 2.0
+    teacher = score_row(np.array([[0, 0], [0, 2], [2, 5]]), 3, np.array([1.0, 2.0]))
+    # student with a BOS (id 7), tokens "a" "b" " cd" with NLL 0.5, 0.25, 4.0; align_batch may list the
+    # prefix's (0, 0) span or only the text tokens' spans
+    ids = np.array([7, 11, 12, 13])
+    listed = build_student_spans(ids, [[0, 0], [0, 1], [1, 2], [2, 5]], [7])
+    unlisted = build_student_spans(ids, [[0, 1], [1, 2], [2, 5]], [7])
+    assert listed.tolist() == unlisted.tolist() == [[0, 0], [0, 1], [1, 2], [2, 5]]
+    student = score_row(listed, 4, np.array([0.5, 0.25, 4.0]))
+    no_prefix = build_student_spans(np.array([11, 12, 13]), [[0, 1], [1, 2], [2, 5]], [7])  # row without the BOS
+    assert no_prefix.tolist() == [[0, 1], [1, 2], [2, 5]]
+    nll, nbytes = score_identical_bytes([text], [one_row(teacher), one_row(student)])
+    assert nbytes.tolist() == [5] and nll[:, 0].tolist() == [3.0, 4.75]
+    # without its BOS the student cannot predict "a": every model starts after it, at the next shared boundary 2
+    bare = score_row(no_prefix, 3, np.array([0.25, 4.0]))
+    nll, nbytes = score_identical_bytes([text], [one_row(teacher), one_row(bare)])
+    assert nbytes.tolist() == [3] and nll[:, 0].tolist() == [2.0, 4.0]

@@ -6,20 +6,41 @@ For each student, on the held-out rows (those its run held out, or every row of 
 bits per byte of the row texts, held-out kd loss, top-1 agreement with the teacher at aligned
 positions, expected calibration error; the teacher's bits per byte from the cached
 ``target_logprob``; with a baseline, the share of the baseline -> teacher gap each student
-closed. Writes report.json, report.md and PNG plots of the runs' metrics.
+closed; 95% bootstrap intervals over rows for bits per byte and gap closed. Writes report.json,
+report.md and PNG plots of the runs' metrics.
 
-[bpb note] Bits per byte = total NLL in nats / (ln 2 x UTF-8 bytes of the scored text). A
-row's first token has no context, so each model scores its tokens after the first one, and
-the bytes counted are exactly those of the text those tokens cover: ``text[end of first
-token:]`` (its own first token for each model, so two tokenizers score the same text up to
-the first token of each row).
+[scored-bytes note] Bits per byte = total NLL in nats / (ln 2 x UTF-8 bytes of the scored
+text), and every model of a report (the teacher and each student) is scored on identical
+bytes. A model can score text from a *boundary* on: a character position c where its tokens
+so far consumed exactly ``text[:c]`` (a clean end, see align's [clean-end note]; a model whose
+tokenizer puts a prefix such as ``<bos>`` before the text also has c = 0, a model without one
+cannot predict its first token). Per row, the scored range is [first, last] of the boundaries
+that every model has among the tokens it reads: it starts at or after the end of the first
+token of each model without a prefix (at 0 when all have one) and ends where the shortest
+context stops (a student cut at its context is scored only on what it predicted; the cut
+token's end counts only if the next, dropped token starts at or after it). Each model's NLL
+is the sum over its tokens inside the range; the bytes are those of ``text[start:end]``. A row
+where fewer than two boundaries are shared scores nothing. Adding a model to a report can
+shrink the range of the others (a few bytes per row).
+
+[row-set note] All students are scored on the same rows. Run directories bring the rows their
+run held out; when those differ but come from one store, the report uses their intersection
+and says so (``row_selection``); runs held out on different stores are refused (score them
+with ``--split all --cache STORE``).
+
+[bootstrap note] Intervals resample rows with replacement (fixed seed, 1,000 resamples), the
+same rows for every model in a resample, and recompute each bits per byte as a ratio of sums
+and gap closed from them; the interval is the 2.5th-97.5th percentile. Resamples where the
+teacher is not better than the baseline leave gap closed undefined and are left out of its interval.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 from dataclasses import dataclass
+from functools import reduce
 from pathlib import Path
 from typing import Any
 
@@ -27,10 +48,21 @@ import numpy as np
 import torch
 
 from distill.cache.reader import CacheReader
-from distill.pipeline.align import align_batch, is_same_tokenizer, load_or_build_vocab_map, pad_vocab_map
+from distill.pipeline.align import (
+    align_batch,
+    find_clean_ends,
+    is_same_tokenizer,
+    load_or_build_vocab_map,
+    pad_vocab_map,
+)
 from distill.pipeline.losses import kd_tail_loss
+from distill.pipeline.tokens import prefix_ids
 
 ECE_BINS = 15
+BOOTSTRAP_RESAMPLES = 1000
+BOOTSTRAP_SEED = 0
+CONFIDENCE = 0.95
+_WHOLE_ROW = 2**62  # a "context" no row reaches: the student's tokens of the whole row
 
 
 @dataclass
@@ -43,6 +75,19 @@ class StudentSource:
     rows: np.ndarray
     temperature: float
     run_dir: Path | None
+
+
+@dataclass
+class RowScores:
+    """Where one model can start and stop being scored in each row, and its NLL up to there.
+
+    ends[r]: (P_r,) int64 boundaries of row r (character positions, strictly increasing), see
+    [scored-bytes note]; cum_nll[r]: (P_r,) float64, NLL in nats of the model's tokens from the
+    start of the row up to each boundary. NLL of the text between two boundaries = difference.
+    """
+
+    ends: list[np.ndarray]
+    cum_nll: list[np.ndarray]
 
 
 def resolve_student(path: Path, cache: str | None, split: str) -> StudentSource:
@@ -62,27 +107,135 @@ def resolve_student(path: Path, cache: str | None, split: str) -> StudentSource:
 
 
 def bits_per_byte(nll_nats: float, num_bytes: int) -> float:
-    """[bpb note] total NLL in nats / (ln 2 x bytes)."""
+    """[scored-bytes note] total NLL in nats / (ln 2 x bytes)."""
     return nll_nats / (math.log(2) * num_bytes) if num_bytes else float("nan")
 
 
-def scored_bytes(text: str, first_token_end: int) -> int:
-    """UTF-8 bytes of the text scored after a row's first token."""
-    return len(text[first_token_end:].encode("utf-8"))
+# --- identical bytes ----------------------------------------------------------------------------
 
 
-def teacher_nll(reader: CacheReader, rows: np.ndarray, batch_size: int = 64) -> tuple[float, int]:
-    """Teacher NLL (nats) of every token after each row's first, and the bytes those tokens cover."""
-    nll, nbytes = 0.0, 0
+def find_boundaries(spans: Any, kept: int) -> tuple[np.ndarray, np.ndarray]:
+    """The boundaries of one model's row among the first ``kept`` positions it reads, see [scored-bytes note].
+
+    spans: (N, 2) character spans of every position of the model's sequence, N >= kept: the
+    prefix first as (0, 0), then its text tokens, through the end of the row even where the
+    model reads only ``kept`` of them (a cut token is clean only if the next one starts after it).
+    Returns (positions (P,), ends (P,)), int64: after position p the model consumed text[:end];
+    a prefix gives (last prefix position, 0).
+    """
+    spans = np.asarray(spans, dtype=np.int64).reshape(-1, 2)
+    positions, ends = find_clean_ends(spans, spans.shape[0])
+    inside = positions < kept
+    positions, ends = positions[inside], ends[inside]
+    text_tokens = np.flatnonzero((spans != 0).any(axis=1))
+    prefix = min(int(text_tokens[0]) if text_tokens.size else spans.shape[0], kept)
+    if prefix:
+        positions = np.concatenate([[prefix - 1], positions]).astype(np.int64)
+        ends = np.concatenate([[0], ends]).astype(np.int64)
+    return positions, ends
+
+
+def find_scored_range(ends: list[np.ndarray]) -> tuple[int, int] | None:
+    """(start, end) characters of a row that every model scores: the first and last shared boundary."""
+    common = reduce(np.intersect1d, ends)
+    return (int(common[0]), int(common[-1])) if common.size >= 2 else None
+
+
+def score_row(spans: Any, kept: int, token_nll: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Boundaries of a row (see ``find_boundaries``) and the cumulative NLL at each.
+
+    token_nll: (kept - 1,) NLL of the tokens at positions 1..kept-1 (position 0 is never predicted).
+    Returns (ends (P,) int64, cum_nll (P,) float64).
+    """
+    positions, ends = find_boundaries(spans, kept)
+    cum = np.concatenate([[0.0], np.cumsum(np.asarray(token_nll, dtype=np.float64))])  # (kept,): tokens 1..p
+    return ends, cum[positions]
+
+
+def nll_between(ends: np.ndarray, cum_nll: np.ndarray, start: int, end: int) -> float:
+    """NLL of a model's tokens covering text[start:end]; start and end are boundaries of that model."""
+    return float(cum_nll[np.searchsorted(ends, end)] - cum_nll[np.searchsorted(ends, start)])
+
+
+def build_student_spans(ids: np.ndarray, offsets: Any, prefix: list[int]) -> np.ndarray:
+    """(N, 2) spans of every position of a student row: its prefix (when the row starts with it) as (0, 0).
+
+    ids: (N,) the row as the model reads it; offsets: the spans align_batch gave, for its text
+    tokens only or for every position (both are accepted).
+    """
+    offsets = np.asarray(offsets, dtype=np.int64).reshape(-1, 2)
+    n = len(ids)
+    k = len(prefix) if prefix and np.asarray(ids[: len(prefix)]).tolist() == prefix else 0
+    if offsets.shape[0] == n:
+        text = offsets[k:]
+    elif offsets.shape[0] == n - k:
+        text = offsets
+    else:
+        raise ValueError(f"{offsets.shape[0]} student offsets for a row of {n} positions (prefix {k})")
+    return np.concatenate([np.zeros((k, 2), dtype=np.int64), text])
+
+
+def teacher_scores(reader: CacheReader, rows: np.ndarray, batch_size: int = 64) -> tuple[list[str], RowScores]:
+    """Row texts and the teacher's boundaries and cumulative NLL (from the cached ``target_logprob``)."""
+    texts, scores = [], RowScores([], [])
     for start in range(0, len(rows), batch_size):
         data = reader.read_rows(rows[start : start + batch_size], ["target_logprob", "length", "offsets", "text"])
         for i, text in enumerate(data["text"]):
             n = int(data["length"][i])
-            if n < 2:
-                continue
-            nll -= float(data["target_logprob"][i, : n - 1].double().sum())
-            nbytes += scored_bytes(text, int(data["offsets"][i, 0, 1]))
+            token_nll = -data["target_logprob"][i, : max(n - 1, 0)].double().numpy()  # position q predicts q + 1
+            ends, cum = score_row(data["offsets"][i, :n].numpy(), n, token_nll)
+            texts.append(text)
+            scores.ends.append(ends)
+            scores.cum_nll.append(cum)
+    return texts, scores
+
+
+def score_identical_bytes(texts: list[str], scores: list[RowScores]) -> tuple[np.ndarray, np.ndarray]:
+    """Per row, every model's NLL over the shared scored range and its bytes, see [scored-bytes note].
+
+    Returns (nll (M, R) float64 nats, bytes (R,) int64); a row without a shared range counts 0 and 0.
+    """
+    nll = np.zeros((len(scores), len(texts)))
+    nbytes = np.zeros(len(texts), dtype=np.int64)
+    for r, text in enumerate(texts):
+        span = find_scored_range([s.ends[r] for s in scores])
+        if span is None:
+            continue
+        nbytes[r] = len(text[span[0] : span[1]].encode("utf-8"))
+        for m, s in enumerate(scores):
+            nll[m, r] = nll_between(s.ends[r], s.cum_nll[r], *span)
     return nll, nbytes
+
+
+# --- intervals ----------------------------------------------------------------------------------
+
+
+def bootstrap_bpb(
+    nll: np.ndarray, nbytes: np.ndarray, resamples: int = BOOTSTRAP_RESAMPLES, seed: int = BOOTSTRAP_SEED
+) -> np.ndarray:
+    """[bootstrap note] (M, R) NLL per model and row, (R,) bytes -> (resamples, M) bits per byte of row resamples."""
+    rng = np.random.default_rng(seed)
+    rows = nbytes.shape[0]
+    samples = np.empty((resamples, nll.shape[0]))
+    for i in range(resamples):
+        pick = rng.integers(0, rows, rows)
+        with np.errstate(invalid="ignore", divide="ignore"):
+            samples[i] = nll[:, pick].sum(axis=1) / (math.log(2) * nbytes[pick].sum())
+    return samples
+
+
+def percentile_interval(samples: np.ndarray, confidence: float = CONFIDENCE) -> tuple[float, float]:
+    """The central ``confidence`` interval of the finite samples, (nan, nan) if none is finite."""
+    finite = samples[np.isfinite(samples)]
+    if finite.size == 0:
+        return float("nan"), float("nan")
+    tail = 100 * (1 - confidence) / 2
+    low, high = np.percentile(finite, [tail, 100 - tail])
+    return float(low), float(high)
+
+
+def _json_interval(interval: tuple[float, float]) -> list[float] | None:
+    return None if any(math.isnan(x) for x in interval) else [interval[0], interval[1]]
 
 
 def expected_calibration_error(confidence: np.ndarray, correct: np.ndarray, bins: int = ECE_BINS) -> float:
@@ -100,8 +253,13 @@ def expected_calibration_error(confidence: np.ndarray, correct: np.ndarray, bins
 
 
 @torch.no_grad()
-def evaluate_student(source: StudentSource, batch_size: int = 8) -> dict[str, Any]:
-    """bpb, held-out kd, top-1 agreement and ECE of one student on its held-out rows (fp32, no autocast)."""
+def evaluate_student(
+    source: StudentSource, vocab_map_dir: Path, batch_size: int = 8
+) -> tuple[dict[str, Any], RowScores]:
+    """kd, top-1 agreement and ECE of one student on its rows (fp32, no autocast), and its row scores for bpb.
+
+    vocab_map_dir: where the teacher -> student vocabulary map is kept (never a plain model folder).
+    """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from distill.pipeline.train import load_cache_tokenizer
@@ -109,44 +267,42 @@ def evaluate_student(source: StudentSource, batch_size: int = 8) -> dict[str, An
     reader = CacheReader(source.store)
     model = AutoModelForCausalLM.from_pretrained(source.model_dir, dtype=torch.float32).eval()
     tokenizer = AutoTokenizer.from_pretrained(source.model_dir)
+    prefix = prefix_ids(tokenizer)
     teacher_tokenizer = load_cache_tokenizer(reader)
     same = is_same_tokenizer(teacher_tokenizer, tokenizer)
     vocab_map = None
     if not same:
-        built = load_or_build_vocab_map(
-            teacher_tokenizer, tokenizer, (source.run_dir or source.model_dir) / "vocab_map"
-        )
+        built = load_or_build_vocab_map(teacher_tokenizer, tokenizer, vocab_map_dir)
         vocab_map = torch.from_numpy(pad_vocab_map(built, reader.manifest["teacher"]["vocab_size"]))
     t_index = reader.temperature_index(source.temperature)
     max_length = int(getattr(model.config, "max_position_embeddings", 2048))
-    nll, nbytes, kd_sum, kd_count, agree, aligned = 0.0, 0, 0.0, 0, 0, 0
+    kd_sum, kd_count, agree, compared, unmapped, aligned = 0.0, 0, 0, 0, 0, 0
     confidences, corrects = [], []
+    scores = RowScores([], [])
     fields = ["input_ids", "length", "offsets", "text", "topk_ids", "topk_logits", "lse"]
     for start in range(0, len(source.rows), batch_size):
         data = reader.read_rows(source.rows[start : start + batch_size], fields)
-        batch = align_batch(
-            data["text"],
-            data["offsets"].numpy(),
-            data["length"].numpy(),
-            tokenizer,
-            max_length,
-            teacher_input_ids=data["input_ids"].numpy(),
-            same_tokenizer=same,
-        )
+        row_args = (data["text"], data["offsets"].numpy(), data["length"].numpy(), tokenizer)
+        row_kwargs = dict(teacher_input_ids=data["input_ids"].numpy(), same_tokenizer=same)
+        batch = align_batch(*row_args, max_length, **row_kwargs)
         logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits.float()  # (B, Ls, V)
         logp = torch.log_softmax(logits, dim=-1)
-        for b, offsets in enumerate(batch.student_offsets):
-            n = len(offsets)
-            if n < 2:
-                continue
-            ids = batch.input_ids[b, 1:n]
-            token_logp = logp[b, : n - 1].gather(1, ids[:, None])[:, 0]
-            nll -= float(token_logp.double().sum())
-            nbytes += scored_bytes(data["text"][b], int(offsets[0][1]))
-            probs = logp[b, : n - 1].exp()
-            conf, pred = probs.max(dim=-1)
-            confidences.append(conf.numpy())
-            corrects.append((pred == ids).numpy())
+        lengths = batch.attention_mask.sum(dim=1).tolist()
+        # a row that fills the context may have been cut: whether its last kept token ends cleanly
+        # depends on the first dropped one, so the boundaries come from the whole row's tokens
+        whole = align_batch(*row_args, _WHOLE_ROW, **row_kwargs) if max(lengths) >= max_length else batch
+        for b, n in enumerate(lengths):
+            ids = batch.input_ids[b, :n]
+            whole_n = int(whole.attention_mask[b].sum())
+            spans = build_student_spans(whole.input_ids[b, :whole_n].numpy(), whole.student_offsets[b], prefix)
+            token_logp = logp[b, : max(n - 1, 0)].gather(1, ids[1:, None])[:, 0]  # (n - 1,): q predicts q + 1
+            ends, cum = score_row(spans, n, -token_logp.double().numpy())
+            scores.ends.append(ends)
+            scores.cum_nll.append(cum)
+            if n >= 2:
+                conf, pred = logp[b, : n - 1].exp().max(dim=-1)
+                confidences.append(conf.numpy())
+                corrects.append((pred == ids[1:]).numpy())
         bi, tp, sp = batch.batch_idx, batch.teacher_pos, batch.student_pos
         if len(bi) == 0:
             continue
@@ -158,20 +314,26 @@ def evaluate_student(source: StudentSource, batch_size: int = 8) -> dict[str, An
         )
         kd_sum += float(kd) * len(bi)
         kd_count += len(bi)
-        agree += int((student_logits.argmax(dim=-1) == mapped[:, 0]).sum())
         aligned += len(bi)
-    return {
-        "bpb": bits_per_byte(nll, nbytes),
-        "nll_nats": nll,
-        "bytes": nbytes,
+        # a teacher top-1 with no student token cannot be agreed with: counted apart, not as a miss
+        has_token = mapped[:, 0] >= 0
+        unmapped += int((~has_token).sum())
+        compared += int(has_token.sum())
+        agree += int((student_logits.argmax(dim=-1) == mapped[:, 0])[has_token].sum())
+    metrics = {
         "kd_loss": kd_sum / kd_count if kd_count else float("nan"),
-        "top1_agreement": agree / aligned if aligned else float("nan"),
-        "ece": expected_calibration_error(np.concatenate(confidences), np.concatenate(corrects).astype(float)),
+        "top1_agreement": agree / compared if compared else float("nan"),
+        "top1_positions": compared,
+        "top1_unmapped_positions": unmapped,
+        "ece": expected_calibration_error(
+            np.concatenate(confidences or [np.zeros(0)]), np.concatenate(corrects or [np.zeros(0)]).astype(float)
+        ),
         "aligned_positions": aligned,
         "rows": len(source.rows),
         "store": source.store,
         "same_tokenizer": same,
     }
+    return metrics, scores
 
 
 def gap_closed(student_bpb: float, baseline_bpb: float, teacher_bpb: float) -> float:
@@ -231,55 +393,134 @@ def plot_runs(runs: dict[str, list[dict[str, Any]]], out: Path) -> list[str]:
     return made
 
 
+def _format_interval(interval: list[float] | None, scale: float = 1.0, digits: int = 4) -> str:
+    return "" if interval is None else f" [{scale * interval[0]:.{digits}f}, {scale * interval[1]:.{digits}f}]"
+
+
 def format_report(report: dict[str, Any]) -> str:
     """report.md: the table a person reads first."""
+    boot = report["bootstrap"]
     lines = [
         "# distill eval",
         "",
-        f"Teacher bits per byte: **{report['teacher_bpb']:.4f}** (from the cache's target_logprob, "
-        f"{report['teacher_bytes']:,} bytes)",
+        f"Teacher bits per byte: **{report['teacher_bpb']:.4f}**{_format_interval(report['teacher_bpb_ci'])} "
+        "(from the cache's target_logprob)",
         "",
-        "| student | bits/byte | gap closed | kd loss | top-1 agreement | ECE |",
+        f"| student | bits/byte [{100 * boot['confidence']:.0f}% CI] | gap closed [CI] | kd loss | top-1 agreement "
+        "| ECE |",
         "|---|---|---|---|---|---|",
     ]
     for name, s in report["students"].items():
-        gap = (
-            "baseline"
-            if name == report.get("baseline")
-            else ("n/a" if s["gap_closed"] is None or math.isnan(s["gap_closed"]) else f"{100 * s['gap_closed']:.1f}%")
-        )
+        if name == report.get("baseline"):
+            gap = "baseline"
+        elif s["gap_closed"] is None or math.isnan(s["gap_closed"]):
+            gap = "n/a"
+        else:
+            gap = f"{100 * s['gap_closed']:.1f}%{_format_interval(s['gap_closed_ci'], 100, 1)}"
         lines.append(
-            f"| {name} | {s['bpb']:.4f} | {gap} | {s['kd_loss']:.4f} | {100 * s['top1_agreement']:.1f}% | "
-            f"{s['ece']:.4f} |"
+            f"| {name} | {s['bpb']:.4f}{_format_interval(s['bpb_ci'])} | {gap} | {s['kd_loss']:.4f} | "
+            f"{100 * s['top1_agreement']:.1f}% | {s['ece']:.4f} |"
         )
     lines += [
         "",
+        f"Every model is scored on the same {report['scored_bytes']:,} bytes of {report['rows']} rows of "
+        f"{report['store']}: per row, from the first to the last character boundary that all of them predict "
+        f"({report['rows_unscored']} rows share none).",
+    ]
+    if report["row_selection"] == "intersection":
+        held = ", ".join(f"{name} {s['rows_held_out']}" for name, s in report["students"].items())
+        lines.append(f"The students held out different rows ({held}): scored on their intersection.")
+    lines += [
+        f"Intervals: {boot['resamples']:,} bootstrap resamples of the rows (seed {boot['seed']}), percentile.",
         "Gap closed = (bpb_baseline - bpb_student) / (bpb_baseline - bpb_teacher).",
+        "Top-1 agreement leaves out aligned positions whose teacher top-1 has no student token: "
+        + ", ".join(f"{name} {s['top1_unmapped_positions']:,}" for name, s in report["students"].items())
+        + ".",
         "Plots: " + ", ".join(f"[{p}]({p})" for p in report["plots"]),
     ]
     return "\n".join(lines) + "\n"
 
 
-def run_eval(paths: list[Path], cache: str | None, split: str, baseline: str | None, out: Path) -> dict[str, Any]:
-    """Evaluate every student, write report.json / report.md / PNGs in ``out``; return the report."""
-    out.mkdir(parents=True, exist_ok=True)
+def _store_key(url: str) -> str:
+    return url if "://" in url else str(Path(url).resolve())
+
+
+def select_rows(sources: list[StudentSource]) -> tuple[str, np.ndarray, str]:
+    """[row-set note] The one store and the rows every student is scored on, and how: same or intersection."""
+    stores = {_store_key(s.store) for s in sources}
+    if len(stores) > 1:
+        named = ", ".join(f"{s.name}: {s.store}" for s in sources)
+        raise ValueError(
+            f"the students were held out on different stores ({named}); score them on one store with "
+            "--split all --cache STORE"
+        )
+    rows = reduce(np.intersect1d, [s.rows for s in sources])
+    same = all(len(s.rows) == len(rows) for s in sources)
+    if len(rows) == 0:
+        raise ValueError("the students share no held-out row; score them on one store with --split all --cache STORE")
+    return sources[0].store, (sources[0].rows if same else rows), "same" if same else "intersection"
+
+
+def run_eval(
+    paths: list[Path],
+    cache: str | None,
+    split: str,
+    baseline: str | None,
+    out: Path,
+    verify_cache: str = "auto",
+) -> dict[str, Any]:
+    """Evaluate every student, write report.json / report.md / PNGs in ``out``; return the report.
+
+    verify_cache: how the store is checked first, as train does (auto, deep, quick or off).
+    """
+    from distill.pipeline.train import check_store
+
     sources = [resolve_student(p, cache, split) for p in paths]
     names = [s.name for s in sources]
     if baseline is not None and baseline not in names:
         raise ValueError(f"--baseline {baseline}: not among the students {names}")
-    first = sources[0]
-    t_nll, t_bytes = teacher_nll(CacheReader(first.store), first.rows)
-    teacher_bpb = bits_per_byte(t_nll, t_bytes)
-    students = {s.name: evaluate_student(s) for s in sources}
-    for name, result in students.items():
-        result["gap_closed"] = (
-            gap_closed(result["bpb"], students[baseline]["bpb"], teacher_bpb) if baseline and name != baseline else None
-        )
+    store, rows, selection = select_rows(sources)
+    check_store(store, verify_cache)
+    out.mkdir(parents=True, exist_ok=True)
+    texts, t_scores = teacher_scores(CacheReader(store), rows)
+    students, scores = {}, [t_scores]
+    for s in sources:
+        vocab_dir = (s.run_dir / "vocab_map") if s.run_dir is not None else (out / "vocab_map")
+        metrics, student_scores = evaluate_student(dataclasses.replace(s, rows=rows), vocab_dir)
+        students[s.name] = {**metrics, "rows_held_out": len(s.rows)}
+        scores.append(student_scores)
+    nll, nbytes = score_identical_bytes(texts, scores)
+    total_bytes = int(nbytes.sum())
+    bpb = [bits_per_byte(float(nll[m].sum()), total_bytes) for m in range(len(scores))]
+    samples = bootstrap_bpb(nll, nbytes)
+    for m, (name, result) in enumerate(students.items(), start=1):
+        result.update(bpb=bpb[m], bpb_ci=_json_interval(percentile_interval(samples[:, m])))
+        result.update(nll_nats=float(nll[m].sum()), bytes=total_bytes, gap_closed=None, gap_closed_ci=None)
+        if baseline and name != baseline:
+            b = 1 + names.index(baseline)
+            result["gap_closed"] = gap_closed(bpb[m], bpb[b], bpb[0])
+            with np.errstate(invalid="ignore", divide="ignore"):
+                gaps = (samples[:, b] - samples[:, m]) / (samples[:, b] - samples[:, 0])
+            gaps[samples[:, b] <= samples[:, 0]] = np.nan  # gap_closed is undefined where the teacher is not better
+            result["gap_closed_ci"] = _json_interval(percentile_interval(gaps))
     runs = {s.name: read_metrics(s.run_dir) for s in sources if s.run_dir is not None}
     plots = plot_runs(runs, out) if runs else []
     report = {
-        "teacher_bpb": teacher_bpb,
-        "teacher_bytes": t_bytes,
+        "teacher_bpb": bpb[0],
+        "teacher_bpb_ci": _json_interval(percentile_interval(samples[:, 0])),
+        "teacher_nll_nats": float(nll[0].sum()),
+        "teacher_bytes": total_bytes,
+        "scored_bytes": total_bytes,
+        "rows": len(rows),
+        "rows_unscored": int((nbytes == 0).sum()),
+        "store": store,
+        "row_selection": selection,
+        "bootstrap": {
+            "resamples": BOOTSTRAP_RESAMPLES,
+            "seed": BOOTSTRAP_SEED,
+            "confidence": CONFIDENCE,
+            "unit": "row",
+        },
         "baseline": baseline,
         "split": split,
         "students": students,
