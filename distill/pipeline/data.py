@@ -109,12 +109,14 @@ def cut_points(offsets: np.ndarray, seq_len: int) -> list[int]:
     character spans overlap (each covers the whole character). A cut between two overlapping
     tokens would make both rows claim that character, so the cut moves back until the token
     after it starts at or after the end of the token before it (a row may then hold fewer than
-    seq_len tokens); see `find_clean_cut`.
+    seq_len tokens); see `find_clean_cut`. Only a row shorter than one character's tokens is cut
+    inside it.
     """
     n = len(offsets)
     cuts = [0]
     while cuts[-1] + seq_len < n:
-        cuts.append(find_clean_cut(offsets, cuts[-1], cuts[-1] + seq_len))
+        cut = find_clean_cut(offsets, cuts[-1], cuts[-1] + seq_len)
+        cuts.append(cut if cut > cuts[-1] else cuts[-1] + seq_len)
     cuts.append(n)
     return cuts
 

@@ -353,7 +353,7 @@ def encode_texts(tokenizer: Any, texts: list[str]) -> list[tuple[np.ndarray, np.
 
 
 def find_clean_cut(spans: np.ndarray, start: int, end: int) -> int:
-    """The largest cut <= `end` (and > `start`, when possible) where no character is split.
+    """The largest cut in (start, end] where no character is split, else `start`; len(spans) if end reaches it.
 
     spans: (n, 2) real spans. Tokens [start, cut) end on a character boundary when the token
     after the cut starts at or after the end of the token before it ([cut note] in data.py).
@@ -361,6 +361,6 @@ def find_clean_cut(spans: np.ndarray, start: int, end: int) -> int:
     if end >= len(spans):
         return len(spans)
     cut = end
-    while cut > start + 1 and spans[cut, 0] < spans[cut - 1, 1]:
+    while cut > start and spans[cut, 0] < spans[cut - 1, 1]:
         cut -= 1
     return cut
