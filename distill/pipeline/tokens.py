@@ -99,6 +99,22 @@ def special_tokens(tokenizer: Any) -> set[str]:
     return specials
 
 
+def backend_components(tokenizer: Any) -> dict | None:
+    """The backend's normalizer, pre_tokenizer, decoder and post_processor JSON (None when absent) and
+    its model's type and byte_fallback, read without serializing the vocabulary (`backend_json` of a
+    262k-token tokenizer takes seconds); None when there is no backend."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        return None
+    components: dict[str, Any] = {}
+    for name in ("normalizer", "pre_tokenizer", "decoder", "post_processor"):
+        component = getattr(backend, name)
+        components[name] = None if component is None else json.loads(component.__getstate__())
+    model = backend.model
+    components["model"] = {"type": type(model).__name__, "byte_fallback": bool(getattr(model, "byte_fallback", False))}
+    return components
+
+
 @lru_cache(maxsize=1)
 def build_byte_decoder() -> dict[str, int]:
     """Inverse of GPT-2's bytes_to_unicode: printable stand-in character -> byte value."""
@@ -131,7 +147,7 @@ def detect_token_style(tokenizer: Any) -> str:
     Read from the backend's pre-tokenizer/decoder/model; falls back to counting 'Ġ' and '▁'
     prefixes in the vocabulary when there is no backend JSON.
     """
-    backend = backend_json(tokenizer)
+    backend = backend_components(tokenizer)
     if backend is not None:
         types = collect_types(backend.get("pre_tokenizer")) | collect_types(backend.get("decoder"))
         if "ByteLevel" in types:
@@ -227,7 +243,7 @@ def check_tokenizer(tokenizer: Any) -> TokenizerProfile:
     cached = _PROFILES.get(tokenizer)
     if cached is not None and cached[0] == len(tokenizer):
         return cached[1]
-    backend = backend_json(tokenizer) or {}
+    backend = backend_components(tokenizer) or {}
     table = build_token_bytes(tokenizer)
     profile = TokenizerProfile(
         name=tokenizer_name(tokenizer),
@@ -253,8 +269,8 @@ def _join_bytes(profile: TokenizerProfile, ids: list[int]) -> bytes:
 
 
 def _refusal_reason(tokenizer: Any) -> str:
-    """Why a tokenizer failed the probe, read from its backend JSON."""
-    backend = backend_json(tokenizer) or {}
+    """Why a tokenizer failed the probe, read from its backend components."""
+    backend = backend_components(tokenizer) or {}
     model = backend.get("model", {}).get("type")
     changing = sorted(collect_types(backend.get("normalizer")) & _CHANGING_NORMALIZERS)
     if model == "WordPiece":
