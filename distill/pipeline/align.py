@@ -1,10 +1,13 @@
 """Cross-tokenizer alignment: teacher rows from the cache vs the student's own tokenization.
 
-The student reads each cached row's `text` with its own tokenizer. Two positions, teacher
-`t` and student `s`, are *aligned* when the tokens 0..t and 0..s consumed exactly the same
-text prefix `text[:e]`: then their next-token predictions (and hidden states) are
-comparable. Offsets are character spans `[start, end)` in `text`, as HF fast tokenizers
-return them.
+The student reads each cached row's `text` with its own tokenizer (`tokenize_for_student`: its
+prefix ids, then the text's tokens, see [input-as-trained note] in tokens.py). Two positions,
+teacher `t` and student `s`, are *aligned* when the tokens 0..t and 0..s consumed exactly the
+same text prefix `text[:e]`: then their next-token predictions (and hidden states) are
+comparable. Offsets are character spans `[start, end)` in `text` of what each token really
+consumed, computed from the tokens' bytes ([real-span note] in tokens.py), not the tokenizer's
+`offset_mapping`, which trims whitespace for some tokenizers. Prefix tokens have the span (0, 0)
+and are never aligned.
 
     from distill.pipeline.align import align_batch, load_or_build_vocab_map
     batch = align_batch(texts, teacher_offsets, teacher_lengths, student_tokenizer, max_length=2048)
@@ -14,13 +17,15 @@ return them.
     student_ids = vocab_map[teacher_rows]                             # (A, K), -1 = tail bin
 
 [clean-end note] A token closes a clean prefix only when the next token starts at or
-after its end. Byte-level BPE splits a character into several byte tokens that all report
-the character's span, and a token may even end in the middle of one character and start
-the next (`'¥æ'` = last bytes of 日 + first byte of 本, span of both): such a token ends
-*inside* a character, the next token then starts before its end, and the position is
-skipped. Among clean tokens ending at the same character the last one counts (it consumed
-everything up to there). Special tokens have the span (0, 0) and are ignored. Known limit:
-when a teacher row was cut in the middle of a character, its very last token looks clean.
+after its end. Byte-level BPE (and SentencePiece byte fallback) splits a character into
+several byte tokens that all get the character's span, and a token may even end in the middle
+of one character and start the next (`'¥æ'` = last bytes of 日 + first byte of 本, span of
+both): such a token ends *inside* a character, the next token then starts before its end, and
+the position is skipped. Among clean tokens ending at the same character the last one counts
+(it consumed everything up to there). Tokens with the span (0, 0) (prefix, a lone dummy-prefix
+'▁') consume nothing and are ignored. The last token of a row has no next token, so rows are
+only ever cut at clean ends: stage 1 cuts documents there ([cut note] in data.py) and
+`tokenize_for_student` moves a context cut inside a character back to the last clean end.
 """
 
 from __future__ import annotations
@@ -28,23 +33,30 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import re
 import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
-from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-BYTE_LEVEL = "byte_level"
-SENTENCEPIECE = "sentencepiece"
-PLAIN = "plain"
+from distill.pipeline.tokens import (  # noqa: F401  (BYTE_LEVEL ... are part of this module's interface)
+    BYTE_LEVEL,
+    PLAIN,
+    SENTENCEPIECE,
+    backend_json,
+    build_byte_decoder,
+    check_tokenizer,
+    detect_token_style,
+    encode_texts,
+    find_clean_cut,
+    is_byte_fallback,
+    normalize_token_bytes,
+    special_tokens,
+)
 
-_SP_SPACE = "\u2581"  # '▁'
-_BYTE_FALLBACK = re.compile(r"^<0x([0-9A-Fa-f]{2})>$")
 _CALL_TIME_KEYS = ("truncation", "padding")  # backend state that tokenizer calls mutate; not identity
 VOCAB_MAP_VERSION = 1  # bump when build_vocab_map changes, so cached maps are rebuilt
 
@@ -173,36 +185,19 @@ def teacher_to_student_span(
 # --- tokenizer identity -----------------------------------------------------------------------
 
 
-def _backend_json(tokenizer: Any) -> dict | None:
-    """The tokenizers-library JSON of a fast tokenizer, or None when it has no backend."""
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is None:
-        return None
-    return json.loads(backend.to_str())
-
-
-def _special_tokens(tokenizer: Any) -> set[str]:
-    """Every special token string: the named ones and added tokens flagged special."""
-    specials = {str(token) for token in getattr(tokenizer, "all_special_tokens", [])}
-    for added in getattr(tokenizer, "added_tokens_decoder", {}).values():
-        if getattr(added, "special", False):
-            specials.add(str(added.content))
-    return specials
-
-
 def tokenizer_hash(tokenizer: Any) -> str:
     """sha256 hex of the canonical backend JSON + special tokens; independent of folder and name.
 
     Call-time state (truncation, padding) is left out, so a tokenizer hashes the same
     before and after it was called with `truncation=True`.
     """
-    backend = _backend_json(tokenizer)
+    backend = backend_json(tokenizer)
     if backend is None:
         backend = {"vocab": sorted(tokenizer.get_vocab().items()), "class": type(tokenizer).__name__}
     for key in _CALL_TIME_KEYS:
         backend.pop(key, None)
     named = {key: str(value) for key, value in getattr(tokenizer, "special_tokens_map", {}).items()}
-    payload = {"backend": backend, "special_tokens": sorted(_special_tokens(tokenizer)), "named_special": named}
+    payload = {"backend": backend, "special_tokens": sorted(special_tokens(tokenizer)), "named_special": named}
     canonical = json.dumps(payload, sort_keys=True, ensure_ascii=False, separators=(",", ":"))
     return hashlib.sha256(canonical.encode("utf-8")).hexdigest()
 
@@ -215,78 +210,6 @@ def is_same_tokenizer(a: Any, b: Any) -> bool:
 # --- vocabulary map ---------------------------------------------------------------------------
 
 
-@lru_cache(maxsize=1)
-def build_byte_decoder() -> dict[str, int]:
-    """Inverse of GPT-2's bytes_to_unicode: printable stand-in character -> byte value."""
-    printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
-    printable += list(range(ord("®"), ord("ÿ") + 1))
-    table = {byte: chr(byte) for byte in printable}
-    shifted = 0
-    for byte in range(256):
-        if byte not in table:
-            table[byte] = chr(256 + shifted)
-            shifted += 1
-    return {char: byte for byte, char in table.items()}
-
-
-def _collect_types(component: Any) -> set[str]:
-    """All `type` values in a (possibly nested Sequence) pre-tokenizer/decoder/normalizer JSON."""
-    if isinstance(component, dict):
-        found = {component["type"]} if isinstance(component.get("type"), str) else set()
-        for value in component.values():
-            found |= _collect_types(value)
-        return found
-    if isinstance(component, list):
-        return set().union(*(_collect_types(item) for item in component)) if component else set()
-    return set()
-
-
-def detect_token_style(tokenizer: Any) -> str:
-    """How vocabulary strings encode bytes: BYTE_LEVEL ('Ġ'), SENTENCEPIECE ('▁', <0xNN>) or PLAIN (utf-8).
-
-    Read from the backend's pre-tokenizer/decoder/model; falls back to counting 'Ġ' and '▁'
-    prefixes in the vocabulary when there is no backend JSON.
-    """
-    backend = _backend_json(tokenizer)
-    if backend is not None:
-        types = _collect_types(backend.get("pre_tokenizer")) | _collect_types(backend.get("decoder"))
-        if "ByteLevel" in types:
-            return BYTE_LEVEL
-        uses_sp_space = _SP_SPACE in json.dumps(backend.get("decoder"), ensure_ascii=False)
-        if "Metaspace" in types or "ByteFallback" in types or uses_sp_space:
-            return SENTENCEPIECE
-        if backend.get("model", {}).get("byte_fallback"):
-            return SENTENCEPIECE
-        return PLAIN
-    vocab = tokenizer.get_vocab()
-    byte_level = sum(token.startswith("Ġ") for token in vocab)
-    sentencepiece = sum(token.startswith(_SP_SPACE) for token in vocab)
-    if max(byte_level, sentencepiece) < 0.01 * max(len(vocab), 1):
-        return PLAIN
-    return BYTE_LEVEL if byte_level > sentencepiece else SENTENCEPIECE
-
-
-def normalize_token_bytes(token: str, style: str) -> bytes:
-    """The raw bytes a vocabulary string stands for.
-
-    BYTE_LEVEL: each character maps back through GPT-2's table ('ĠCafÃ©' -> b' Caf\\xc3\\xa9');
-    characters outside the table mean the string is raw text, then utf-8.
-    SENTENCEPIECE: '▁' is a space, '<0xNN>' is the byte NN ('▁Café' -> b' Caf\\xc3\\xa9').
-    PLAIN: utf-8.
-    """
-    if style == BYTE_LEVEL:
-        decoder = build_byte_decoder()
-        if all(char in decoder for char in token):
-            return bytes(decoder[char] for char in token)
-        return token.encode("utf-8")
-    if style == SENTENCEPIECE:
-        byte_token = _BYTE_FALLBACK.match(token)
-        if byte_token:
-            return bytes([int(byte_token.group(1), 16)])
-        return token.replace(_SP_SPACE, " ").encode("utf-8")
-    return token.encode("utf-8")
-
-
 def list_token_keys(tokenizer: Any) -> list[tuple[int, tuple[str, Any], int]]:
     """Every vocabulary entry as (id, key, rank).
 
@@ -295,7 +218,7 @@ def list_token_keys(tokenizer: Any) -> list[tuple[int, tuple[str, Any], int]]:
     fallback pieces (<0x41> and 'A' share bytes; the ordinary piece wins), else 0.
     """
     style = detect_token_style(tokenizer)
-    specials = _special_tokens(tokenizer)
+    specials = special_tokens(tokenizer)
     added_ids = set(getattr(tokenizer, "added_tokens_decoder", {}))
     entries = []
     for token, token_id in tokenizer.get_vocab().items():
@@ -304,7 +227,7 @@ def list_token_keys(tokenizer: Any) -> list[tuple[int, tuple[str, Any], int]]:
         elif token_id in added_ids:
             entries.append((token_id, ("bytes", token.encode("utf-8")), 0))
         else:
-            is_fallback = style == SENTENCEPIECE and _BYTE_FALLBACK.match(token) is not None
+            is_fallback = style == SENTENCEPIECE and is_byte_fallback(token)
             entries.append((token_id, ("bytes", normalize_token_bytes(token, style)), int(is_fallback)))
     return entries
 
@@ -376,17 +299,22 @@ def load_or_build_vocab_map(teacher_tokenizer: Any, student_tokenizer: Any, cach
 def tokenize_for_student(
     student_tokenizer: Any, texts: list[str], max_length: int
 ) -> tuple[list[np.ndarray], list[np.ndarray]]:
-    """Student tokens of each text, cut at the student's context `max_length`.
+    """The student's input for each text: its prefix ids + text tokens, cut at its context `max_length`.
 
-    Returns (input_ids: list of (L_s,) int64, offsets: list of (L_s, 2) int64), L_s <= max_length.
-    No special tokens are added. Cutting here (not via `truncation=True`) leaves the
-    tokenizer's backend state untouched.
+    Returns (input_ids: list of (L_s,) int64, offsets: list of (L_s, 2) int64), L_s <= max_length
+    counting the prefix ([input-as-trained note] in tokens.py); prefix tokens have the span (0, 0),
+    text tokens the span they really consumed ([real-span note]). A cut that would fall inside a
+    character (byte-split tokens) moves back so that the last kept token ends cleanly. Cutting here
+    (not via `truncation=True`) leaves the tokenizer's backend state untouched.
     """
-    if max_length <= 0:
-        raise ValueError(f"max_length must be > 0, got {max_length}")
-    encoded = student_tokenizer(list(texts), add_special_tokens=False, return_offsets_mapping=True)
-    input_ids = [np.asarray(ids[:max_length], dtype=np.int64) for ids in encoded["input_ids"]]
-    offsets = [np.asarray(spans[:max_length], dtype=np.int64).reshape(-1, 2) for spans in encoded["offset_mapping"]]
+    prefix = check_tokenizer(student_tokenizer).prefix
+    if max_length <= len(prefix):
+        raise ValueError(f"max_length must be > {len(prefix)} (the student's prefix tokens), got {max_length}")
+    input_ids, offsets = [], []
+    for ids, spans in encode_texts(student_tokenizer, list(texts)):
+        keep = find_clean_cut(spans, 0, max_length - len(prefix))
+        input_ids.append(np.concatenate([np.asarray(prefix, dtype=np.int64), ids[:keep]]))
+        offsets.append(np.concatenate([np.zeros((len(prefix), 2), dtype=np.int64), spans[:keep]]))
     return input_ids, offsets
 
 
@@ -394,12 +322,16 @@ def tokenize_for_student(
 class AlignedBatch:
     """A student batch and its alignment with the teacher rows.
 
-    input_ids: (B, L_s) int64 student tokens, right-padded.
+    input_ids: (B, L_s) int64 student tokens (its prefix first, then the text's), right-padded.
     attention_mask: (B, L_s) int64, 1 on real tokens.
     batch_idx, teacher_pos, student_pos: (A,) int64, pair i gathers teacher[batch_idx[i], teacher_pos[i]]
-        and student[batch_idx[i], student_pos[i]].
-    aligned_share: aligned student positions / student positions over the batch (for logging).
-    student_offsets: B arrays (L_s_b, 2) of character spans of the student tokens in each row's text.
+        and student[batch_idx[i], student_pos[i]]. Prefix positions of either side are never paired.
+    aligned_share: aligned student positions / student text positions over the batch (for logging).
+    student_offsets: B arrays (L_s_b, 2) of character spans of the student tokens in each row's text
+        ((0, 0) for the prefix).
+    num_prefix: number of prefix tokens at the start of every student row (its BOS; 0 for none).
+    text_end: (B,) int64, the student input of row b consumed exactly `text[b][:text_end[b]]` (the
+        row's text, unless the student's context cut it, always at a character boundary).
     """
 
     input_ids: torch.Tensor
@@ -409,6 +341,8 @@ class AlignedBatch:
     student_pos: torch.Tensor
     aligned_share: float
     student_offsets: list[np.ndarray]
+    num_prefix: int
+    text_end: torch.Tensor
 
 
 def _pad_id(tokenizer: Any) -> int:
@@ -434,13 +368,25 @@ def _to_numpy(array: Any) -> np.ndarray:
     return array.detach().cpu().numpy() if isinstance(array, torch.Tensor) else np.asarray(array)
 
 
-def _identity_alignments(lengths: np.ndarray, max_length: int) -> list[Alignment]:
-    """Same tokenizer: student position t is teacher position t, for t < min(length, max_length)."""
-    alignments = []
-    for length in lengths.tolist():
-        kept = np.arange(min(int(length), max_length), dtype=np.int64)
-        alignments.append(Alignment(kept, kept.copy(), num_student=kept.shape[0], num_teacher=int(length)))
-    return alignments
+def _reuse_teacher_rows(
+    teacher_ids: np.ndarray, offsets: np.ndarray, lengths: np.ndarray, prefix: Sequence[int], max_length: int
+) -> tuple[list[np.ndarray], list[np.ndarray], list[Alignment]]:
+    """Same tokenizer: the student input is the teacher row (its prefix included), cut cleanly at
+    `max_length`; student position t is teacher position t for every kept text position."""
+    rows, spans, alignments = [], [], []
+    for b, length in enumerate(lengths.tolist()):
+        ids, row_spans = teacher_ids[b, : int(length)], offsets[b, : int(length)].reshape(-1, 2)
+        if length > 0 and ids[: len(prefix)].tolist() != list(prefix):
+            raise ValueError(
+                f"row {b}: the cached teacher row does not start with the tokenizer's prefix ids {list(prefix)}; "
+                "the cache was made without them, make it again"
+            )
+        keep = find_clean_cut(row_spans, len(prefix), max_length) if length > 0 else 0
+        kept = np.arange(min(len(prefix), keep), keep, dtype=np.int64)
+        rows.append(ids[:keep])
+        spans.append(row_spans[:keep])
+        alignments.append(Alignment(kept, kept.copy(), num_student=keep, num_teacher=int(length)))
+    return rows, spans, alignments
 
 
 def _concat_pairs(alignments: Sequence[Alignment]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -464,28 +410,39 @@ def align_batch(
 ) -> AlignedBatch:
     """Tokenize a batch of cached rows for the student and align it with the teacher positions.
 
-    texts: B row texts; teacher_offsets: (B, L, 2); teacher_lengths: (B,); max_length: student context.
+    texts: B row texts; teacher_offsets: (B, L, 2); teacher_lengths: (B,); max_length: student
+    context, counting its prefix tokens.
     same_tokenizer: the identity fast path (decide once with `is_same_tokenizer` or the cache
-    manifest's tokenizer hash): the student reuses `teacher_input_ids` (B, L) and position t
-    aligns with t; no re-tokenization.
+    manifest's tokenizer hash): the student reuses `teacher_input_ids` (B, L), prefix included,
+    and text position t aligns with t; no re-tokenization.
     """
     lengths = _to_numpy(teacher_lengths).astype(np.int64).reshape(-1)
+    offsets = _to_numpy(teacher_offsets)
+    prefix = check_tokenizer(student_tokenizer).prefix
     if same_tokenizer:
         if teacher_input_ids is None:
             raise ValueError("same_tokenizer=True needs teacher_input_ids (the cached `input_ids` field)")
-        teacher_ids = _to_numpy(teacher_input_ids)
-        rows = [teacher_ids[b, : min(int(n), max_length)] for b, n in enumerate(lengths.tolist())]
-        offsets = _to_numpy(teacher_offsets)
-        student_offsets = [offsets[b, : len(r)] for b, r in enumerate(rows)]
-        alignments = _identity_alignments(lengths, max_length)
+        if max_length <= len(prefix):
+            raise ValueError(f"max_length must be > {len(prefix)} (the student's prefix tokens), got {max_length}")
+        rows, student_offsets, alignments = _reuse_teacher_rows(
+            _to_numpy(teacher_input_ids), offsets, lengths, prefix, max_length
+        )
     else:
         rows, student_offsets = tokenize_for_student(student_tokenizer, list(texts), max_length)
-        offsets = _to_numpy(teacher_offsets)
         alignments = [align_offsets(offsets[b], lengths[b], student_offsets[b]) for b in range(len(rows))]
     input_ids, attention_mask = _pad_rows(rows, _pad_id(student_tokenizer))
     batch_idx, teacher_pos, student_pos = _concat_pairs(alignments)
-    num_student = sum(a.num_student for a in alignments)
-    aligned_share = sum(a.num_aligned for a in alignments) / num_student if num_student else 0.0
+    text_positions = sum(max(a.num_student - len(prefix), 0) for a in alignments)
+    aligned_share = sum(a.num_aligned for a in alignments) / text_positions if text_positions else 0.0
+    text_end = torch.tensor([int(spans[:, 1].max(initial=0)) for spans in student_offsets], dtype=torch.int64)
     return AlignedBatch(
-        input_ids, attention_mask, batch_idx, teacher_pos, student_pos, aligned_share, list(student_offsets)
+        input_ids,
+        attention_mask,
+        batch_idx,
+        teacher_pos,
+        student_pos,
+        aligned_share,
+        list(student_offsets),
+        num_prefix=len(prefix),
+        text_end=text_end,
     )

@@ -1,10 +1,12 @@
 """Text datasets and how documents become cache rows.
 
-Rows are cut with the TEACHER tokenizer: a document of n tokens becomes ceil(n / seq_len)
-rows (more if a cut would split a character's byte tokens, see [cut note]); rows are never
-packed, short ones are right-padded, empty documents are skipped and counted. Each row keeps
-the exact slice of the document it covers, so consecutive rows of a document concatenate
-back to the whole document, and stage 2 needs no dataset.
+Rows are cut with the TEACHER tokenizer (`encode_texts`: no special tokens, real spans). Each
+row is the teacher's prefix ids (its BOS, span (0, 0), see [input-as-trained note] in tokens.py)
+followed by at most seq_len - len(prefix) text tokens: a document of n text tokens becomes
+ceil(n / (seq_len - len(prefix))) rows (more if a cut would split a character's byte tokens, see
+[cut note]); rows are never packed, short ones are right-padded, empty documents are skipped and
+counted. Each row keeps the exact slice of the document its text tokens cover, so consecutive
+rows of a document concatenate back to the whole document, and stage 2 needs no dataset.
 """
 
 from __future__ import annotations
@@ -17,6 +19,9 @@ from typing import Any
 
 import datasets
 import numpy as np
+
+from distill.config import ConfigError
+from distill.pipeline.tokens import check_tokenizer, encode_texts, find_clean_cut
 
 LOCAL_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".txt": "text", ".csv": "csv"}
 
@@ -62,12 +67,18 @@ def dataset_identity(ds: datasets.Dataset, source: str, config: str | None, spli
 
 @dataclass
 class RowPlan:
-    """Which document and which teacher tokens each row covers: arrays of length R (rows)."""
+    """Which document and which of its text tokens each row covers: arrays of length R (rows).
+
+    token_start/token_end index the document's text tokens (`encode_texts`); every row starts
+    with `prefix`, the teacher's prefix ids, so row r holds len(prefix) + token_end[r] - token_start[r]
+    tokens.
+    """
 
     doc_index: np.ndarray
     token_start: np.ndarray
     token_end: np.ndarray
     empty_documents: int
+    prefix: tuple[int, ...] = ()
 
     def __len__(self) -> int:
         return len(self.doc_index)
@@ -76,41 +87,36 @@ class RowPlan:
         if max_rows is None:
             return self
         return RowPlan(
-            self.doc_index[:max_rows], self.token_start[:max_rows], self.token_end[:max_rows], self.empty_documents
+            self.doc_index[:max_rows],
+            self.token_start[:max_rows],
+            self.token_end[:max_rows],
+            self.empty_documents,
+            self.prefix,
         )
 
     def digest(self) -> str:
         h = hashlib.sha256()
-        for a in (self.doc_index, self.token_start, self.token_end):
+        for a in (self.doc_index, self.token_start, self.token_end, np.asarray(self.prefix)):
             h.update(np.ascontiguousarray(a, dtype=np.int64).tobytes())
         return h.hexdigest()
-
-
-def tokenize_documents(tokenizer: Any, texts: list[str]) -> list[tuple[np.ndarray, np.ndarray]]:
-    """Teacher token ids and character offsets of each text (no special tokens added)."""
-    enc = tokenizer(texts, add_special_tokens=False, return_offsets_mapping=True)
-    return [
-        (np.asarray(ids, dtype=np.int64), np.asarray(offs, dtype=np.int64).reshape(-1, 2))
-        for ids, offs in zip(enc["input_ids"], enc["offset_mapping"])
-    ]
 
 
 def cut_points(offsets: np.ndarray, seq_len: int) -> list[int]:
     """Token indices where a document's rows start, plus its length at the end.
 
+    offsets: (n, 2) real spans of the document's text tokens; seq_len: text tokens per row.
     [cut note] Byte-level tokenizers split a character like an emoji into several tokens whose
     character spans overlap (each covers the whole character). A cut between two overlapping
     tokens would make both rows claim that character, so the cut moves back until the token
     after it starts at or after the end of the token before it (a row may then hold fewer than
-    seq_len tokens).
+    seq_len tokens); see `find_clean_cut`. Only a row shorter than one character's tokens is cut
+    inside it.
     """
     n = len(offsets)
     cuts = [0]
     while cuts[-1] + seq_len < n:
-        end = cuts[-1] + seq_len
-        while end > cuts[-1] + 1 and offsets[end, 0] < offsets[end - 1, 1]:
-            end -= 1
-        cuts.append(end)
+        cut = find_clean_cut(offsets, cuts[-1], cuts[-1] + seq_len)
+        cuts.append(cut if cut > cuts[-1] else cuts[-1] + seq_len)
     cuts.append(n)
     return cuts
 
@@ -118,32 +124,38 @@ def cut_points(offsets: np.ndarray, seq_len: int) -> list[int]:
 def plan_rows(
     dataset: datasets.Dataset, text_field: str, tokenizer: Any, seq_len: int, batch_docs: int = 256
 ) -> RowPlan:
-    """Cut every document of ``dataset`` into rows of at most ``seq_len`` teacher tokens."""
+    """Cut every document of ``dataset`` into rows of at most ``seq_len`` teacher tokens, its prefix included.
+
+    Raises TokenizerError (tokens.py) for a tokenizer that does not reproduce its text.
+    """
+    prefix = check_tokenizer(tokenizer).prefix
+    if seq_len <= len(prefix):
+        raise ConfigError(f"--seq-len {seq_len} leaves no room for text after the teacher's {len(prefix)} prefix ids")
     doc_index, token_start, token_end = [], [], []
     empty = 0
     for first in range(0, len(dataset), batch_docs):
         texts = [t or "" for t in dataset[first : first + batch_docs][text_field]]
-        for i, (ids, offsets) in enumerate(tokenize_documents(tokenizer, texts)):
+        for i, (ids, offsets) in enumerate(encode_texts(tokenizer, texts)):
             if len(ids) == 0:
                 empty += 1
                 continue
-            cuts = cut_points(offsets, seq_len)
+            cuts = cut_points(offsets, seq_len - len(prefix))
             for a, b in zip(cuts, cuts[1:]):
                 doc_index.append(first + i)
                 token_start.append(a)
                 token_end.append(b)
     as_array = lambda x: np.asarray(x, dtype=np.int64)  # noqa: E731
-    return RowPlan(as_array(doc_index), as_array(token_start), as_array(token_end), empty)
+    return RowPlan(as_array(doc_index), as_array(token_start), as_array(token_end), empty, prefix)
 
 
 @dataclass
 class Row:
-    """One row ready for the teacher: ids, offsets into ``text``, the text itself."""
+    """One row ready for the teacher: ids (its prefix first), offsets into ``text``, the text itself."""
 
     row_id: int
     doc_id: int
-    input_ids: np.ndarray  # (n,) n <= seq_len
-    offsets: np.ndarray  # (n, 2) character spans in ``text``
+    input_ids: np.ndarray  # (n,) n <= seq_len, the prefix included
+    offsets: np.ndarray  # (n, 2) character spans in ``text``; (0, 0) for the prefix
     text: str
 
 
@@ -158,7 +170,7 @@ class RowBuilder:
     def _document(self, doc: int) -> tuple[str, np.ndarray, np.ndarray]:
         if doc not in self._docs:
             text = self.dataset[int(doc)][self.text_field] or ""
-            ids, offsets = tokenize_documents(self.tokenizer, [text])[0]
+            ids, offsets = encode_texts(self.tokenizer, [text])[0]
             self._docs[doc] = (text, ids, offsets)
             if len(self._docs) > self._cache_docs:
                 self._docs.popitem(last=False)
@@ -171,4 +183,7 @@ class RowBuilder:
         char_start = 0 if a == 0 else int(offsets[a, 0])
         char_end = len(text) if b == len(ids) else int(offsets[b, 0])
         row_offsets = np.clip(offsets[a:b] - char_start, 0, char_end - char_start)
-        return Row(row_id, doc, ids[a:b], row_offsets, text[char_start:char_end])
+        prefix = np.asarray(self.plan.prefix, dtype=np.int64)
+        input_ids = np.concatenate([prefix, ids[a:b]])
+        row_offsets = np.concatenate([np.zeros((len(prefix), 2), dtype=np.int64), row_offsets])
+        return Row(row_id, doc, input_ids, row_offsets, text[char_start:char_end])
