@@ -51,7 +51,7 @@ from distill.cache.store import (
 )
 from distill.config import CacheConfig, ConfigError, parse_shard
 from distill.pipeline.data import Row, RowBuilder, RowPlan, dataset_identity, load_text_dataset, plan_rows
-from distill.pipeline.tokens import prefix_ids
+from distill.pipeline.tokens import check_tokenizer, prefix_ids
 
 LOGIT_CHUNK = 256  # positions per lm_head/softmax slice: bounds the (P, vocab) fp32 buffer
 
@@ -188,6 +188,7 @@ def load_teacher_tokenizer(cfg: CacheConfig) -> Any:
         raise ConfigError(f"--teacher {cfg.teacher}: cannot load its tokenizer ({str(exc).splitlines()[0]})") from None
     if not getattr(tok, "is_fast", False):
         raise ConfigError(f"--teacher {cfg.teacher}: a fast tokenizer is needed (character offsets)")
+    check_tokenizer(tok)  # refuses, before the model loads, a tokenizer that cannot reproduce its text
     return tok
 
 
@@ -888,7 +889,9 @@ def run(cfg: CacheConfig) -> dict[str, Any]:
         for chunk in range(len(rec["checksums"]), rec["num_chunks"]):
             start = rec["row_start"] + chunk * layout["chunk_rows"]
             todo.append((writer, chunk, start, min(start + layout["chunk_rows"], rec["row_end"])))
-    total_tokens = int(sum((plan.token_end[a:b] - plan.token_start[a:b]).sum() for _, _, a, b in todo))
+    total_tokens = int(  # text tokens plus each row's prefix, as the rows hold them
+        sum((plan.token_end[a:b] - plan.token_start[a:b]).sum() + len(plan.prefix) * (b - a) for _, _, a, b in todo)
+    )
     summary = {
         "rows": sum(b - a for *_, a, b in todo),
         "tokens": total_tokens,

@@ -86,6 +86,7 @@ from distill.pipeline.router import (
     standardize_hidden,
 )
 from distill.pipeline.signals import LiveTeacher, TeacherSignal, read_cached_signal, signal_fields
+from distill.pipeline.tokens import check_tokenizer
 
 # --- setup --------------------------------------------------------------------------------
 
@@ -154,6 +155,7 @@ def load_student(cfg: TrainConfig, need_attention: bool, device: torch.device) -
         raise ConfigError(f"--student {cfg.student}: cannot load it ({str(exc).splitlines()[0]})") from None
     if not getattr(tokenizer, "is_fast", False):
         raise ConfigError(f"--student {cfg.student}: a fast tokenizer is needed (character offsets)")
+    check_tokenizer(tokenizer)  # a tokenizer that cannot reproduce its text is refused before training starts
     return student.to(device), tokenizer
 
 
