@@ -1,0 +1,155 @@
+"""What distillation buys on a real pair: the runs behind docs/real-pairs.md, through the real CLI.
+
+    python bench/real_pairs.py --work /tmp/real-pairs            # everything (about an hour on 2 cores)
+    python bench/real_pairs.py --work /tmp/real-pairs --only scratch
+
+Teacher Gemma 3 270M, caching CPython's pydoc topics (tests/real/assets.py fetches and converts the
+GGUF checkpoints once). Two students, each trained on the same cached rows for the same steps with
+and without the teacher:
+- ``scratch``: a random-init Llama (hidden 256, 4 layers, 4/2 heads, MLP 768, tied embeddings) with
+  SmolLM2's tokenizer: KD at the default settings against CE-only (plus KD at T = 2, for the default
+  temperature);
+- ``pretrained``: SmolLM2-135M-Instruct as it ships, CE fine-tuning and KD fine-tuning.
+``distill eval`` scores each group on the held-out store (identical bytes, bootstrap intervals over
+rows). The teacher's bits per byte without its BOS is measured here directly (same tokens). Prints each
+command as it runs, then one JSON line with every figure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+SEQ_LEN = 128
+TRAIN_ROWS = 192
+CE_ONLY = "curriculum.disabled=[kd,feature,attention,layerwise,contrastive]"
+SCRATCH = {"steps": 150, "batch_size": 4, "grad_accum": 2, "lr": 2e-3}
+PRETRAINED = {"steps": 30, "batch_size": 2, "grad_accum": 2, "lr": 5e-5}
+
+
+def distill(*args: str) -> None:
+    """Run ``distill ARGS`` as a user would; the output goes to the terminal."""
+    command = [sys.executable, "-m", "distill.cli", *args]
+    print("$ distill " + " ".join(args), flush=True)
+    subprocess.run(command, cwd=REPO, check=True)
+
+
+def build_stores(assets: dict[str, Path], work: Path) -> tuple[Path, Path]:
+    """Gemma's stores of the train rows and of the whole held-out split (default fields, 128-token rows)."""
+    stores = (work / "stores" / "train", work / "stores" / "validation")
+    teacher = str(assets["gemma3"])
+    for data, store, rows in ((assets["train"], stores[0], TRAIN_ROWS), (assets["validation"], stores[1], None)):
+        extra = ["--max-rows", str(rows)] if rows else []
+        distill("cache-teacher", "--teacher", teacher, "--dataset", str(data), "--out", str(store),
+                "--seq-len", str(SEQ_LEN), *extra)  # fmt: skip
+    return stores
+
+
+def build_scratch_student(assets: dict[str, Path], out: Path) -> Path:
+    """A random-init small Llama with SmolLM2's tokenizer (seed 0)."""
+    from transformers import AutoTokenizer, LlamaConfig
+
+    from distill.pipeline.demo import build_model
+
+    if (out / "config.json").is_file():
+        return out
+    tokenizer = AutoTokenizer.from_pretrained(assets["smollm2"])
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=256, intermediate_size=768, num_hidden_layers=4,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048, tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )  # fmt: skip
+    build_model(config, out, tokenizer, seed=0)
+    return out
+
+
+def train(name: str, student: Path, stores: tuple[Path, Path], work: Path, plan: dict, *sets: str) -> Path:
+    run = work / "runs" / name
+    if (run / "final" / "config.json").is_file():
+        return run
+    distill("train", "--cache", str(stores[0]), "--eval-cache", str(stores[1]), "--student", str(student),
+            "--out", str(run), "--max-steps", str(plan["steps"]), "--batch-size", str(plan["batch_size"]),
+            "--eval-every", str(plan["steps"]), "--log-every", "10",
+            "--set", f"grad_accum={plan['grad_accum']}", "--set", f"lr={plan['lr']}",
+            *[arg for s in sets for arg in ("--set", s)])  # fmt: skip
+    return run
+
+
+def evaluate(name: str, models: list[Path], baseline: str, stores: tuple[Path, Path], work: Path) -> dict:
+    out = work / "reports" / name
+    distill("eval", *map(str, models), "--cache", str(stores[1]), "--split", "all", "--baseline", baseline,
+            "--out", str(out))  # fmt: skip
+    return json.loads((out / "report.json").read_text())
+
+
+def teacher_bpb_without_bos(assets: dict[str, Path], store: Path) -> dict[str, float]:
+    """The teacher's bits per byte on the held-out rows with and without its BOS, scoring the same tokens
+    (text tokens 2..m of each row, which a model without a BOS can predict) on the same bytes."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from distill.cache.reader import CacheReader
+
+    reader = CacheReader(str(store))
+    data = reader.read_rows(reader.row_ids, ["input_ids", "offsets", "length", "target_logprob", "text"])
+    model = AutoModelForCausalLM.from_pretrained(assets["gemma3"], dtype=torch.float32).eval()
+    with_bos = without_bos = 0.0
+    scored_bytes = 0
+    for r, text in enumerate(data["text"]):
+        n = int(data["length"][r])
+        if n < 3:
+            continue
+        ids = data["input_ids"][r, :n].long()
+        with_bos -= float(data["target_logprob"][r, 1 : n - 1].double().sum())
+        with torch.no_grad():
+            logits = model(input_ids=ids[None, 1:]).logits[0, :-1].double()
+        without_bos -= float(torch.log_softmax(logits, -1).gather(1, ids[2:, None]).sum())
+        first_end, last_end = int(data["offsets"][r, 1, 1]), int(data["offsets"][r, n - 1, 1])
+        scored_bytes += len(text[first_end:last_end].encode())
+    scale = 1 / (math.log(2) * scored_bytes)
+    return {"with_bos": with_bos * scale, "without_bos": without_bos * scale, "bytes": scored_bytes}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--work", type=Path, required=True, help="folder for stores, runs and reports (resumable)")
+    parser.add_argument("--only", choices=["scratch", "pretrained", "teacher"], default=None)
+    args = parser.parse_args()
+    from tests.real.assets import fetch_all
+
+    started = time.perf_counter()
+    assets = fetch_all()
+    stores = build_stores(assets, args.work)
+    results: dict[str, object] = {}
+    if args.only in (None, "teacher"):
+        results["teacher"] = teacher_bpb_without_bos(assets, stores[1])
+    if args.only in (None, "scratch"):
+        scratch = build_scratch_student(assets, args.work / "students" / "scratch")
+        runs = [
+            train("scratch-ce", scratch, stores, args.work, SCRATCH, CE_ONLY),
+            train("scratch-kd", scratch, stores, args.work, SCRATCH),
+            train("scratch-kd-t2", scratch, stores, args.work, SCRATCH, "temperature=2.0"),
+        ]
+        results["scratch"] = evaluate("scratch", runs, "scratch-ce", stores, args.work)
+    if args.only in (None, "pretrained"):
+        smollm2 = assets["smollm2"]
+        runs = [
+            smollm2,
+            train("pretrained-ce", smollm2, stores, args.work, PRETRAINED, CE_ONLY),
+            train("pretrained-kd", smollm2, stores, args.work, PRETRAINED),
+        ]
+        results["pretrained"] = evaluate("pretrained", runs, "pretrained-ce", stores, args.work)
+    results["seconds"] = round(time.perf_counter() - started, 1)
+    print(json.dumps(results))
+
+
+if __name__ == "__main__":
+    main()
