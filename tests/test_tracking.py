@@ -258,3 +258,17 @@ def test_wandb_offline_and_trackio_equal_metrics_jsonl_and_continue_on_resume(
         assert history[f"plots/{name}._type"] == "image-file" and (files / history[f"plots/{name}.path"]).is_file()
     logs = SQLiteStorage.get_logs("distill", eval_state["trackio"]["name"])
     assert {k for row in logs for k in row} >= {"report", "plots/eval"}
+
+
+@pytest.mark.tracking
+def test_wandb_without_a_login_is_one_line_saying_what_to_do(train_assets, tmp_path, monkeypatch):
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "online")
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    for name in ("HOME", "WANDB_CONFIG_DIR", "WANDB_DATA_DIR", "WANDB_CACHE_DIR", "NETRC"):  # no stored key
+        monkeypatch.setenv(name, str(tmp_path / name.lower()))
+    args = train_args(train_assets, tmp_path / "run")
+    result = CliRunner().invoke(app, ["train", *args, "--max-steps", "1", "--report-to", "wandb"])
+    assert result.exit_code == 2
+    last = result.output.strip().splitlines()[-1]
+    assert last.startswith("error: --report-to wandb: wandb.init failed (") and "WANDB_MODE=offline" in last
