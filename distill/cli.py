@@ -30,7 +30,7 @@ app.add_typer(cache_app, name="cache")
 
 REPORT_TO_HELP = (
     "Also send metrics to none|tensorboard|wandb|trackio (repeat or comma-separate; each needs its extra, "
-    "pip install 'distill[wandb]')."
+    "pip install 'distill\\[wandb]')."  # \[ : a literal bracket in typer's rich help
 )
 
 
@@ -389,7 +389,10 @@ def eval_(
     verify_cache: Annotated[
         str, typer.Option(help="Check the store first, as train does: auto, deep, quick or off.")
     ] = "auto",
-    report_to: Annotated[list[str] | None, typer.Option(help=REPORT_TO_HELP + " Logs the table and plots.")] = None,
+    report_to: Annotated[
+        list[str] | None,
+        typer.Option(help="Also log the report table and plots to tensorboard|wandb|trackio (as for train)."),
+    ] = None,
 ) -> None:
     """Tokenizer-independent quality: bits per byte of each student and of the teacher, held-out kd loss,
     top-1 agreement with the teacher, calibration (ECE), and the share of the baseline->teacher gap closed.
