@@ -192,11 +192,19 @@ def wandb_config(records: list[dict]) -> dict:
     return config
 
 
+@pytest.fixture
+def fresh_wandb():
+    """wandb reads its settings (WANDB_MODE...) once per process: start and leave each test with none read."""
+    wandb = pytest.importorskip("wandb")
+    wandb.teardown()
+    yield
+    wandb.teardown()
+
+
 @pytest.mark.tracking
 def test_wandb_offline_and_trackio_equal_metrics_jsonl_and_continue_on_resume(
-    train_assets, tmp_path, monkeypatch, single_thread
+    train_assets, tmp_path, monkeypatch, single_thread, fresh_wandb
 ):
-    pytest.importorskip("wandb")
     pytest.importorskip("trackio")
     from trackio.sqlite_storage import SQLiteStorage
 
@@ -261,8 +269,7 @@ def test_wandb_offline_and_trackio_equal_metrics_jsonl_and_continue_on_resume(
 
 
 @pytest.mark.tracking
-def test_wandb_without_a_login_is_one_line_saying_what_to_do(train_assets, tmp_path, monkeypatch):
-    pytest.importorskip("wandb")
+def test_wandb_without_a_login_is_one_line_saying_what_to_do(train_assets, tmp_path, monkeypatch, fresh_wandb):
     monkeypatch.setenv("WANDB_MODE", "online")
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
     for name in ("HOME", "WANDB_CONFIG_DIR", "WANDB_DATA_DIR", "WANDB_CACHE_DIR", "NETRC"):  # no stored key
