@@ -28,6 +28,12 @@ cache_app = typer.Typer(no_args_is_help=True, help="Inspect and manage cache sto
 app.add_typer(cache_app, name="cache")
 
 
+REPORT_TO_HELP = (
+    "Also send metrics to none|tensorboard|wandb|trackio (repeat or comma-separate; each needs its extra, "
+    "pip install 'distill\\[wandb]')."  # \[ : a literal bracket in typer's rich help
+)
+
+
 def fail(message: str) -> None:
     """One line on stderr, exit status 2."""
     typer.echo(f"error: {message}", err=True)
@@ -179,6 +185,7 @@ def train(
         str | None, typer.Option(help="'auto' (latest checkpoint in --out) or a checkpoint folder.")
     ] = None,
     live_teacher: Annotated[str | None, typer.Option(help="Run this teacher in the loop instead of the cache.")] = None,
+    report_to: Annotated[list[str] | None, typer.Option(help=REPORT_TO_HELP)] = None,
     config: Annotated[Path | None, typer.Option(help="YAML/JSON file with any TrainConfig setting.")] = None,
     set_: Annotated[
         list[str] | None,
@@ -211,6 +218,7 @@ def train(
             eval_every=eval_every,
             resume=resume,
             live_teacher=live_teacher,
+            report_to=",".join(report_to) if report_to else None,
             **parse_set_overrides(set_ or []),
         )
         cfg = load_config(TrainConfig, config, overrides)
@@ -381,6 +389,10 @@ def eval_(
     verify_cache: Annotated[
         str, typer.Option(help="Check the store first, as train does: auto, deep, quick or off.")
     ] = "auto",
+    report_to: Annotated[
+        list[str] | None,
+        typer.Option(help="Also log the report table and plots to tensorboard|wandb|trackio (as for train)."),
+    ] = None,
 ) -> None:
     """Tokenizer-independent quality: bits per byte of each student and of the teacher, held-out kd loss,
     top-1 agreement with the teacher, calibration (ECE), and the share of the baseline->teacher gap closed.
@@ -388,6 +400,7 @@ def eval_(
     Example: distill eval runs/kd runs/ce_only --baseline ce_only --out reports/demo
     """
     from distill.cache.schema import CacheError
+    from distill.config import parse_report_to
     from distill.pipeline.evaluate import format_report, run_eval
 
     if split not in ("eval", "all"):
@@ -395,7 +408,7 @@ def eval_(
     if verify_cache not in ("auto", "deep", "quick", "off"):
         fail("--verify-cache must be auto, deep, quick or off")
     try:
-        report = run_eval(students, cache, split, baseline, out, verify_cache)
+        report = run_eval(students, cache, split, baseline, out, verify_cache, parse_report_to(report_to))
     except (CacheError, ValueError, FileNotFoundError) as exc:
         fail(str(exc))
     typer.echo(format_report(report))

@@ -204,10 +204,15 @@ class TrainConfig:
     off, or auto (deep below 16 GiB of uncompressed rows, quick above)."""
     num_workers_prefetch: int = 2
     """Batches read and aligned ahead of the training step on a background thread (0 disables)."""
+    report_to: list[str] = field(default_factory=list)
+    """Experiment trackers that also get every metrics.jsonl record and the run parameters: any of tensorboard,
+    wandb, trackio (a list or a comma-separated string; none or empty: metrics.jsonl only). Each is an extra:
+    ``pip install 'distill[wandb]'``. See pipeline/tracking.py."""
 
     def __post_init__(self) -> None:
         if isinstance(self.curriculum, dict):
             self.curriculum = CurriculumConfig(**self.curriculum)
+        self.report_to = parse_report_to(self.report_to)
         checks = [
             (0 <= self.eval_fraction < 1, "--set eval_fraction=F needs 0 <= F < 1"),
             (self.max_steps is None or self.max_steps >= 1, "--max-steps must be at least 1"),
@@ -241,6 +246,19 @@ class TrainConfig:
         for name in ("cache", "student", "out"):
             if not getattr(self, name):
                 raise ConfigError(f"--{name} is required")
+
+
+REPORT_TO_CHOICES = ("tensorboard", "wandb", "trackio")
+
+
+def parse_report_to(value: str | list[str] | None) -> list[str]:
+    """``"tensorboard,wandb"``, ``["wandb", "trackio"]``, ``"none"`` -> the trackers asked for, in order, once each."""
+    items = value.split(",") if isinstance(value, str) else [p for v in value or [] for p in str(v).split(",")]
+    names = [p.strip().lower() for p in items if p.strip() and p.strip().lower() != "none"]
+    unknown = [n for n in names if n not in REPORT_TO_CHOICES]
+    if unknown:
+        raise ConfigError(f"--report-to {unknown[0]}: choose from none, {', '.join(REPORT_TO_CHOICES)}")
+    return list(dict.fromkeys(names))
 
 
 def parse_set_overrides(items: list[str]) -> dict[str, Any]:

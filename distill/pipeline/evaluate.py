@@ -468,12 +468,17 @@ def run_eval(
     baseline: str | None,
     out: Path,
     verify_cache: str = "auto",
+    report_to: list[str] | None = None,
 ) -> dict[str, Any]:
     """Evaluate every student, write report.json / report.md / PNGs in ``out``; return the report.
 
     verify_cache: how the store is checked first, as train does (auto, deep, quick or off).
+    report_to: trackers that also get the report table and plots (see tracking.py).
     """
+    from distill.pipeline.tracking import log_eval_report, require_trackers
     from distill.pipeline.train import check_store
+
+    require_trackers(report_to or [])
 
     sources = [resolve_student(p, cache, split) for p in paths]
     names = [s.name for s in sources]
@@ -528,4 +533,5 @@ def run_eval(
     }
     (out / "report.json").write_text(json.dumps(report, indent=2))
     (out / "report.md").write_text(format_report(report))
+    log_eval_report(report_to or [], out, report)
     return report

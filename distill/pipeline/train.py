@@ -87,6 +87,7 @@ from distill.pipeline.router import (
 )
 from distill.pipeline.signals import LiveTeacher, TeacherSignal, read_cached_signal, signal_fields
 from distill.pipeline.tokens import check_tokenizer
+from distill.pipeline.tracking import Trackers, describe_cache, open_trackers, require_trackers
 
 # --- setup --------------------------------------------------------------------------------
 
@@ -259,6 +260,7 @@ def warn_small_head(reader: CacheReader, temperature: float) -> None:
 def setup(cfg: TrainConfig) -> Context:
     """Load and check everything before the first step; every problem is reported here, not mid-run."""
     cfg.require_io()
+    require_trackers(cfg.report_to)
     world = init_world(cfg.device)
     device = torch.device(
         "cuda"
@@ -721,10 +723,11 @@ def write_run_config(ctx: Context) -> None:
     (ctx.run_dir / "config.json").write_text(json.dumps(saved, indent=2, default=str))
 
 
-def write_record(metrics: Any, record: dict[str, Any]) -> None:
+def write_record(metrics: Any, record: dict[str, Any], trackers: Trackers) -> None:
     if metrics is not None:
         metrics.write(json.dumps(record) + "\n")
         metrics.flush()
+    trackers.log({k: v for k, v in record.items() if k not in ("split", "step")}, record["step"])
 
 
 def fit(ctx: Context) -> dict[str, Any]:
@@ -753,6 +756,8 @@ def fit(ctx: Context) -> dict[str, Any]:
     if main:
         write_run_config(ctx)
     metrics = (run_dir / "metrics.jsonl").open("a") if main else None
+    run_params = {"train": config_to_dict(cfg), "cache": describe_cache(ctx.reader.manifest), "steps": ctx.total_steps}
+    trackers = open_trackers(cfg.report_to if main else [], run_dir, run_params, step if ckpt is not None else None)
     stream = BatchStream(ctx, cursor)
     save_every = cfg.save_every or cfg.eval_every
     stop_reason, window_tokens, window_start = "max_steps", 0, time.perf_counter()
@@ -817,7 +822,7 @@ def fit(ctx: Context) -> dict[str, Any]:
                 tok_s = sum_over_ranks(window_tokens, ctx.world) / elapsed if elapsed > 0 else 0.0
                 eta = (time.perf_counter() - step_start) * (ctx.total_steps - step)
                 record = {"split": "train", "step": step, "lr": lr, "tokens_per_s": tok_s, **step_logs}
-                write_record(metrics, record)
+                write_record(metrics, record, trackers)
                 say(
                     format_line(
                         step, ctx.total_steps, step_logs, lr, 1000 * (time.perf_counter() - step_start), tok_s, eta
@@ -829,7 +834,7 @@ def fit(ctx: Context) -> dict[str, Any]:
             if (step % cfg.eval_every == 0 or last_step) and len(ctx.eval_rows):
                 if main:  # the other ranks wait for its decision
                     result = evaluate(ctx)
-                    write_record(metrics, {"split": "eval", "step": step, **result})
+                    write_record(metrics, {"split": "eval", "step": step, **result}, trackers)
                     say(f"eval step {step}: " + " ".join(f"{k[5:]} {v:.4g}" for k, v in result.items()))
                     if result["eval/loss"] < best - cfg.min_delta:
                         best, bad_evals = result["eval/loss"], 0
@@ -853,6 +858,7 @@ def fit(ctx: Context) -> dict[str, Any]:
     stream.close()
     if metrics is not None:
         metrics.close()
+    trackers.close()
     summary = {"steps": step, "total_steps": ctx.total_steps, "best_eval": best, "stop_reason": stop_reason}
     if stop_reason != "signal":
         final = run_dir / "final"
