@@ -3,16 +3,23 @@
 distill demo                       # the whole mission offline on a CPU, on generated data
 distill cache-teacher --help       # stage 1
 distill cache info STORE           # what a store holds
+
+Errors: an expected one prints one line, ``error: <what> — <what to do>``, and exits 2 for a usage
+error (a flag, a path, a config), 1 for a failure (a damaged store or checkpoint, a full disk, a
+bug). ``distill --debug ...`` or ``DISTILL_DEBUG=1`` shows the traceback instead.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
 import sys
 from pathlib import Path
 from typing import Annotated, Any
 
+import click
 import typer
 
 from distill.config import CacheConfig, ConfigError, config_to_dict, load_config
@@ -28,10 +35,75 @@ cache_app = typer.Typer(no_args_is_help=True, help="Inspect and manage cache sto
 app.add_typer(cache_app, name="cache")
 
 
-def fail(message: str) -> None:
-    """One line on stderr, exit status 2."""
+DEBUG_ENV = "DISTILL_DEBUG"
+DEBUG = {"on": False}
+USAGE, FAILURE = 2, 1
+
+
+@app.callback()
+def options(
+    debug: Annotated[
+        bool, typer.Option("--debug", help=f"Show the traceback of an error (or set {DEBUG_ENV}=1).")
+    ] = False,
+) -> None:
+    """Distill a large (MoE) language model into a small one with another tokenizer, through a teacher-output cache."""
+    DEBUG["on"] = debug
+
+
+def debugging() -> bool:
+    return DEBUG["on"] or os.environ.get(DEBUG_ENV, "").strip().lower() not in ("", "0", "false", "no")
+
+
+def fail(message: str, code: int = USAGE) -> None:
+    """One line on stderr, exit status ``code`` (2: usage error, 1: failure)."""
     typer.echo(f"error: {message}", err=True)
-    raise typer.Exit(2)
+    raise typer.Exit(code)
+
+
+def first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def describe_os_error(exc: OSError) -> str:
+    """A full disk and the like, in one line naming the path."""
+    where = exc.filename or "(path unknown)"
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        return (
+            f"no space left on the device writing {where} ({exc.strerror or exc}) — free space there and re-run the "
+            "same command: what was committed is kept and the run resumes from it"
+        )
+    return f"{exc.strerror or first_line(exc)}: {where} — check the path, its permissions and free space"
+
+
+@contextlib.contextmanager
+def reported_errors(usage: tuple[type[BaseException], ...] = (), failure: tuple[type[BaseException], ...] = ()):
+    """Turn an exception into one ``error:`` line and an exit status; keep the traceback for --debug.
+
+    ``usage`` exceptions exit 2, ``failure`` exceptions and OSError exit 1, anything else is reported as a bug."""
+    from distill.cache.schema import CacheError
+    from distill.pipeline.checkpoint import CheckpointError
+
+    try:
+        yield
+    except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException, KeyboardInterrupt):
+        raise
+    except Exception as exc:
+        if debugging():
+            raise
+        from distill.cache.manage import StoreDamaged
+
+        if isinstance(exc, (StoreDamaged, CheckpointError, *failure)):
+            fail(first_line(exc), FAILURE)
+        if isinstance(exc, (ConfigError, CacheError, *usage)):
+            fail(first_line(exc), USAGE)
+        if isinstance(exc, OSError):
+            fail(describe_os_error(exc), FAILURE)
+        fail(
+            f"unexpected {type(exc).__name__}: {first_line(exc)} — this is a bug: re-run with --debug (or "
+            f"{DEBUG_ENV}=1) for the traceback and report it",
+            FAILURE,
+        )
 
 
 def parse_list(value: str | None, kind: type) -> list | None:
@@ -118,11 +190,10 @@ def cache_teacher(
 
     Re-running the same command resumes; complete shards are skipped.
     """
-    from distill.cache.schema import CacheError
     from distill.pipeline.data import DataError
     from distill.pipeline.teacher import NonFiniteTeacherOutput, run
 
-    try:
+    with reported_errors(usage=(DataError,), failure=(NonFiniteTeacherOutput,)):
         overrides = dict(
             teacher=teacher,
             dataset=dataset,
@@ -156,8 +227,6 @@ def cache_teacher(
         cfg.require_io()
         print_config("cache-teacher", cfg)
         summary = run(cfg)
-    except (ConfigError, CacheError, DataError, NonFiniteTeacherOutput) as exc:
-        fail(str(exc))
     typer.echo(
         f"cached {summary['rows']} rows, {summary['tokens']:,} tokens in {summary['seconds']:.1f}s "
         f"({summary['tokens_per_s']:,.0f} tok/s); {summary['skipped_chunks']} chunks were already committed; "
@@ -179,6 +248,9 @@ def train(
         str | None, typer.Option(help="'auto' (latest checkpoint in --out) or a checkpoint folder.")
     ] = None,
     live_teacher: Annotated[str | None, typer.Option(help="Run this teacher in the loop instead of the cache.")] = None,
+    overwrite: Annotated[
+        bool, typer.Option(help="Replace the run already in --out (otherwise refused unless --resume).")
+    ] = False,
     config: Annotated[Path | None, typer.Option(help="YAML/JSON file with any TrainConfig setting.")] = None,
     set_: Annotated[
         list[str] | None,
@@ -195,12 +267,11 @@ def train(
     Settings of the cache (layers, top-K, temperatures) are read from its manifest. SIGINT/SIGTERM
     save an emergency checkpoint; --resume auto continues exactly where the run stopped.
     """
-    from distill.cache.schema import CacheError
-    from distill.config import TrainConfig, parse_set_overrides
+    from distill.config import TrainConfig, merge_set_overrides
     from distill.pipeline.train import run
 
-    try:
-        overrides = dict(
+    with reported_errors(usage=(FileNotFoundError,)):
+        flags = dict(
             cache=cache,
             student=student,
             out=out,
@@ -211,14 +282,12 @@ def train(
             eval_every=eval_every,
             resume=resume,
             live_teacher=live_teacher,
-            **parse_set_overrides(set_ or []),
+            overwrite=overwrite or None,
         )
-        cfg = load_config(TrainConfig, config, overrides)
+        cfg = load_config(TrainConfig, config, merge_set_overrides(flags, set_ or []))
         cfg.require_io()
         print_config("train", cfg)
         summary = run(cfg)
-    except (ConfigError, CacheError, FileNotFoundError) as exc:
-        fail(str(exc))
     if summary["stop_reason"] == "signal":
         typer.echo(
             f"stopped by signal {summary['signal']} at step {summary['steps']}: emergency checkpoint saved; "
@@ -244,12 +313,9 @@ def cache_info(
     Example: distill cache info cache/wt103 --json
     """
     from distill.cache.info import format_info, store_info
-    from distill.cache.schema import CacheError
 
-    try:
+    with reported_errors():
         info = store_info(store)
-    except CacheError as exc:
-        fail(str(exc))
     typer.echo(json.dumps(info, indent=2) if as_json else format_info(info))
 
 
@@ -269,13 +335,10 @@ def cache_verify(
     Example: distill cache verify s3://bucket/cache/wt103
     """
     from distill.cache.manage import repair_store, verify_store
-    from distill.cache.schema import CacheError
 
-    try:
+    with reported_errors():
         report = verify_store(store, deep=not quick)
         repaired = repair_store(store, report) if repair and not report.sound else []
-    except CacheError as exc:
-        fail(str(exc))
     for problem in report.problems:
         typer.echo(str(problem))
     checked = f"{report.chunks_checked} chunks checksummed" if report.deep else "chunk data not read (--quick)"
@@ -303,12 +366,9 @@ def cache_merge(
     Example: distill cache merge cache/wt103 /mnt/a/wt103 /mnt/b/wt103
     """
     from distill.cache.manage import merge_stores
-    from distill.cache.schema import CacheError
 
-    try:
+    with reported_errors():
         summary = merge_stores(out, stores)
-    except CacheError as exc:
-        fail(str(exc))
     missing = [f"{s['index']:05d}" for s in summary["shards"] if s["status"] != "complete"]
     tail = (
         "complete"
@@ -333,14 +393,11 @@ def cache_export(
     Example: distill cache export cache/wt103 --format hdf5 wt103.h5
     """
     from distill.cache.manage import export_hdf5
-    from distill.cache.schema import CacheError
 
-    try:
-        if format_ != "hdf5":
-            raise CacheError(f"--format {format_}: only hdf5 is supported")
+    if format_ != "hdf5":
+        fail(f"--format {format_}: only hdf5 is supported — pass --format hdf5")
+    with reported_errors():
         summary = export_hdf5(store, file, compression)
-    except CacheError as exc:
-        fail(str(exc))
     typer.echo(f"exported {store} ({summary['shards']} shards, {summary['rows']:,} rows) to {file}")
 
 
@@ -354,12 +411,9 @@ def cache_import(
     Example: distill cache import wt103.h5 cache/wt103
     """
     from distill.cache.manage import import_hdf5
-    from distill.cache.schema import CacheError
 
-    try:
+    with reported_errors():
         summary = import_hdf5(file, store)
-    except CacheError as exc:
-        fail(str(exc))
     typer.echo(f"imported {file} into {store} ({summary['shards']} shards); check it with distill cache verify {store}")
 
 
@@ -384,15 +438,12 @@ def eval_(
 
     Example: distill eval runs/kd runs/ce_only --baseline ce_only --out reports/demo
     """
-    from distill.cache.schema import CacheError
     from distill.pipeline.evaluate import format_report, run_eval
 
     if split not in ("eval", "all"):
         fail("--split must be eval or all")
-    try:
+    with reported_errors(usage=(ValueError, FileNotFoundError)):
         report = run_eval(students, cache, split, baseline, out)
-    except (CacheError, ValueError, FileNotFoundError) as exc:
-        fail(str(exc))
     typer.echo(format_report(report))
     typer.echo(
         f"written: {out / 'report.json'}, {out / 'report.md'}, " + ", ".join(str(out / p) for p in report["plots"])
@@ -412,7 +463,10 @@ def demo(
     """
     from distill.pipeline.demo import run_demo
 
-    run_demo(out, seed)
+    if out.exists() and not out.is_dir():
+        fail(f"--out {out}: a file, not a folder — choose another --out")
+    with reported_errors():
+        run_demo(out, seed)
 
 
 def main() -> None:

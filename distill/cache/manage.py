@@ -61,6 +61,10 @@ COPY_WORKERS = 16
 # --- verify -------------------------------------------------------------------------------
 
 
+class StoreDamaged(CacheError):
+    """A store's data differs from what was committed (a failure, not a usage error)."""
+
+
 @dataclass(frozen=True)
 class Problem:
     """One reason a store is not sound; ``where`` names the shard and chunk when there is one."""
@@ -127,7 +131,7 @@ def require_sound_store(url: str, deep: bool = True) -> None:
         return
     shown = "; ".join(str(p) for p in report.problems[:3])
     more = f"; and {len(report.problems) - 3} more" if len(report.problems) > 3 else ""
-    raise CacheError(
+    raise StoreDamaged(
         f"{url}: the store is not sound ({shown}{more}); see `distill cache verify {url}`; `distill cache verify "
         "--repair` then the same `distill cache-teacher` command recomputes bad chunks"
     )
@@ -556,7 +560,7 @@ def import_shard(source: Any, group: zarr.Group, index: int, specs: dict[str, Fi
 def require_checksum(arrays: dict[str, Any], record: dict[str, Any], index: int, chunk: int, where: str) -> None:
     """Refuse to hand on a chunk whose data does not match its committed checksum."""
     if checksum_arrays(arrays) != record["checksums"][chunk]:
-        raise CacheError(
+        raise StoreDamaged(
             f"shard {index:05d} chunk {chunk}: checksum mismatch in {where}; it is damaged (`distill cache verify` "
             "lists the bad chunks of a store)"
         )

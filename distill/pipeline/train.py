@@ -41,9 +41,9 @@ from distill.pipeline.align import (
     teacher_to_student_span,
 )
 from distill.pipeline.checkpoint import (
+    CheckpointError,
     capture_rng,
-    find_checkpoint,
-    load_checkpoint,
+    load_resume_checkpoint,
     restore_rng,
     save_checkpoint,
     save_final,
@@ -234,6 +234,8 @@ def setup(cfg: TrainConfig) -> Context:
     )
     if device.type == "cuda" and world.active:
         device = torch.device("cuda", world.local_rank)
+    if world.main:
+        prepare_run_dir(cfg)
     for url in filter(None, (cfg.cache, cfg.eval_cache)):
         check_store(url, cfg.verify_cache)
     reader = CacheReader(cfg.cache)
@@ -682,6 +684,47 @@ def write_run_config(ctx: Context) -> None:
     (ctx.run_dir / "config.json").write_text(json.dumps(saved, indent=2, default=str))
 
 
+def trim_metrics(path: Path, step: int) -> None:
+    """On resume from ``step``: keep the records up to it, drop those written after the checkpoint (the resumed
+    run writes them again) and any torn line a crash left, so the file stays one record per line."""
+    if not path.exists():
+        return
+    kept = []
+    for line in path.read_text(errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] <= step:
+            kept.append(line + "\n")
+    tmp = path.with_suffix(".jsonl.tmp")
+    tmp.write_text("".join(kept))
+    tmp.replace(path)
+
+
+RUN_OUTPUTS = ("metrics.jsonl", "checkpoints", "final", "config.json")
+
+
+def prepare_run_dir(cfg: TrainConfig) -> None:
+    """Refuse to start a second run into a run directory that holds one, unless told to resume or replace it."""
+    import shutil
+
+    run_dir = Path(cfg.out)
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ConfigError(f"--out {run_dir}: a file, not a directory — choose another --out")
+    found = [name for name in RUN_OUTPUTS if (run_dir / name).exists()]
+    if not found or cfg.resume is not None:
+        return
+    if not cfg.overwrite:
+        raise ConfigError(
+            f"--out {run_dir} holds a previous run ({', '.join(found)}) — pass --resume auto to continue it, "
+            "--overwrite to replace it, or choose another --out"
+        )
+    for name in found:
+        target = run_dir / name
+        shutil.rmtree(target) if target.is_dir() else target.unlink()
+
+
 def write_record(metrics: Any, record: dict[str, Any]) -> None:
     if metrics is not None:
         metrics.write(json.dumps(record) + "\n")
@@ -696,15 +739,21 @@ def fit(ctx: Context) -> dict[str, Any]:
     scaler = torch.amp.GradScaler(ctx.device.type, enabled=ctx.autocast_dtype == torch.float16)
     params = list(ctx.student.parameters()) + list(ctx.modules.parameters())
     step, cursor, best, bad_evals = 0, (0, 0), math.inf, 0
-    ckpt = find_checkpoint(run_dir, cfg.resume)
-    if ckpt is not None:
-        state, meta = load_checkpoint(ckpt)
-        ctx.student.load_state_dict(state["student"])
-        ctx.modules.load_state_dict(state["modules"])
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
-        restore_rng(state["rng"])
+    found = load_resume_checkpoint(run_dir, cfg.resume, say)
+    if found is not None:
+        ckpt, state, meta = found
+        try:
+            ctx.student.load_state_dict(state["student"])
+            ctx.modules.load_state_dict(state["modules"])
+            optimizer.load_state_dict(state["optimizer"])
+            scheduler.load_state_dict(state["scheduler"])
+            scaler.load_state_dict(state["scaler"])
+            restore_rng(state["rng"])
+        except (RuntimeError, KeyError, ValueError, TypeError) as exc:
+            raise CheckpointError(
+                f"{ckpt}: does not fit this run's student and settings ({str(exc).splitlines()[0][:200]}) — resume "
+                "with the --student and --set values it was made with, or start again with --overwrite"
+            ) from None
         step, cursor = meta["step"], tuple(meta["cursor"])
         best, bad_evals = meta["best_eval"], meta["bad_evals"]
         say(f"resumed from {ckpt} at step {step}")
@@ -713,6 +762,8 @@ def fit(ctx: Context) -> dict[str, Any]:
     main = ctx.world.main
     if main:
         write_run_config(ctx)
+        if cfg.resume is not None:
+            trim_metrics(run_dir / "metrics.jsonl", step)
     metrics = (run_dir / "metrics.jsonl").open("a") if main else None
     stream = BatchStream(ctx, cursor)
     save_every = cfg.save_every or cfg.eval_every

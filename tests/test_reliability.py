@@ -1,0 +1,151 @@
+"""Faults and bad input end in one clear line and lose nothing (issue: reliability).
+
+Each test here failed before its fix; they run the real CLI in-process on the tiny assets."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from distill.cli import app
+from tests.conftest import run_train, train_args
+
+STEPS = 3
+
+
+def invoke(*args: object):
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def error_lines(result) -> list[str]:
+    return [line for line in result.stderr.splitlines() if line.startswith("error:")]
+
+
+def assert_one_line_error(result, code: int, *needles: str) -> str:
+    assert result.exit_code == code, result.output
+    assert "Traceback" not in result.output and result.exception is None or isinstance(result.exception, SystemExit)
+    lines = error_lines(result)
+    assert len(lines) == 1, result.stderr
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+    return lines[0]
+
+
+def read_records(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def final_weights(run: Path) -> dict[str, torch.Tensor]:
+    weights = load_file(run / "final" / "model.safetensors")
+    modules = torch.load(run / "final" / "distill_modules.pt", weights_only=True)
+    weights.update({f"modules.{k}": v for k, v in modules.items()})
+    return weights
+
+
+def run_settings(assets: dict, out: Path) -> list[str]:
+    return [*train_args(assets, out, save_every=1, keep_checkpoints=3), "--log-every", "1", "--eval-every", "1000"]
+
+
+@pytest.fixture(scope="module")
+def base_run(train_assets, tmp_path_factory) -> Path:
+    """A 3-step run with checkpoints at steps 1 and 2 and its final student."""
+    out = tmp_path_factory.mktemp("reliab") / "base"
+    run_train(run_settings(train_assets, out), STEPS)
+    assert sorted(p.name for p in (out / "checkpoints").glob("step_*")) == ["step_000001", "step_000002"]
+    return out
+
+
+def copy_run(base: Path, tmp_path: Path) -> Path:
+    out = tmp_path / "run"
+    shutil.copytree(base, out)
+    return out
+
+
+def resume(assets: dict, out: Path, *extra: str):
+    return invoke("train", *run_settings(assets, out), "--max-steps", STEPS, "--resume", *extra)
+
+
+# --- 1: nothing untrusted is unpickled ------------------------------------------------------
+
+
+class RunsCode:
+    """Unpickling this object opens (creates) a file: what a crafted checkpoint could do."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (str(self.marker), "w"))
+
+
+def test_a_crafted_checkpoint_is_refused_without_running_its_code(train_assets, base_run, tmp_path):
+    out = copy_run(base_run, tmp_path)
+    marker = tmp_path / "pwned"
+    ckpt = out / "checkpoints" / "step_000002"
+    state = torch.load(ckpt / "state.pt", weights_only=True)  # what train writes loads with weights_only
+    state["student"] = RunsCode(marker)
+    torch.save(state, ckpt / "state.pt")
+    result = resume(train_assets, out, str(ckpt))
+    assert_one_line_error(result, 1, str(ckpt), "not loaded")
+    assert not marker.exists()
+
+
+# --- 4: a second run into the same --out ------------------------------------------------------
+
+
+def test_a_second_train_into_the_same_out_is_refused_unless_overwrite(train_assets, base_run, tmp_path):
+    out = copy_run(base_run, tmp_path)
+    before = (out / "metrics.jsonl").read_text()
+    refused = invoke("train", *run_settings(train_assets, out), "--max-steps", 1)
+    assert_one_line_error(refused, 2, f"--out {out} holds a previous run", "--resume auto", "--overwrite")
+    assert (out / "metrics.jsonl").read_text() == before
+    replaced = invoke("train", *run_settings(train_assets, out), "--max-steps", 1, "--overwrite")
+    assert replaced.exit_code == 0, replaced.output
+    assert [r["step"] for r in read_records(out) if r["split"] == "train"] == [1]
+    assert not (out / "checkpoints").exists()  # the old run's checkpoints went with it
+
+
+# --- 6 and 7: resume after a torn metrics line, and from a damaged latest checkpoint ----------
+
+
+def test_resume_drops_a_torn_metrics_line_and_the_records_after_the_checkpoint(train_assets, base_run, tmp_path):
+    out = copy_run(base_run, tmp_path)
+    (out / "checkpoints" / "latest").write_text("step_000001")  # killed before the checkpoint of step 2
+    shutil.rmtree(out / "checkpoints" / "step_000002")
+    text = (out / "metrics.jsonl").read_text()
+    (out / "metrics.jsonl").write_text(text[: len(text) - 17])  # a crash mid-line
+    result = resume(train_assets, out, "auto")
+    assert result.exit_code == 0, result.output
+    steps = [r["step"] for r in read_records(out) if r["split"] == "train"]
+    assert steps == [1, 2, 3]
+    assert final_weights(out).keys() == final_weights(base_run).keys()
+
+
+def test_a_damaged_latest_checkpoint_falls_back_to_the_previous_one(train_assets, base_run, tmp_path):
+    out = copy_run(base_run, tmp_path)
+    state = out / "checkpoints" / "step_000002" / "state.pt"
+    state.write_bytes(state.read_bytes()[: state.stat().st_size // 2])
+    result = resume(train_assets, out, "auto")
+    assert result.exit_code == 0, result.output
+    assert "step_000002" in result.output and "falling back to" in result.output and "step_000001" in result.output
+    a, b = final_weights(out), final_weights(base_run)
+    assert max((a[k] - b[k]).abs().max().item() for k in a) == 0.0  # resumed exactly from step 1
+
+
+# --- 15: a checkpoint of the wrong format -----------------------------------------------------
+
+
+def test_a_checkpoint_of_the_wrong_format_is_one_line(train_assets, base_run, tmp_path):
+    out = copy_run(base_run, tmp_path)
+    ckpt = out / "checkpoints" / "step_000002"
+    torch.save({"model": torch.zeros(2)}, ckpt / "state.pt")
+    assert_one_line_error(resume(train_assets, out, str(ckpt)), 1, "not a `distill train` checkpoint", "student")
+    for name in ("step_000001", "step_000002"):
+        (out / "checkpoints" / name / "state.pt").write_bytes(b"not a zip file")
+    assert_one_line_error(resume(train_assets, out, "auto"), 1, "no readable checkpoint", "--overwrite")
