@@ -209,7 +209,7 @@ def test_flipped_byte_is_named_refused_and_repaired(tiny_assets, reference, sing
     with pytest.raises(CacheError, match="not sound.*shard 00000 chunk 1"):
         require_sound_store(str(store))  # what stage 2 calls before training
     exported = invoke("cache", "export", store, tmp_path / "damaged.h5")
-    assert exported.exit_code == 2 and "error: shard 00000 chunk 1: checksum mismatch" in exported.stderr
+    assert exported.exit_code == 1 and "error: shard 00000 chunk 1: checksum mismatch" in exported.stderr
     assert not list(tmp_path.glob("damaged.h5*"))  # no half-written file left behind
 
     repaired = invoke("cache", "verify", store, "--repair")

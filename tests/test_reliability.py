@@ -149,3 +149,51 @@ def test_a_checkpoint_of_the_wrong_format_is_one_line(train_assets, base_run, tm
     for name in ("step_000001", "step_000002"):
         (out / "checkpoints" / name / "state.pt").write_bytes(b"not a zip file")
     assert_one_line_error(resume(train_assets, out, "auto"), 1, "no readable checkpoint", "--overwrite")
+
+
+# --- 2 and 3: a missing chunk file is detected on every read path -----------------------------
+
+
+@pytest.fixture
+def store_missing_a_chunk(train_assets, tmp_path) -> Path:
+    store = tmp_path / "store"
+    shutil.copytree(train_assets["store"], store)
+    chunk = store / "shards" / "00000" / "topk_logits" / "c" / "1" / "0" / "0"
+    assert chunk.exists()
+    chunk.unlink()
+    return store
+
+
+def test_a_missing_chunk_file_is_found_by_verify_quick_and_deep(store_missing_a_chunk):
+    for flags in (["--quick"], []):
+        result = invoke("cache", "verify", store_missing_a_chunk, *flags)
+        assert result.exit_code == 1, result.output
+        assert "shard 00000 chunk 1: the data file of topk_logits is missing" in result.stdout
+        assert "NOT sound" in result.stdout and "chunk 0" not in result.stdout
+
+
+def test_a_missing_chunk_file_is_refused_by_the_reader_and_train(train_assets, store_missing_a_chunk, tmp_path):
+    from distill.cache.reader import CacheReader
+    from distill.cache.store import StoreDamaged
+    from distill.pipeline.train import check_store
+
+    reader = CacheReader(str(store_missing_a_chunk))
+    assert reader.read_rows([0, 7], ["topk_logits"])["topk_logits"].shape[0] == 2  # chunk 0 is whole
+    with pytest.raises(StoreDamaged, match="shard 00000 chunk 1: the data file of topk_logits is missing"):
+        reader.read_rows([3, 9], ["topk_logits"])
+    for mode in ("quick", "deep"):  # what train and eval call before reading
+        with pytest.raises(StoreDamaged, match="chunk 1: the data file of topk_logits is missing"):
+            check_store(str(store_missing_a_chunk), mode)
+    assets = {**train_assets, "store": store_missing_a_chunk}
+    for mode in ("quick", "off"):
+        result = invoke("train", *train_args(assets, tmp_path / mode, verify_cache=mode), "--max-steps", 2)
+        assert_one_line_error(result, 1, "chunk 1", "missing", "--repair")
+
+
+def test_eval_of_a_store_missing_chunk_files_fails(train_assets, base_run, tmp_path):
+    store = tmp_path / "store"
+    shutil.copytree(train_assets["store"], store)
+    shutil.rmtree(store / "shards" / "00000" / "target_logprob" / "c")
+    result = invoke("eval", base_run / "final", "--cache", store, "--split", "all", "--out", tmp_path / "report")
+    assert_one_line_error(result, 1, "target_logprob is missing")
+    assert not (tmp_path / "report" / "report.json").exists()

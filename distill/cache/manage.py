@@ -42,14 +42,20 @@ from distill.cache.schema import (
 )
 from distill.cache.store import (
     SHARD_ATTR,
+    WRITE_CONFIG,
+    StoreDamaged,
     checksum_arrays,
+    chunk_matches_checksum,
     create_store,
     load_manifest,
+    missing_chunk_files,
     open_root,
+    read_chunk,
     read_creation_marker,
     shard_records,
     store_exists,
     store_fs,
+    stored_files,
 )
 
 ROOT_GROUPS = (TOKENIZER_GROUP, STATS_GROUP, PCA_GROUP)
@@ -59,10 +65,6 @@ COPY_WORKERS = 16
 
 
 # --- verify -------------------------------------------------------------------------------
-
-
-class StoreDamaged(CacheError):
-    """A store's data differs from what was committed (a failure, not a usage error)."""
 
 
 @dataclass(frozen=True)
@@ -114,14 +116,37 @@ def verify_store(url: str, deep: bool = True, workers: int = 8) -> VerifyReport:
             report.problems += problems
             if not problems and len(record["checksums"]) <= record["num_chunks"]:
                 readable.append(record)
+    missing = {r["index"]: check_chunk_files(url, root, r, specs) for r in readable}  # [missing-chunk note]
+    for index, problems in missing.items():
+        report.problems += problems
     if deep:
         jobs = [(record, chunk) for record in readable for chunk in range(len(record["checksums"]))]
         with ThreadPoolExecutor(max_workers=workers) as pool:
             results = list(pool.map(lambda job: check_chunk(root, job[0], job[1], specs), jobs))
         report.chunks_checked = len(jobs)
-        report.problems += [p for problems, _ in results for p in problems]
+        named = {(p.shard, p.chunk) for problems in missing.values() for p in problems}
+        report.problems += [p for problems, _ in results for p in problems if (p.shard, p.chunk) not in named]
         report.problems += check_token_counts(readable, jobs, [tokens for _, tokens in results])
     return report
+
+
+def check_chunk_files(url: str, root: zarr.Group, record: dict[str, Any], specs: dict[str, FieldSpec]) -> list:
+    """Every committed chunk of a shard has its data files, or (a store written before empty chunks were stored)
+    still matches its checksum: one listing, and a read only of the chunks with absent files."""
+    index = record["index"]
+    group = root[shard_name(index)]
+    files = stored_files(url, shard_name(index))
+    absent = missing_chunk_files(group, specs, range(len(record["checksums"])), files)  # type: ignore[arg-type]
+    return [
+        Problem(
+            f"shard {index:05d} chunk {chunk}",
+            f"the data file of {', '.join(names)} is missing (it reads back as zeros)",
+            index,
+            chunk,
+        )
+        for chunk, names in sorted(absent.items())
+        if not chunk_matches_checksum(group, record, chunk, specs)  # type: ignore[arg-type]
+    ]
 
 
 def require_sound_store(url: str, deep: bool = True) -> None:
@@ -264,13 +289,6 @@ def check_shard_arrays(
                 )
             )
     return problems
-
-
-def read_chunk(group: zarr.Group, record: dict[str, Any], chunk: int, names: Any) -> dict[str, np.ndarray]:
-    """All fields ``names`` of one chunk of a shard, as numpy arrays."""
-    start = chunk * record["chunk_rows"]
-    end = min(start + record["chunk_rows"], record["rows"])
-    return {name: np.asarray(group[name][start:end]) for name in names}
 
 
 def check_chunk(
@@ -553,7 +571,7 @@ def import_shard(source: Any, group: zarr.Group, index: int, specs: dict[str, Fi
         }
         require_checksum(arrays, record, index, chunk, "the HDF5 file")
         for name, value in arrays.items():
-            group[name][start:end] = value
+            group[name].with_config(WRITE_CONFIG)[start:end] = value  # type: ignore[union-attr]
     group.attrs[SHARD_ATTR] = record
 
 
@@ -613,6 +631,7 @@ def readable_local_file(path: str) -> Iterator[str]:
 
 __all__ = [
     "Problem",
+    "StoreDamaged",
     "VerifyReport",
     "export_hdf5",
     "import_hdf5",
