@@ -197,3 +197,27 @@ def test_eval_of_a_store_missing_chunk_files_fails(train_assets, base_run, tmp_p
     result = invoke("eval", base_run / "final", "--cache", store, "--split", "all", "--out", tmp_path / "report")
     assert_one_line_error(result, 1, "target_logprob is missing")
     assert not (tmp_path / "report" / "report.json").exists()
+
+
+# --- 5: short documents with the default --attention-topk -------------------------------------
+
+
+def test_short_documents_with_more_attention_keys_than_tokens(tiny_assets, tmp_path):
+    from distill.cache.reader import CacheReader
+    from tests.conftest import cache_args
+
+    data = tmp_path / "short.jsonl"
+    data.write_text("".join(json.dumps({"text": "The cat sees a red book."}) + "\n" for _ in range(40)))
+    store = tmp_path / "store"
+    args = cache_args({**tiny_assets, "data": data}, store, attention_topk=32, calibration_rows=4)
+    result = invoke("cache-teacher", *args)
+    assert result.exit_code == 0, result.output
+    rows = CacheReader(str(store)).read_rows([0, 39], ["attn/2", "attn_ids/2", "length"])
+    n = int(rows["length"][0])
+    assert n < 32  # every row is shorter than the keys asked for
+    values, ids = rows["attn/2"].float(), rows["attn_ids/2"]
+    assert values.shape[-1] == 32
+    # query t has t + 1 keys: its row sums to 1 over them, the other slots are empty (value 0, id 0)
+    torch.testing.assert_close(values[:, :n].sum(-1), torch.ones(2, n), atol=2e-3, rtol=0)
+    assert (values[:, :n, n:] == 0).all() and (ids[:, :n, n:] == 0).all()
+    assert (ids[:, :n] <= torch.arange(n)[None, :, None]).all()  # causal: never a later key

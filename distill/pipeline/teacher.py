@@ -368,7 +368,9 @@ def attention_topk(attn: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tens
     """(B, heads, L, L) attention (or its head average, heads = 1) -> head-averaged top-k per query row:
     values, key positions (B, L, k)."""
     averaged = attn.float().mean(dim=1)
-    values, ids = averaged.topk(k, dim=-1)
+    # A batch of short rows has fewer keys than k: take them all, the slots past them stay empty.
+    values, ids = averaged.topk(min(k, averaged.shape[-1]), dim=-1)
+    values, ids = F.pad(values, (0, k - values.shape[-1])), F.pad(ids, (0, k - ids.shape[-1]))
     # A query at position t has only t+1 keys: the slots past them hold weight 0. Give them id 0 so
     # that the stored ids never point at padding and are deterministic (a slot is used iff value > 0).
     ids = torch.where(values > 0, ids, torch.zeros_like(ids))
