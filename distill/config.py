@@ -310,7 +310,7 @@ def coerce_field(key: str, value: Any, hint: Any) -> Any:
     """``value`` checked against (and converted to) a field's declared type; ConfigError naming the key if not."""
 
     def bad() -> ConfigError:
-        return ConfigError(f"{key} = {value!r}: expected {describe_type(hint)}")
+        return ConfigError(f"{key} = {value!r}: expected {describe_type(hint)} — fix it in --set or the config file")
 
     origin, args = typing.get_origin(hint), typing.get_args(hint)
     if origin in (typing.Union, types.UnionType):
@@ -377,7 +377,12 @@ def build_dataclass(cls: type[C], values: dict[str, Any], prefix: str = "") -> C
     except ConfigError:
         raise
     except (ValueError, TypeError) as exc:  # the nested configs validate with ValueError
-        raise ConfigError(str(exc)) from None
+        message = (
+            str(exc)
+            if isinstance(exc, ConfigError) or " — " in str(exc)
+            else f"{exc} — fix it in --set or the config file"
+        )
+        raise ConfigError(message) from None
 
 
 def parse_shard(spec: str) -> tuple[int, int]:

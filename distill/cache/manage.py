@@ -47,6 +47,7 @@ from distill.cache.store import (
     checksum_arrays,
     chunk_matches_checksum,
     create_store,
+    delete_store,
     load_manifest,
     missing_chunk_files,
     open_root,
@@ -530,27 +531,56 @@ def export_shard(f: Any, group: zarr.Group, record: dict[str, Any], specs: dict[
 
 
 def import_hdf5(path: str, url: str) -> dict[str, Any]:
-    """Create the store ``url`` from an HDF5 file written by ``export_hdf5``: same manifest, records, arrays."""
+    """Create the store ``url`` from an HDF5 file written by ``export_hdf5``: same manifest, records, arrays.
+
+    A file that is not HDF5, or not a complete export, is refused; a half-made store is removed."""
     import h5py
 
     if store_exists(url) or read_creation_marker(url) is not None:
         raise CacheError(f"{url} exists; import writes a new store: choose another path")
-    with readable_local_file(path) as local, h5py.File(local, "r") as f:
-        if f.attrs.get("format") != HDF5_FORMAT:
-            raise CacheError(f"{path}: not a distill cache export (no format attribute {HDF5_FORMAT!r})")
-        manifest = json.loads(f.attrs["manifest"])
-        check_schema(manifest, path)
-        files = {name: bytes(np.asarray(ds[:]).tobytes()) for name, ds in f[TOKENIZER_GROUP].items()}
-        arrays = {}
-        for group_name in (STATS_GROUP, PCA_GROUP):
-            if group_name in f:
-                f[group_name].visititems(lambda name, node, g=group_name: collect_dataset(arrays, f"{g}/{name}", node))
-        root = create_store(url, manifest, files, arrays, write_manifest=False)  # the manifest goes in last
-        specs = build_field_specs(manifest["layout"])
-        for index in range(len(manifest["layout"]["shard_rows"])):
-            import_shard(f[shard_name(index)], root[shard_name(index)], index, specs)
-        root.attrs[MANIFEST_ATTR] = manifest
+    with readable_local_file(path) as local:
+        try:
+            f = h5py.File(local, "r")
+        except OSError as exc:
+            raise CacheError(
+                f"{path}: not an HDF5 file ({first_line(exc)}) — pass a file written by `distill cache export`"
+            ) from None
+        with f:
+            if f.attrs.get("format") != HDF5_FORMAT:
+                raise CacheError(f"{path}: not a distill cache export (no format attribute {HDF5_FORMAT!r})")
+            try:
+                manifest = json.loads(f.attrs["manifest"])
+                check_schema(manifest, path)
+                import_file(f, url, manifest)
+            except StoreDamaged:
+                delete_store(url)
+                raise
+            except Exception as exc:  # a damaged or crafted file fails in h5py's and json's own ways
+                delete_store(url)
+                raise CacheError(
+                    f"{path}: not a valid distill cache export ({type(exc).__name__}: {first_line(exc)}) — export the "
+                    "store again; nothing was written"
+                ) from None
     return {"file": path, "store": url, "shards": len(manifest["layout"]["shard_rows"])}
+
+
+def import_file(f: Any, url: str, manifest: dict[str, Any]) -> None:
+    """Write the store from an opened export: root arrays, shards chunk by chunk (checked), the manifest last."""
+    files = {name: bytes(np.asarray(ds[:]).tobytes()) for name, ds in f[TOKENIZER_GROUP].items()}
+    arrays: dict[str, np.ndarray] = {}
+    for group_name in (STATS_GROUP, PCA_GROUP):
+        if group_name in f:
+            f[group_name].visititems(lambda name, node, g=group_name: collect_dataset(arrays, f"{g}/{name}", node))
+    root = create_store(url, manifest, files, arrays, write_manifest=False)  # the manifest goes in last
+    specs = build_field_specs(manifest["layout"])
+    for index in range(len(manifest["layout"]["shard_rows"])):
+        import_shard(f[shard_name(index)], root[shard_name(index)], index, specs)
+    root.attrs[MANIFEST_ATTR] = manifest
+
+
+def first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:200] if text else type(exc).__name__
 
 
 def collect_dataset(arrays: dict[str, np.ndarray], path: str, node: Any) -> None:

@@ -106,7 +106,9 @@ def open_root(url: str, mode: str = "r") -> zarr.Group:
     try:
         return open_group(url, mode=mode)
     except (FileNotFoundError, zarr.errors.GroupNotFoundError):
-        raise CacheError(f"{url}: no cache store there (create one with `distill cache-teacher`)") from None
+        raise CacheError(
+            f"{url}: no cache store there — check the path, or create one with `distill cache-teacher`"
+        ) from None
 
 
 def store_exists(url: str) -> bool:

@@ -139,11 +139,23 @@ def load_student(cfg: TrainConfig, need_attention: bool, device: torch.device) -
     kwargs: dict[str, Any] = {"dtype": torch.float32}
     if need_attention:
         kwargs["attn_implementation"] = "eager"  # the attention term needs the student's attention weights
+    source = Path(cfg.student)
+    if (source.is_absolute() or cfg.student.startswith(".")) and not source.is_dir():
+        raise ConfigError(f"--student {cfg.student}: no such folder — pass a model folder or a hub id")
     try:
-        tokenizer = AutoTokenizer.from_pretrained(cfg.student)
         student = AutoModelForCausalLM.from_pretrained(cfg.student, **kwargs)
     except (OSError, ValueError) as exc:
-        raise ConfigError(f"--student {cfg.student}: cannot load it ({str(exc).splitlines()[0]})") from None
+        raise ConfigError(
+            f"--student {cfg.student}: cannot load the model ({str(exc).splitlines()[0]}) — pass a folder written by "
+            "save_pretrained, or a hub id"
+        ) from None
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(cfg.student)
+    except (OSError, ValueError, TypeError) as exc:
+        raise ConfigError(
+            f"--student {cfg.student}: cannot load its tokenizer ({str(exc).splitlines()[0]}) — save the tokenizer "
+            "next to the model (tokenizer.save_pretrained)"
+        ) from None
     if not getattr(tokenizer, "is_fast", False):
         raise ConfigError(f"--student {cfg.student}: a fast tokenizer is needed (character offsets)")
     return student.to(device), tokenizer
