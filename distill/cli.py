@@ -86,7 +86,7 @@ def reported_errors(usage: tuple[type[BaseException], ...] = (), failure: tuple[
 
     try:
         yield
-    except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException, KeyboardInterrupt):
+    except (typer.Exit, click.exceptions.Exit, click.exceptions.Abort, click.ClickException, KeyboardInterrupt):
         raise
     except Exception as exc:
         if debugging():
@@ -127,6 +127,51 @@ def print_config(title: str, cfg: Any) -> None:
     if not is_main_process():
         return
     typer.echo(f"{title} config:\n" + "\n".join(f"  {k}: {v}" for k, v in config_to_dict(cfg).items()), err=True)
+
+
+class Stopped(BaseException):
+    """SIGTERM/SIGINT during cache-teacher: unwinds like KeyboardInterrupt, so committed chunks are flushed."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+@contextlib.contextmanager
+def stop_on_signals() -> Iterator[None]:
+    """Turn SIGTERM and SIGINT into ``Stopped`` in the main thread (a no-op elsewhere)."""
+    import signal
+
+    def handle(signum: int, frame: Any) -> None:
+        raise Stopped(signum)
+
+    previous = {}
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        with contextlib.suppress(ValueError):  # not the main thread
+            previous[sig] = signal.signal(sig, handle)
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def report_stopped_cache(out: str, signum: int) -> None:
+    """What a stopped cache-teacher committed, and how to resume; exits 128 + signal like train."""
+    from distill.cache.store import read_manifest
+
+    try:
+        shards = read_manifest(out)["shards"]
+        done = sum(len(s["checksums"]) - len(s.get("redo", [])) for s in shards)
+        total = sum(s.get("num_chunks", 0) for s in shards)
+        committed = f"{done}/{total} chunks are committed in {out}"
+    except Exception:  # stopped before the store was created
+        committed = f"no store was created at {out}"
+    typer.echo(
+        f"stopped by signal {signum}: {committed}; nothing committed is lost — re-run the same command to resume",
+        err=True,
+    )
+    raise typer.Exit(128 + signum)
 
 
 @app.command("cache-teacher")
@@ -226,7 +271,11 @@ def cache_teacher(
         cfg = load_config(CacheConfig, config, overrides)
         cfg.require_io()
         print_config("cache-teacher", cfg)
-        summary = run(cfg)
+        try:
+            with stop_on_signals():
+                summary = run(cfg)
+        except Stopped as stop:
+            report_stopped_cache(cfg.out, stop.signum)
     typer.echo(
         f"cached {summary['rows']} rows, {summary['tokens']:,} tokens in {summary['seconds']:.1f}s "
         f"({summary['tokens_per_s']:,.0f} tok/s); {summary['skipped_chunks']} chunks were already committed; "

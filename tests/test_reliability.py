@@ -221,3 +221,35 @@ def test_short_documents_with_more_attention_keys_than_tokens(tiny_assets, tmp_p
     torch.testing.assert_close(values[:, :n].sum(-1), torch.ones(2, n), atol=2e-3, rtol=0)
     assert (values[:, :n, n:] == 0).all() and (ids[:, :n, n:] == 0).all()
     assert (ids[:, :n] <= torch.arange(n)[None, :, None]).all()  # causal: never a later key
+
+
+# --- 9: cache-teacher on SIGTERM ----------------------------------------------------------------
+
+
+def test_cache_teacher_on_sigterm_says_what_was_committed_and_resumes(tiny_assets, tmp_path, monkeypatch):
+    import os
+    import signal
+
+    from distill.cache import store as store_module
+    from distill.cache.manage import verify_store
+    from tests.conftest import cache_args
+
+    out = tmp_path / "store"
+    args = cache_args(tiny_assets, out, max_rows=40)  # 5 chunks of 8 rows
+    original = store_module.ShardWriter.write_chunk
+
+    def write_then_terminate(self, chunk, *rest):  # the real write; then a real SIGTERM, as `kill` sends it
+        original(self, chunk, *rest)
+        if chunk == 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(store_module.ShardWriter, "write_chunk", write_then_terminate)
+    stopped = invoke("cache-teacher", *args)
+    assert stopped.exit_code == 128 + signal.SIGTERM, stopped.output
+    assert "Traceback" not in stopped.output
+    line = [x for x in stopped.stderr.splitlines() if x.startswith("stopped by signal 15")]
+    assert len(line) == 1 and "chunks are committed" in line[0] and "re-run the same command" in line[0]
+    monkeypatch.setattr(store_module.ShardWriter, "write_chunk", original)
+    resumed = invoke("cache-teacher", *args)
+    assert resumed.exit_code == 0, resumed.output
+    assert verify_store(str(out)).sound
