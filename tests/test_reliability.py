@@ -253,3 +253,30 @@ def test_cache_teacher_on_sigterm_says_what_was_committed_and_resumes(tiny_asset
     resumed = invoke("cache-teacher", *args)
     assert resumed.exit_code == 0, resumed.output
     assert verify_store(str(out)).sound
+
+
+# --- 16: a student context shorter than the rows ------------------------------------------------
+
+
+def test_a_student_context_shorter_than_the_rows_warns_once_with_the_share_lost(train_assets, tmp_path):
+    cut = run_train(train_args(train_assets, tmp_path / "cut", student_max_length=8), 1)
+    warnings = [line for line in cut.output.splitlines() if line.startswith("warning: the student's context")]
+    assert len(warnings) == 1 and "(8 tokens)" in warnings[0] and "student_max_length" in warnings[0]
+    share = float(warnings[0].split(": ")[2].split("%")[0].split()[-1])
+    assert 0 < share < 100
+    whole = run_train(train_args(train_assets, tmp_path / "whole"), 1)
+    assert "warning: the student's context" not in whole.output
+
+
+# --- 17: the demo's teacher pretraining shows progress -------------------------------------------
+
+
+def test_demo_teacher_pretraining_prints_progress(tiny_assets, tmp_path, capsys):
+    from distill.pipeline.demo import pretrain_teacher
+
+    teacher = tmp_path / "teacher"
+    shutil.copytree(tiny_assets["teacher"], teacher)
+    losses = pretrain_teacher(teacher, tiny_assets["texts"], steps=20, seq_len=16, batch_size=2)
+    lines = [x for x in capsys.readouterr().out.splitlines() if x.startswith("[demo] teacher pretraining: step")]
+    assert len(lines) == 10 and lines[-1].startswith("[demo] teacher pretraining: step 20/20")
+    assert f"loss {losses[-1]:.3f}" in lines[-1]

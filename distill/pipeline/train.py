@@ -308,6 +308,8 @@ def setup(cfg: TrainConfig) -> Context:
     steps_per_epoch = max(1, len(train_rows) // (cfg.batch_size * cfg.grad_accum * world.size))
     total = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
     max_length = cfg.student_max_length or int(getattr(student.config, "max_position_embeddings", 2048))
+    if world.main:
+        warn_if_rows_are_cut(reader, train_rows, tokenizer, max_length)
     live = LiveTeacher(cfg.live_teacher, reader, device) if cfg.live_teacher else None
     return Context(
         cfg=cfg,
@@ -333,6 +335,28 @@ def setup(cfg: TrainConfig) -> Context:
         world=world,
         run_dir=run_dir,
     )
+
+
+def warn_if_rows_are_cut(reader: CacheReader, rows: np.ndarray, tokenizer: Any, max_length: int) -> None:
+    """Warn once when the student's context is shorter than rows: the text past it is not trained on.
+    Measured on up to 64 rows spread over the store."""
+    sample = rows[np.linspace(0, len(rows) - 1, num=min(64, len(rows))).astype(int)] if len(rows) else rows
+    if not len(sample):
+        return
+    texts = reader.read_rows(np.sort(sample), ["text"])["text"]
+    enc = tokenizer(texts, add_special_tokens=True, return_offsets_mapping=True)
+    total = sum(len(t) for t in texts)
+    lost, cut_rows = 0, 0
+    for text, offsets in zip(texts, enc["offset_mapping"]):
+        if len(offsets) > max_length:
+            cut_rows += 1
+            lost += len(text) - max(end for _, end in offsets[:max_length])
+    if cut_rows:
+        say(
+            f"warning: the student's context ({max_length} tokens) is shorter than {cut_rows} of {len(texts)} sampled "
+            f"rows: {lost / max(1, total):.1%} of their text is not trained on — raise --set student_max_length (up "
+            "to the student's max_position_embeddings) or re-cache with a smaller --seq-len"
+        )
 
 
 def build_optimizer(ctx: Context) -> tuple[torch.optim.Optimizer, torch.optim.lr_scheduler.LambdaLR]:
