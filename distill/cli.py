@@ -16,6 +16,7 @@ import errno
 import json
 import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -77,7 +78,9 @@ def describe_os_error(exc: OSError) -> str:
 
 
 @contextlib.contextmanager
-def reported_errors(usage: tuple[type[BaseException], ...] = (), failure: tuple[type[BaseException], ...] = ()):
+def reported_errors(
+    usage: tuple[type[BaseException], ...] = (), failure: tuple[type[BaseException], ...] = ()
+) -> Iterator[None]:
     """Turn an exception into one ``error:`` line and an exit status; keep the traceback for --debug.
 
     ``usage`` exceptions exit 2, ``failure`` exceptions and OSError exit 1, anything else is reported as a bug."""
