@@ -279,6 +279,9 @@ def cache_teacher(
                 summary = run(cfg)
         except Stopped as stop:
             report_stopped_cache(cfg.out, stop.signum)
+        except OSError as exc:  # zarr's writes do not name the file: name the store
+            exc.filename = exc.filename or cfg.out
+            raise
     typer.echo(
         f"cached {summary['rows']} rows, {summary['tokens']:,} tokens in {summary['seconds']:.1f}s "
         f"({summary['tokens_per_s']:,.0f} tok/s); {summary['skipped_chunks']} chunks were already committed; "

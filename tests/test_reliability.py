@@ -280,3 +280,65 @@ def test_demo_teacher_pretraining_prints_progress(tiny_assets, tmp_path, capsys)
     lines = [x for x in capsys.readouterr().out.splitlines() if x.startswith("[demo] teacher pretraining: step")]
     assert len(lines) == 10 and lines[-1].startswith("[demo] teacher pretraining: step 20/20")
     assert f"loss {losses[-1]:.3f}" in lines[-1]
+
+
+# --- 8: a full disk --------------------------------------------------------------------------
+
+
+FULL_DISK_SCRIPT = r"""
+set -u
+mount -t tmpfs -o size=400k tmpfs "$DISK" || exit 90
+for stage in train cache; do
+    mount -o remount,size=400k "$DISK"
+    if [ $stage = train ]; then eval "set -- train $TRAIN --out $DISK/run"
+    else eval "set -- cache-teacher $CACHE --out $DISK/store"; fi
+    "$PY" -m distill.cli "$@" > "$LOGS/$stage-full.out" 2> "$LOGS/$stage-full.err"; echo $? > "$LOGS/$stage-full.rc"
+    mount -o remount,size=64m "$DISK"
+    [ $stage = train ] && set -- "$@" --resume auto
+    "$PY" -m distill.cli "$@" > "$LOGS/$stage-again.out" 2> "$LOGS/$stage-again.err"; echo $? > "$LOGS/$stage-again.rc"
+    rm -rf "$DISK"/*
+done
+"""
+
+
+@pytest.mark.slow
+def test_a_full_disk_is_one_line_naming_the_path_and_a_rerun_resumes(train_assets, tmp_path):
+    """Real ENOSPC: a 400 KiB tmpfs in a private mount namespace (unshare), grown after the failure."""
+    import os
+    import shlex
+    import subprocess
+    import sys
+
+    from tests.conftest import cache_args
+
+    if shutil.which("unshare") is None:
+        pytest.skip("needs unshare (util-linux) to mount a private tmpfs")
+    disk, logs = tmp_path / "disk", tmp_path / "logs"
+    disk.mkdir(), logs.mkdir()
+
+    def without_out(args: list) -> str:
+        i = [str(a) for a in args].index("--out")
+        return shlex.join(str(a) for a in args[:i] + args[i + 2 :])
+
+    train = without_out([*train_args(train_assets, Path("x"), grad_accum=1, save_every=1), "--max-steps", "3"])
+    cache = without_out(cache_args(train_assets, Path("x"), max_rows=48))
+    env = {
+        **os.environ,
+        "DISK": str(disk),
+        "LOGS": str(logs),
+        "PY": sys.executable,
+        "TRAIN": train,
+        "CACHE": cache,
+        "PYTHONPATH": str(Path(__file__).resolve().parents[1]),
+    }
+    proc = subprocess.run(["unshare", "-rm", "sh", "-c", FULL_DISK_SCRIPT], env=env, capture_output=True, text=True)
+    if proc.returncode == 90 or not (logs / "train-full.rc").exists():
+        pytest.skip(f"cannot mount a tmpfs here: {proc.stderr[-300:]}")
+    for stage, path in (("train", "run/checkpoints"), ("cache", "store")):
+        err = (logs / f"{stage}-full.err").read_text()
+        assert (logs / f"{stage}-full.rc").read_text().strip() == "1", err
+        assert "Traceback" not in err
+        lines = [x for x in err.splitlines() if x.startswith("error:")]
+        assert len(lines) == 1 and "no space left on the device writing" in lines[0] and str(disk / path) in lines[0]
+        again = (logs / f"{stage}-again.err").read_text()
+        assert (logs / f"{stage}-again.rc").read_text().strip() == "0", again
