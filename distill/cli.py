@@ -379,7 +379,8 @@ def cache_verify(
     store: Annotated[str, typer.Argument(help="Store path or fsspec URL.")],
     quick: Annotated[bool, typer.Option("--quick", help="Check manifest, records and arrays, not chunk data.")] = False,
     repair: Annotated[
-        bool, typer.Option("--repair", help="Un-commit bad chunks so that re-running cache-teacher recomputes them.")
+        bool,
+        typer.Option("--repair", help="Un-commit bad chunks so that re-running cache-teacher recomputes only them."),
     ] = False,
 ) -> None:
     """Check a store: every shard complete, every chunk's checksum, manifest consistency.
@@ -403,7 +404,7 @@ def cache_verify(
     if repaired:
         typer.echo(
             f"un-committed the bad chunks of shard(s) {', '.join(f'{i:05d}' for i in repaired)}: re-run the same "
-            "`distill cache-teacher` command to recompute them"
+            "`distill cache-teacher` command to recompute them (only them)"
         )
     typer.echo(f"{store}: NOT sound, {len(report.problems)} problem(s) ({checked})")
     raise typer.Exit(1)

@@ -121,7 +121,7 @@ def verify_store(url: str, deep: bool = True, workers: int = 8) -> VerifyReport:
     for index, problems in missing.items():
         report.problems += problems
     if deep:
-        jobs = [(record, chunk) for record in readable for chunk in range(len(record["checksums"]))]
+        jobs = [(record, chunk) for record in readable for chunk in committed_chunk_indices(record)]
         with ThreadPoolExecutor(max_workers=workers) as pool:
             results = list(pool.map(lambda job: check_chunk(root, job[0], job[1], specs), jobs))
         report.chunks_checked = len(jobs)
@@ -131,13 +131,19 @@ def verify_store(url: str, deep: bool = True, workers: int = 8) -> VerifyReport:
     return report
 
 
+def committed_chunk_indices(record: dict[str, Any]) -> list[int]:
+    """The chunks of a shard whose data is committed: those with a checksum, less those marked to redo."""
+    redo = set(record.get("redo", []))
+    return [c for c in range(len(record["checksums"])) if c not in redo]
+
+
 def check_chunk_files(url: str, root: zarr.Group, record: dict[str, Any], specs: dict[str, FieldSpec]) -> list:
     """Every committed chunk of a shard has its data files, or (a store written before empty chunks were stored)
     still matches its checksum: one listing, and a read only of the chunks with absent files."""
     index = record["index"]
     group = root[shard_name(index)]
     files = stored_files(url, shard_name(index))
-    absent = missing_chunk_files(group, specs, range(len(record["checksums"])), files)  # type: ignore[arg-type]
+    absent = missing_chunk_files(group, specs, committed_chunk_indices(record), files)  # type: ignore[arg-type]
     return [
         Problem(
             f"shard {index:05d} chunk {chunk}",
@@ -249,8 +255,8 @@ def check_shard_record(record: dict[str, Any], chunk_rows: int) -> list[Problem]
         for key, value in (("rows", rows), ("chunk_rows", chunk_rows), ("num_chunks", num_chunks))
         if record.get(key) != value
     ]
-    committed = len(record["checksums"])
-    if committed > num_chunks:
+    committed = len(record["checksums"]) - len(record.get("redo", []))
+    if len(record["checksums"]) > num_chunks:
         problems.append(Problem(where, f"the record has {committed} checksums for {num_chunks} chunks", index))
     elif record["status"] != "complete" or committed < num_chunks:
         problems.append(
@@ -333,27 +339,34 @@ def check_token_counts(
 
 
 def repair_store(url: str, report: VerifyReport) -> list[int]:
-    """Un-commit every chunk from each shard's first bad chunk on (in ``report``), so that re-running the same
-    ``distill cache-teacher`` command recomputes them. Returns the shards changed."""
-    first_bad: dict[int, int] = {}
+    """Mark every bad chunk named in ``report`` to be redone (the record's ``redo`` list; the shard becomes
+    partial), so that re-running the same ``distill cache-teacher`` command recomputes those chunks only.
+    Returns the shards changed."""
+    bad: dict[int, set[int]] = {}
     for p in report.problems:
         if p.shard is not None and p.chunk is not None:
-            first_bad[p.shard] = min(p.chunk, first_bad.get(p.shard, p.chunk))
+            bad.setdefault(p.shard, set()).add(p.chunk)
     root = open_root(url, mode="a")
     starts = {r["index"]: r["row_start"] for r in shard_records(root, load_manifest(root, url))}
-    for index, chunk in sorted(first_bad.items()):
+    for index, chunks in sorted(bad.items()):
         group = root[shard_name(index)]
         record = dict(group.attrs[SHARD_ATTR])
-        kept_rows = chunk * record["chunk_rows"]
+        redo = sorted({*record.get("redo", []), *chunks})
+        rows, chunk_rows = record["rows"], record["chunk_rows"]
+        lengths = np.asarray(group["length"][:])
+        kept = np.ones(rows, dtype=bool)
+        for chunk in redo:
+            kept[chunk * chunk_rows : (chunk + 1) * chunk_rows] = False
+        kept[len(record["checksums"]) * chunk_rows :] = False  # never committed
         record.update(
             status="partial",
-            checksums=record["checksums"][:chunk],
-            tokens=int(np.asarray(group["length"][:kept_rows]).sum()),
-            nonfinite_rows=[r for r in record.get("nonfinite_rows", []) if r < starts[index] + kept_rows],
+            redo=redo,
+            tokens=int(lengths[kept].sum()),
+            nonfinite_rows=[r for r in record.get("nonfinite_rows", []) if kept[r - starts[index]]],
         )
         record.pop("completed_at", None)
         group.attrs[SHARD_ATTR] = record
-    return sorted(first_bad)
+    return sorted(bad)
 
 
 # --- merge --------------------------------------------------------------------------------
@@ -592,7 +605,7 @@ def import_shard(source: Any, group: zarr.Group, index: int, specs: dict[str, Fi
     """Copy one shard's committed chunks from HDF5 into the pre-sized zarr arrays, each checked; record last."""
     record = json.loads(source.attrs[SHARD_ATTR])
     chunk_rows = record["chunk_rows"]
-    for chunk in range(len(record["checksums"])):
+    for chunk in committed_chunk_indices(record):
         start = chunk * chunk_rows
         end = min(start + chunk_rows, record["rows"])
         arrays = {

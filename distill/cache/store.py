@@ -247,20 +247,27 @@ class ShardWriter:
         return dict(self.group.attrs[SHARD_ATTR])
 
     def committed_chunks(self) -> int:
-        return len(self.record["checksums"])
+        record = self.record
+        return len(record["checksums"]) - len(record.get("redo", []))
 
     def write_chunk(self, chunk: int, arrays: dict[str, Any], tokens: int, nonfinite_rows: Iterable[int]) -> None:
-        """Write chunk ``chunk`` (all fields), then commit it. Chunks must be written in order."""
+        """Write chunk ``chunk`` (all fields), then commit it. Chunks are written in order, except those that
+        ``cache verify --repair`` marked to redo, which are rewritten in place."""
         record = self.record
-        if chunk != len(record["checksums"]):
+        redo = list(record.get("redo", []))
+        if chunk != len(record["checksums"]) and chunk not in redo:
             raise CacheError(f"shard {self.index}: chunk {chunk} written out of order")
         start = chunk * record["chunk_rows"]
         for name, value in arrays.items():
             self.group[name].with_config(WRITE_CONFIG)[start : start + len(value)] = value  # type: ignore[union-attr]
-        record["checksums"].append(checksum_arrays(arrays))
+        if chunk in redo:
+            record["checksums"][chunk] = checksum_arrays(arrays)
+            record["redo"] = [c for c in redo if c != chunk]
+        else:
+            record["checksums"].append(checksum_arrays(arrays))
         record["tokens"] += int(tokens)
-        record["nonfinite_rows"] += [int(r) for r in nonfinite_rows]
-        if len(record["checksums"]) == record["num_chunks"]:
+        record["nonfinite_rows"] = sorted({*record["nonfinite_rows"], *(int(r) for r in nonfinite_rows)})
+        if len(record["checksums"]) == record["num_chunks"] and not record.get("redo"):
             record["status"] = "complete"
             record["completed_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         self.group.attrs[SHARD_ATTR] = record

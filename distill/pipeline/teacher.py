@@ -832,7 +832,7 @@ def run(cfg: CacheConfig) -> dict[str, Any]:
     for index in mine:
         rec = records[index]
         writer = open_shard_writer(root, index)
-        for chunk in range(len(rec["checksums"]), rec["num_chunks"]):
+        for chunk in [*rec.get("redo", []), *range(len(rec["checksums"]), rec["num_chunks"])]:  # redo: --repair
             start = rec["row_start"] + chunk * layout["chunk_rows"]
             todo.append((writer, chunk, start, min(start + layout["chunk_rows"], rec["row_end"])))
     total_tokens = int(sum((plan.token_end[a:b] - plan.token_start[a:b]).sum() for _, _, a, b in todo))
@@ -840,7 +840,7 @@ def run(cfg: CacheConfig) -> dict[str, Any]:
         "rows": sum(b - a for *_, a, b in todo),
         "tokens": total_tokens,
         "nonfinite_rows": [],
-        "skipped_chunks": sum(len(records[i]["checksums"]) for i in mine),
+        "skipped_chunks": sum(len(records[i]["checksums"]) - len(records[i].get("redo", [])) for i in mine),
     }
     started = time.perf_counter()
     writer_thread = BackgroundWriter()
