@@ -246,8 +246,7 @@ def setup(cfg: TrainConfig) -> Context:
     )
     if device.type == "cuda" and world.active:
         device = torch.device("cuda", world.local_rank)
-    if world.main:
-        prepare_run_dir(cfg)
+    prepare_run_dir(cfg, delete=world.main)  # every rank refuses alike; only rank 0 deletes
     for url in filter(None, (cfg.cache, cfg.eval_cache)):
         check_store(url, cfg.verify_cache)
     reader = CacheReader(cfg.cache)
@@ -741,7 +740,7 @@ def trim_metrics(path: Path, step: int) -> None:
 RUN_OUTPUTS = ("metrics.jsonl", "checkpoints", "final", "config.json")
 
 
-def prepare_run_dir(cfg: TrainConfig) -> None:
+def prepare_run_dir(cfg: TrainConfig, delete: bool = True) -> None:
     """Refuse to start a second run into a run directory that holds one, unless told to resume or replace it."""
     import shutil
 
@@ -756,7 +755,7 @@ def prepare_run_dir(cfg: TrainConfig) -> None:
             f"--out {run_dir} holds a previous run ({', '.join(found)}) — pass --resume auto to continue it, "
             "--overwrite to replace it, or choose another --out"
         )
-    for name in found:
+    for name in found if delete else ():
         target = run_dir / name
         shutil.rmtree(target) if target.is_dir() else target.unlink()
 
