@@ -3,16 +3,24 @@
 distill demo                       # the whole mission offline on a CPU, on generated data
 distill cache-teacher --help       # stage 1
 distill cache info STORE           # what a store holds
+
+Errors: an expected one prints one line, ``error: <what> — <what to do>``, and exits 2 for a usage
+error (a flag, a path, a config), 1 for a failure (a damaged store or checkpoint, a full disk, a
+bug). ``distill --debug ...`` or ``DISTILL_DEBUG=1`` shows the traceback instead.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Annotated, Any
 
+import click
 import typer
 
 from distill.config import CacheConfig, ConfigError, config_to_dict, load_config
@@ -34,10 +42,77 @@ REPORT_TO_HELP = (
 )
 
 
-def fail(message: str) -> None:
-    """One line on stderr, exit status 2."""
+DEBUG_ENV = "DISTILL_DEBUG"
+DEBUG = {"on": False}
+USAGE, FAILURE = 2, 1
+
+
+@app.callback()
+def options(
+    debug: Annotated[
+        bool, typer.Option("--debug", help=f"Show the traceback of an error (or set {DEBUG_ENV}=1).")
+    ] = False,
+) -> None:
+    """Distill a large (MoE) language model into a small one with another tokenizer, through a teacher-output cache."""
+    DEBUG["on"] = debug
+
+
+def debugging() -> bool:
+    return DEBUG["on"] or os.environ.get(DEBUG_ENV, "").strip().lower() not in ("", "0", "false", "no")
+
+
+def fail(message: str, code: int = USAGE) -> None:
+    """One line on stderr, exit status ``code`` (2: usage error, 1: failure)."""
     typer.echo(f"error: {message}", err=True)
-    raise typer.Exit(2)
+    raise typer.Exit(code)
+
+
+def first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def describe_os_error(exc: OSError) -> str:
+    """A full disk and the like, in one line naming the path."""
+    where = exc.filename or "(path unknown)"
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG):
+        return (
+            f"no space left on the device writing {where} ({exc.strerror or exc}) — free space there and re-run the "
+            "same command: what was committed is kept and the run resumes from it"
+        )
+    return f"{exc.strerror or first_line(exc)}: {where} — check the path, its permissions and free space"
+
+
+@contextlib.contextmanager
+def reported_errors(
+    usage: tuple[type[BaseException], ...] = (), failure: tuple[type[BaseException], ...] = ()
+) -> Iterator[None]:
+    """Turn an exception into one ``error:`` line and an exit status; keep the traceback for --debug.
+
+    ``usage`` exceptions exit 2, ``failure`` exceptions and OSError exit 1, anything else is reported as a bug."""
+    from distill.cache.schema import CacheError
+    from distill.pipeline.checkpoint import CheckpointError
+
+    try:
+        yield
+    except (typer.Exit, click.exceptions.Exit, click.exceptions.Abort, click.ClickException, KeyboardInterrupt):
+        raise
+    except Exception as exc:
+        if debugging():
+            raise
+        from distill.cache.manage import StoreDamaged
+
+        if isinstance(exc, (StoreDamaged, CheckpointError, *failure)):
+            fail(first_line(exc), FAILURE)
+        if isinstance(exc, (ConfigError, CacheError, *usage)):
+            fail(first_line(exc), USAGE)
+        if isinstance(exc, OSError):
+            fail(describe_os_error(exc), FAILURE)
+        fail(
+            f"unexpected {type(exc).__name__}: {first_line(exc)} — this is a bug: re-run with --debug (or "
+            f"{DEBUG_ENV}=1) for the traceback and report it",
+            FAILURE,
+        )
 
 
 def parse_list(value: str | None, kind: type) -> list | None:
@@ -61,6 +136,51 @@ def print_config(title: str, cfg: Any) -> None:
     if not is_main_process():
         return
     typer.echo(f"{title} config:\n" + "\n".join(f"  {k}: {v}" for k, v in config_to_dict(cfg).items()), err=True)
+
+
+class Stopped(BaseException):
+    """SIGTERM/SIGINT during cache-teacher: unwinds like KeyboardInterrupt, so committed chunks are flushed."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = signum
+
+
+@contextlib.contextmanager
+def stop_on_signals() -> Iterator[None]:
+    """Turn SIGTERM and SIGINT into ``Stopped`` in the main thread (a no-op elsewhere)."""
+    import signal
+
+    def handle(signum: int, frame: Any) -> None:
+        raise Stopped(signum)
+
+    previous = {}
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        with contextlib.suppress(ValueError):  # not the main thread
+            previous[sig] = signal.signal(sig, handle)
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
+def report_stopped_cache(out: str, signum: int) -> None:
+    """What a stopped cache-teacher committed, and how to resume; exits 128 + signal like train."""
+    from distill.cache.store import read_manifest
+
+    try:
+        shards = read_manifest(out)["shards"]
+        done = sum(len(s["checksums"]) - len(s.get("redo", [])) for s in shards)
+        total = sum(s.get("num_chunks", 0) for s in shards)
+        committed = f"{done}/{total} chunks are committed in {out}"
+    except Exception:  # stopped before the store was created
+        committed = f"no store was created at {out}"
+    typer.echo(
+        f"stopped by signal {signum}: {committed}; nothing committed is lost — re-run the same command to resume",
+        err=True,
+    )
+    raise typer.Exit(128 + signum)
 
 
 @app.command("cache-teacher")
@@ -124,11 +244,10 @@ def cache_teacher(
 
     Re-running the same command resumes; complete shards are skipped.
     """
-    from distill.cache.schema import CacheError
     from distill.pipeline.data import DataError
     from distill.pipeline.teacher import NonFiniteTeacherOutput, run
 
-    try:
+    with reported_errors(usage=(DataError,), failure=(NonFiniteTeacherOutput,)):
         overrides = dict(
             teacher=teacher,
             dataset=dataset,
@@ -161,9 +280,14 @@ def cache_teacher(
         cfg = load_config(CacheConfig, config, overrides)
         cfg.require_io()
         print_config("cache-teacher", cfg)
-        summary = run(cfg)
-    except (ConfigError, CacheError, DataError, NonFiniteTeacherOutput) as exc:
-        fail(str(exc))
+        try:
+            with stop_on_signals():
+                summary = run(cfg)
+        except Stopped as stop:
+            report_stopped_cache(cfg.out, stop.signum)
+        except OSError as exc:  # zarr's writes do not name the file: name the store
+            exc.filename = exc.filename or cfg.out
+            raise
     typer.echo(
         f"cached {summary['rows']} rows, {summary['tokens']:,} tokens in {summary['seconds']:.1f}s "
         f"({summary['tokens_per_s']:,.0f} tok/s); {summary['skipped_chunks']} chunks were already committed; "
@@ -186,6 +310,9 @@ def train(
     ] = None,
     live_teacher: Annotated[str | None, typer.Option(help="Run this teacher in the loop instead of the cache.")] = None,
     report_to: Annotated[list[str] | None, typer.Option(help=REPORT_TO_HELP)] = None,
+    overwrite: Annotated[
+        bool, typer.Option(help="Replace the run already in --out (otherwise refused unless --resume).")
+    ] = False,
     config: Annotated[Path | None, typer.Option(help="YAML/JSON file with any TrainConfig setting.")] = None,
     set_: Annotated[
         list[str] | None,
@@ -202,12 +329,11 @@ def train(
     Settings of the cache (layers, top-K, temperatures) are read from its manifest. SIGINT/SIGTERM
     save an emergency checkpoint; --resume auto continues exactly where the run stopped.
     """
-    from distill.cache.schema import CacheError
-    from distill.config import TrainConfig, parse_set_overrides
+    from distill.config import TrainConfig, merge_set_overrides
     from distill.pipeline.train import run
 
-    try:
-        overrides = dict(
+    with reported_errors(usage=(FileNotFoundError,)):
+        flags = dict(
             cache=cache,
             student=student,
             out=out,
@@ -219,14 +345,12 @@ def train(
             resume=resume,
             live_teacher=live_teacher,
             report_to=",".join(report_to) if report_to else None,
-            **parse_set_overrides(set_ or []),
+            overwrite=overwrite or None,
         )
-        cfg = load_config(TrainConfig, config, overrides)
+        cfg = load_config(TrainConfig, config, merge_set_overrides(flags, set_ or []))
         cfg.require_io()
         print_config("train", cfg)
         summary = run(cfg)
-    except (ConfigError, CacheError, FileNotFoundError) as exc:
-        fail(str(exc))
     if summary["stop_reason"] == "signal":
         typer.echo(
             f"stopped by signal {summary['signal']} at step {summary['steps']}: emergency checkpoint saved; "
@@ -252,12 +376,9 @@ def cache_info(
     Example: distill cache info cache/wt103 --json
     """
     from distill.cache.info import format_info, store_info
-    from distill.cache.schema import CacheError
 
-    try:
+    with reported_errors():
         info = store_info(store)
-    except CacheError as exc:
-        fail(str(exc))
     typer.echo(json.dumps(info, indent=2) if as_json else format_info(info))
 
 
@@ -266,7 +387,8 @@ def cache_verify(
     store: Annotated[str, typer.Argument(help="Store path or fsspec URL.")],
     quick: Annotated[bool, typer.Option("--quick", help="Check manifest, records and arrays, not chunk data.")] = False,
     repair: Annotated[
-        bool, typer.Option("--repair", help="Un-commit bad chunks so that re-running cache-teacher recomputes them.")
+        bool,
+        typer.Option("--repair", help="Un-commit bad chunks so that re-running cache-teacher recomputes only them."),
     ] = False,
 ) -> None:
     """Check a store: every shard complete, every chunk's checksum, manifest consistency.
@@ -277,13 +399,10 @@ def cache_verify(
     Example: distill cache verify s3://bucket/cache/wt103
     """
     from distill.cache.manage import repair_store, verify_store
-    from distill.cache.schema import CacheError
 
-    try:
+    with reported_errors():
         report = verify_store(store, deep=not quick)
         repaired = repair_store(store, report) if repair and not report.sound else []
-    except CacheError as exc:
-        fail(str(exc))
     for problem in report.problems:
         typer.echo(str(problem))
     checked = f"{report.chunks_checked} chunks checksummed" if report.deep else "chunk data not read (--quick)"
@@ -293,7 +412,7 @@ def cache_verify(
     if repaired:
         typer.echo(
             f"un-committed the bad chunks of shard(s) {', '.join(f'{i:05d}' for i in repaired)}: re-run the same "
-            "`distill cache-teacher` command to recompute them"
+            "`distill cache-teacher` command to recompute them (only them)"
         )
     typer.echo(f"{store}: NOT sound, {len(report.problems)} problem(s) ({checked})")
     raise typer.Exit(1)
@@ -311,12 +430,9 @@ def cache_merge(
     Example: distill cache merge cache/wt103 /mnt/a/wt103 /mnt/b/wt103
     """
     from distill.cache.manage import merge_stores
-    from distill.cache.schema import CacheError
 
-    try:
+    with reported_errors():
         summary = merge_stores(out, stores)
-    except CacheError as exc:
-        fail(str(exc))
     missing = [f"{s['index']:05d}" for s in summary["shards"] if s["status"] != "complete"]
     tail = (
         "complete"
@@ -341,14 +457,11 @@ def cache_export(
     Example: distill cache export cache/wt103 --format hdf5 wt103.h5
     """
     from distill.cache.manage import export_hdf5
-    from distill.cache.schema import CacheError
 
-    try:
-        if format_ != "hdf5":
-            raise CacheError(f"--format {format_}: only hdf5 is supported")
+    if format_ != "hdf5":
+        fail(f"--format {format_}: only hdf5 is supported — pass --format hdf5")
+    with reported_errors():
         summary = export_hdf5(store, file, compression)
-    except CacheError as exc:
-        fail(str(exc))
     typer.echo(f"exported {store} ({summary['shards']} shards, {summary['rows']:,} rows) to {file}")
 
 
@@ -362,12 +475,9 @@ def cache_import(
     Example: distill cache import wt103.h5 cache/wt103
     """
     from distill.cache.manage import import_hdf5
-    from distill.cache.schema import CacheError
 
-    try:
+    with reported_errors():
         summary = import_hdf5(file, store)
-    except CacheError as exc:
-        fail(str(exc))
     typer.echo(f"imported {file} into {store} ({summary['shards']} shards); check it with distill cache verify {store}")
 
 
@@ -399,7 +509,6 @@ def eval_(
 
     Example: distill eval runs/kd runs/ce_only --baseline ce_only --out reports/demo
     """
-    from distill.cache.schema import CacheError
     from distill.config import parse_report_to
     from distill.pipeline.evaluate import format_report, run_eval
 
@@ -407,10 +516,8 @@ def eval_(
         fail("--split must be eval or all")
     if verify_cache not in ("auto", "deep", "quick", "off"):
         fail("--verify-cache must be auto, deep, quick or off")
-    try:
+    with reported_errors(usage=(ValueError, FileNotFoundError)):
         report = run_eval(students, cache, split, baseline, out, verify_cache, parse_report_to(report_to))
-    except (CacheError, ValueError, FileNotFoundError) as exc:
-        fail(str(exc))
     typer.echo(format_report(report))
     typer.echo(
         f"written: {out / 'report.json'}, {out / 'report.md'}, " + ", ".join(str(out / p) for p in report["plots"])
@@ -430,7 +537,10 @@ def demo(
     """
     from distill.pipeline.demo import run_demo
 
-    run_demo(out, seed)
+    if out.exists() and not out.is_dir():
+        fail(f"--out {out}: a file, not a folder — choose another --out")
+    with reported_errors():
+        run_demo(out, seed)
 
 
 def main() -> None:

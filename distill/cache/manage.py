@@ -44,14 +44,21 @@ from distill.cache.schema import (
 )
 from distill.cache.store import (
     SHARD_ATTR,
+    WRITE_CONFIG,
+    StoreDamaged,
     checksum_arrays,
+    chunk_matches_checksum,
     create_store,
+    delete_store,
     load_manifest,
+    missing_chunk_files,
     open_root,
+    read_chunk,
     read_creation_marker,
     shard_records,
     store_exists,
     store_fs,
+    stored_files,
 )
 
 ROOT_GROUPS = (TOKENIZER_GROUP, *ROOT_ARRAY_GROUPS)
@@ -112,14 +119,43 @@ def verify_store(url: str, deep: bool = True, workers: int = 8) -> VerifyReport:
             report.problems += problems
             if not problems and len(record["checksums"]) <= record["num_chunks"]:
                 readable.append(record)
+    missing = {r["index"]: check_chunk_files(url, root, r, specs) for r in readable}  # [missing-chunk note]
+    for index, problems in missing.items():
+        report.problems += problems
     if deep:
-        jobs = [(record, chunk) for record in readable for chunk in range(len(record["checksums"]))]
+        jobs = [(record, chunk) for record in readable for chunk in committed_chunk_indices(record)]
         with ThreadPoolExecutor(max_workers=workers) as pool:
             results = list(pool.map(lambda job: check_chunk(root, job[0], job[1], specs), jobs))
         report.chunks_checked = len(jobs)
-        report.problems += [p for problems, _ in results for p in problems]
+        named = {(p.shard, p.chunk) for problems in missing.values() for p in problems}
+        report.problems += [p for problems, _ in results for p in problems if (p.shard, p.chunk) not in named]
         report.problems += check_token_counts(readable, jobs, [tokens for _, tokens in results])
     return report
+
+
+def committed_chunk_indices(record: dict[str, Any]) -> list[int]:
+    """The chunks of a shard whose data is committed: those with a checksum, less those marked to redo."""
+    redo = set(record.get("redo", []))
+    return [c for c in range(len(record["checksums"])) if c not in redo]
+
+
+def check_chunk_files(url: str, root: zarr.Group, record: dict[str, Any], specs: dict[str, FieldSpec]) -> list:
+    """Every committed chunk of a shard has its data files, or (a store written before empty chunks were stored)
+    still matches its checksum: one listing, and a read only of the chunks with absent files."""
+    index = record["index"]
+    group = root[shard_name(index)]
+    files = stored_files(url, shard_name(index))
+    absent = missing_chunk_files(group, specs, committed_chunk_indices(record), files)  # type: ignore[arg-type]
+    return [
+        Problem(
+            f"shard {index:05d} chunk {chunk}",
+            f"the data file of {', '.join(names)} is missing (it reads back as zeros)",
+            index,
+            chunk,
+        )
+        for chunk, names in sorted(absent.items())
+        if not chunk_matches_checksum(group, record, chunk, specs)  # type: ignore[arg-type]
+    ]
 
 
 def require_sound_store(url: str, deep: bool = True) -> None:
@@ -129,7 +165,7 @@ def require_sound_store(url: str, deep: bool = True) -> None:
         return
     shown = "; ".join(str(p) for p in report.problems[:3])
     more = f"; and {len(report.problems) - 3} more" if len(report.problems) > 3 else ""
-    raise CacheError(
+    raise StoreDamaged(
         f"{url}: the store is not sound ({shown}{more}); see `distill cache verify {url}`; `distill cache verify "
         "--repair` then the same `distill cache-teacher` command recomputes bad chunks"
     )
@@ -224,8 +260,8 @@ def check_shard_record(record: dict[str, Any], chunk_rows: int) -> list[Problem]
         for key, value in (("rows", rows), ("chunk_rows", chunk_rows), ("num_chunks", num_chunks))
         if record.get(key) != value
     ]
-    committed = len(record["checksums"])
-    if committed > num_chunks:
+    committed = len(record["checksums"]) - len(record.get("redo", []))
+    if len(record["checksums"]) > num_chunks:
         problems.append(Problem(where, f"the record has {committed} checksums for {num_chunks} chunks", index))
     elif record["status"] != "complete" or committed < num_chunks:
         problems.append(
@@ -265,13 +301,6 @@ def check_shard_arrays(
                 )
             )
     return problems
-
-
-def read_chunk(group: zarr.Group, record: dict[str, Any], chunk: int, names: Any) -> dict[str, np.ndarray]:
-    """All fields ``names`` of one chunk of a shard, as numpy arrays."""
-    start = chunk * record["chunk_rows"]
-    end = min(start + record["chunk_rows"], record["rows"])
-    return {name: np.asarray(group[name][start:end]) for name in names}
 
 
 def check_chunk(
@@ -315,27 +344,34 @@ def check_token_counts(
 
 
 def repair_store(url: str, report: VerifyReport) -> list[int]:
-    """Un-commit every chunk from each shard's first bad chunk on (in ``report``), so that re-running the same
-    ``distill cache-teacher`` command recomputes them. Returns the shards changed."""
-    first_bad: dict[int, int] = {}
+    """Mark every bad chunk named in ``report`` to be redone (the record's ``redo`` list; the shard becomes
+    partial), so that re-running the same ``distill cache-teacher`` command recomputes those chunks only.
+    Returns the shards changed."""
+    bad: dict[int, set[int]] = {}
     for p in report.problems:
         if p.shard is not None and p.chunk is not None:
-            first_bad[p.shard] = min(p.chunk, first_bad.get(p.shard, p.chunk))
+            bad.setdefault(p.shard, set()).add(p.chunk)
     root = open_root(url, mode="a")
     starts = {r["index"]: r["row_start"] for r in shard_records(root, load_manifest(root, url))}
-    for index, chunk in sorted(first_bad.items()):
+    for index, chunks in sorted(bad.items()):
         group = root[shard_name(index)]
         record = dict(group.attrs[SHARD_ATTR])
-        kept_rows = chunk * record["chunk_rows"]
+        redo = sorted({*record.get("redo", []), *chunks})
+        rows, chunk_rows = record["rows"], record["chunk_rows"]
+        lengths = np.asarray(group["length"][:])
+        kept = np.ones(rows, dtype=bool)
+        for chunk in redo:
+            kept[chunk * chunk_rows : (chunk + 1) * chunk_rows] = False
+        kept[len(record["checksums"]) * chunk_rows :] = False  # never committed
         record.update(
             status="partial",
-            checksums=record["checksums"][:chunk],
-            tokens=int(np.asarray(group["length"][:kept_rows]).sum()),
-            nonfinite_rows=[r for r in record.get("nonfinite_rows", []) if r < starts[index] + kept_rows],
+            redo=redo,
+            tokens=int(lengths[kept].sum()),
+            nonfinite_rows=[r for r in record.get("nonfinite_rows", []) if kept[r - starts[index]]],
         )
         record.pop("completed_at", None)
         group.attrs[SHARD_ATTR] = record
-    return sorted(first_bad)
+    return sorted(bad)
 
 
 # --- merge --------------------------------------------------------------------------------
@@ -513,27 +549,56 @@ def export_shard(f: Any, group: zarr.Group, record: dict[str, Any], specs: dict[
 
 
 def import_hdf5(path: str, url: str) -> dict[str, Any]:
-    """Create the store ``url`` from an HDF5 file written by ``export_hdf5``: same manifest, records, arrays."""
+    """Create the store ``url`` from an HDF5 file written by ``export_hdf5``: same manifest, records, arrays.
+
+    A file that is not HDF5, or not a complete export, is refused; a half-made store is removed."""
     import h5py
 
     if store_exists(url) or read_creation_marker(url) is not None:
         raise CacheError(f"{url} exists; import writes a new store: choose another path")
-    with readable_local_file(path) as local, h5py.File(local, "r") as f:
-        if f.attrs.get("format") != HDF5_FORMAT:
-            raise CacheError(f"{path}: not a distill cache export (no format attribute {HDF5_FORMAT!r})")
-        manifest = json.loads(f.attrs["manifest"])
-        check_schema(manifest, path)
-        files = {name: bytes(np.asarray(ds[:]).tobytes()) for name, ds in f[TOKENIZER_GROUP].items()}
-        arrays = {}
-        for group_name in ROOT_ARRAY_GROUPS:
-            if group_name in f:
-                f[group_name].visititems(lambda name, node, g=group_name: collect_dataset(arrays, f"{g}/{name}", node))
-        root = create_store(url, manifest, files, arrays, write_manifest=False)  # the manifest goes in last
-        specs = build_field_specs(manifest["layout"])
-        for index in range(len(manifest["layout"]["shard_rows"])):
-            import_shard(f[shard_name(index)], root[shard_name(index)], index, specs)
-        root.attrs[MANIFEST_ATTR] = manifest
+    with readable_local_file(path) as local:
+        try:
+            f = h5py.File(local, "r")
+        except OSError as exc:
+            raise CacheError(
+                f"{path}: not an HDF5 file ({first_line(exc)}) — pass a file written by `distill cache export`"
+            ) from None
+        with f:
+            if f.attrs.get("format") != HDF5_FORMAT:
+                raise CacheError(f"{path}: not a distill cache export (no format attribute {HDF5_FORMAT!r})")
+            try:
+                manifest = json.loads(f.attrs["manifest"])
+                check_schema(manifest, path)
+                import_file(f, url, manifest)
+            except StoreDamaged:
+                delete_store(url)
+                raise
+            except Exception as exc:  # a damaged or crafted file fails in h5py's and json's own ways
+                delete_store(url)
+                raise CacheError(
+                    f"{path}: not a valid distill cache export ({type(exc).__name__}: {first_line(exc)}) — export the "
+                    "store again; nothing was written"
+                ) from None
     return {"file": path, "store": url, "shards": len(manifest["layout"]["shard_rows"])}
+
+
+def import_file(f: Any, url: str, manifest: dict[str, Any]) -> None:
+    """Write the store from an opened export: root arrays, shards chunk by chunk (checked), the manifest last."""
+    files = {name: bytes(np.asarray(ds[:]).tobytes()) for name, ds in f[TOKENIZER_GROUP].items()}
+    arrays: dict[str, np.ndarray] = {}
+    for group_name in ROOT_ARRAY_GROUPS:
+        if group_name in f:
+            f[group_name].visititems(lambda name, node, g=group_name: collect_dataset(arrays, f"{g}/{name}", node))
+    root = create_store(url, manifest, files, arrays, write_manifest=False)  # the manifest goes in last
+    specs = build_field_specs(manifest["layout"])
+    for index in range(len(manifest["layout"]["shard_rows"])):
+        import_shard(f[shard_name(index)], root[shard_name(index)], index, specs)
+    root.attrs[MANIFEST_ATTR] = manifest
+
+
+def first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:200] if text else type(exc).__name__
 
 
 def collect_dataset(arrays: dict[str, np.ndarray], path: str, node: Any) -> None:
@@ -545,7 +610,7 @@ def import_shard(source: Any, group: zarr.Group, index: int, specs: dict[str, Fi
     """Copy one shard's committed chunks from HDF5 into the pre-sized zarr arrays, each checked; record last."""
     record = json.loads(source.attrs[SHARD_ATTR])
     chunk_rows = record["chunk_rows"]
-    for chunk in range(len(record["checksums"])):
+    for chunk in committed_chunk_indices(record):
         start = chunk * chunk_rows
         end = min(start + chunk_rows, record["rows"])
         arrays = {
@@ -554,14 +619,14 @@ def import_shard(source: Any, group: zarr.Group, index: int, specs: dict[str, Fi
         }
         require_checksum(arrays, record, index, chunk, "the HDF5 file")
         for name, value in arrays.items():
-            group[name][start:end] = value
+            group[name].with_config(WRITE_CONFIG)[start:end] = value  # type: ignore[union-attr]
     group.attrs[SHARD_ATTR] = record
 
 
 def require_checksum(arrays: dict[str, Any], record: dict[str, Any], index: int, chunk: int, where: str) -> None:
     """Refuse to hand on a chunk whose data does not match its committed checksum."""
     if checksum_arrays(arrays) != record["checksums"][chunk]:
-        raise CacheError(
+        raise StoreDamaged(
             f"shard {index:05d} chunk {chunk}: checksum mismatch in {where}; it is damaged (`distill cache verify` "
             "lists the bad chunks of a store)"
         )
@@ -614,6 +679,7 @@ def readable_local_file(path: str) -> Iterator[str]:
 
 __all__ = [
     "Problem",
+    "StoreDamaged",
     "VerifyReport",
     "export_hdf5",
     "import_hdf5",

@@ -11,7 +11,8 @@ Dtype contract of ``CacheReader.read_rows`` (stage 2 relies on it):
 * ``text`` comes back as ``list[str]``.
 
 The reader checks before it trusts: the schema version, that every shard it reads is
-complete, and (on request) that the fields and temperatures a consumer needs are stored.
+complete, that the data files of the chunks it reads exist ([missing-chunk note] in store.py),
+and (on request) that the fields and temperatures a consumer needs are stored.
 """
 
 from __future__ import annotations
@@ -24,7 +25,16 @@ import torch
 import zarr
 
 from distill.cache.schema import TOKENIZER_GROUP, CacheError, build_field_specs, shard_name
-from distill.cache.store import load_manifest, open_root, shard_records
+from distill.cache.store import (
+    StoreDamaged,
+    chunk_matches_checksum,
+    describe_missing,
+    load_manifest,
+    missing_chunk_files,
+    open_root,
+    shard_records,
+    stored_files,
+)
 
 
 class CacheReader:
@@ -50,6 +60,8 @@ class CacheReader:
         self.readable = [s for s in self.shards if s["status"] == "complete"]
         self._starts = np.array([s["row_start"] for s in self.readable], dtype=np.int64)
         self._groups = {s["index"]: self.root[shard_name(s["index"])] for s in self.readable}
+        self._files: dict[int, set[str]] = {}  # shard -> its stored files, listed on first read
+        self._checked: set[tuple[int, int, str]] = set()  # (shard, chunk, field) known to be present or intact
 
     # --- what the store holds ------------------------------------------------------------
 
@@ -123,11 +135,28 @@ class CacheReader:
                 bad = rows[selected][0]
                 raise CacheError(f"{self.url}: row {int(bad)} is not in a readable shard")
             group = self._groups[shard["index"]]
+            self.require_chunk_files(shard, np.unique(local // shard["chunk_rows"]), names)
             for name in names:
                 parts[name].append(read_selection(group[name], local))
             order.append(selected)
         inverse = np.argsort(np.concatenate(order)) if order else np.zeros(0, dtype=np.int64)
         return {name: to_output(name, parts[name], inverse) for name in names}
+
+    def require_chunk_files(self, shard: dict[str, Any], chunks: np.ndarray, names: Sequence[str]) -> None:
+        """Refuse to read a chunk whose data file is missing (zarr would give zeros) unless it is intact."""
+        index = shard["index"]
+        todo = [(int(c), n) for c in chunks for n in names if (index, int(c), n) not in self._checked]
+        if not todo:
+            return
+        if index not in self._files:
+            self._files[index] = stored_files(self.url, shard_name(index))
+        group = self._groups[index]
+        fields, wanted = sorted({n for _, n in todo}), sorted({c for c, _ in todo})
+        absent = missing_chunk_files(group, fields, wanted, self._files[index])
+        for chunk, lost in absent.items():
+            if not chunk_matches_checksum(group, shard, chunk, self.specs):
+                raise StoreDamaged(describe_missing(self.url, index, chunk, lost))
+        self._checked.update((index, c, n) for c, n in todo)
 
     def iter_batches(
         self, batch_size: int, rows: Sequence[int] | None = None, fields: Sequence[str] | None = None

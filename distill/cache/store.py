@@ -18,6 +18,12 @@ object stores). The record therefore never names a chunk whose data is incomplet
 writer killed mid-chunk leaves a record that ends before that chunk, and a re-run rewrites
 it. The record's status becomes ``complete`` only after the last chunk is committed.
 
+Missing chunks [missing-chunk note]: zarr reads a chunk whose data file is absent as its fill value
+(zeros), silently. Writers therefore store every chunk, even an all-zero one (``write_empty_chunks``),
+and every reader checks that the files of the committed chunks it reads exist (one listing per
+shard); a chunk with an absent file is used only if its checksum still matches (a store written
+before that setting may lack the files of all-zero chunks), else it is refused as damaged.
+
 Creation note [creation note]: many processes may start on one fresh store at once (``--shard i/n``
 on several machines, or ranks under torchrun). Exactly one creates it: it claims the creation
 marker ``distill-creating.json`` with an exclusive create (``O_EXCL`` on local disks, a
@@ -61,6 +67,7 @@ from distill.cache.schema import (
 )
 
 SHARD_ATTR = "shard"
+WRITE_CONFIG = {"write_empty_chunks": True}  # [missing-chunk note]
 CREATION_MARKER = "distill-creating.json"
 CREATE_TIMEOUT_ENV = "DISTILL_CREATE_TIMEOUT"
 DEFAULT_CREATE_TIMEOUT_S = 600.0
@@ -99,7 +106,9 @@ def open_root(url: str, mode: str = "r") -> zarr.Group:
     try:
         return open_group(url, mode=mode)
     except (FileNotFoundError, zarr.errors.GroupNotFoundError):
-        raise CacheError(f"{url}: no cache store there (create one with `distill cache-teacher`)") from None
+        raise CacheError(
+            f"{url}: no cache store there — check the path, or create one with `distill cache-teacher`"
+        ) from None
 
 
 def store_exists(url: str) -> bool:
@@ -238,20 +247,27 @@ class ShardWriter:
         return dict(self.group.attrs[SHARD_ATTR])
 
     def committed_chunks(self) -> int:
-        return len(self.record["checksums"])
+        record = self.record
+        return len(record["checksums"]) - len(record.get("redo", []))
 
     def write_chunk(self, chunk: int, arrays: dict[str, Any], tokens: int, nonfinite_rows: Iterable[int]) -> None:
-        """Write chunk ``chunk`` (all fields), then commit it. Chunks must be written in order."""
+        """Write chunk ``chunk`` (all fields), then commit it. Chunks are written in order, except those that
+        ``cache verify --repair`` marked to redo, which are rewritten in place."""
         record = self.record
-        if chunk != len(record["checksums"]):
+        redo = list(record.get("redo", []))
+        if chunk != len(record["checksums"]) and chunk not in redo:
             raise CacheError(f"shard {self.index}: chunk {chunk} written out of order")
         start = chunk * record["chunk_rows"]
         for name, value in arrays.items():
-            self.group[name][start : start + len(value)] = value
-        record["checksums"].append(checksum_arrays(arrays))
+            self.group[name].with_config(WRITE_CONFIG)[start : start + len(value)] = value  # type: ignore[union-attr]
+        if chunk in redo:
+            record["checksums"][chunk] = checksum_arrays(arrays)
+            record["redo"] = [c for c in redo if c != chunk]
+        else:
+            record["checksums"].append(checksum_arrays(arrays))
         record["tokens"] += int(tokens)
-        record["nonfinite_rows"] += [int(r) for r in nonfinite_rows]
-        if len(record["checksums"]) == record["num_chunks"]:
+        record["nonfinite_rows"] = sorted({*record["nonfinite_rows"], *(int(r) for r in nonfinite_rows)})
+        if len(record["checksums"]) == record["num_chunks"] and not record.get("redo"):
             record["status"] = "complete"
             record["completed_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         self.group.attrs[SHARD_ATTR] = record
@@ -259,6 +275,58 @@ class ShardWriter:
 
 def open_shard_writer(root: zarr.Group, index: int) -> ShardWriter:
     return ShardWriter(root[shard_name(index)], index)  # type: ignore[arg-type]
+
+
+# --- missing chunk files (see [missing-chunk note]) ----------------------------------------
+
+
+class StoreDamaged(CacheError):
+    """A store's data differs from what was committed (a failure, not a usage error)."""
+
+
+def chunk_file(array: zarr.Array, chunk: int) -> str:
+    """The key, relative to the store's root, of the data file of row-chunk ``chunk`` of ``array``."""
+    return f"{array.path}/{array.metadata.encode_chunk_key((chunk,) + (0,) * (array.ndim - 1))}"
+
+
+def stored_files(url: str, prefix: str) -> set[str]:
+    """Every file (key) under ``prefix`` of the store at ``url``, relative to its root: one listing."""
+    fs, root = store_fs(url)
+    root = root.rstrip("/")
+    base = f"{root}/{prefix}".rstrip("/")
+    if not fs.exists(base):
+        return set()
+    return {path[len(root) + 1 :] for path in fs.find(base)}
+
+
+def missing_chunk_files(group: zarr.Group, names: Iterable[str], chunks: Iterable[int], files: set[str]) -> dict:
+    """``{chunk: [field, ...]}`` for the chunks among ``chunks`` whose data file of some field is absent."""
+    missing: dict[int, list[str]] = {}
+    for chunk in chunks:
+        for name in names:
+            if chunk_file(group[name], chunk) not in files:  # type: ignore[arg-type]
+                missing.setdefault(chunk, []).append(name)
+    return missing
+
+
+def read_chunk(group: zarr.Group, record: dict[str, Any], chunk: int, names: Any) -> dict[str, np.ndarray]:
+    """All fields ``names`` of one chunk of a shard, as numpy arrays."""
+    start = chunk * record["chunk_rows"]
+    end = min(start + record["chunk_rows"], record["rows"])
+    return {name: np.asarray(group[name][start:end]) for name in names}
+
+
+def chunk_matches_checksum(group: zarr.Group, record: dict[str, Any], chunk: int, names: Any) -> bool:
+    """True when chunk ``chunk`` reads back as it was committed (its data files may be absent: all zeros)."""
+    return checksum_arrays(read_chunk(group, record, chunk, names)) == record["checksums"][chunk]
+
+
+def describe_missing(url: str, index: int, chunk: int, names: list[str]) -> str:
+    shown = ", ".join(names[:4]) + (f" and {len(names) - 4} more" if len(names) > 4 else "")
+    return (
+        f"{url}: shard {index:05d} chunk {chunk}: the data file of {shown} is missing (it would read back as zeros) "
+        f"— run `distill cache verify --repair {url}`, then the same `distill cache-teacher` command recomputes it"
+    )
 
 
 # --- status and manifest ------------------------------------------------------------------

@@ -4,9 +4,11 @@ Rows are cut with the TEACHER tokenizer (`encode_texts`: no special tokens, real
 row is the teacher's prefix ids (its BOS, span (0, 0), see [input-as-trained note] in tokens.py)
 followed by at most seq_len - len(prefix) text tokens: a document of n text tokens becomes
 ceil(n / (seq_len - len(prefix))) rows (more if a cut would split a character's byte tokens, see
-[cut note]); rows are never packed, short ones are right-padded, empty documents are skipped and
-counted. Each row keeps the exact slice of the document its text tokens cover, so consecutive
-rows of a document concatenate back to the whole document, and stage 2 needs no dataset.
+[cut note]); rows are never packed, short ones are right-padded, empty and whitespace-only
+documents are skipped and counted (``empty_documents`` in the manifest); a dataset with no text at
+all, an empty file, a file that is not UTF-8 or a text column that does not hold strings is refused
+with one line. Each row keeps the exact slice of the document its text tokens cover, so
+consecutive rows of a document concatenate back to the whole document, and stage 2 needs no dataset.
 """
 
 from __future__ import annotations
@@ -34,8 +36,11 @@ def load_text_dataset(source: str, config: str | None, split: str, text_field: s
     """Load ``split`` of a hub dataset, a local dataset folder, or local json/jsonl/parquet/txt/csv files."""
     files = [s.strip() for s in source.split(",") if s.strip()]
     suffixes = {Path(f).suffix.lower() for f in files}
+    local = all(Path(f).is_file() for f in files)
+    if local and all(Path(f).stat().st_size == 0 for f in files):
+        raise DataError(f"dataset {source!r}: the file(s) are empty, no documents — pass files that hold text")
     try:
-        if all(Path(f).is_file() for f in files) and len(suffixes) == 1 and suffixes <= set(LOCAL_BUILDERS):
+        if local and len(suffixes) == 1 and suffixes <= set(LOCAL_BUILDERS):
             builder = LOCAL_BUILDERS[suffixes.pop()]
             ds = datasets.load_dataset(builder, data_files={split: files}, split=split)
         elif len(files) == 1 and Path(files[0]).is_dir() and (Path(files[0]) / "dataset_info.json").exists():
@@ -45,12 +50,35 @@ def load_text_dataset(source: str, config: str | None, split: str, text_field: s
             ds = datasets.load_dataset(source, config, split=split)
     except (FileNotFoundError, ValueError, ConnectionError, KeyError) as exc:
         raise DataError(f"cannot load dataset {source!r} (config {config!r}, split {split!r}): {exc}") from None
+    except Exception as exc:  # the builders fail in their own ways (StopIteration, DatasetGenerationError)
+        raise DataError(describe_load_failure(source, exc)) from None
     if text_field not in ds.column_names:
         raise DataError(
             f"dataset {source!r} has no text field {text_field!r}; its columns are {ds.column_names} "
             "(choose one with --text-field)"
         )
+    kind = getattr(ds.features.get(text_field), "dtype", None)
+    if kind not in ("string", "large_string"):
+        raise DataError(
+            f"dataset {source!r}: column {text_field!r} holds {kind or ds.features.get(text_field)} values, not text "
+            "— choose the text column with --text-field"
+        )
+    if len(ds) == 0:
+        raise DataError(f"dataset {source!r} (split {split!r}) has no documents — check the files and --split")
     return ds
+
+
+def describe_load_failure(source: str, exc: BaseException) -> str:
+    """One line for a dataset that the ``datasets`` builders cannot read; the root cause named."""
+    cause: BaseException = exc
+    while cause.__cause__ is not None or cause.__context__ is not None:
+        cause = cause.__cause__ or cause.__context__  # type: ignore[assignment]
+        if isinstance(cause, UnicodeDecodeError):
+            return f"dataset {source!r}: not UTF-8 text ({cause.reason} at byte {cause.start}) — convert it to UTF-8"
+    if isinstance(exc, StopIteration) or isinstance(cause, StopIteration):
+        return f"dataset {source!r}: no documents could be read — check that the file(s) hold text"
+    reason = str(cause).strip().splitlines()[0] if str(cause).strip() else type(cause).__name__
+    return f"cannot load dataset {source!r}: {reason} — check the file(s) and their format"
 
 
 def dataset_identity(ds: datasets.Dataset, source: str, config: str | None, split: str, text_field: str) -> dict:
@@ -136,7 +164,7 @@ def plan_rows(
     for first in range(0, len(dataset), batch_docs):
         texts = [t or "" for t in dataset[first : first + batch_docs][text_field]]
         for i, (ids, offsets) in enumerate(encode_texts(tokenizer, texts)):
-            if len(ids) == 0:
+            if len(ids) == 0 or not texts[i].strip():  # nothing to learn from whitespace alone
                 empty += 1
                 continue
             cuts = cut_points(offsets, seq_len - len(prefix))
@@ -144,6 +172,10 @@ def plan_rows(
                 doc_index.append(first + i)
                 token_start.append(a)
                 token_end.append(b)
+    if not doc_index:
+        raise DataError(
+            f"no text to cache: all {len(dataset)} documents are empty or whitespace — check --text-field and the data"
+        )
     as_array = lambda x: np.asarray(x, dtype=np.int64)  # noqa: E731
     return RowPlan(as_array(doc_index), as_array(token_start), as_array(token_end), empty, prefix)
 

@@ -230,7 +230,8 @@ def pretrain_teacher(
     generator = torch.Generator().manual_seed(seed)
     losses = []
     model.train()
-    for _ in range(steps):
+    started, report_every = time.perf_counter(), max(1, steps // 10)
+    for step in range(1, steps + 1):
         batch = data[torch.randint(0, len(data), (batch_size,), generator=generator)]
         loss = model(input_ids=batch, labels=batch).loss
         loss.backward()
@@ -239,6 +240,13 @@ def pretrain_teacher(
         schedule.step()
         optimizer.zero_grad(set_to_none=True)
         losses.append(float(loss.detach()))
+        if step % report_every == 0 or step == steps:  # minutes on 2 cores: show that it moves
+            elapsed = time.perf_counter() - started
+            print(
+                f"[demo] teacher pretraining: step {step}/{steps} | loss {losses[-1]:.3f} | "
+                f"{elapsed:.0f}s, eta {elapsed / step * (steps - step):.0f}s",
+                flush=True,
+            )
     model.save_pretrained(model_dir)
     return losses
 
@@ -349,6 +357,7 @@ def run_demo(out: Path, seed: int = 0, settings: DemoSettings | None = None) -> 
             early_stop_warmup=s.train_steps,
             seed=seed,
             eval_rows=64,
+            resume="auto",  # a run stopped half-way continues (a finished one was skipped above)
         )
         timed(times, f"train ({name})", train.run, cfg)
     report = timed(

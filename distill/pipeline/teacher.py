@@ -378,7 +378,9 @@ def attention_topk(attn: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tens
     """(B, heads, L, L) attention (or its head average, heads = 1) -> head-averaged top-k per query row:
     values, key positions (B, L, k)."""
     averaged = attn.float().mean(dim=1)
-    values, ids = averaged.topk(k, dim=-1)
+    # A batch of short rows has fewer keys than k: take them all, the slots past them stay empty.
+    values, ids = averaged.topk(min(k, averaged.shape[-1]), dim=-1)
+    values, ids = F.pad(values, (0, k - values.shape[-1])), F.pad(ids, (0, k - ids.shape[-1]))
     # A query at position t has only t+1 keys: the slots past them hold weight 0. Give them id 0 so
     # that the stored ids never point at padding and are deterministic (a slot is used iff value > 0).
     ids = torch.where(values > 0, ids, torch.zeros_like(ids))
@@ -886,7 +888,7 @@ def run(cfg: CacheConfig) -> dict[str, Any]:
     for index in mine:
         rec = records[index]
         writer = open_shard_writer(root, index)
-        for chunk in range(len(rec["checksums"]), rec["num_chunks"]):
+        for chunk in [*rec.get("redo", []), *range(len(rec["checksums"]), rec["num_chunks"])]:  # redo: --repair
             start = rec["row_start"] + chunk * layout["chunk_rows"]
             todo.append((writer, chunk, start, min(start + layout["chunk_rows"], rec["row_end"])))
     total_tokens = int(  # text tokens plus each row's prefix, as the rows hold them
@@ -896,7 +898,7 @@ def run(cfg: CacheConfig) -> dict[str, Any]:
         "rows": sum(b - a for *_, a, b in todo),
         "tokens": total_tokens,
         "nonfinite_rows": [],
-        "skipped_chunks": sum(len(records[i]["checksums"]) for i in mine),
+        "skipped_chunks": sum(len(records[i]["checksums"]) - len(records[i].get("redo", [])) for i in mine),
     }
     started = time.perf_counter()
     writer_thread = BackgroundWriter()

@@ -1,0 +1,344 @@
+"""Faults and bad input end in one clear line and lose nothing (issue: reliability).
+
+Each test here failed before its fix; they run the real CLI in-process on the tiny assets."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from typer.testing import CliRunner
+
+from distill.cli import app
+from tests.conftest import run_train, train_args
+
+STEPS = 3
+
+
+def invoke(*args: object):
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def error_lines(result) -> list[str]:
+    return [line for line in result.stderr.splitlines() if line.startswith("error:")]
+
+
+def assert_one_line_error(result, code: int, *needles: str) -> str:
+    assert result.exit_code == code, result.output
+    assert "Traceback" not in result.output and result.exception is None or isinstance(result.exception, SystemExit)
+    lines = error_lines(result)
+    assert len(lines) == 1, result.stderr
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+    return lines[0]
+
+
+def read_records(run: Path) -> list[dict]:
+    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+
+def final_weights(run: Path) -> dict[str, torch.Tensor]:
+    weights = load_file(run / "final" / "model.safetensors")
+    modules = torch.load(run / "final" / "distill_modules.pt", weights_only=True)
+    weights.update({f"modules.{k}": v for k, v in modules.items()})
+    return weights
+
+
+def run_settings(assets: dict, out: Path) -> list[str]:
+    return [*train_args(assets, out, save_every=1, keep_checkpoints=3), "--log-every", "1", "--eval-every", "1000"]
+
+
+@pytest.fixture(scope="module")
+def base_run(train_assets, tmp_path_factory) -> Path:
+    """A 3-step run with checkpoints at steps 1 and 2 and its final student."""
+    out = tmp_path_factory.mktemp("reliab") / "base"
+    run_train(run_settings(train_assets, out), STEPS)
+    assert sorted(p.name for p in (out / "checkpoints").glob("step_*")) == ["step_000001", "step_000002"]
+    return out
+
+
+def copy_run(base: Path, tmp_path: Path) -> Path:
+    out = tmp_path / "run"
+    shutil.copytree(base, out)
+    return out
+
+
+def resume(assets: dict, out: Path, *extra: str):
+    return invoke("train", *run_settings(assets, out), "--max-steps", STEPS, "--resume", *extra)
+
+
+# --- 1: nothing untrusted is unpickled ------------------------------------------------------
+
+
+class RunsCode:
+    """Unpickling this object opens (creates) a file: what a crafted checkpoint could do."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (str(self.marker), "w"))
+
+
+def test_a_crafted_checkpoint_is_refused_without_running_its_code(train_assets, base_run, tmp_path):
+    out = copy_run(base_run, tmp_path)
+    marker = tmp_path / "pwned"
+    ckpt = out / "checkpoints" / "step_000002"
+    state = torch.load(ckpt / "state.pt", weights_only=True)  # what train writes loads with weights_only
+    state["student"] = RunsCode(marker)
+    torch.save(state, ckpt / "state.pt")
+    result = resume(train_assets, out, str(ckpt))
+    assert_one_line_error(result, 1, str(ckpt), "not loaded")
+    assert not marker.exists()
+
+
+# --- 4: a second run into the same --out ------------------------------------------------------
+
+
+def test_a_second_train_into_the_same_out_is_refused_unless_overwrite(train_assets, base_run, tmp_path):
+    out = copy_run(base_run, tmp_path)
+    before = (out / "metrics.jsonl").read_text()
+    refused = invoke("train", *run_settings(train_assets, out), "--max-steps", 1)
+    assert_one_line_error(refused, 2, f"--out {out} holds a previous run", "--resume auto", "--overwrite")
+    assert (out / "metrics.jsonl").read_text() == before
+    replaced = invoke("train", *run_settings(train_assets, out), "--max-steps", 1, "--overwrite")
+    assert replaced.exit_code == 0, replaced.output
+    assert [r["step"] for r in read_records(out) if r["split"] == "train"] == [1]
+    assert not (out / "checkpoints").exists()  # the old run's checkpoints went with it
+
+
+# --- 6 and 7: resume after a torn metrics line, and from a damaged latest checkpoint ----------
+
+
+def test_resume_drops_a_torn_metrics_line_and_the_records_after_the_checkpoint(train_assets, base_run, tmp_path):
+    out = copy_run(base_run, tmp_path)
+    (out / "checkpoints" / "latest").write_text("step_000001")  # killed before the checkpoint of step 2
+    shutil.rmtree(out / "checkpoints" / "step_000002")
+    text = (out / "metrics.jsonl").read_text()
+    (out / "metrics.jsonl").write_text(text[: len(text) - 17])  # a crash mid-line
+    result = resume(train_assets, out, "auto")
+    assert result.exit_code == 0, result.output
+    steps = [r["step"] for r in read_records(out) if r["split"] == "train"]
+    assert steps == [1, 2, 3]
+    assert final_weights(out).keys() == final_weights(base_run).keys()
+
+
+def test_a_damaged_latest_checkpoint_falls_back_to_the_previous_one(train_assets, base_run, tmp_path):
+    out = copy_run(base_run, tmp_path)
+    state = out / "checkpoints" / "step_000002" / "state.pt"
+    state.write_bytes(state.read_bytes()[: state.stat().st_size // 2])
+    result = resume(train_assets, out, "auto")
+    assert result.exit_code == 0, result.output
+    assert "step_000002" in result.output and "falling back to" in result.output and "step_000001" in result.output
+    a, b = final_weights(out), final_weights(base_run)
+    assert max((a[k] - b[k]).abs().max().item() for k in a) == 0.0  # resumed exactly from step 1
+
+
+# --- 15: a checkpoint of the wrong format -----------------------------------------------------
+
+
+def test_a_checkpoint_of_the_wrong_format_is_one_line(train_assets, base_run, tmp_path):
+    out = copy_run(base_run, tmp_path)
+    ckpt = out / "checkpoints" / "step_000002"
+    torch.save({"model": torch.zeros(2)}, ckpt / "state.pt")
+    assert_one_line_error(resume(train_assets, out, str(ckpt)), 1, "not a `distill train` checkpoint", "student")
+    for name in ("step_000001", "step_000002"):
+        (out / "checkpoints" / name / "state.pt").write_bytes(b"not a zip file")
+    assert_one_line_error(resume(train_assets, out, "auto"), 1, "no readable checkpoint", "--overwrite")
+
+
+# --- 2 and 3: a missing chunk file is detected on every read path -----------------------------
+
+
+@pytest.fixture
+def store_missing_a_chunk(train_assets, tmp_path) -> Path:
+    store = tmp_path / "store"
+    shutil.copytree(train_assets["store"], store)
+    chunk = store / "shards" / "00000" / "topk_logits" / "c" / "1" / "0" / "0"
+    assert chunk.exists()
+    chunk.unlink()
+    return store
+
+
+def test_a_missing_chunk_file_is_found_by_verify_quick_and_deep(store_missing_a_chunk):
+    for flags in (["--quick"], []):
+        result = invoke("cache", "verify", store_missing_a_chunk, *flags)
+        assert result.exit_code == 1, result.output
+        assert "shard 00000 chunk 1: the data file of topk_logits is missing" in result.stdout
+        assert "NOT sound" in result.stdout and "chunk 0" not in result.stdout
+
+
+def test_a_missing_chunk_file_is_refused_by_the_reader_and_train(train_assets, store_missing_a_chunk, tmp_path):
+    from distill.cache.reader import CacheReader
+    from distill.cache.store import StoreDamaged
+    from distill.pipeline.train import check_store
+
+    reader = CacheReader(str(store_missing_a_chunk))
+    assert reader.read_rows([0, 7], ["topk_logits"])["topk_logits"].shape[0] == 2  # chunk 0 is whole
+    with pytest.raises(StoreDamaged, match="shard 00000 chunk 1: the data file of topk_logits is missing"):
+        reader.read_rows([3, 9], ["topk_logits"])
+    for mode in ("quick", "deep"):  # what train and eval call before reading
+        with pytest.raises(StoreDamaged, match="chunk 1: the data file of topk_logits is missing"):
+            check_store(str(store_missing_a_chunk), mode)
+    assets = {**train_assets, "store": store_missing_a_chunk}
+    for mode in ("quick", "off"):
+        result = invoke("train", *train_args(assets, tmp_path / mode, verify_cache=mode), "--max-steps", 2)
+        assert_one_line_error(result, 1, "chunk 1", "missing", "--repair")
+
+
+def test_eval_of_a_store_missing_chunk_files_fails(train_assets, base_run, tmp_path):
+    store = tmp_path / "store"
+    shutil.copytree(train_assets["store"], store)
+    shutil.rmtree(store / "shards" / "00000" / "target_logprob" / "c")
+    result = invoke("eval", base_run / "final", "--cache", store, "--split", "all", "--out", tmp_path / "report")
+    assert_one_line_error(result, 1, "target_logprob is missing")
+    assert not (tmp_path / "report" / "report.json").exists()
+
+
+# --- 5: short documents with the default --attention-topk -------------------------------------
+
+
+def test_short_documents_with_more_attention_keys_than_tokens(tiny_assets, tmp_path):
+    from distill.cache.reader import CacheReader
+    from tests.conftest import cache_args
+
+    data = tmp_path / "short.jsonl"
+    data.write_text("".join(json.dumps({"text": "The cat sees a red book."}) + "\n" for _ in range(40)))
+    store = tmp_path / "store"
+    args = cache_args({**tiny_assets, "data": data}, store, attention_topk=32, calibration_rows=4)
+    result = invoke("cache-teacher", *args)
+    assert result.exit_code == 0, result.output
+    rows = CacheReader(str(store)).read_rows([0, 39], ["attn/2", "attn_ids/2", "length"])
+    n = int(rows["length"][0])
+    assert n < 32  # every row is shorter than the keys asked for
+    values, ids = rows["attn/2"].float(), rows["attn_ids/2"]
+    assert values.shape[-1] == 32
+    # query t has t + 1 keys: its row sums to 1 over them, the other slots are empty (value 0, id 0)
+    torch.testing.assert_close(values[:, :n].sum(-1), torch.ones(2, n), atol=2e-3, rtol=0)
+    assert (values[:, :n, n:] == 0).all() and (ids[:, :n, n:] == 0).all()
+    assert (ids[:, :n] <= torch.arange(n)[None, :, None]).all()  # causal: never a later key
+
+
+# --- 9: cache-teacher on SIGTERM ----------------------------------------------------------------
+
+
+def test_cache_teacher_on_sigterm_says_what_was_committed_and_resumes(tiny_assets, tmp_path, monkeypatch):
+    import os
+    import signal
+
+    from distill.cache import store as store_module
+    from distill.cache.manage import verify_store
+    from tests.conftest import cache_args
+
+    out = tmp_path / "store"
+    args = cache_args(tiny_assets, out, max_rows=40)  # 5 chunks of 8 rows
+    original = store_module.ShardWriter.write_chunk
+
+    def write_then_terminate(self, chunk, *rest):  # the real write; then a real SIGTERM, as `kill` sends it
+        original(self, chunk, *rest)
+        if chunk == 1:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    monkeypatch.setattr(store_module.ShardWriter, "write_chunk", write_then_terminate)
+    stopped = invoke("cache-teacher", *args)
+    assert stopped.exit_code == 128 + signal.SIGTERM, stopped.output
+    assert "Traceback" not in stopped.output
+    line = [x for x in stopped.stderr.splitlines() if x.startswith("stopped by signal 15")]
+    assert len(line) == 1 and "chunks are committed" in line[0] and "re-run the same command" in line[0]
+    monkeypatch.setattr(store_module.ShardWriter, "write_chunk", original)
+    resumed = invoke("cache-teacher", *args)
+    assert resumed.exit_code == 0, resumed.output
+    assert verify_store(str(out)).sound
+
+
+# --- 16: a student context shorter than the rows ------------------------------------------------
+
+
+def test_a_student_context_shorter_than_the_rows_warns_once_with_the_share_lost(train_assets, tmp_path):
+    cut = run_train(train_args(train_assets, tmp_path / "cut", student_max_length=8), 1)
+    warnings = [line for line in cut.output.splitlines() if line.startswith("warning: the student's context")]
+    assert len(warnings) == 1 and "(8 tokens)" in warnings[0] and "student_max_length" in warnings[0]
+    share = float(warnings[0].split(": ")[2].split("%")[0].split()[-1])
+    assert 0 < share < 100
+    whole = run_train(train_args(train_assets, tmp_path / "whole"), 1)
+    assert "warning: the student's context" not in whole.output
+
+
+# --- 17: the demo's teacher pretraining shows progress -------------------------------------------
+
+
+def test_demo_teacher_pretraining_prints_progress(tiny_assets, tmp_path, capsys):
+    from distill.pipeline.demo import pretrain_teacher
+
+    teacher = tmp_path / "teacher"
+    shutil.copytree(tiny_assets["teacher"], teacher)
+    losses = pretrain_teacher(teacher, tiny_assets["texts"], steps=20, seq_len=16, batch_size=2)
+    lines = [x for x in capsys.readouterr().out.splitlines() if x.startswith("[demo] teacher pretraining: step")]
+    assert len(lines) == 10 and lines[-1].startswith("[demo] teacher pretraining: step 20/20")
+    assert f"loss {losses[-1]:.3f}" in lines[-1]
+
+
+# --- 8: a full disk --------------------------------------------------------------------------
+
+
+FULL_DISK_SCRIPT = r"""
+set -u
+mount -t tmpfs -o size=400k tmpfs "$DISK" || exit 90
+for stage in train cache; do
+    mount -o remount,size=400k "$DISK"
+    if [ $stage = train ]; then eval "set -- train $TRAIN --out $DISK/run"
+    else eval "set -- cache-teacher $CACHE --out $DISK/store"; fi
+    "$PY" -m distill.cli "$@" > "$LOGS/$stage-full.out" 2> "$LOGS/$stage-full.err"; echo $? > "$LOGS/$stage-full.rc"
+    mount -o remount,size=64m "$DISK"
+    [ $stage = train ] && set -- "$@" --resume auto
+    "$PY" -m distill.cli "$@" > "$LOGS/$stage-again.out" 2> "$LOGS/$stage-again.err"; echo $? > "$LOGS/$stage-again.rc"
+    rm -rf "$DISK"/*
+done
+"""
+
+
+@pytest.mark.slow
+def test_a_full_disk_is_one_line_naming_the_path_and_a_rerun_resumes(train_assets, tmp_path):
+    """Real ENOSPC: a 400 KiB tmpfs in a private mount namespace (unshare), grown after the failure."""
+    import os
+    import shlex
+    import subprocess
+    import sys
+
+    from tests.conftest import cache_args
+
+    if shutil.which("unshare") is None:
+        pytest.skip("needs unshare (util-linux) to mount a private tmpfs")
+    disk, logs = tmp_path / "disk", tmp_path / "logs"
+    disk.mkdir(), logs.mkdir()
+
+    def without_out(args: list) -> str:
+        i = [str(a) for a in args].index("--out")
+        return shlex.join(str(a) for a in args[:i] + args[i + 2 :])
+
+    train = without_out([*train_args(train_assets, Path("x"), grad_accum=1, save_every=1), "--max-steps", "3"])
+    cache = without_out(cache_args(train_assets, Path("x"), max_rows=48))
+    env = {
+        **os.environ,
+        "DISK": str(disk),
+        "LOGS": str(logs),
+        "PY": sys.executable,
+        "TRAIN": train,
+        "CACHE": cache,
+        "PYTHONPATH": str(Path(__file__).resolve().parents[1]),
+    }
+    proc = subprocess.run(["unshare", "-rm", "sh", "-c", FULL_DISK_SCRIPT], env=env, capture_output=True, text=True)
+    if proc.returncode == 90 or not (logs / "train-full.rc").exists():
+        pytest.skip(f"cannot mount a tmpfs here: {proc.stderr[-300:]}")
+    for stage, path in (("train", "run/checkpoints"), ("cache", "store")):
+        err = (logs / f"{stage}-full.err").read_text()
+        assert (logs / f"{stage}-full.rc").read_text().strip() == "1", err
+        assert "Traceback" not in err
+        lines = [x for x in err.splitlines() if x.startswith("error:")]
+        assert len(lines) == 1 and "no space left on the device writing" in lines[0] and str(disk / path) in lines[0]
+        again = (logs / f"{stage}-again.err").read_text()
+        assert (logs / f"{stage}-again.rc").read_text().strip() == "0", again
