@@ -843,7 +843,7 @@ def fit(ctx: Context) -> dict[str, Any]:
             trim_metrics(run_dir / "metrics.jsonl", step)
     metrics = (run_dir / "metrics.jsonl").open("a") if main else None
     run_params = {"train": config_to_dict(cfg), "cache": describe_cache(ctx.reader.manifest), "steps": ctx.total_steps}
-    trackers = open_trackers(cfg.report_to if main else [], run_dir, run_params, step if ckpt is not None else None)
+    trackers = open_trackers(cfg.report_to if main else [], run_dir, run_params, step if found is not None else None)
     stream = BatchStream(ctx, cursor)
     save_every = cfg.save_every or cfg.eval_every
     stop_reason, window_tokens, window_start = "max_steps", 0, time.perf_counter()
