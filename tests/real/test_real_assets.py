@@ -51,9 +51,7 @@ def test_converted_folder_equals_the_gguf(real_assets, name):
     folder, gguf = real_assets[name], real_assets[f"{name}_gguf"]
     config = json.loads((folder / "config.json").read_text())
     assert "quantization_config" not in config
-    tokenizer = AutoTokenizer.from_pretrained(folder)
-    ids = tokenizer(PROMPT, return_tensors="pt").input_ids
-    assert ids[0].tolist() == AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)(PROMPT).input_ids
+    ids = AutoTokenizer.from_pretrained(folder)(PROMPT, return_tensors="pt").input_ids
     with torch.no_grad():
         saved = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32).eval()(ids).logits
         loaded = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
@@ -113,3 +111,29 @@ def test_text_split_is_disjoint_and_deterministic(real_assets, tmp_path):
     assert all(row["text"] == topics[row["topic"]] for row in train + validation)
     write_text(tmp_path)
     assert (tmp_path / "train.jsonl").read_bytes() == real_assets["train"].read_bytes()
+
+
+def test_tokenizer_pair_bench_on_the_reference_tokenizers(real_assets):
+    """bench/tokenizer_pair.py on Qwen3 -> SmolLM2: both spell the text exactly; docs/benchmarks.md's figures."""
+    import subprocess
+    import sys
+
+    from tests.real.conftest import REPO
+
+    proc = subprocess.run(
+        [sys.executable, "bench/tokenizer_pair.py", "--teacher", str(real_assets["qwen3_tokenizer"])]
+        + ["--student", str(real_assets["smollm2"])],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    result = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert result["tokens_reproduce_text"]
+    assert result["vocab_size"] == {"teacher": 151_669, "student": 49_152}
+    # A property of the two pinned tokenizers alone (not of the text): bytes-identical tokens.
+    assert result["vocab_mapped_tokens"] == 39_237
+    # Of the text (CPython's own topics, which change a little between versions): 1.063 on 3.11.
+    assert 1.0 < result["student_tokens_per_teacher_token"] < 1.15
+    assert 0.85 < result["text_tokens_mapped"] < 0.95

