@@ -298,7 +298,7 @@ def test_eval_verifies_the_store_and_writes_nothing_into_a_plain_model_folder(tr
     result = CliRunner().invoke(
         app, ["eval", str(model_dir), "--cache", str(store), "--split", "all", "--out", str(out)]
     )
-    assert result.exit_code == 2
+    assert result.exit_code == 1  # a damaged store is a failure, not a usage error
     assert "not sound" in result.stderr and "shard 00000 chunk 0" in result.stderr
 
 
