@@ -179,6 +179,13 @@ def train(
         str | None, typer.Option(help="'auto' (latest checkpoint in --out) or a checkpoint folder.")
     ] = None,
     live_teacher: Annotated[str | None, typer.Option(help="Run this teacher in the loop instead of the cache.")] = None,
+    objective: Annotated[
+        str | None,
+        typer.Option(help="full (every term, default) | kd-only (kd + lm) | ce (lm only: the CE baseline)."),
+    ] = None,
+    final: Annotated[
+        str | None, typer.Option(help="What final/ holds: best (lowest eval loss, default) or last (the last step).")
+    ] = None,
     config: Annotated[Path | None, typer.Option(help="YAML/JSON file with any TrainConfig setting.")] = None,
     set_: Annotated[
         list[str] | None,
@@ -192,6 +199,8 @@ def train(
         distill train --cache cache/wt103 --student HuggingFaceTB/SmolLM-135M --out runs/smol
         --config configs/reference.yaml --resume auto
 
+    A cross-entropy baseline on the same rows: --objective ce --out runs/ce.
+
     Settings of the cache (layers, top-K, temperatures) are read from its manifest. SIGINT/SIGTERM
     save an emergency checkpoint; --resume auto continues exactly where the run stopped.
     """
@@ -200,7 +209,7 @@ def train(
     from distill.pipeline.train import run
 
     try:
-        overrides = dict(
+        flags = dict(
             cache=cache,
             student=student,
             out=out,
@@ -211,8 +220,11 @@ def train(
             eval_every=eval_every,
             resume=resume,
             live_teacher=live_teacher,
-            **parse_set_overrides(set_ or []),
+            objective=objective,
+            final=final,
         )
+        # a --set of a key that also has a flag (--set max_steps=N) counts unless the flag is given too
+        overrides = {**parse_set_overrides(set_ or []), **{k: v for k, v in flags.items() if v is not None}}
         cfg = load_config(TrainConfig, config, overrides)
         cfg.require_io()
         print_config("train", cfg)
@@ -228,9 +240,10 @@ def train(
         raise typer.Exit(128 + int(summary["signal"]))
     if not is_main_process():
         return
+    chosen = summary["final_choice"]
     typer.echo(
         f"trained {summary['steps']} steps ({summary['stop_reason']}); best eval loss "
-        f"{summary['best_eval']:.4g}; student saved in {summary['final']}"
+        f"{summary['best_eval']:.4g}; student of step {chosen['step']} ({chosen['reason']}) saved in {summary['final']}"
     )
 
 
