@@ -243,7 +243,7 @@ def train(
     chosen = summary["final_choice"]
     typer.echo(
         f"trained {summary['steps']} steps ({summary['stop_reason']}); best eval loss "
-        f"{summary['best_eval']:.4g}; student of step {chosen['step']} ({chosen['reason']}) saved in {summary['final']}"
+        f"{summary['best_eval']:.4g}; student saved in {summary['final']} (step {chosen['step']}: {chosen['reason']})"
     )
 
 

@@ -46,7 +46,7 @@ def test_final_holds_the_best_student_outside_the_rotation(diverging_run):
     assert final == {"step": best_step, "eval_loss": losses[best_step], "reason": "best eval loss"}
     weights = "model.safetensors"
     assert (out / "final" / weights).read_bytes() == (out / "checkpoints" / "best" / weights).read_bytes()
-    assert f"student of step {best_step} (best eval loss)" in stdout
+    assert f"(step {best_step}: best eval loss)" in stdout
 
 
 def test_final_last_holds_the_last_step(train_assets, diverging_run, tmp_path):
