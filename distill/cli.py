@@ -313,6 +313,13 @@ def train(
     overwrite: Annotated[
         bool, typer.Option(help="Replace the run already in --out (otherwise refused unless --resume).")
     ] = False,
+    objective: Annotated[
+        str | None,
+        typer.Option(help="full (every term, default) | kd-only (kd + lm) | ce (lm only: the CE baseline)."),
+    ] = None,
+    final: Annotated[
+        str | None, typer.Option(help="What final/ holds: best (lowest eval loss, default) or last (the last step).")
+    ] = None,
     config: Annotated[Path | None, typer.Option(help="YAML/JSON file with any TrainConfig setting.")] = None,
     set_: Annotated[
         list[str] | None,
@@ -325,6 +332,8 @@ def train(
 
         distill train --cache cache/wt103 --student HuggingFaceTB/SmolLM-135M --out runs/smol
         --config configs/reference.yaml --resume auto
+
+    A cross-entropy baseline on the same rows: --objective ce --out runs/ce.
 
     Settings of the cache (layers, top-K, temperatures) are read from its manifest. SIGINT/SIGTERM
     save an emergency checkpoint; --resume auto continues exactly where the run stopped.
@@ -346,6 +355,8 @@ def train(
             live_teacher=live_teacher,
             report_to=",".join(report_to) if report_to else None,
             overwrite=overwrite or None,
+            objective=objective,
+            final=final,
         )
         cfg = load_config(TrainConfig, config, merge_set_overrides(flags, set_ or []))
         cfg.require_io()
@@ -360,9 +371,10 @@ def train(
         raise typer.Exit(128 + int(summary["signal"]))
     if not is_main_process():
         return
+    chosen = summary["final_choice"]
     typer.echo(
         f"trained {summary['steps']} steps ({summary['stop_reason']}); best eval loss "
-        f"{summary['best_eval']:.4g}; student saved in {summary['final']}"
+        f"{summary['best_eval']:.4g}; student saved in {summary['final']} (step {chosen['step']}: {chosen['reason']})"
     )
 
 

@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 
 import yaml
 
-from distill.pipeline.curriculum import CurriculumConfig
+from distill.pipeline.curriculum import OBJECTIVES, CurriculumConfig, apply_objective
 
 
 class ConfigError(ValueError):
@@ -165,6 +165,9 @@ class TrainConfig:
     """tail (top-K + tail bin, default) | projector (vocab_proj -> linear -> student vocab) | uld (sorted probs)."""
     curriculum: CurriculumConfig = field(default_factory=CurriculumConfig)
     """Term weights and their schedule (see curriculum.py). --set curriculum.kd=0.5 etc."""
+    objective: str = "full"
+    """Loss preset: full (every curriculum term), kd-only (kd + lm), ce (lm only: the cross-entropy baseline, which
+    reads no teacher hidden states or attention maps). Adds the terms it leaves out to curriculum.disabled."""
     router_top_k: int = 2
     """Experts (teacher layers) reported per position by the student-aware router (its feature term weighs all)."""
     balance_coef: float = 0.01
@@ -186,7 +189,10 @@ class TrainConfig:
     save_every: int | None = None
     """Optimizer steps between checkpoints (default: eval_every)."""
     keep_checkpoints: int = 2
-    """Periodic checkpoints kept on disk (older ones are deleted)."""
+    """Periodic checkpoints kept on disk (older ones are deleted; checkpoints/best is kept apart)."""
+    final: str = "best"
+    """What final/ holds: best (the student at the lowest held-out eval loss, kept in checkpoints/best) or last (the
+    last step). Without any eval, the last step; final/final.json says which step and why."""
     patience: int = 20
     """Early stopping: evals without improvement before stopping."""
     min_delta: float = 0.0
@@ -218,7 +224,11 @@ class TrainConfig:
         if isinstance(self.curriculum, dict):
             self.curriculum = CurriculumConfig(**self.curriculum)
         self.report_to = parse_report_to(self.report_to)
+        if self.objective not in OBJECTIVES:
+            raise ConfigError(f"--objective {self.objective}: use one of {', '.join(OBJECTIVES)}")
+        apply_objective(self.curriculum, self.objective)
         checks = [
+            (self.final in ("best", "last"), "--final must be best or last"),
             (0 <= self.eval_fraction < 1, "--set eval_fraction=F needs 0 <= F < 1"),
             (self.max_steps is None or self.max_steps >= 1, "--max-steps must be at least 1"),
             (self.epochs > 0, "--set epochs=N needs N > 0"),

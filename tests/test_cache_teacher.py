@@ -157,6 +157,10 @@ def test_cache_info_reports_rows_shards_and_bytes(store):
     assert set(info["bytes"]["fields"]) == set(reader.fields)
     assert all(b > 0 for b in info["bytes"]["fields"].values())
     assert info["bytes_per_token"]["total"] > 0
+    per_field = info["bytes_per_token"]["fields"].values()
+    assert info["bytes_per_token"]["rows"] == pytest.approx(sum(per_field))
+    assert info["bytes_per_token"]["rows"] < info["bytes_per_token"]["total"]  # the store-level arrays come on top
+    assert "all row fields" in CliRunner().invoke(app, ["cache", "info", str(store)]).stdout
     human = CliRunner().invoke(app, ["cache", "info", str(store)])
     assert "complete" in human.stdout and "topk_logits" in human.stdout
     # head mass per stored temperature: recomputed here from every stored position

@@ -70,7 +70,11 @@ def store_info(url: str) -> dict[str, Any]:
             for s in shards
         ],
         "bytes": {"fields": sizes, "store_level": extra, "total": total},
-        "bytes_per_token": {"fields": per_token, "total": total / tokens if tokens else None},
+        "bytes_per_token": {
+            "fields": per_token,
+            "rows": sum(sizes.values()) / tokens if tokens else None,  # what grows with the data
+            "total": total / tokens if tokens else None,  # plus the store-level arrays (tokenizer, PCA bases)
+        },
         "manifest": manifest,
     }
 
@@ -108,6 +112,9 @@ def format_info(info: dict[str, Any]) -> str:
         lines.append(
             f"  {name:20s} {b:>14,d}  {per[name]:10.1f} B/tok" if per[name] is not None else f"  {name:20s} {b:>14,d}"
         )
+    rows_pt = info["bytes_per_token"].get("rows")
+    if rows_pt:
+        lines.append(f"  {'all row fields':20s} {sum(info['bytes']['fields'].values()):>14,d}  {rows_pt:10.1f} B/tok")
     for name, b in info["bytes"]["store_level"].items():
         lines.append(f"  {name + '/':20s} {b:>14,d}")
     total_pt = info["bytes_per_token"]["total"]

@@ -12,8 +12,8 @@ Default schedule (fractions of the total optimizer steps):
     weights = weights_at(step, total_steps, cfg.curriculum)     # {'kd': 0.7, 'lm': 0.3, ...}
     for term in enabled_terms(weights): ...
 
-A CE-only baseline is `CurriculumConfig(disabled=("kd", "feature", "attention", "layerwise",
-"contrastive"))`: every distillation term is 0 and lm weighs 1.
+Baselines are presets of `disabled` (`--objective` of `distill train`, see OBJECTIVES): `ce` disables
+every distillation term, so lm weighs 1; `kd-only` keeps kd + lm; `full` (default) keeps them all.
 """
 
 from __future__ import annotations
@@ -22,6 +22,12 @@ from dataclasses import dataclass
 
 TERMS = ("kd", "lm", "feature", "attention", "layerwise", "contrastive")
 RAMPED_TERMS = ("feature", "attention", "layerwise", "contrastive")
+OBJECTIVES: dict[str, tuple[str, ...]] = {
+    "full": (),
+    "kd-only": RAMPED_TERMS,
+    "ce": ("kd", *RAMPED_TERMS),
+}
+"""Training objective presets -> the terms each one disables (added to ``curriculum.disabled``)."""
 
 
 @dataclass
@@ -115,3 +121,14 @@ def weights_at(step: int, total_steps: int, cfg: CurriculumConfig) -> dict[str, 
 def enabled_terms(weights: dict[str, float]) -> set[str]:
     """Terms with weight > 0: the only ones the training loop computes."""
     return {term for term, weight in weights.items() if weight > 0}
+
+
+def apply_objective(cfg: CurriculumConfig, objective: str) -> None:
+    """Disable the terms the ``objective`` preset leaves out (on top of any already disabled)."""
+    cfg.disabled = tuple(sorted({*cfg.disabled, *OBJECTIVES[objective]}))
+
+
+def active_terms(cfg: CurriculumConfig) -> list[str]:
+    """The terms that weigh at some point of the run (base weight > 0, not disabled); lm always does."""
+    terms = [t for t in ("kd", *RAMPED_TERMS) if getattr(cfg, t) > 0 and t not in cfg.disabled]
+    return [*(["kd"] if "kd" in terms else []), "lm", *(t for t in terms if t != "kd")]

@@ -294,7 +294,6 @@ def run_demo(out: Path, seed: int = 0, settings: DemoSettings | None = None) -> 
     """
     from distill.config import CacheConfig, TrainConfig
     from distill.pipeline import evaluate, teacher, train
-    from distill.pipeline.curriculum import CurriculumConfig
 
     s = settings or DemoSettings()
     out.mkdir(parents=True, exist_ok=True)
@@ -332,10 +331,7 @@ def run_demo(out: Path, seed: int = 0, settings: DemoSettings | None = None) -> 
         )
         timed(times, f"cache-teacher ({split})", teacher.run, cfg)
     runs = {}
-    for name, curriculum in (
-        ("kd", CurriculumConfig()),
-        ("ce_only", CurriculumConfig(kd=0.0, disabled=("kd", "feature", "attention", "layerwise", "contrastive"))),
-    ):
+    for name, objective in (("kd", "full"), ("ce_only", "ce")):
         run_dir = out / "runs" / name
         runs[name] = run_dir
         if (run_dir / "final" / "config.json").exists():
@@ -351,7 +347,7 @@ def run_demo(out: Path, seed: int = 0, settings: DemoSettings | None = None) -> 
             lr=s.lr,
             router_lr=s.router_lr,
             temperature=s.temperature,
-            curriculum=curriculum,
+            objective=objective,
             log_every=max(1, s.train_steps // 10),
             eval_every=max(1, s.train_steps // 5),
             early_stop_warmup=s.train_steps,

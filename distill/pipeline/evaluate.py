@@ -55,6 +55,7 @@ from distill.pipeline.align import (
     load_or_build_vocab_map,
     pad_vocab_map,
 )
+from distill.pipeline.curriculum import CurriculumConfig, active_terms
 from distill.pipeline.losses import kd_tail_loss
 from distill.pipeline.tokens import prefix_ids
 
@@ -75,6 +76,20 @@ class StudentSource:
     rows: np.ndarray
     temperature: float
     run_dir: Path | None
+    training: dict[str, Any] = dataclasses.field(default_factory=dict)  # objective, terms, final step and why
+
+
+def describe_training(saved: dict[str, Any], final_dir: Path) -> dict[str, Any]:
+    """How a run's student was trained, for the report: its objective preset (runs from before the presets:
+    None), the terms on, and which step final/ holds and why (final/final.json, when the run wrote one)."""
+    curriculum = CurriculumConfig(**saved["train"]["curriculum"])
+    final = json.loads((final_dir / "final.json").read_text()) if (final_dir / "final.json").exists() else {}
+    return {
+        "objective": saved["train"].get("objective"),
+        "terms": active_terms(curriculum),
+        "final_step": final.get("step"),
+        "final_reason": final.get("reason"),
+    }
 
 
 @dataclass
@@ -100,7 +115,8 @@ def resolve_student(path: Path, cache: str | None, split: str) -> StudentSource:
             rows = CacheReader(store).row_ids
         else:  # exactly the rows the run held out
             store, rows = saved["eval_source"], np.asarray(saved["eval_rows"], dtype=np.int64)
-        return StudentSource(path.name, path / "final", store, rows, saved["train"]["temperature"], path)
+        training = describe_training(saved, path / "final")
+        return StudentSource(path.name, path / "final", store, rows, saved["train"]["temperature"], path, training)
     if cache is None:
         raise ValueError(f"{path}: not a run directory; pass --cache STORE to score a plain model on its rows")
     return StudentSource(path.name, path, cache, CacheReader(cache).row_ids, 4.0, None)
@@ -397,6 +413,14 @@ def _format_interval(interval: list[float] | None, scale: float = 1.0, digits: i
     return "" if interval is None else f" [{scale * interval[0]:.{digits}f}, {scale * interval[1]:.{digits}f}]"
 
 
+def format_objective(student: dict[str, Any]) -> str:
+    """``ce (lm), step 40: best eval loss``; empty for a plain model."""
+    if "terms" not in student:
+        return ""
+    text = f"{student['objective'] or 'custom'} ({' + '.join(student['terms'])})"
+    return text + (f", step {student['final_step']}: {student['final_reason']}" if student["final_step"] else "")
+
+
 def format_report(report: dict[str, Any]) -> str:
     """report.md: the table a person reads first."""
     boot = report["bootstrap"]
@@ -406,9 +430,9 @@ def format_report(report: dict[str, Any]) -> str:
         f"Teacher bits per byte: **{report['teacher_bpb']:.4f}**{_format_interval(report['teacher_bpb_ci'])} "
         "(from the cache's target_logprob)",
         "",
-        f"| student | bits/byte [{100 * boot['confidence']:.0f}% CI] | gap closed [CI] | kd loss | top-1 agreement "
-        "| ECE |",
-        "|---|---|---|---|---|---|",
+        f"| student | objective | bits/byte [{100 * boot['confidence']:.0f}% CI] | gap closed [CI] | kd loss "
+        "| top-1 agreement | ECE |",
+        "|---|---|---|---|---|---|---|",
     ]
     for name, s in report["students"].items():
         if name == report.get("baseline"):
@@ -418,8 +442,8 @@ def format_report(report: dict[str, Any]) -> str:
         else:
             gap = f"{100 * s['gap_closed']:.1f}%{_format_interval(s['gap_closed_ci'], 100, 1)}"
         lines.append(
-            f"| {name} | {s['bpb']:.4f}{_format_interval(s['bpb_ci'])} | {gap} | {s['kd_loss']:.4f} | "
-            f"{100 * s['top1_agreement']:.1f}% | {s['ece']:.4f} |"
+            f"| {name} | {format_objective(s)} | {s['bpb']:.4f}{_format_interval(s['bpb_ci'])} | {gap} | "
+            f"{s['kd_loss']:.4f} | {100 * s['top1_agreement']:.1f}% | {s['ece']:.4f} |"
         )
     lines += [
         "",
@@ -492,7 +516,7 @@ def run_eval(
     for s in sources:
         vocab_dir = (s.run_dir / "vocab_map") if s.run_dir is not None else (out / "vocab_map")
         metrics, student_scores = evaluate_student(dataclasses.replace(s, rows=rows), vocab_dir)
-        students[s.name] = {**metrics, "rows_held_out": len(s.rows)}
+        students[s.name] = {**s.training, **metrics, "rows_held_out": len(s.rows)}
         scores.append(student_scores)
     nll, nbytes = score_identical_bytes(texts, scores)
     total_bytes = int(nbytes.sum())

@@ -16,10 +16,11 @@ import hashlib
 import json
 import os
 import queue
+import re
 import sys
 import threading
 import time
-from collections.abc import Collection, Iterator
+from collections.abc import Callable, Collection, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from tempfile import TemporaryDirectory
@@ -101,7 +102,113 @@ def load_teacher(cfg: CacheConfig, device: torch.device, dtype: torch.dtype, nee
         use_selective_attention(model)
     if device.type == "cpu" and getattr(model.config, "_experts_implementation", None) == "batched_mm":
         model.set_experts_implementation("grouped_mm")  # batched_mm is ~100x slower on CPU
-    return model.to(device).eval()
+    model = model.to(device).eval()
+    check_teacher_logits(model, cfg.teacher)
+    return model
+
+
+# [logit-postprocess note] Stage 1 applies the teacher's lm_head itself, in position slices (see [logit-pass
+# note]), instead of calling the model's forward. Some families transform the logits after the head, from a
+# config attribute: Gemma 2/3/3n/4 cap them (tanh(z / c) * c, `final_logit_softcapping`), Cohere scales them
+# (`logit_scale`), Granite and MiniCPM3 divide them (`logits_scaling`; HyperCLOVA X multiplies by it),
+# Falcon-H1 multiplies them (`lm_head_multiplier`). The same transform is applied here to every logits slice,
+# before top-K and softmax, so the store holds the model's own output logits. A head that is not a linear map,
+# or a config attribute that looks like a logit transform and is not in the table, is refused; and at load
+# time the teacher's own forward on a few tokens is compared with this path (`check_teacher_logits`), which
+# catches a transform no attribute names.
+
+
+def scale_logits(logits: torch.Tensor, factor: float) -> None:
+    logits.mul_(factor)
+
+
+def divide_logits(logits: torch.Tensor, divisor: float) -> None:
+    logits.div_(divisor)
+
+
+def softcap_logits(logits: torch.Tensor, cap: float) -> None:
+    logits.div_(cap).tanh_().mul_(cap)
+
+
+# config attribute -> in-place transform of a (P, V) fp32 logits slice, in the order applied (caps last)
+LOGIT_TRANSFORMS: dict[str, Callable[[torch.Tensor, float], None]] = {
+    "logit_scale": scale_logits,
+    "lm_head_multiplier": scale_logits,
+    "logits_scaling": divide_logits,
+    "final_logit_softcapping": softcap_logits,
+}
+MODEL_TYPE_TRANSFORMS = {("hyperclovax", "logits_scaling"): scale_logits}
+# config attributes that name logits but do not transform the output ones
+NOT_LOGIT_TRANSFORMS = {
+    "attn_logit_softcapping",
+    "output_router_logits",
+    "num_logits_to_keep",
+    "output_auxiliary_logits",
+    "router_logit_softcapping",
+}
+LOOKS_LIKE_LOGIT_TRANSFORM = re.compile(r"logit|lm_head|output_multiplier")
+
+
+def find_logit_transforms(model: Any) -> list[tuple[str, float, Callable[[torch.Tensor, float], None]]]:
+    """The teacher's post-head logit transforms as (config attribute, value, in-place function), see
+    [logit-postprocess note]; raises ConfigError for a head or an attribute this code does not reproduce."""
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    lm_head = model.get_output_embeddings()
+    if not isinstance(lm_head, torch.nn.Linear):
+        raise ConfigError(
+            f"the teacher's output head is a {type(lm_head).__name__}, not a linear map: stage 1 cannot reproduce "
+            "its logits"
+        )
+    transforms = []
+    for name, value in config.to_dict().items():
+        if value is None or value is False or name in NOT_LOGIT_TRANSFORMS or name in LOGIT_TRANSFORMS:
+            continue
+        if LOOKS_LIKE_LOGIT_TRANSFORM.search(name):
+            raise ConfigError(
+                f"the teacher's config sets {name}={value!r}, an output-logit setting stage 1 does not know: "
+                "its cached logits would not be the model's"
+            )
+    for name, fn in LOGIT_TRANSFORMS.items():
+        value = getattr(config, name, None)
+        if value is not None:
+            transforms.append((name, float(value), MODEL_TYPE_TRANSFORMS.get((config.model_type, name), fn)))
+    return transforms
+
+
+def check_teacher_logits(model: Any, teacher: str, num_tokens: int = 16) -> None:
+    """Refuse a teacher whose own forward disagrees with stage 1's head + transforms on a few tokens."""
+    vocab = model.get_output_embeddings().weight.shape[0]
+    device = model.get_output_embeddings().weight.device
+    ids = torch.randint(vocab, (1, num_tokens), generator=torch.Generator().manual_seed(0)).to(device)
+    mask = torch.ones_like(ids)
+    with torch.inference_mode():
+        own = model(input_ids=ids, attention_mask=mask, use_cache=False).logits[0].float()  # (n, V)
+        hidden = forward_teacher(model, ids, mask, False).last_hidden_state[0]
+        ours = compute_logits(model, hidden, find_logit_transforms(model))
+    finite = torch.isfinite(own) & torch.isfinite(ours)
+    error = (own - ours).abs().where(finite, 0.0).max().item()
+    tolerance = (1e-4 if model.get_output_embeddings().weight.dtype == torch.float32 else 3e-2) * (
+        1.0 + own.abs().where(finite, 0.0).max().item()
+    )
+    if error > tolerance or not torch.equal(torch.isfinite(own), torch.isfinite(ours)):
+        raise ConfigError(
+            f"--teacher {teacher}: its output logits differ from lm_head(last hidden state) by {error:.3g} "
+            "after the known transforms (see [logit-postprocess note] in teacher.py); stage 1 would cache "
+            "logits the model never outputs"
+        )
+
+
+def compute_logits(model: Any, hidden: torch.Tensor, transforms: list, out: torch.Tensor | None = None) -> torch.Tensor:
+    """(P, H) last hidden states -> (P, V) fp32 output logits, as the model's forward returns them."""
+    lm_head = model.get_output_embeddings()
+    logits = torch.empty(hidden.shape[0], lm_head.weight.shape[0], device=hidden.device) if out is None else out
+    if lm_head.bias is None and lm_head.weight.dtype == torch.float32 and hidden.dtype == torch.float32:
+        torch.mm(hidden, lm_head.weight.t(), out=logits)
+    else:
+        logits.copy_(lm_head(hidden))
+    for _, value, fn in transforms:
+        fn(logits, value)
+    return logits
 
 
 # [selective-attention note] sdpa returns no attention weights, and an all-eager teacher materializes
@@ -129,7 +236,9 @@ def selective_attention_forward(
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
     kwargs.pop("output_attentions", None)
-    if not getattr(module, _FLAG, False):
+    softcap = kwargs.pop("softcap", None)  # Gemma 2's attention logit cap, which sdpa cannot apply
+    keep_weights = getattr(module, _FLAG, False)
+    if not keep_weights and softcap is None:
         return sdpa_attention_forward(
             module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
         )
@@ -137,6 +246,8 @@ def selective_attention_forward(
     key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     scores = torch.matmul(query, key.transpose(2, 3)) * scale  # (B, Hq, Lq, Lk)
+    if softcap is not None:
+        scores = torch.tanh(scores / softcap) * softcap
     lq, lk = scores.shape[-2:]
     if attention_mask is None:  # sdpa's mask builder skips plain causal batches
         keep = torch.ones(lq, lk, dtype=torch.bool, device=scores.device).tril(diagonal=lk - lq)
@@ -147,7 +258,7 @@ def selective_attention_forward(
         scores = scores + attention_mask
     weights = torch.softmax(scores, dim=-1, dtype=torch.float32)
     output = torch.matmul(weights.to(value.dtype), value).transpose(1, 2).contiguous()
-    return output, weights.mean(dim=1, keepdim=True)
+    return output, weights.mean(dim=1, keepdim=True) if keep_weights else None
 
 
 def use_selective_attention(model: Any) -> None:
@@ -323,15 +434,11 @@ def compute_logit_fields(
     logits_buf = torch.empty(chunk, vocab, device=device)  # (P, V) fp32, reused by every slice
     scaled_buf = torch.empty_like(logits_buf) if any(t != 1.0 for t in temps) else None
     probs_buf = torch.empty_like(logits_buf) if temps else None
-    plain = isinstance(lm_head, torch.nn.Linear) and lm_head.bias is None and lm_head.weight.dtype == torch.float32
+    transforms = find_logit_transforms(model)
     for start in range(0, n, chunk):
         x = flat[start : start + chunk]
         p, rows = x.shape[0], slice(start, start + x.shape[0])
-        logits = logits_buf[:p]
-        if plain and x.dtype == torch.float32:
-            torch.mm(x, lm_head.weight.t(), out=logits)
-        else:
-            logits.copy_(lm_head(x))
+        logits = compute_logits(model, x, transforms, out=logits_buf[:p])  # see [logit-postprocess note]
         torch.topk(logits, k, dim=-1, out=(topk_logits[rows], topk_ids[rows]))  # descending
         argmax = topk_ids[rows, :1]
         for j, t in enumerate(temps):

@@ -45,8 +45,10 @@ from distill.pipeline.align import (
 from distill.pipeline.checkpoint import (
     CheckpointError,
     capture_rng,
+    load_best_meta,
     load_resume_checkpoint,
     restore_rng,
+    save_best,
     save_checkpoint,
     save_final,
 )
@@ -297,13 +299,14 @@ def setup(cfg: TrainConfig) -> Context:
     if "attention" in need and not reader.layout["attention_layers"]:
         raise CacheError(
             f"{cfg.cache}: the attention term is on (curriculum.attention > 0) but the store has no attention maps; "
-            "re-cache with --attention-layers, or pass --set curriculum.attention=0"
+            "re-cache with --attention-layers, or pass --set curriculum.attention=0 (--objective kd-only or ce: no "
+            "attention term)"
         )
     if "hidden" in need and not [layer for layer in reader.layout["hidden_layers"] if layer > 0]:
         raise CacheError(
             f"{cfg.cache}: the feature/layerwise/contrastive terms need teacher hidden states of blocks >= 1, the "
             f"store has layers {reader.layout['hidden_layers']}; re-cache with --hidden-layers, or set "
-            "curriculum.feature, curriculum.layerwise and curriculum.contrastive to 0"
+            "curriculum.feature, curriculum.layerwise and curriculum.contrastive to 0 (--objective kd-only or ce)"
         )
     student, tokenizer = load_student(cfg, "attention" in need, device)
     teacher_tokenizer = load_cache_tokenizer(reader)
@@ -743,6 +746,42 @@ def format_line(
     )
 
 
+class ThroughputWindow:
+    """Tokens per second of training time since the last log line: eval and checkpoint time, spent inside
+    ``pause()``, is left out, so the figure after an eval is the training speed, not halved by the eval."""
+
+    def __init__(self, clock: Any = time.perf_counter) -> None:
+        self.clock = clock
+        self.reset()
+
+    def reset(self) -> None:
+        self.start, self.paused, self.tokens = self.clock(), 0.0, 0
+
+    @contextlib.contextmanager
+    def pause(self) -> Any:
+        started = self.clock()
+        try:
+            yield
+        finally:
+            self.paused += self.clock() - started
+
+    def rate(self, tokens: int | None = None) -> float:
+        """``tokens`` (default: those added to the window) per second of unpaused time."""
+        elapsed = self.clock() - self.start - self.paused
+        return (self.tokens if tokens is None else tokens) / elapsed if elapsed > 0 else 0.0
+
+
+def choose_final(cfg: TrainConfig, run_dir: Path, step: int, best: float, last_eval: float | None) -> dict[str, Any]:
+    """What final/ holds (final.json): the best student (eval loss ``best``, kept in checkpoints/best) when asked
+    and an eval ran, else the last step."""
+    best_meta = load_best_meta(run_dir)
+    if cfg.final == "best" and best_meta is not None and best_meta["eval_loss"] == best:
+        return {"step": best_meta["step"], "eval_loss": best, "reason": "best eval loss"}
+    if not math.isfinite(best):
+        return {"step": step, "eval_loss": None, "reason": "no eval ran"}
+    return {"step": step, "eval_loss": last_eval, "reason": "last step"}
+
+
 def write_run_config(ctx: Context) -> None:
     """RUN_DIR/config.json: the resolved config and what eval needs to score the same rows."""
     cfg = ctx.cfg
@@ -815,7 +854,7 @@ def fit(ctx: Context) -> dict[str, Any]:
     optimizer, scheduler = build_optimizer(ctx)
     scaler = torch.amp.GradScaler(ctx.device.type, enabled=ctx.autocast_dtype == torch.float16)
     params = list(ctx.student.parameters()) + list(ctx.modules.parameters())
-    step, cursor, best, bad_evals = 0, (0, 0), math.inf, 0
+    step, cursor, best, bad_evals, best_kept = 0, (0, 0), math.inf, 0, math.inf
     found = load_resume_checkpoint(run_dir, cfg.resume, say)
     if found is not None:
         ckpt, state, meta = found
@@ -833,6 +872,7 @@ def fit(ctx: Context) -> dict[str, Any]:
             ) from None
         step, cursor = meta["step"], tuple(meta["cursor"])
         best, bad_evals = meta["best_eval"], meta["bad_evals"]
+        best_kept = meta.get("best_kept", best)
         say(f"resumed from {ckpt} at step {step}")
     else:
         torch.manual_seed(cfg.seed)
@@ -846,7 +886,7 @@ def fit(ctx: Context) -> dict[str, Any]:
     trackers = open_trackers(cfg.report_to if main else [], run_dir, run_params, step if found is not None else None)
     stream = BatchStream(ctx, cursor)
     save_every = cfg.save_every or cfg.eval_every
-    stop_reason, window_tokens, window_start = "max_steps", 0, time.perf_counter()
+    stop_reason, window, last_eval = "max_steps", ThroughputWindow(), None
 
     def checkpoint(reason: str) -> None:
         if not main:
@@ -865,6 +905,7 @@ def fit(ctx: Context) -> dict[str, Any]:
             "cursor": list(stream.cursor),
             "best_eval": best,
             "bad_evals": bad_evals,
+            "best_kept": best_kept,
             "reason": reason,
             "total_steps": ctx.total_steps,
             "config": config_to_dict(cfg),
@@ -884,7 +925,7 @@ def fit(ctx: Context) -> dict[str, Any]:
                 batch = stream.next()
                 total, logs = compute_losses(ctx, batch, weights)
                 scaler.scale(total / cfg.grad_accum).backward()
-                window_tokens += batch.student_tokens
+                window.tokens += batch.student_tokens
                 for k, v in logs.items():
                     if isinstance(v, float):
                         step_logs[k] = step_logs.get(k, 0.0) + v / cfg.grad_accum
@@ -904,8 +945,7 @@ def fit(ctx: Context) -> dict[str, Any]:
             last_step = step == ctx.total_steps
             # --- log
             if step % cfg.log_every == 0 or last_step or step == 1:
-                elapsed = time.perf_counter() - window_start
-                tok_s = sum_over_ranks(window_tokens, ctx.world) / elapsed if elapsed > 0 else 0.0
+                tok_s = window.rate(sum_over_ranks(window.tokens, ctx.world))
                 eta = (time.perf_counter() - step_start) * (ctx.total_steps - step)
                 record = {"split": "train", "step": step, "lr": lr, "tokens_per_s": tok_s, **step_logs}
                 write_record(metrics, record, trackers)
@@ -914,14 +954,20 @@ def fit(ctx: Context) -> dict[str, Any]:
                         step, ctx.total_steps, step_logs, lr, 1000 * (time.perf_counter() - step_start), tok_s, eta
                     )
                 )
-                window_tokens, window_start = 0, time.perf_counter()
-            # --- eval, early stopping, checkpoint
+                window.reset()
+            # --- eval, early stopping, checkpoint (outside the throughput window)
             stop_now = False
             if (step % cfg.eval_every == 0 or last_step) and len(ctx.eval_rows):
                 if main:  # the other ranks wait for its decision
-                    result = evaluate(ctx)
+                    with window.pause():
+                        result = evaluate(ctx)
+                    last_eval = result["eval/loss"]
                     write_record(metrics, {"split": "eval", "step": step, **result}, trackers)
                     say(f"eval step {step}: " + " ".join(f"{k[5:]} {v:.4g}" for k, v in result.items()))
+                    if result["eval/loss"] < best_kept:  # whatever min_delta says
+                        best_kept = result["eval/loss"]
+                        with window.pause():
+                            save_best(run_dir, ctx.student, ctx.tokenizer, ctx.modules, step, best_kept)
                     if result["eval/loss"] < best - cfg.min_delta:
                         best, bad_evals = result["eval/loss"], 0
                     elif step >= cfg.early_stop_warmup:
@@ -933,7 +979,8 @@ def fit(ctx: Context) -> dict[str, Any]:
                     (best, bad_evals, stop_reason, stop_now), ctx.world
                 )
             if step % save_every == 0 and not last_step:
-                checkpoint("periodic")
+                with window.pause():
+                    checkpoint("periodic")
             if any_rank(stop.received is not None, ctx.world):
                 stop.received = share_from_main(stop.received or int(signal.SIGTERM), ctx.world)
                 checkpoint(f"signal {stop.received}")
@@ -948,8 +995,10 @@ def fit(ctx: Context) -> dict[str, Any]:
     summary = {"steps": step, "total_steps": ctx.total_steps, "best_eval": best, "stop_reason": stop_reason}
     if stop_reason != "signal":
         final = run_dir / "final"
+        summary["final_choice"] = choose_final(cfg, run_dir, step, best_kept, last_eval) if main else {}
         if main:
-            save_final(run_dir, ctx.student, ctx.tokenizer, ctx.modules, summary)
+            save_final(run_dir, ctx.student, ctx.tokenizer, ctx.modules, summary, summary["final_choice"])
+            say(f"final/: step {summary['final_choice']['step']} ({summary['final_choice']['reason']})")
         summary["final"] = str(final)
     else:
         summary["signal"] = stop.received
