@@ -244,10 +244,11 @@ def cache_teacher(
 
     Re-running the same command resumes; complete shards are skipped.
     """
+    from distill.cache.store import ShardBusy
     from distill.pipeline.data import DataError
     from distill.pipeline.teacher import NonFiniteTeacherOutput, run
 
-    with reported_errors(usage=(DataError,), failure=(NonFiniteTeacherOutput,)):
+    with reported_errors(usage=(DataError,), failure=(NonFiniteTeacherOutput, ShardBusy)):
         overrides = dict(
             teacher=teacher,
             dataset=dataset,
@@ -288,11 +289,18 @@ def cache_teacher(
         except OSError as exc:  # zarr's writes do not name the file: name the store
             exc.filename = exc.filename or cfg.out
             raise
+    filled = ", ".join(str(i) for i in summary["filled_shards"]) or "none"
     typer.echo(
         f"cached {summary['rows']} rows, {summary['tokens']:,} tokens in {summary['seconds']:.1f}s "
-        f"({summary['tokens_per_s']:,.0f} tok/s); {summary['skipped_chunks']} chunks were already committed; "
-        f"non-finite rows skipped: {len(summary['nonfinite_rows'])}. Inspect: distill cache info {cfg.out}"
+        f"({summary['tokens_per_s']:,.0f} tok/s); filled shards: {filled}; {summary['skipped_chunks']} chunks were "
+        f"already committed; non-finite rows skipped: {len(summary['nonfinite_rows'])}. "
+        f"Inspect: distill cache info {cfg.out}"
     )
+    for index, holder in summary["busy_shards"].items():
+        typer.echo(
+            f"shard {index} is being filled by pid {holder.get('pid', '?')} on host {holder.get('host', '?')}; "
+            "re-run when it is done"
+        )
 
 
 @app.command("train")

@@ -43,6 +43,7 @@ from distill.cache.schema import (
     shard_name,
 )
 from distill.cache.store import (
+    CLAIM_FILE,
     SHARD_ATTR,
     WRITE_CONFIG,
     StoreDamaged,
@@ -480,7 +481,8 @@ def list_keys(url: str, prefix: str = "") -> list[str]:
     if not fs.exists(base):
         return []
     keys = [path[len(root) + 1 :] for path in fs.find(base)]
-    return [k for k in keys if not k.endswith(".partial")]  # zarr's temporary files of an ongoing write
+    # Neither zarr's temporary files of an ongoing write nor shard claims (see [claim note] in store.py).
+    return [k for k in keys if not k.endswith(".partial") and CLAIM_FILE not in k.rsplit("/", 1)[-1]]
 
 
 def copy_keys(jobs: list[tuple[str, str]], out: str, workers: int) -> None:

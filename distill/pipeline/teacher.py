@@ -12,6 +12,7 @@ the next chunk runs through the teacher).
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -34,12 +35,17 @@ from tqdm.auto import tqdm
 from distill import __version__
 from distill.cache.schema import SCHEMA_VERSION, attention_id_dtype, build_field_specs, hash_json
 from distill.cache.store import (
+    CLAIM_TIMEOUT_ENV,
+    ShardBusy,
+    ShardClaim,
     ShardWriter,
     check_compatible,
     claim_creation,
+    claim_shard,
     create_store,
     create_timeout,
     delete_store,
+    describe_holder,
     find_manifest,
     load_manifest,
     open_root,
@@ -700,7 +706,8 @@ def load_root_pairs(
 
 
 class BackgroundWriter:
-    """Writes and commits chunks on a thread, so storage overlaps the next teacher forward."""
+    """Runs storage jobs (write and commit a chunk, release a claim) on a thread, in order, so storage
+    overlaps the next teacher forward."""
 
     def __init__(self, depth: int = 2) -> None:
         self._queue: queue.Queue = queue.Queue(maxsize=depth)
@@ -710,19 +717,18 @@ class BackgroundWriter:
 
     def _work(self) -> None:
         while True:
-            item = self._queue.get()
-            if item is None:
+            job = self._queue.get()
+            if job is None:
                 return
-            writer, chunk, arrays, tokens, bad = item
             try:
                 if self._error is None:
-                    writer.write_chunk(chunk, arrays, tokens, bad)
+                    job()
             except BaseException as exc:  # re-raised in the main thread
                 self._error = exc
 
-    def submit(self, writer: ShardWriter, chunk: int, arrays: dict, tokens: int, bad: list[int]) -> None:
+    def submit(self, job: Callable[[], None]) -> None:
         self.raise_error()
-        self._queue.put((writer, chunk, arrays, tokens, bad))
+        self._queue.put(job)
 
     def raise_error(self) -> None:
         if self._error is not None:
@@ -732,6 +738,12 @@ class BackgroundWriter:
         self._queue.put(None)
         self._thread.join()
         self.raise_error()
+
+
+def commit_chunk(writer: ShardWriter, claim: ShardClaim, chunk: int, arrays: dict, tokens: int, bad: list) -> None:
+    """Write and commit one chunk, then refresh the shard's claim (see [claim note] in store.py)."""
+    writer.write_chunk(chunk, arrays, tokens, bad)
+    claim.refresh()
 
 
 # --- the stage ----------------------------------------------------------------------------
@@ -974,8 +986,52 @@ def iter_chunk_batches(builder: RowBuilder, start: int, end: int, batch_size: in
         yield [builder.row(i) for i in range(a, min(a + batch_size, end))]
 
 
+def chunks_to_fill(record: dict[str, Any], chunk_rows: int) -> list[tuple[int, int, int]]:
+    """``(chunk, global start, global end)`` of a shard's uncommitted chunks (first those --repair marked)."""
+    todo = []
+    for chunk in [*record.get("redo", []), *range(len(record["checksums"]), record["num_chunks"])]:
+        start = record["row_start"] + chunk * chunk_rows
+        todo.append((chunk, start, min(start + chunk_rows, record["row_end"])))
+    return todo
+
+
+def count_tokens(plan: RowPlan, todo: list[tuple[int, int, int]]) -> int:
+    """Text tokens plus each row's prefix, as the rows of ``todo`` hold them."""
+    per_range = ((plan.token_end[a:b] - plan.token_start[a:b]).sum() + len(plan.prefix) * (b - a) for _, a, b in todo)
+    return int(sum(per_range))
+
+
+def claim_or_defer(cfg: CacheConfig, index: int, deferred: set[int]) -> ShardClaim | None:
+    """Claim a shard (see [claim note]); a busy one is retried once after the others, then reported.
+
+    ``--shard i/n`` names its shard: a busy one is refused (ShardBusy propagates)."""
+    try:
+        claim = claim_shard(cfg.out, index)
+    except ShardBusy as busy:
+        if cfg.shard is not None:
+            raise ShardBusy(
+                f"{cfg.out}: {busy} — a second process with the same --shard {cfg.shard} is refused; "
+                f"re-run when it is done (a claim from a process that is gone is taken over: same host at once, "
+                f"another host after {CLAIM_TIMEOUT_ENV} seconds)",
+                busy.holder,
+            ) from None
+        if index not in deferred:
+            deferred.add(index)
+            return None
+        raise
+    if claim.replaced is not None:
+        tqdm.write(
+            f"cache-teacher: shard {index}: taking over the stale claim of {describe_holder(claim.replaced)}",
+            file=sys.stderr,
+        )
+    return claim
+
+
 def run(cfg: CacheConfig) -> dict[str, Any]:
-    """Fill the store at ``cfg.out`` (creating or resuming it). Returns a summary of the work done."""
+    """Fill the store at ``cfg.out`` (creating or resuming it). Returns a summary of the work done.
+
+    Each shard is filled under its claim (see [claim note] in store.py): shards claimed by another live
+    process are skipped (tried again once after the others) and listed in ``busy_shards``."""
     cfg.require_io()
     check_teacher_source(cfg.teacher)
     device = rank_device(resolve_device(cfg.device))
@@ -990,59 +1046,103 @@ def run(cfg: CacheConfig) -> dict[str, Any]:
     layout = manifest["layout"]
     settings = field_settings(layout, root, device)
     records = shard_records(root, manifest)
-    todo = []  # (writer, chunk index, global start, global end)
     mine = shards_to_fill(cfg, len(records))
-    for index in mine:
-        rec = records[index]
-        writer = open_shard_writer(root, index)
-        for chunk in [*rec.get("redo", []), *range(len(rec["checksums"]), rec["num_chunks"])]:  # redo: --repair
-            start = rec["row_start"] + chunk * layout["chunk_rows"]
-            todo.append((writer, chunk, start, min(start + layout["chunk_rows"], rec["row_end"])))
-    total_tokens = int(  # text tokens plus each row's prefix, as the rows hold them
-        sum((plan.token_end[a:b] - plan.token_start[a:b]).sum() + len(plan.prefix) * (b - a) for _, _, a, b in todo)
-    )
-    summary = {
-        "rows": sum(b - a for *_, a, b in todo),
-        "tokens": total_tokens,
+    queue_ = [i for i in mine if records[i]["status"] != "complete" or records[i].get("redo")]
+    planned = {i: count_tokens(plan, chunks_to_fill(records[i], layout["chunk_rows"])) for i in queue_}
+    summary: dict[str, Any] = {
+        "rows": 0,
+        "tokens": 0,
         "nonfinite_rows": [],
         "skipped_chunks": sum(len(records[i]["checksums"]) - len(records[i].get("redo", [])) for i in mine),
+        "filled_shards": [],
+        "busy_shards": {},
     }
     started = time.perf_counter()
     writer_thread = BackgroundWriter()
     bar = tqdm(
-        total=total_tokens,
+        total=sum(planned.values()),
         unit="tok",
         unit_scale=True,
         desc="cache-teacher",
         dynamic_ncols=True,
-        disable=total_tokens == 0,
+        disable=not planned,
     )
+    claims: list[ShardClaim] = []
+    deferred: set[int] = set()
     try:
-        for writer, chunk, start, end in todo:
-            parts, bad_rows = [], []
-            for batch in iter_chunk_batches(builder, start, end, cfg.batch_size):
-                fields, bad = compute_batch_fields(model, batch, settings, device)
-                bad_rows += [batch[i].row_id for i in bad]
-                parts.append(fields)
-                bar.update(sum(len(r.input_ids) for r in batch))
-            arrays = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
-            if bad_rows and cfg.on_nonfinite == "error":
-                raise NonFiniteTeacherOutput(
-                    f"teacher output is not finite for row {bad_rows[0]} (document "
-                    f"{int(plan.doc_index[bad_rows[0]])}) in {DTYPE_NAMES[dtype]}; run the teacher in "
-                    "--dtype bf16 or fp32, or pass --on-nonfinite skip to store such rows empty and count them"
-                )
-            if bad_rows:
-                blank_rows(arrays, [r - start for r in bad_rows])
+        while queue_:
+            index = queue_.pop(0)
+            try:
+                claim = claim_or_defer(cfg, index, deferred)
+            except ShardBusy as busy:
+                if cfg.shard is not None:
+                    raise
+                summary["busy_shards"][index] = busy.holder
+                bar.total -= planned[index]
+                continue
+            if claim is None:
+                queue_.append(index)  # unclaimed shards first
+                continue
+            claims.append(claim)
+            # Another process may have filled some of it before we held the claim: read its record again.
+            fresh = open_root(cfg.out, mode="a")  # zarr caches a group's attributes: open it again
+            todo = chunks_to_fill(shard_records(fresh, manifest)[index], layout["chunk_rows"])
+            bar.total -= planned[index] - count_tokens(plan, todo)
+            writer = open_shard_writer(fresh, index)
+            for chunk, start, end in todo:
+                if claim.lost:  # taken over by another process (see [claim note])
+                    break
+                arrays, bad_rows = compute_chunk(model, builder, settings, device, cfg, plan, dtype, start, end, bar)
                 summary["nonfinite_rows"] += bad_rows
-            tokens = int(arrays["length"].sum())
-            writer_thread.submit(writer, chunk, arrays, tokens, bad_rows)
+                summary["rows"] += end - start
+                summary["tokens"] += count_tokens(plan, [(chunk, start, end)])
+                writer_thread.submit(
+                    functools.partial(commit_chunk, writer, claim, chunk, arrays, int(arrays["length"].sum()), bad_rows)
+                )
+            if todo:
+                summary["filled_shards"].append(index)
+            writer_thread.submit(claim.release)  # after its last chunk is committed
     finally:
         bar.close()
-        writer_thread.close()
+        try:
+            writer_thread.close()
+        finally:
+            for claim in claims:  # on errors and signals too; a no-op for those already released
+                claim.release()
     summary["seconds"] = time.perf_counter() - started
     summary["tokens_per_s"] = summary["tokens"] / summary["seconds"] if summary["seconds"] > 0 else 0.0
     return summary
+
+
+def compute_chunk(
+    model: Any,
+    builder: RowBuilder,
+    settings: FieldSettings,
+    device: torch.device,
+    cfg: CacheConfig,
+    plan: RowPlan,
+    dtype: torch.dtype,
+    start: int,
+    end: int,
+    bar: Any,
+) -> tuple[dict[str, np.ndarray], list[int]]:
+    """The fields of rows ``start:end`` and the rows whose teacher output is not finite (blanked)."""
+    parts, bad_rows = [], []
+    for batch in iter_chunk_batches(builder, start, end, cfg.batch_size):
+        fields, bad = compute_batch_fields(model, batch, settings, device)
+        bad_rows += [batch[i].row_id for i in bad]
+        parts.append(fields)
+        bar.update(sum(len(r.input_ids) for r in batch))
+    arrays = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+    if bad_rows and cfg.on_nonfinite == "error":
+        raise NonFiniteTeacherOutput(
+            f"teacher output is not finite for row {bad_rows[0]} (document "
+            f"{int(plan.doc_index[bad_rows[0]])}) in {DTYPE_NAMES[dtype]}; run the teacher in "
+            "--dtype bf16 or fp32, or pass --on-nonfinite skip to store such rows empty and count them"
+        )
+    if bad_rows:
+        blank_rows(arrays, [r - start for r in bad_rows])
+    return arrays, bad_rows
 
 
 __all__ = ["run", "compute_batch_fields", "FieldSettings", "load_teacher", "resolve_dtype"]
