@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import shutil
 from pathlib import Path
 
@@ -14,6 +15,7 @@ from typer.testing import CliRunner
 
 from distill.cache.reader import CacheReader
 from distill.cli import app
+from distill.config import ConfigError
 from distill.pipeline.evaluate import (
     RowScores,
     bits_per_byte,
@@ -25,6 +27,7 @@ from distill.pipeline.evaluate import (
     find_scored_range,
     gap_closed,
     percentile_interval,
+    read_metrics,
     resolve_student,
     score_identical_bytes,
     score_row,
@@ -325,3 +328,23 @@ def test_prefix_models_score_every_byte_whichever_way_the_prefix_is_listed():
     bare = score_row(no_prefix, 3, np.array([0.25, 4.0]))
     nll, nbytes = score_identical_bytes([text], [one_row(teacher), one_row(bare)])
     assert nbytes.tolist() == [3] and nll[:, 0].tolist() == [2.0, 4.0]
+
+
+def test_metrics_with_a_torn_last_line_are_read_and_a_bad_line_is_named(runs, tmp_path):
+    run_dir = tmp_path / "kd"
+    shutil.copytree(runs["kd"], run_dir)
+    metrics = run_dir / "metrics.jsonl"
+    good = [json.loads(line) for line in metrics.read_text().splitlines()]
+    assert len(good) >= 4
+    metrics.write_text(metrics.read_text() + '{"step": 5, "loss')  # a run killed mid-write
+    assert read_metrics(run_dir) == good
+
+    lines = metrics.read_text().splitlines()
+    lines[1] = lines[1][: len(lines[1]) // 2]  # a torn record that is not the last line
+    metrics.write_text("\n".join(lines) + "\n")
+    with pytest.raises(ConfigError, match=rf"^{re.escape(str(metrics))}:2: not a JSON record"):
+        read_metrics(run_dir)
+    result = CliRunner().invoke(app, ["eval", str(run_dir), "--out", str(tmp_path / "report")])
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert result.output.strip().splitlines()[-1].startswith(f"error: {metrics}:2: not a JSON record")
+    assert not (tmp_path / "report").exists()  # refused before any scoring

@@ -48,6 +48,7 @@ import numpy as np
 import torch
 
 from distill.cache.reader import CacheReader
+from distill.config import ConfigError
 from distill.pipeline.align import (
     align_batch,
     find_clean_ends,
@@ -359,8 +360,29 @@ def gap_closed(student_bpb: float, baseline_bpb: float, teacher_bpb: float) -> f
 
 
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
+    """The records of a run's metrics.jsonl; a torn last line (a run killed mid-write) is skipped, any other
+    line that is not a JSON object stops with the file and line named."""
     path = run_dir / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+    if not path.exists():
+        return []
+    lines = path.read_text(errors="replace").splitlines()
+    last = max((n for n, line in enumerate(lines) if line.strip()), default=-1)
+    records = []
+    for n, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError as exc:
+            if n == last:
+                continue
+            raise ConfigError(
+                f"{path}:{n + 1}: not a JSON record ({exc.msg}) — the file is damaged; fix or delete that line"
+            ) from None
+        if not isinstance(record, dict):
+            raise ConfigError(f"{path}:{n + 1}: a {type(record).__name__}, not a JSON object — fix or delete that line")
+        records.append(record)
+    return records
 
 
 def plot_runs(runs: dict[str, list[dict[str, Any]]], out: Path) -> list[str]:
@@ -508,6 +530,7 @@ def run_eval(
     names = [s.name for s in sources]
     if baseline is not None and baseline not in names:
         raise ValueError(f"--baseline {baseline}: not among the students {names}")
+    runs = {s.name: read_metrics(s.run_dir) for s in sources if s.run_dir is not None}  # before the long part
     store, rows, selection = select_rows(sources)
     check_store(store, verify_cache)
     out.mkdir(parents=True, exist_ok=True)
@@ -532,7 +555,6 @@ def run_eval(
                 gaps = (samples[:, b] - samples[:, m]) / (samples[:, b] - samples[:, 0])
             gaps[samples[:, b] <= samples[:, 0]] = np.nan  # gap_closed is undefined where the teacher is not better
             result["gap_closed_ci"] = _json_interval(percentile_interval(gaps))
-    runs = {s.name: read_metrics(s.run_dir) for s in sources if s.run_dir is not None}
     plots = plot_runs(runs, out) if runs else []
     report = {
         "teacher_bpb": bpb[0],
