@@ -29,10 +29,6 @@ TRAIN_ROWS = 24
 VALIDATION_ROWS = 16
 STEPS = 8
 BATCH_SIZE = 2
-# [gemma-layers note] The default hidden layers [4, 9, 14, 18] of Gemma 3 270M overflow the fp16 store
-# (its residual stream passes 65,504: issue 10, item 2) and cache-teacher stops on the non-finite row.
-# Layers 3, 6, 17 and 18 stay finite. Drop this flag from the run once the defaults work on Gemma.
-TEACHER_HIDDEN_LAYERS = "3,6,17,18"
 
 
 @pytest.fixture(scope="session")
@@ -106,7 +102,6 @@ def real_run(real_assets, tmp_path_factory) -> RealRun:
         report_dir=root / "report",
     )
     cache_flags = ["--seq-len", str(SEQ_LEN), "--batch-size", "4", "--chunk-rows", "8", "--calibration-rows", "8"]
-    cache_flags += ["--hidden-layers", TEACHER_HIDDEN_LAYERS]  # [gemma-layers note]
     teacher = str(real_assets["gemma3"])
     for name, data, store, rows in (
         ("cache_train", real_assets["train"], run.train_store, TRAIN_ROWS),
