@@ -7,7 +7,7 @@ Teacher Gemma 3 270M, caching CPython's pydoc topics (tests/real/assets.py fetch
 GGUF checkpoints once). Two students, each trained on the same cached rows for the same steps with
 and without the teacher:
 - ``scratch``: a random-init Llama (hidden 256, 4 layers, 4/2 heads, MLP 768, tied embeddings) with
-  SmolLM2's tokenizer: KD at the default settings against CE-only;
+  SmolLM2's tokenizer: KD at the default settings (every term) and kd + lm only, against CE-only;
 - ``pretrained``: SmolLM2-135M-Instruct as it ships, CE fine-tuning and KD fine-tuning.
 ``distill eval`` scores each group on the held-out store (identical bytes, bootstrap intervals over
 rows). The teacher's bits per byte without its BOS is measured here directly (same tokens). Prints each
@@ -135,6 +135,7 @@ def main() -> None:
         runs = [
             train("scratch-ce", scratch, stores, args.work, SCRATCH, CE_ONLY),
             train("scratch-kd", scratch, stores, args.work, SCRATCH),
+            train("scratch-kd-only", scratch, stores, args.work, SCRATCH, "objective=kd-only"),
         ]
         results["scratch"] = evaluate("scratch", runs, "scratch-ce", stores, args.work)
     if args.only in (None, "pretrained"):

@@ -550,7 +550,8 @@ def run_eval(
         result.update(nll_nats=float(nll[m].sum()), bytes=total_bytes, gap_closed=None, gap_closed_ci=None)
         if baseline and name != baseline:
             b = 1 + names.index(baseline)
-            result["gap_closed"] = gap_closed(bpb[m], bpb[b], bpb[0])
+            closed = gap_closed(bpb[m], bpb[b], bpb[0])
+            result["gap_closed"] = None if math.isnan(closed) else closed  # null: the teacher is not better
             with np.errstate(invalid="ignore", divide="ignore"):
                 gaps = (samples[:, b] - samples[:, m]) / (samples[:, b] - samples[:, 0])
             gaps[samples[:, b] <= samples[:, 0]] = np.nan  # gap_closed is undefined where the teacher is not better
