@@ -447,13 +447,18 @@ def store_state(url: str) -> tuple[str, dict[str, Any] | None]:
     return ("foreign", None) if store_exists(url) else ("empty", None)
 
 
+def read_seconds_env(name: str, default: float) -> float:
+    """The number of seconds in environment variable ``name``, or ``default`` when it is unset."""
+    raw = os.environ.get(name)
+    try:
+        return float(raw) if raw else default
+    except ValueError:
+        raise CacheError(f"{name}={raw!r}: expected a number of seconds") from None
+
+
 def create_timeout() -> float:
     """Seconds a process waits for another to create a store (``DISTILL_CREATE_TIMEOUT``, default 600)."""
-    raw = os.environ.get(CREATE_TIMEOUT_ENV)
-    try:
-        return float(raw) if raw else DEFAULT_CREATE_TIMEOUT_S
-    except ValueError:
-        raise CacheError(f"{CREATE_TIMEOUT_ENV}={raw!r}: expected a number of seconds") from None
+    return read_seconds_env(CREATE_TIMEOUT_ENV, DEFAULT_CREATE_TIMEOUT_S)
 
 
 def wait_for_creation(url: str, timeout: float, poll_s: float | None = None) -> None:
@@ -580,11 +585,7 @@ def read_shard_claim(url: str, index: int) -> dict[str, Any] | None:
 
 def claim_timeout() -> float:
     """Seconds after which another host's unrefreshed claim is stale (``DISTILL_CLAIM_TIMEOUT``, default 1800)."""
-    raw = os.environ.get(CLAIM_TIMEOUT_ENV)
-    try:
-        return float(raw) if raw else DEFAULT_CLAIM_TIMEOUT_S
-    except ValueError:
-        raise CacheError(f"{CLAIM_TIMEOUT_ENV}={raw!r}: expected a number of seconds") from None
+    return read_seconds_env(CLAIM_TIMEOUT_ENV, DEFAULT_CLAIM_TIMEOUT_S)
 
 
 def claim_is_stale(claim: dict[str, Any], url: str, index: int) -> bool:
