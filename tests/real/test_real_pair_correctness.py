@@ -54,10 +54,11 @@ def test_default_hidden_layers_are_stored_finite_though_the_residual_stream_pass
         mean = reader.root_array(f"standardize/hidden/{layer}/mean")
         std = reader.root_array(f"standardize/hidden/{layer}/std")
         for r, n in enumerate(data["length"].tolist()):
-            stored = data[f"hidden/{layer}"][r, 1:n].float().numpy()  # text positions (the BOS is position 0)
-            assert np.isfinite(stored).all()
+            stored = data[f"hidden/{layer}"][r, :n].float().numpy()
+            assert np.isfinite(stored).all() and np.abs(stored).max() < 1000  # standardized: O(1) to O(100)
             largest_raw = max(largest_raw, float(np.abs(stored * std + mean).max()))
-    assert largest_raw > 65504  # the case being tested: raw states that fp16 cannot hold
+    # the case being tested: raw states that fp16 cannot hold (Gemma's <bos>, an attention sink, reaches ~1e5)
+    assert largest_raw > 65504
 
 
 def test_head_mass_per_temperature_is_reported_and_the_default_temperature_keeps_it(real_run, capsys):
@@ -69,7 +70,7 @@ def test_head_mass_per_temperature_is_reported_and_the_default_temperature_keeps
     assert mass["1.0"]["mean"] > 0.85 and mass["1.0"]["p10"] > 0.5, mass
     assert mass["4.0"]["mean"] < 0.25, mass
     assert mass["1.0"]["mean"] > mass["2.0"]["mean"] > mass["4.0"]["mean"]
-    assert json.loads((real_run.run_dir / "config.json").read_text())["temperature"] == 1.0
+    assert json.loads((real_run.run_dir / "config.json").read_text())["train"]["temperature"] == 1.0
     assert "warning: the stored top-256" not in real_run.logs["train"]
     warn_small_head(real_run.reader(real_run.train_store), 4.0)
     assert "hold only" in capsys.readouterr().err
