@@ -159,7 +159,7 @@ class TrainConfig:
     """Gradient-norm clipping (0 disables)."""
     temperature: float = 1.0
     """KD temperature; must be one of the store's temperatures. Default 1: on a real teacher the stored top-256 hold
-    ~96% of the probability at T=1 but ~4% at T=4, where the K+1-bin target is mostly its tail bin (`cache info`
+    ~95% of the probability at T=1 but ~3% at T=4, where the K+1-bin target is mostly its tail bin (`cache info`
     shows the head mass per stored temperature; `train` warns when it is under half)."""
     kd_mode: str = "tail"
     """tail (top-K + tail bin, default) | projector (vocab_proj -> linear -> student vocab) | uld (sorted probs)."""

@@ -14,7 +14,7 @@ HEAD_MASS_ROWS = 256  # rows sampled (evenly spread over the readable rows) to m
 # [head-mass note] The stored top-K tokens carry sum_k exp(z_k / T - lse_T) of the teacher's probability at
 # temperature T; the K+1-bin kd target is exact on them and lumps the rest into one tail bin, so it is a
 # coarse-grained lower bound of the full KL that carries little beyond the tail mass when the head holds
-# little. On Gemma 3 270M the top-256 hold about 96% at T = 1 and 4% at T = 4, hence the default T = 1 and
+# little. On Gemma 3 270M the top-256 hold 95% at T = 1 and 3% at T = 4, hence the default T = 1 and
 # `train`'s warning when the head holds under half the mass at the temperature it trains at.
 
 

@@ -413,8 +413,13 @@ def claim_creation(url: str) -> bool:
 def read_creation_marker(url: str) -> dict[str, Any] | None:
     """The creation marker (who is creating the store, since when), {} while being written, None if absent."""
     fs, root = store_fs(url)
+    return read_small_json(fs, f"{root.rstrip('/')}/{CREATION_MARKER}")
+
+
+def read_small_json(fs: Any, path: str) -> dict[str, Any] | None:
+    """A small JSON record written by another process: None if absent, {} while it is still being written."""
     try:
-        data = fs.cat_file(f"{root.rstrip('/')}/{CREATION_MARKER}")
+        data = fs.cat_file(path)
     except FileNotFoundError:
         return None
     try:
@@ -573,14 +578,7 @@ def remove_claim_file(url: str, index: int) -> None:
 def read_shard_claim(url: str, index: int) -> dict[str, Any] | None:
     """The claim record of shard ``index``: None when unclaimed, {} while it is being written."""
     fs, path = claim_file_path(url, index)
-    try:
-        data = fs.cat_file(path)
-    except FileNotFoundError:
-        return None
-    try:
-        return dict(json.loads(data))
-    except ValueError:
-        return {}
+    return read_small_json(fs, path)
 
 
 def claim_timeout() -> float:
