@@ -15,7 +15,7 @@ import types
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, ClassVar, TypeVar
 
 import yaml
 
@@ -28,7 +28,20 @@ class ConfigError(ValueError):
 
 @dataclass
 class CacheConfig:
-    """Settings of ``distill cache-teacher`` (stage 1)."""
+    """Settings of ``distill cache-teacher`` (stage 1). Each field is a flag (``seq_len``: ``--seq-len``), a
+    ``--set`` key and a config-file key; its docstring is the flag's help (distill/flags.py)."""
+
+    HELP_GROUPS: ClassVar[dict[str, tuple[str, ...]]] = {
+        "Teacher and data": (
+            "teacher", "revision", "trust_remote_code", "dataset", "dataset_config", "split", "text_field", "max_rows"
+        ),
+        "Stored outputs": (
+            "seq_len", "top_k", "temperatures", "hidden_layers", "hidden_dim", "calibration_rows",
+            "attention_layers", "attention_topk", "vocab_proj", "vocab_proj_temperature",
+        ),
+        "Store": ("out", "overwrite", "num_shards", "shard", "chunk_rows"),
+        "Compute": ("device", "dtype", "batch_size", "on_nonfinite"),
+    }  # fmt: skip
 
     teacher: str = ""
     """Teacher model: a hub id or a local directory loadable with ``AutoModelForCausalLM``."""
@@ -123,7 +136,27 @@ class CacheConfig:
 @dataclass
 class TrainConfig:
     """Settings of ``distill train`` (stage 2). Cache settings (layers, top-K, temperatures) come from the
-    store's manifest, never repeated here."""
+    store's manifest, never repeated here. Each field is a flag, a ``--set`` key and a config-file key, as for
+    ``CacheConfig``; ``curriculum`` is reached by ``--set curriculum.kd=0.5``."""
+
+    HELP_GROUPS: ClassVar[dict[str, tuple[str, ...]]] = {
+        "Inputs and outputs": (
+            "cache", "student", "out", "eval_cache", "live_teacher", "resume", "overwrite", "report_to"
+        ),
+        "Objective": (
+            "objective", "temperature", "kd_mode", "router_top_k", "balance_coef", "importance_coef",
+            "router_attention_coef", "contrastive_temperature",
+        ),
+        "Optimization": (
+            "max_steps", "epochs", "batch_size", "grad_accum", "lr", "router_lr", "weight_decay", "warmup",
+            "min_lr_ratio", "clip", "seed",
+        ),
+        "Eval and checkpoints": (
+            "eval_every", "eval_fraction", "eval_rows", "save_every", "keep_checkpoints", "final", "patience",
+            "min_delta", "early_stop_warmup", "verify_cache",
+        ),
+        "Compute": ("precision", "device", "student_max_length", "num_workers_prefetch", "log_every"),
+    }  # fmt: skip
 
     cache: str = ""
     """The teacher-output store (path or fsspec URL) made by ``distill cache-teacher``."""

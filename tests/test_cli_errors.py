@@ -62,6 +62,11 @@ CASES = {
         2,
         "--teacher is required",
     ),
+    "cache-teacher --seq-len not a number": (
+        lambda a, t: ["cache-teacher", *cache_args(a, t / "s", seq_len="abc")],
+        2,
+        "--seq-len abc: expected an integer",
+    ),
     "cache-teacher bad --dtype": (lambda a, t: ["cache-teacher", *cache_args(a, t / "s", dtype="fp8")], 2, "--dtype"),
     "cache-teacher config not YAML": (
         lambda a, t: ["cache-teacher", *cache_args(a, t / "s"), "--config", write(t / "c.yaml", "seq_len: [1,\n")],
