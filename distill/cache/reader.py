@@ -17,7 +17,7 @@ and (on request) that the fields and temperatures a consumer needs are stored.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -157,14 +157,6 @@ class CacheReader:
             if not chunk_matches_checksum(group, shard, chunk, self.specs):
                 raise StoreDamaged(describe_missing(self.url, index, chunk, lost))
         self._checked.update((index, c, n) for c, n in todo)
-
-    def iter_batches(
-        self, batch_size: int, rows: Sequence[int] | None = None, fields: Sequence[str] | None = None
-    ) -> Iterator[dict[str, Any]]:
-        """Batches of ``batch_size`` rows (default: every readable row, in order)."""
-        ids = self.row_ids if rows is None else np.asarray(rows, dtype=np.int64)
-        for start in range(0, len(ids), batch_size):
-            yield self.read_rows(ids[start : start + batch_size], fields)
 
 
 def read_selection(array: zarr.Array, local_rows: np.ndarray) -> np.ndarray:
