@@ -12,7 +12,7 @@ import pytest
 from typer.testing import CliRunner
 
 from distill.cli import app
-from tests.conftest import cache_args, train_args
+from tests.helpers import cache_args, train_args
 
 
 def write(path: Path, data: str | bytes) -> Path:

@@ -12,24 +12,8 @@ from typer.testing import CliRunner
 
 from distill.cli import app
 from distill.config import CacheConfig, ConfigError, TrainConfig
-from distill.flags import ConfigSources, config_flags, parse_flag, read_field_docs
-
-
-def resolved(cls: type, args: list[str]) -> typing.Any:
-    """The config a command of ``cls`` builds from ``args``, through typer's real parsing."""
-    seen = {}
-    probe = typer.Typer()
-
-    @probe.command()
-    @config_flags(cls)
-    def command(sources: ConfigSources) -> None:
-        seen["cfg"] = sources.load()
-
-    result = CliRunner().invoke(probe, [str(a) for a in args])
-    if result.exception is not None and not isinstance(result.exception, SystemExit):
-        raise result.exception
-    assert result.exit_code == 0, result.output
-    return seen["cfg"]
+from distill.flags import ConfigSources, parse_flag, read_field_docs
+from tests.helpers import config_from_args
 
 
 @pytest.mark.parametrize("cls", [CacheConfig, TrainConfig])
@@ -75,23 +59,23 @@ def test_help_shows_groups_defaults_and_docstrings():
 
 
 def test_flags_lists_bools_and_set_reach_the_config(tmp_path):
-    cfg = resolved(
+    cfg = config_from_args(
         CacheConfig,
         ["--temperatures", "1,2", "--temperatures", "4", "--hidden-layers", "none", "--seq-len", "64",
          "--vocab-proj", "--set", "top_k=8", "--set", "attention_layers=[1, 2]"],
     )  # fmt: skip
     assert cfg.temperatures == [1.0, 2.0, 4.0] and cfg.hidden_layers == [] and cfg.attention_layers == [1, 2]
     assert (cfg.seq_len, cfg.top_k, cfg.vocab_proj) == (64, 8, True)
-    assert resolved(CacheConfig, []).hidden_layers is None  # not given: the default stands
+    assert config_from_args(CacheConfig, []).hidden_layers is None  # not given: the default stands
 
     config = tmp_path / "c.yaml"
     config.write_text("seq_len: 128\noverwrite: true\nbatch_size: 3\n")
-    cfg = resolved(CacheConfig, ["--config", config, "--no-overwrite", "--batch-size", "5"])
+    cfg = config_from_args(CacheConfig, ["--config", config, "--no-overwrite", "--batch-size", "5"])
     assert (cfg.seq_len, cfg.overwrite, cfg.batch_size) == (128, False, 5)  # file < flags; unset flags keep file
 
-    cfg = resolved(TrainConfig, ["--lr", "1e-4", "--report-to", "wandb", "--report-to", "trackio,wandb"])
+    cfg = config_from_args(TrainConfig, ["--lr", "1e-4", "--report-to", "wandb", "--report-to", "trackio,wandb"])
     assert cfg.lr == 1e-4 and cfg.report_to == ["wandb", "trackio"]
-    cfg = resolved(TrainConfig, ["--max-steps", "7", "--set", "curriculum.kd=0.25", "--set", "max_steps=7"])
+    cfg = config_from_args(TrainConfig, ["--max-steps", "7", "--set", "curriculum.kd=0.25", "--set", "max_steps=7"])
     assert cfg.max_steps == 7 and cfg.curriculum.kd == 0.25
 
 

@@ -32,7 +32,7 @@ from distill.pipeline.evaluate import (
     score_identical_bytes,
     score_row,
 )
-from tests.conftest import run_train, train_args
+from tests.helpers import run_train, train_args
 
 
 def test_bits_per_byte_gap_closed_and_ece_by_hand():
