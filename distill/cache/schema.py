@@ -14,6 +14,8 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
 SCHEMA_VERSION = 2  # 2: prefix (BOS) policy in the manifest, standardized hidden states
 MANIFEST_ATTR = "distill"
 SHARDS_GROUP = "shards"
@@ -75,6 +77,44 @@ def build_field_specs(layout: dict[str, Any]) -> dict[str, FieldSpec]:
         specs.append(FieldSpec(f"attn/{layer}", "float16", (seq, ka)))
         specs.append(FieldSpec(f"attn_ids/{layer}", attention_id_dtype(seq), (seq, ka)))
     return {s.name: s for s in specs}
+
+
+def root_array_path(group: str, layer: int, name: str) -> str:
+    """The path of a store-level array of hidden layer ``layer``: ``stats/hidden/6/mean``.
+
+    ``group`` is STATS_GROUP (``mean``/``std`` of the stored values), STANDARDIZE_GROUP (``mean``/``std``
+    applied before storing) or PCA_GROUP (``mean``/``components`` of the basis)."""
+    return f"{group}/hidden/{layer}/{name}"
+
+
+def root_array_shapes(layout: dict[str, Any]) -> dict[str, tuple[int, ...]]:
+    """The store-level float arrays a store with ``layout`` holds, with their shapes."""
+    width, dim = layout["teacher_hidden_size"], layout["hidden_dim"]
+    shapes: dict[str, tuple[int, ...]] = {}
+    for layer in layout["hidden_layers"]:
+        shapes[root_array_path(STATS_GROUP, layer, "mean")] = (dim,)
+        shapes[root_array_path(STATS_GROUP, layer, "std")] = (dim,)
+        if layout.get("hidden_standardized"):
+            shapes[root_array_path(STANDARDIZE_GROUP, layer, "mean")] = (width,)
+            shapes[root_array_path(STANDARDIZE_GROUP, layer, "std")] = (width,)
+        if layout["hidden_pca"]:
+            shapes[root_array_path(PCA_GROUP, layer, "mean")] = (width,)
+            shapes[root_array_path(PCA_GROUP, layer, "components")] = (width, dim)
+    return shapes
+
+
+def row_bytes(layout: dict[str, Any]) -> int:
+    """Uncompressed bytes of one row of a store with ``layout`` (a text counts one byte)."""
+    return sum(
+        int(np.prod(f.row_shape)) * (np.dtype(f.dtype).itemsize if f.dtype != "str" else 1)
+        for f in build_field_specs(layout).values()
+    )
+
+
+def tokenizer_sha256(files: dict[str, bytes]) -> str:
+    """The manifest's ``tokenizer.sha256`` of the teacher tokenizer's files: over each file's name then bytes, in
+    name order."""
+    return hashlib.sha256(b"".join(n.encode() + files[n] for n in sorted(files))).hexdigest()
 
 
 def manifest_identity(manifest: dict[str, Any]) -> dict[str, Any]:
