@@ -25,8 +25,8 @@ from distill.cache.store import (
     read_manifest,
     wait_for_creation,
 )
+from distill.cache.writer import new_store_shards, shards_to_fill
 from distill.config import CacheConfig, ConfigError
-from distill.pipeline.teacher import new_store_shards, shards_to_fill
 from tests.helpers import REPO, assert_stores_equal, cache_args, invoke, spawn, subprocess_env
 
 SETTINGS = {"max_rows": 48}  # 6 chunks of 8 rows: two shards of 3 chunks
@@ -36,7 +36,7 @@ SETTINGS = {"max_rows": 48}  # 6 chunks of 8 rows: two shards of 3 chunks
 RACE_HARNESS = r"""
 import os, sys, time
 from pathlib import Path
-import distill.pipeline.teacher as teacher
+import distill.cache.writer as teacher
 
 barrier = Path(sys.argv.pop(1))
 real_claim, real_create = teacher.claim_creation, teacher.create_store
