@@ -53,30 +53,53 @@ def attention_id_dtype(seq_len: int) -> str:
     return "int16" if seq_len <= 32767 else "int32"
 
 
+# The storage dtype of each field, by family (``hidden/6`` is a ``hidden`` field); ``attn_ids`` depends on
+# seq_len (``attention_id_dtype``). Writers cast to these, readers check them, docs/cache-format.md lists them.
+FIELD_DTYPES = {
+    "input_ids": "int32",
+    "length": "int32",
+    "row_id": "int64",
+    "doc_id": "int64",
+    "offsets": "int32",
+    "text": "str",
+    "topk_ids": "int32",
+    "topk_logits": "float16",
+    "lse": "float32",
+    "target_logprob": "float32",
+    "vocab_proj": "float16",
+    "hidden": "float16",
+    "attn": "float16",
+}
+
+
+def field_dtype(name: str, seq_len: int) -> str:
+    """The storage dtype of field ``name`` in a store of rows of ``seq_len`` tokens."""
+    family = name.split("/", 1)[0]
+    return attention_id_dtype(seq_len) if family == "attn_ids" else FIELD_DTYPES[family]
+
+
 def build_field_specs(layout: dict[str, Any]) -> dict[str, FieldSpec]:
     """The per-row fields of a store with this ``layout`` (the manifest's ``layout`` entry)."""
-    seq, k = layout["seq_len"], layout["top_k"]
-    specs = [
-        FieldSpec("input_ids", "int32", (seq,)),
-        FieldSpec("length", "int32", ()),
-        FieldSpec("row_id", "int64", ()),
-        FieldSpec("doc_id", "int64", ()),
-        FieldSpec("offsets", "int32", (seq, 2)),
-        FieldSpec("text", "str", ()),
-        FieldSpec("topk_ids", "int32", (seq, k)),
-        FieldSpec("topk_logits", "float16", (seq, k)),
-        FieldSpec("lse", "float32", (seq, len(layout["temperatures"]))),
-        FieldSpec("target_logprob", "float32", (seq,)),
-    ]
+    seq, k, ka = layout["seq_len"], layout["top_k"], layout["attention_topk"]
+    shapes: dict[str, tuple[int, ...]] = {
+        "input_ids": (seq,),
+        "length": (),
+        "row_id": (),
+        "doc_id": (),
+        "offsets": (seq, 2),
+        "text": (),
+        "topk_ids": (seq, k),
+        "topk_logits": (seq, k),
+        "lse": (seq, len(layout["temperatures"])),
+        "target_logprob": (seq,),
+    }
     if layout.get("vocab_proj", True):  # stores made before the flag existed always held it
-        specs.append(FieldSpec("vocab_proj", "float16", (seq, layout["teacher_hidden_size"])))
+        shapes["vocab_proj"] = (seq, layout["teacher_hidden_size"])
     for layer in layout["hidden_layers"]:
-        specs.append(FieldSpec(f"hidden/{layer}", "float16", (seq, layout["hidden_dim"])))
-    ka = layout["attention_topk"]
+        shapes[f"hidden/{layer}"] = (seq, layout["hidden_dim"])
     for layer in layout["attention_layers"]:
-        specs.append(FieldSpec(f"attn/{layer}", "float16", (seq, ka)))
-        specs.append(FieldSpec(f"attn_ids/{layer}", attention_id_dtype(seq), (seq, ka)))
-    return {s.name: s for s in specs}
+        shapes[f"attn/{layer}"] = shapes[f"attn_ids/{layer}"] = (seq, ka)
+    return {name: FieldSpec(name, field_dtype(name, seq), shape) for name, shape in shapes.items()}
 
 
 def root_array_path(group: str, layer: int, name: str) -> str:
