@@ -26,6 +26,9 @@ class ConfigError(ValueError):
     """A configuration value is invalid; the message names the flag to change."""
 
 
+DEVICE_MAPS = (None, "auto", "balanced", "sequential")
+
+
 @dataclass
 class CacheConfig:
     """Settings of ``distill cache-teacher`` (stage 1). Each field is a flag (``seq_len``: ``--seq-len``), a
@@ -40,7 +43,7 @@ class CacheConfig:
             "attention_layers", "attention_topk", "vocab_proj", "vocab_proj_temperature",
         ),
         "Store": ("out", "overwrite", "num_shards", "shard", "chunk_rows"),
-        "Compute": ("device", "dtype", "batch_size", "on_nonfinite"),
+        "Compute": ("device", "device_map", "dtype", "batch_size", "on_nonfinite"),
     }  # fmt: skip
 
     teacher: str = ""
@@ -86,6 +89,11 @@ class CacheConfig:
     """Teacher compute dtype: auto (bf16 on GPUs that support it, fp16 on older GPUs, fp32 on CPU), fp32, bf16, fp16."""
     device: str = "auto"
     """Device for the teacher: auto (cuda if available, else cpu), cpu, cuda, cuda:N."""
+    device_map: str | None = None
+    """Spread a teacher too large for one GPU over all visible GPUs: auto, balanced or sequential (transformers'
+    ``device_map``; needs ``pip install accelerate``). The stored fields are computed on the GPU that holds the
+    output head. One process per machine (not torchrun); --device stays auto; CUDA_VISIBLE_DEVICES picks the GPUs.
+    Default: the whole teacher on --device."""
     max_rows: int | None = None
     """Cache only the first N rows of the dataset (after splitting documents into rows)."""
     num_shards: int = 1
@@ -119,6 +127,12 @@ class CacheConfig:
             (self.num_shards >= 1, "--num-shards must be at least 1"),
             (self.max_rows is None or self.max_rows >= 1, "--max-rows must be at least 1"),
             (self.hidden_dim is None or self.hidden_dim >= 1, "--hidden-dim must be at least 1"),
+            (self.device_map in DEVICE_MAPS, f"--device-map must be one of {', '.join(map(str, DEVICE_MAPS[1:]))}"),
+            (
+                self.device_map is None or self.device == "auto",
+                f"--device-map {self.device_map} places the teacher itself: leave --device at auto and choose the GPUs "
+                "with CUDA_VISIBLE_DEVICES",
+            ),
         ]
         for ok, message in checks:
             if not ok:
