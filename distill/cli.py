@@ -110,12 +110,9 @@ def reported_errors(
         )
 
 
-def is_main_process() -> bool:
-    """False on the non-zero ranks of a torchrun job (they stay quiet)."""
-    return int(os.environ.get("RANK", "0")) == 0
-
-
 def print_config(title: str, cfg: Any) -> None:
+    from distill.runtime import is_main_process
+
     if not is_main_process():
         return
     typer.echo(f"{title} config:\n" + "\n".join(f"  {k}: {v}" for k, v in config_to_dict(cfg).items()), err=True)
@@ -237,6 +234,8 @@ def train(sources: ConfigSources) -> None:
             err=True,
         )
         raise typer.Exit(128 + int(summary["signal"]))
+    from distill.runtime import is_main_process
+
     if not is_main_process():
         return
     chosen = summary["final_choice"]

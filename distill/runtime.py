@@ -44,6 +44,11 @@ def torchrun_rank() -> tuple[int, int] | None:
     return r, w
 
 
+def is_main_process() -> bool:
+    """False on the non-zero ranks of a torchrun job (they stay quiet: rank 0 prints and writes)."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 def rank_device(device: torch.device) -> torch.device:
     """Under torchrun, a bare ``cuda`` means this rank's GPU (``LOCAL_RANK``)."""
     local_rank = os.environ.get("LOCAL_RANK")
