@@ -37,6 +37,7 @@ from distill.cache.schema import (
     describe_manifest_difference,
     manifest_identity,
     root_array_shapes,
+    row_bytes,
     shard_name,
     tokenizer_sha256,
 )
@@ -168,6 +169,22 @@ def require_sound_store(url: str, deep: bool = True) -> None:
         f"{url}: the store is not sound ({shown}{more}); see `distill cache verify {url}`; `distill cache verify "
         "--repair` then the same `distill cache-teacher` command recomputes bad chunks"
     )
+
+
+DEEP_VERIFY_LIMIT = 16 * 2**30  # bytes of uncompressed rows below which `auto` re-checksums every chunk
+
+
+def check_store(url: str, mode: str) -> None:
+    """The check before a store is used (train, eval): ``deep`` re-checksums every chunk, ``quick`` checks
+    completeness and metadata, ``auto`` is deep below DEEP_VERIFY_LIMIT bytes of uncompressed rows, ``off`` skips.
+    Raises StoreDamaged (one line) unless the store is sound."""
+    if mode == "off":
+        return
+    deep = mode == "deep"
+    if mode == "auto":
+        layout = load_manifest(open_root(url), url)["layout"]
+        deep = layout["num_rows"] * row_bytes(layout) < DEEP_VERIFY_LIMIT
+    require_sound_store(url, deep=deep)
 
 
 def check_manifest(manifest: dict[str, Any]) -> list[Problem]:

@@ -18,6 +18,8 @@ and (on request) that the fields and temperatures a consumer needs are stored.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from pathlib import Path
+from tempfile import TemporaryDirectory
 from typing import Any
 
 import numpy as np
@@ -109,6 +111,23 @@ class CacheReader:
             raise CacheError(f"{self.url}: the store holds no teacher tokenizer files; re-cache it with this version")
         group = self.root[TOKENIZER_GROUP]
         return {name: bytes(np.asarray(node[:]).tobytes()) for name, node in group.arrays()}
+
+    def load_tokenizer(self) -> Any:
+        """The teacher tokenizer stored in the cache, loaded with ``AutoTokenizer`` (stage 2 and eval need nothing but
+        the store and the student)."""
+        from transformers import AutoTokenizer
+
+        try:
+            files = self.tokenizer_files()
+        except CacheError:
+            raise CacheError(
+                f"{self.url}: the store has no teacher tokenizer files, needed to map the teacher vocabulary "
+                "onto the student's; re-create it with `distill cache-teacher`"
+            ) from None
+        with TemporaryDirectory() as tmp:
+            for name, data in files.items():
+                (Path(tmp) / name).write_bytes(data)
+            return AutoTokenizer.from_pretrained(tmp)
 
     def root_array(self, path: str) -> np.ndarray:
         """A store-level array (``stats/hidden/6/mean``...)."""
