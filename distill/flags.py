@@ -11,8 +11,9 @@ and any other key too.
     def cache_teacher(sources: ConfigSources) -> None:
         cfg = sources.load()          # defaults < --config FILE < flags and --set
 
-Values given as flags are converted by the same rules as ``--set`` and the config file (``config.coerce_field``);
-a list flag takes comma-separated items, may be repeated, and ``none`` gives the empty list.
+Values given as flags are converted by the same rules as ``--set`` and the config file
+(``config_loading.coerce_field``); a list flag takes comma-separated items, may be repeated, and ``none`` gives
+the empty list.
 """
 
 from __future__ import annotations
@@ -31,7 +32,8 @@ from typing import Annotated, Any, TypeVar
 
 import typer
 
-from distill.config import ConfigError, coerce_field, describe_type, load_config, merge_set_overrides
+from distill.config import ConfigError
+from distill.config_loading import coerce_field, describe_type, load_config, merge_set_overrides
 
 C = TypeVar("C")
 
@@ -44,8 +46,12 @@ OTHER_GROUP = "Other settings"
 
 @functools.cache
 def read_field_docs(cls: type) -> dict[str, str]:
-    """The docstring under each field of a dataclass (the string literal right after ``name: type = ...``)."""
-    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    """The docstring under each field of a dataclass (the string literal right after ``name: type = ...``);
+    none where the source is not shipped (the flags then have no help text)."""
+    try:
+        tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    except (OSError, TypeError):
+        return {}
     body = tree.body[0].body  # type: ignore[attr-defined]
     docs = {}
     for node, after in zip(body, body[1:]):
@@ -67,9 +73,9 @@ def split_optional(hint: Any) -> list[Any]:
 
 
 def list_item_type(hint: Any) -> Any | None:
-    """The item type when a field takes a list (``list[int] | None`` -> int), else None."""
+    """The item type when a field takes a list or a tuple (``list[int] | None`` -> int), else None."""
     for arm in split_optional(hint):
-        if typing.get_origin(arm) is list:
+        if typing.get_origin(arm) in (list, tuple):
             return typing.get_args(arm)[0]
     return None
 

@@ -14,7 +14,8 @@ import yaml
 from typer.testing import CliRunner
 
 from distill.cli import app
-from distill.config import ConfigError, TrainConfig, load_config, parse_report_to
+from distill.config import ConfigError, TrainConfig, parse_report_to
+from distill.config_loading import load_config
 from distill.pipeline.tracking import flatten_metrics
 from tests.helpers import REPO, run_train, subprocess_env, train_args
 

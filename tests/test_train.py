@@ -11,7 +11,8 @@ import torch
 from typer.testing import CliRunner
 
 from distill.cli import app
-from distill.config import TrainConfig, load_config
+from distill.config import TrainConfig
+from distill.config_loading import load_config
 from distill.pipeline import train as train_mod
 from distill.pipeline.curriculum import weights_at
 from tests.helpers import cache_args, config_from_args, read_metrics, run_train, train_args
