@@ -34,6 +34,7 @@ from distill.pipeline.signals import CachedTeacher, LiveTeacher, SignalSource, s
 from distill.pipeline.terms import BuildInputs, build_modules, check_layout, needed_signals
 from distill.pipeline.tokens import check_tokenizer
 from distill.pipeline.tracking import require_trackers
+from distill.runtime import rank_device, resolve_device, resolve_dtype
 
 
 @dataclass
@@ -58,11 +59,8 @@ class Run:
 
 def resolve_precision(name: str, device: torch.device) -> torch.dtype | None:
     """Autocast dtype (None = plain fp32). auto: bf16 on GPUs with it, fp16 on older GPUs, fp32 on CPU."""
-    if name == "auto":
-        if device.type == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return None
-    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
+    dtype = resolve_dtype(name, device)
+    return None if dtype == torch.float32 else dtype
 
 
 def load_student(cfg: TrainConfig, need_attention: bool, device: torch.device) -> tuple[Any, Any]:
@@ -171,7 +169,7 @@ def setup(cfg: TrainConfig) -> Run:
     cfg.require_io()
     require_trackers(cfg.report_to)
     world = init_world(cfg.device)
-    device = resolve_device(cfg.device, world)
+    device = rank_device(resolve_device(cfg.device))  # under torchrun a bare cuda is this rank's GPU
     prepare_run_dir(cfg, delete=world.main)  # every rank refuses alike; only rank 0 deletes
     for url in filter(None, (cfg.cache, cfg.eval_cache)):
         check_store(url, cfg.verify_cache)
@@ -215,16 +213,6 @@ def setup(cfg: TrainConfig) -> Run:
         total_steps=total,
         manifest=reader.manifest,
     )
-
-
-def resolve_device(name: str, world: World) -> torch.device:
-    """auto: cuda if available, else cpu; under torchrun each rank takes the GPU of its local rank."""
-    device = torch.device(
-        "cuda" if name == "auto" and torch.cuda.is_available() else ("cpu" if name == "auto" else name)
-    )
-    if device.type == "cuda" and world.active:
-        device = torch.device("cuda", world.local_rank)
-    return device
 
 
 def load_teacher_facts(
