@@ -268,6 +268,10 @@ class TrainConfig:
     """auto (bf16 on GPUs that have it, fp16 + GradScaler on older GPUs, fp32 on CPU) | fp32 | bf16 | fp16."""
     device: str = "auto"
     """auto | cpu | cuda | cuda:N."""
+    parallel: str = "ddp"
+    """Under torchrun: ddp (a whole replica of the student and its optimizer state per rank; gradients averaged
+    during backward) or fsdp (FSDP2: each rank keeps 1/W of the weights, gradients and optimizer state, for a
+    student that does not fit one device). One process ignores it. See docs/scaling.md."""
     log_every: int = 10
     """Optimizer steps between log lines / metrics records."""
     eval_every: int = 500
@@ -326,6 +330,7 @@ class TrainConfig:
             (self.temperature > 0, "--set temperature=T needs T > 0"),
             (self.kd_mode in KD_MODES, f"--set kd_mode must be one of {', '.join(KD_MODES)}"),
             (self.precision in ("auto", "fp32", "bf16", "fp16"), "--set precision must be auto, fp32, bf16 or fp16"),
+            (self.parallel in ("ddp", "fsdp"), "--set parallel must be ddp or fsdp"),
             (self.log_every >= 1, "--log-every must be at least 1"),
             (self.eval_every >= 1, "--eval-every must be at least 1"),
             (self.patience >= 1, "--set patience=N needs N >= 1"),

@@ -37,10 +37,14 @@ from distill.pipeline.checkpoint import (
 from distill.pipeline.curriculum import eval_weights, weights_at
 from distill.pipeline.distributed import (
     any_rank,
-    average_gradients,
     average_logs,
     barrier,
+    full_model_state,
+    full_optimizer_state,
+    gradient_sync,
+    is_sharded,
     leave_world,
+    load_full_state,
     share_from_main,
     sum_over_ranks,
 )
@@ -97,23 +101,25 @@ class StepResult:
 
 
 def train_step(run: Run, opt: Optimization, stream: BatchStream, weights: dict[str, float]) -> StepResult:
-    """One optimizer step: ``grad_accum`` micro-batches forward and backward, gradients averaged over ranks,
-    clipped, the optimizer and the schedule step. The logs are means over micro-batches and ranks."""
+    """One optimizer step: ``grad_accum`` micro-batches forward and backward through ``run.model`` (the learner,
+    or DDP / FSDP2 around it, which average the gradients over ranks during the last backward), clipping, the
+    optimizer and the schedule step. The logs are means over micro-batches and ranks."""
     cfg = run.cfg
     logs: dict[str, Any] = {}
     tokens = 0
-    for _ in range(cfg.grad_accum):
+    for micro_step in range(cfg.grad_accum):
         batch = stream.next()
-        total, micro = run.learner(batch, weights)
-        opt.scaler.scale(total / cfg.grad_accum).backward()
+        with gradient_sync(run.model, enabled=micro_step == cfg.grad_accum - 1):  # averaged over ranks once a step
+            total, micro = run.model(batch, weights)
+            opt.scaler.scale(total / cfg.grad_accum).backward()
         tokens += batch.student_tokens
         for k, v in micro.items():
             logs[k] = logs.get(k, 0.0) + v / cfg.grad_accum if isinstance(v, float) else v
-    average_gradients(opt.params, run.world)
     logs = average_logs(logs, run.world)
     opt.scaler.unscale_(opt.optimizer)
     if cfg.clip > 0:
-        logs["grad_norm"] = float(torch.nn.utils.clip_grad_norm_(opt.params, cfg.clip))
+        norm = torch.nn.utils.clip_grad_norm_(opt.params, cfg.clip)
+        logs["grad_norm"] = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # FSDP2: a DTensor
     lr = opt.optimizer.param_groups[0]["lr"]
     opt.scaler.step(opt.optimizer)
     opt.scaler.update()
@@ -124,8 +130,9 @@ def train_step(run: Run, opt: Optimization, stream: BatchStream, weights: dict[s
 
 @torch.no_grad()
 def evaluate(run: Run) -> dict[str, float]:
-    """Held-out kd and lm with fixed weights (base kd weight), so evals are comparable across the run."""
-    learner = run.learner
+    """Held-out kd and lm with fixed weights (base kd weight), so evals are comparable across the run. Rank 0
+    evaluates alone, except under FSDP2, where every rank takes part in gathering the weights."""
+    learner = run.learner  # not the DDP wrapper: an eval forward must not touch its gradient bookkeeping
     learner.eval()
     fixed = eval_weights(run.cfg.curriculum)
     sums: dict[str, float] = {}
@@ -163,10 +170,9 @@ def load_loop_state(run: Run, opt: Optimization) -> tuple[LoopState, bool]:
         torch.manual_seed(run.cfg.seed)
         return LoopState(), False
     ckpt, tensors, meta = found
+    model_state = {**prefixed("student.", tensors["student"]), **prefixed("aux.", tensors["modules"])}
     try:
-        run.learner.student.load_state_dict(tensors["student"])
-        run.learner.aux.load_state_dict(tensors["modules"])
-        opt.optimizer.load_state_dict(tensors["optimizer"])
+        load_full_state(run.model, opt.optimizer, model_state, tensors["optimizer"])
         opt.scheduler.load_state_dict(tensors["scheduler"])
         opt.scaler.load_state_dict(tensors["scaler"])
         restore_rng(tensors["rng"])
@@ -181,13 +187,25 @@ def load_loop_state(run: Run, opt: Optimization) -> tuple[LoopState, bool]:
     return state, True
 
 
+def prefixed(prefix: str, state: dict[str, Any]) -> dict[str, Any]:
+    return {prefix + key: value for key, value in state.items()}
+
+
+def unprefixed(prefix: str, state: dict[str, Any]) -> dict[str, Any]:
+    return {key.removeprefix(prefix): value for key, value in state.items() if key.startswith(prefix)}
+
+
 def save_loop_state(run: Run, opt: Optimization, state: LoopState, reason: str) -> None:
-    """A checkpoint of the learner, the optimizer and the loop state (rank 0 writes; every rank waits)."""
+    """A checkpoint of the learner, the optimizer and the loop state (rank 0 writes; every rank waits; under
+    FSDP2 every rank first takes part in gathering the state, [sharded-state note] in distributed.py)."""
+    if run.world.main or is_sharded(run.model):
+        model_state = full_model_state(run.model)
+        optimizer_state = full_optimizer_state(run.model, opt.optimizer)
     if run.world.main:
         tensors = {
-            "student": run.learner.student.state_dict(),
-            "modules": run.learner.aux.state_dict(),
-            "optimizer": opt.optimizer.state_dict(),
+            "student": unprefixed("student.", model_state),
+            "modules": unprefixed("aux.", model_state),
+            "optimizer": optimizer_state,
             "scheduler": opt.scheduler.state_dict(),
             "scaler": opt.scaler.state_dict(),
             "rng": capture_rng(),
@@ -215,7 +233,7 @@ def fit(run: Run) -> dict[str, Any]:
     run_dir.mkdir(parents=True, exist_ok=True)
     opt = build_optimizer(run)
     state, resumed = load_loop_state(run, opt)
-    main = world.main
+    main, sharded = world.main, is_sharded(run.model)
     if main:
         extra = {"total_steps": run.total_steps, "world_size": world.size, "eval_rows": run.eval_rows.tolist()}
         extra |= {"eval_source": cfg.eval_cache or cfg.cache, "cache_manifest": run.manifest}
@@ -253,16 +271,16 @@ def fit(run: Run) -> dict[str, Any]:
             # --- eval, early stopping, checkpoint (outside the throughput window)
             stop_now = False
             if (step % cfg.eval_every == 0 or last_step) and len(run.eval_rows):
-                if main:  # the other ranks wait for its decision
+                keep_best = False
+                if main or sharded:  # under FSDP2 every rank takes part in the eval's forwards
                     with window.pause():
                         result_eval = evaluate(run)
+                if main:  # the other ranks wait for its decisions
                     last_eval = result_eval["eval/loss"]
                     write_record(metrics, {"split": "eval", "step": step, **result_eval}, trackers)
                     say(f"eval step {step}: " + " ".join(f"{k[5:]} {v:.4g}" for k, v in result_eval.items()))
-                    if last_eval < state.best_kept:  # whatever min_delta says
-                        state.best_kept = last_eval
-                        with window.pause():
-                            save_best(run_dir, learner.student, run.tokenizer, learner.aux, step, state.best_kept)
+                    keep_best = last_eval < state.best_kept  # whatever min_delta says
+                    state.best_kept = last_eval if keep_best else state.best_kept
                     if last_eval < state.best - cfg.min_delta:
                         state.best, state.bad_evals = last_eval, 0
                     elif step >= cfg.early_stop_warmup:
@@ -270,9 +288,15 @@ def fit(run: Run) -> dict[str, Any]:
                         if state.bad_evals >= cfg.patience:
                             stop_reason, stop_now = "early_stopping", True
                             say(f"early stopping at step {step}: no improvement in {state.bad_evals} evals")
-                state.best, state.bad_evals, stop_reason, stop_now = share_from_main(
-                    (state.best, state.bad_evals, stop_reason, stop_now), world
+                keep_best, state.best, state.best_kept, state.bad_evals, stop_reason, stop_now = share_from_main(
+                    (keep_best, state.best, state.best_kept, state.bad_evals, stop_reason, stop_now), world
                 )
+                if keep_best:
+                    with window.pause():
+                        gathered = full_model_state(run.model) if sharded else None  # [sharded-state note]
+                        if main:
+                            save_best(run_dir, learner.student, run.tokenizer, learner.aux, step, state.best_kept,
+                                      gathered)  # fmt: skip
             if step % save_every == 0 and not last_step:
                 with window.pause():
                     save_loop_state(run, opt, state, "periodic")
@@ -289,10 +313,12 @@ def fit(run: Run) -> dict[str, Any]:
     trackers.close()
     summary = {"steps": state.step, "total_steps": run.total_steps, "best_eval": state.best, "stop_reason": stop_reason}
     if stop_reason != "signal":
-        summary["final_choice"] = choose_final(cfg, run_dir, state.step, state.best_kept, last_eval) if main else {}
+        choice = choose_final(cfg, run_dir, state.step, state.best_kept, last_eval) if main else None
+        summary["final_choice"] = choice = share_from_main(choice, world)
+        gathered = full_model_state(run.model) if sharded and choice["reason"] != "best eval loss" else None
         if main:
-            save_final(run_dir, learner.student, run.tokenizer, learner.aux, summary, summary["final_choice"])
-            say(f"final/: step {summary['final_choice']['step']} ({summary['final_choice']['reason']})")
+            save_final(run_dir, learner.student, run.tokenizer, learner.aux, summary, choice, gathered)
+            say(f"final/: step {choice['step']} ({choice['reason']})")
         summary["final"] = str(run_dir / "final")
     else:
         summary["signal"] = stop.received

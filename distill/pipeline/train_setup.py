@@ -18,6 +18,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.nn as nn
 
 from distill.cache.info import measure_head_mass
 from distill.cache.reader import CacheReader
@@ -25,7 +26,7 @@ from distill.cache.schema import CacheError
 from distill.config import ConfigError, TrainConfig
 from distill.pipeline.align import is_same_tokenizer, load_or_build_vocab_map, pad_vocab_map
 from distill.pipeline.batches import Batcher
-from distill.pipeline.distributed import World, init_world
+from distill.pipeline.distributed import World, init_world, wrap_for_ranks
 from distill.pipeline.learner import Learner, TeacherFacts
 from distill.pipeline.losses import build_layer_map
 from distill.pipeline.progress import say
@@ -44,6 +45,7 @@ class Run:
     cfg: TrainConfig
     world: World
     learner: Learner  # the student, the modules beside it, the teacher-side facts; its forward is the loss
+    model: nn.Module  # what the step calls: the learner, or DDP / FSDP2 around it under torchrun
     tokenizer: Any  # the student's
     batches: Batcher  # training rows -> batches
     eval_batches: Batcher  # held-out rows -> batches
@@ -186,7 +188,12 @@ def setup(cfg: TrainConfig) -> Run:
     student, tokenizer = load_student(cfg, "attention" in need, device)
     facts = load_teacher_facts(cfg, reader, tokenizer, student.config.num_hidden_layers, need, t_index, device)
     aux = build_modules(BuildInputs(cfg, reader.layout, student, facts.layer_map)).to(device)
-    learner = Learner(cfg, student, aux, facts, device, resolve_precision(cfg.precision, device))
+    autocast_dtype = resolve_precision(cfg.precision, device)
+    if world.active and cfg.parallel == "fsdp" and autocast_dtype == torch.float16:
+        raise ConfigError(
+            "--set parallel=fsdp: fp16 needs a loss scaler that knows the shards; pass --set precision=bf16 or fp32"
+        )
+    learner = Learner(cfg, student, aux, facts, device, autocast_dtype)
     train_rows, eval_rows = split_rows(reader, eval_reader, cfg.eval_fraction)
     if cfg.eval_rows is not None:
         eval_rows = eval_rows[: cfg.eval_rows]
@@ -205,6 +212,7 @@ def setup(cfg: TrainConfig) -> Run:
         cfg=cfg,
         world=world,
         learner=learner,
+        model=wrap_for_ranks(learner, world, cfg.parallel),
         tokenizer=tokenizer,
         batches=Batcher(source, tokenizer, max_length, same),
         eval_batches=Batcher(eval_source, tokenizer, max_length, same),
