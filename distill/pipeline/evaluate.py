@@ -48,7 +48,7 @@ import numpy as np
 import torch
 
 from distill.cache.reader import CacheReader
-from distill.config import ConfigError
+from distill.config import ConfigError, CurriculumConfig
 from distill.pipeline.align import (
     align_batch,
     find_clean_ends,
@@ -56,7 +56,7 @@ from distill.pipeline.align import (
     load_or_build_vocab_map,
     pad_vocab_map,
 )
-from distill.pipeline.curriculum import CurriculumConfig, active_terms
+from distill.pipeline.curriculum import active_terms
 from distill.pipeline.losses import kd_tail_loss
 from distill.pipeline.tokens import prefix_ids
 
