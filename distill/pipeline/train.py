@@ -80,6 +80,7 @@ from distill.pipeline.losses import (
     routed_feature_loss,
     uld_loss,
 )
+from distill.pipeline.prefix_map import load_or_build_prefix_map
 from distill.pipeline.router import (
     LogitProjector,
     StudentAwareRouter,
@@ -90,6 +91,7 @@ from distill.pipeline.router import (
 from distill.pipeline.signals import LiveTeacher, TeacherSignal, read_cached_signal, signal_fields
 from distill.pipeline.tokens import check_tokenizer
 from distill.pipeline.tracking import Trackers, describe_cache, open_trackers, require_trackers
+from distill.pipeline.xtok_losses import kd_prefix_loss
 
 # --- setup --------------------------------------------------------------------------------
 
@@ -120,6 +122,7 @@ class Context:
     live: LiveTeacher | None = None
     run_dir: Path = field(default_factory=Path)
     world: World = field(default_factory=World)
+    prefix_bins: tuple[torch.Tensor, torch.Tensor] | None = None  # kd_mode=prefix: (V_t,), (V_s,) bins, prefix_map.py
 
 
 def resolve_precision(name: str, device: torch.device) -> torch.dtype | None:
@@ -322,6 +325,12 @@ def setup(cfg: TrainConfig) -> Context:
                 reader.manifest["teacher"]["vocab_size"],
             )
         )
+    prefix_bins = None
+    if not same and cfg.kd_mode == "prefix" and "kd" in need:
+        pmap = load_or_build_prefix_map(teacher_tokenizer, tokenizer, run_dir / "vocab_map").padded(
+            reader.manifest["teacher"]["vocab_size"], student.get_output_embeddings().weight.shape[0]
+        )
+        prefix_bins = (torch.from_numpy(pmap.teacher_bin), torch.from_numpy(pmap.student_bin))
     num_layers = student.config.num_hidden_layers
     hidden_layers = [layer for layer in reader.layout["hidden_layers"] if layer > 0]
     teacher_depth = reader.manifest["teacher"]["num_hidden_layers"]
@@ -373,6 +382,7 @@ def setup(cfg: TrainConfig) -> Context:
         live=live,
         world=world,
         run_dir=run_dir,
+        prefix_bins=prefix_bins,
     )
 
 
@@ -566,7 +576,7 @@ def compute_losses(ctx: Context, batch: Batch, weights: dict[str, float]) -> tup
         if "kd" in on and not ctx.same_tokenizer:  # positions without a teacher target: [unaligned-lm note]
             unaligned = torch.ones_like(labels, dtype=torch.bool)
             unaligned[b, sp] = False
-        tail_kd = "kd" in on and cfg.kd_mode == "tail"
+        tail_kd = "kd" in on and (cfg.kd_mode == "tail" or (cfg.kd_mode == "prefix" and ctx.prefix_bins is None))
         kd_inputs = teacher_kd_inputs(ctx, sig, b, tp) if tail_kd else (None, None, None)
         raw["lm"], lm_unaligned, kd = lm_and_kd_from_hidden(
             hidden.reshape(bsz * length, -1),
@@ -640,6 +650,18 @@ def compute_kd(
         return {
             "kd": projector_kd_loss(student_logits, projected.detach(), cfg.temperature),
             "projector_anchor": lm_loss(projected[:, None], next_tokens[:, None]),
+        }
+    if cfg.kd_mode == "prefix" and ctx.prefix_bins is not None:
+        teacher_bin, student_bin = (bins.to(student_logits.device) for bins in ctx.prefix_bins)
+        return {
+            "kd": kd_prefix_loss(
+                student_logits,
+                teacher_bin[sig.topk_ids[b, tp]],
+                sig.topk_logits[b, tp],
+                sig.lse[b, tp, ctx.t_index],
+                student_bin,
+                cfg.temperature,
+            )
         }
     if cfg.kd_mode == "uld":
         return {"kd": uld_loss(student_logits, sig.topk_logits[b, tp], sig.lse[b, tp, ctx.t_index], cfg.temperature)}
