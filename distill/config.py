@@ -21,7 +21,7 @@ import yaml
 
 from distill.pipeline.curriculum import OBJECTIVES, CurriculumConfig, apply_objective
 
-KD_MODES = ("tail", "prefix", "projector", "uld")
+KD_MODES = ("tail", "prefix", "alm", "projector", "uld")
 """Values of --set kd_mode: how the teacher's distribution reaches the student vocabulary."""
 
 
@@ -165,8 +165,11 @@ class TrainConfig:
     ~95% of the probability at T=1 but ~3% at T=4, where the K+1-bin target is mostly its tail bin (`cache info`
     shows the head mass per stored temperature; `train` warns when it is under half)."""
     kd_mode: str = "tail"
-    """tail (top-K + tail bin, default) | prefix (top-K grouped into shared-prefix bins, docs/cross-tokenizer.md) |
-    projector (vocab_proj -> linear -> student vocab) | uld (sorted probs)."""
+    """tail (top-K + tail bin, default) | prefix (top-K grouped into shared-prefix bins) | alm (chunk likelihoods
+    from target_logprob in kd's place) | projector (vocab_proj -> linear -> student vocab) | uld (sorted probs).
+    See docs/cross-tokenizer.md."""
+    alm_temperature: float = 1.0
+    """τ of the ALM term (kd_mode=alm or curriculum.alm > 0): chunk likelihoods are compared as exp(log p / τ)."""
     curriculum: CurriculumConfig = field(default_factory=CurriculumConfig)
     """Term weights and their schedule (see curriculum.py). --set curriculum.kd=0.5 etc."""
     objective: str = "full"
@@ -242,6 +245,7 @@ class TrainConfig:
             (0 <= self.warmup < 1, "--set warmup=F needs 0 <= F < 1"),
             (0 <= self.min_lr_ratio <= 1, "--set min_lr_ratio=F needs 0 <= F <= 1"),
             (self.temperature > 0, "--set temperature=T needs T > 0"),
+            (self.alm_temperature > 0, "--set alm_temperature=T needs T > 0"),
             (self.kd_mode in KD_MODES, f"--set kd_mode must be one of {', '.join(KD_MODES)}"),
             (self.precision in ("auto", "fp32", "bf16", "fp16"), "--set precision must be auto, fp32, bf16 or fp16"),
             (self.log_every >= 1, "--log-every must be at least 1"),

@@ -20,12 +20,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-TERMS = ("kd", "lm", "feature", "attention", "layerwise", "contrastive")
+TERMS = ("kd", "lm", "alm", "feature", "attention", "layerwise", "contrastive")
 RAMPED_TERMS = ("feature", "attention", "layerwise", "contrastive")
 OBJECTIVES: dict[str, tuple[str, ...]] = {
     "full": (),
     "kd-only": RAMPED_TERMS,
-    "ce": ("kd", *RAMPED_TERMS),
+    "ce": ("kd", "alm", *RAMPED_TERMS),
 }
 """Training objective presets -> the terms each one disables (added to ``curriculum.disabled``)."""
 
@@ -36,6 +36,9 @@ class CurriculumConfig:
 
     kd: float = 0.7
     """Weight of the teacher top-K KD term, on from step 0; in [0, 1). lm weighs 1 - kd."""
+    alm: float = 0.0
+    """Weight of the ALM chunk-likelihood term (xtok_losses.alm_loss), on from step 0 next to kd and lm; 0 = off.
+    (``--set kd_mode=alm`` puts ALM in kd's place instead.)"""
     feature: float = 0.1
     """Full weight of the student-aware router feature term (with its balance/importance terms)."""
     attention: float = 0.1
@@ -63,7 +66,7 @@ class CurriculumConfig:
         self._validate_disabled()
 
     def _validate_weights(self) -> None:
-        for name in ("kd", *RAMPED_TERMS):
+        for name in ("kd", "alm", *RAMPED_TERMS):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"curriculum.{name} must be >= 0, got {getattr(self, name)}")
         if not self.kd < 1:
@@ -86,10 +89,10 @@ class CurriculumConfig:
 
     def _validate_disabled(self) -> None:
         names = (self.disabled,) if isinstance(self.disabled, str) else tuple(self.disabled)
-        unknown = sorted(set(names) - {"kd", *RAMPED_TERMS})
+        unknown = sorted(set(names) - {"kd", "alm", *RAMPED_TERMS})
         if unknown:
             hint = " (lm is always on; lower kd instead)" if "lm" in unknown else ""
-            raise ValueError(f"curriculum.disabled has unknown terms {unknown}{hint}; allowed: kd, {RAMPED_TERMS}")
+            raise ValueError(f"curriculum.disabled has unknown terms {unknown}{hint}; allowed: kd, alm, {RAMPED_TERMS}")
         self.disabled = tuple(sorted(set(names)))
 
 
@@ -110,7 +113,7 @@ def weights_at(step: int, total_steps: int, cfg: CurriculumConfig) -> dict[str, 
         raise ValueError(f"step must be >= 0, got {step}")
     progress = min(step / total_steps, 1.0)
     kd = 0.0 if "kd" in cfg.disabled else cfg.kd
-    weights = {"kd": kd, "lm": 1.0 - kd}
+    weights = {"kd": kd, "lm": 1.0 - kd, "alm": 0.0 if "alm" in cfg.disabled else cfg.alm}
     for term in RAMPED_TERMS:
         start, end = getattr(cfg, f"{term}_ramp")
         on = term not in cfg.disabled and progress >= cfg.kd_only_until
@@ -130,5 +133,5 @@ def apply_objective(cfg: CurriculumConfig, objective: str) -> None:
 
 def active_terms(cfg: CurriculumConfig) -> list[str]:
     """The terms that weigh at some point of the run (base weight > 0, not disabled); lm always does."""
-    terms = [t for t in ("kd", *RAMPED_TERMS) if getattr(cfg, t) > 0 and t not in cfg.disabled]
+    terms = [t for t in ("kd", "alm", *RAMPED_TERMS) if getattr(cfg, t) > 0 and t not in cfg.disabled]
     return [*(["kd"] if "kd" in terms else []), "lm", *(t for t in terms if t != "kd")]

@@ -91,7 +91,7 @@ from distill.pipeline.router import (
 from distill.pipeline.signals import LiveTeacher, TeacherSignal, read_cached_signal, signal_fields
 from distill.pipeline.tokens import check_tokenizer
 from distill.pipeline.tracking import Trackers, describe_cache, open_trackers, require_trackers
-from distill.pipeline.xtok_losses import kd_prefix_loss
+from distill.pipeline.xtok_losses import alm_from_hidden, kd_prefix_loss
 
 # --- setup --------------------------------------------------------------------------------
 
@@ -137,10 +137,12 @@ def resolve_precision(name: str, device: torch.device) -> torch.dtype | None:
 def needed_families(cfg: TrainConfig) -> set[str]:
     """Which teacher fields the enabled terms (base weight > 0, not disabled) need."""
     cur = cfg.curriculum
-    on = {t for t in ("kd", *RAMPED_TERMS) if getattr(cur, t) > 0 and t not in cur.disabled}
+    on = {t for t in ("kd", "alm", *RAMPED_TERMS) if getattr(cur, t) > 0 and t not in cur.disabled}
     need = set()
     if "kd" in on:
-        need.add("projector" if cfg.kd_mode == "projector" else "kd")
+        need.add({"projector": "projector", "alm": "alm"}.get(cfg.kd_mode, "kd"))
+    if "alm" in on:
+        need.add("alm")
     if on & {"feature", "layerwise", "contrastive"}:
         need.add("hidden")
     if "attention" in on:
@@ -573,7 +575,8 @@ def compute_losses(ctx: Context, batch: Batch, weights: dict[str, float]) -> tup
         bsz, length = input_ids.shape
         labels = F.pad(input_ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100), (0, 1), value=-100)  # (B, Ls)
         unaligned = None
-        if "kd" in on and not ctx.same_tokenizer:  # positions without a teacher target: [unaligned-lm note]
+        # positions without a teacher target: [unaligned-lm note]; ALM's chunks cover every position between
+        if "kd" in on and not ctx.same_tokenizer and cfg.kd_mode != "alm":
             unaligned = torch.ones_like(labels, dtype=torch.bool)
             unaligned[b, sp] = False
         tail_kd = "kd" in on and (cfg.kd_mode == "tail" or (cfg.kd_mode == "prefix" and ctx.prefix_bins is None))
@@ -591,7 +594,13 @@ def compute_losses(ctx: Context, batch: Batch, weights: dict[str, float]) -> tup
             raw["lm_unaligned"] = lm_unaligned
         if kd is not None:
             raw["kd"] = kd
-        elif "kd" in on:  # projector / ULD: the logits of the aligned positions only
+        if ("kd" in on and cfg.kd_mode == "alm") or "alm" in on:  # chunk likelihoods: every position's log-prob
+            alm, logs["alm_chunks"] = alm_from_hidden(
+                hidden, ctx.student.get_output_embeddings(), labels, sig.target_logprob, b, tp, sp, cfg.alm_temperature
+            )
+            raw.update({"kd": alm} if cfg.kd_mode == "alm" and "kd" in on else {})
+            raw.update({"alm": alm} if "alm" in on else {})
+        if "kd" in on and kd is None and cfg.kd_mode != "alm":  # projector / ULD / prefix: aligned logits only
             student_logits = ctx.student.get_output_embeddings()(hidden[b, sp])  # (N, Vs)
             raw.update(compute_kd(ctx, sig, student_logits, b, tp, labels, sp))
     if on & {"feature", "router_balance", "router_importance", "router_attention"} and "router" in ctx.modules:

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from distill.pipeline.losses import _LOG_ZERO, _select_rows, _zero, log1mexp
+from distill.pipeline.losses import _LOG_ZERO, _HeadStatistics, _select_rows, _zero, log1mexp
 
 _TINY_MASS = 1e-30  # a student bin below this is scored as holding this much (log -69), never log 0 = -inf
 
@@ -129,3 +129,53 @@ def alm_loss(
     p = log_p.exp()
     kl = p * (log_p - log_q) + (1 - p) * (log1mexp(log_p) - log1mexp(log_q))
     return kl.mean()
+
+
+def next_token_logprobs_from_hidden(
+    hidden: Tensor, head: torch.nn.Module, labels: Tensor, slice_size: int = 256
+) -> Tensor:
+    """log q(label) of every position from the last hidden state, slice by slice ([sliced-logits note] in losses.py).
+
+    hidden: (P, D); head: the student's output layer D -> V; labels: (P,) next tokens, -100 where none.
+    Returns (P,) fp32, 0 where the label is -100; differentiable with respect to hidden and the head.
+    """
+    device_type = hidden.device.type
+    autocast = torch.is_autocast_enabled(device_type)
+    compute_dtype = torch.get_autocast_dtype(device_type) if autocast else head.weight.dtype
+    valid = labels != -100
+    lse1, z_label, *_ = _HeadStatistics.apply(
+        hidden,
+        head.weight,
+        getattr(head, "bias", None),
+        labels.clamp(min=0),
+        None,
+        None,
+        1.0,
+        slice_size,
+        compute_dtype,
+    )
+    return torch.where(valid, z_label - lse1, 0.0)
+
+
+def alm_from_hidden(
+    hidden: Tensor,
+    head: torch.nn.Module,
+    labels: Tensor,
+    target_logprob: Tensor,
+    batch_idx: Tensor,
+    teacher_pos: Tensor,
+    student_pos: Tensor,
+    temperature: float = 1.0,
+) -> tuple[Tensor, int]:
+    """The `alm` term of a batch: chunks between aligned positions, the teacher's likelihoods from the cache.
+
+    hidden: (B, Ls, D) student last hidden state; labels: (B, Ls) next student tokens (-100: none);
+    target_logprob: (B, L) cached teacher log p of its next token; batch_idx, teacher_pos, student_pos: (A,)
+    aligned pairs (`AlignedBatch`). Returns (`alm_loss` over the batch's chunks, number of chunks).
+    """
+    bsz, length = labels.shape
+    row, t_start, t_end, s_start, s_end = find_chunks(batch_idx, teacher_pos, student_pos)
+    student_logp = next_token_logprobs_from_hidden(hidden.reshape(bsz * length, -1), head, labels.reshape(-1))
+    student_chunks = sum_chunk_logprobs(student_logp.reshape(bsz, length), row, s_start, s_end)
+    teacher_chunks = sum_chunk_logprobs(target_logprob.float(), row, t_start, t_end)
+    return alm_loss(student_chunks, teacher_chunks, temperature), int(row.numel())
