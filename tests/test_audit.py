@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 from distill.cache.reader import CacheReader
 from distill.cli import app
 from distill.pipeline.align import align_offsets, build_vocab_map, tokenize_for_student
-from distill.pipeline.audit import CATEGORIES, categorize_token
+from distill.pipeline.categories import CATEGORIES, categorize_token
 
 
 @pytest.mark.parametrize(

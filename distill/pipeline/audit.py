@@ -15,51 +15,22 @@ multi-byte/CJK, special, other), over the store's positions that have a next tok
     report = audit_store("cache/wt103", "HuggingFaceTB/SmolLM-135M")
     print(format_audit(report))
 
-Categories (``categorize_token``): the token's bytes, leading whitespace set aside, are all ASCII letters
-or digits with at least one letter (words), all digits, all prose punctuation ``.,;:!?'"()-``, all other
-ASCII symbols (code), empty (whitespace); any byte >= 0x80 makes it multi-byte; specials are special.
+Categories: categories.py.
 """
 
 from __future__ import annotations
 
-import string
 from typing import Any
 
 import numpy as np
 
 from distill.cache.reader import CacheReader
 from distill.pipeline.align import align_batch, list_token_keys
+from distill.pipeline.categories import CATEGORIES, categorize_token
 from distill.pipeline.prefix_map import PrefixMap, build_prefix_map
 
-CATEGORIES = ("words", "whitespace", "digits", "punctuation", "code", "multibyte", "special", "other")
-_PROSE = frozenset(".,;:!?'\"()-")
-_CODE = frozenset(string.punctuation) - _PROSE
-_LETTERS = frozenset(string.ascii_letters)
-_ALNUM = _LETTERS | frozenset(string.digits)
 AUDIT_ROWS = 256  # rows read at most (evenly spread over the store)
 _BATCH_ROWS = 16
-
-
-def categorize_token(key: tuple[str, Any]) -> str:
-    """Category of one vocabulary entry (a `list_token_keys` key: ("special", str) or ("bytes", bytes))."""
-    if key[0] == "special":
-        return "special"
-    data: bytes = key[1]
-    if any(byte >= 0x80 for byte in data):
-        return "multibyte"
-    text = data.decode("ascii").lstrip(" \t\n\r\f\v")
-    chars = set(text)
-    if not text:
-        return "whitespace"
-    if text.isdigit():
-        return "digits"
-    if chars <= _ALNUM and chars & _LETTERS:
-        return "words"
-    if chars <= _PROSE:
-        return "punctuation"
-    if chars <= _CODE:
-        return "code"
-    return "other"
 
 
 def categorize_vocabulary(tokenizer: Any, size: int) -> np.ndarray:
