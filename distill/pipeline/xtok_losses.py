@@ -8,6 +8,9 @@ exact 0 in the graph when nothing is valid). `N` = aligned positions, `Vs` = stu
 - `find_chunks`     chunk boundaries where both tokenizations end (consecutive aligned positions of a row)
 - `sum_chunk_logprobs` per-chunk sums of per-position next-token log-probs (teacher's `target_logprob`, student's)
 - `alm_loss`        approximate likelihood matching: binarized KL between chunk likelihoods (Minixhofer et al., 2025)
+- `next_token_logprobs_from_hidden`, `alm_from_hidden` the student side of ALM from its last hidden state, sliced
+
+What each target approximates and misses: docs/cross-tokenizer.md.
 """
 
 from __future__ import annotations
