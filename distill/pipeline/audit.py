@@ -131,7 +131,7 @@ def audit_store(store: str, student: str, max_rows: int = AUDIT_ROWS) -> dict[st
     """The audit of `store` against the tokenizer of `student` (a model folder or hub id); see the module doc."""
     from transformers import AutoTokenizer
 
-    from distill.pipeline.train import load_cache_tokenizer
+    from distill.pipeline.train_setup import load_cache_tokenizer
 
     reader = CacheReader(store)
     reader.require_fields(["topk_ids", "topk_logits", "lse", "target_logprob"], "needed by the audit")
