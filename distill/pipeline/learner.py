@@ -93,7 +93,9 @@ class StepView:
         if "kd" in self.on and not self.facts.same_tokenizer and self.cfg.kd_mode != "alm":
             unaligned = torch.ones_like(self.labels, dtype=torch.bool)
             unaligned[self.b, self.sp] = False
-        fused_kd = "kd" in self.on and KD_MODES[self.cfg.kd_mode].fused
+        mode = self.cfg.kd_mode
+        same_bins = mode == "prefix" and self.facts.prefix_bins is None  # one tokenizer: every bin one token
+        fused_kd = "kd" in self.on and (KD_MODES[mode].fused or same_bins)
         lm, lm_unaligned, kd = lm_and_kd_from_hidden(
             hidden.reshape(bsz * length, -1),
             self.learner.student.get_output_embeddings(),

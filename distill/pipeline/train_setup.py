@@ -183,7 +183,7 @@ def setup(cfg: TrainConfig) -> Run:
     for store in filter(None, (reader, eval_reader)):
         store.require_fields(fields, "needed by the enabled loss terms")
     t_index = reader.temperature_index(cfg.temperature) if "kd" in need else 0
-    if "kd" in need and cfg.kd_mode == "tail" and world.main:
+    if "kd" in need and cfg.kd_mode in ("tail", "prefix") and world.main:
         warn_small_head(reader, cfg.temperature)
     check_layout(cfg, reader.layout)
     student, tokenizer = load_student(cfg, "attention" in need, device)
