@@ -131,11 +131,9 @@ def audit_store(store: str, student: str, max_rows: int = AUDIT_ROWS) -> dict[st
     """The audit of `store` against the tokenizer of `student` (a model folder or hub id); see the module doc."""
     from transformers import AutoTokenizer
 
-    from distill.pipeline.train_setup import load_cache_tokenizer
-
     reader = CacheReader(store)
     reader.require_fields(["topk_ids", "topk_logits", "lse", "target_logprob"], "needed by the audit")
-    teacher_tokenizer = load_cache_tokenizer(reader)
+    teacher_tokenizer = reader.load_tokenizer()
     student_tokenizer = AutoTokenizer.from_pretrained(student)
     teacher_size = int(reader.manifest["teacher"]["vocab_size"])
     pmap = build_prefix_map(teacher_tokenizer, student_tokenizer).padded(teacher_size, len(student_tokenizer))
