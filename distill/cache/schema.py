@@ -47,7 +47,7 @@ def shard_name(index: int) -> str:
 
 
 def attention_id_dtype(seq_len: int) -> str:
-    """Key positions fit int16 below 32,768 tokens (halves their size); int32 otherwise."""
+    """Key positions (and segment ids) fit int16 below 32,768 tokens (halves their size); int32 otherwise."""
     return "int16" if seq_len <= 32767 else "int32"
 
 
@@ -66,6 +66,8 @@ def build_field_specs(layout: dict[str, Any]) -> dict[str, FieldSpec]:
         FieldSpec("lse", "float32", (seq, len(layout["temperatures"]))),
         FieldSpec("target_logprob", "float32", (seq,)),
     ]
+    if layout.get("packing", "none") != "none":  # several documents per row: where each one starts
+        specs.append(FieldSpec("segment_ids", attention_id_dtype(seq), (seq,)))
     if layout.get("vocab_proj", True):  # stores made before the flag existed always held it
         specs.append(FieldSpec("vocab_proj", "float16", (seq, layout["teacher_hidden_size"])))
     for layer in layout["hidden_layers"]:
