@@ -195,6 +195,9 @@ def cache_teacher(
     split: Annotated[str | None, typer.Option(help="Dataset split (default train).")] = None,
     text_field: Annotated[str | None, typer.Option(help="Column with the text (default text).")] = None,
     seq_len: Annotated[int | None, typer.Option(help="Teacher tokens per row (default 512).")] = None,
+    packing: Annotated[
+        str | None, typer.Option(help="none|greedy: one document piece per row, or several packed (default none).")
+    ] = None,
     top_k: Annotated[int | None, typer.Option(help="Teacher logits kept per position (default 256).")] = None,
     temperatures: Annotated[
         str | None, typer.Option(help="Temperatures of the stored logsumexp (default 1,2,4).")
@@ -257,6 +260,7 @@ def cache_teacher(
             split=split,
             text_field=text_field,
             seq_len=seq_len,
+            packing=packing,
             top_k=top_k,
             temperatures=parse_list(temperatures, float),
             hidden_layers=parse_list(hidden_layers, int),

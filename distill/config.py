@@ -43,7 +43,11 @@ class CacheConfig:
     text_field: str = "text"
     """The column holding the documents' text."""
     seq_len: int = 512
-    """Teacher tokens per row. Longer documents become several rows; shorter ones are padded (never packed)."""
+    """Teacher tokens per row. Longer documents are cut into pieces of at most this many tokens (prefix included)."""
+    packing: str = "none"
+    """How pieces become rows: ``none`` (one piece per row, right-padded) or ``greedy`` (pieces packed first fit,
+    several documents per row, each with its own prefix, positions and block-diagonal attention; see
+    docs/cache-format.md)."""
     top_k: int = 256
     """How many teacher logits to keep per position (the rest is summarized by the full-vocabulary logsumexp)."""
     temperatures: list[float] = field(default_factory=lambda: [1.0, 2.0, 4.0])
@@ -103,6 +107,7 @@ class CacheConfig:
             (self.calibration_rows >= 1, "--calibration-rows must be at least 1"),
             (self.dtype in ("auto", "fp32", "bf16", "fp16"), "--dtype must be one of auto, fp32, bf16, fp16"),
             (self.on_nonfinite in ("error", "skip"), "--on-nonfinite must be 'error' or 'skip'"),
+            (self.packing in ("none", "greedy"), "--packing must be 'none' or 'greedy'"),
             (self.num_shards >= 1, "--num-shards must be at least 1"),
             (self.max_rows is None or self.max_rows >= 1, "--max-rows must be at least 1"),
             (self.hidden_dim is None or self.hidden_dim >= 1, "--hidden-dim must be at least 1"),
