@@ -208,3 +208,119 @@ def test_split_segments_gives_each_document_as_its_own_row(tokenizers):
         n = int(parts["length"][b])
         assert parts["target_logprob"][b, :n].tolist() == list(range(start, start + n))
         assert parts["target_logprob"][b, n:].isnan().all()
+
+
+# --- stage 1: a packed row's teacher fields are each document's own ----------------------------------
+
+
+def build_rows(tokenizer, docs: list[str]):
+    """A packed Row of ``docs`` and each document's own Row (as stage 1 builds them)."""
+    from distill.pipeline.data import Row
+
+    row = pack_by_hand(tokenizer, docs, 256)
+    n = int(row["length"][0])
+    packed = Row(0, 0, row["input_ids"][0, :n].numpy(), row["offsets"][0, :n].numpy(), row["text"][0])
+    packed.segment_ids = row["segment_ids"][0, :n].numpy()
+    alone = []
+    for i, doc in enumerate(docs):
+        one = pack_by_hand(tokenizer, [doc], 256)
+        m = int(one["length"][0])
+        alone.append(Row(i + 1, i, one["input_ids"][0, :m].numpy(), one["offsets"][0, :m].numpy(), doc))
+    return packed, alone
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "gemma3_text", "llama"])
+def test_packed_row_teacher_fields_equal_each_document_cached_alone(tokenizers, family, single_thread):
+    from transformers import AutoModelForCausalLM
+
+    from distill.pipeline.teacher import FieldSettings, compute_batch_fields, use_selective_attention
+    from tests.test_teacher_logits import family_config
+
+    teacher = tokenizers["teacher"]
+    config, _ = family_config(family, len(teacher))
+    if family == "gemma3_text":
+        config.sliding_window = 5  # documents longer than the window: the window must restart per document too
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    use_selective_attention(model)
+    settings = FieldSettings(
+        seq_len=256,
+        top_k=8,
+        temperatures=[1.0, 2.0],
+        vocab_proj_temperature=2.0,
+        hidden_layers=[0, 1, 2],
+        attention_layers=[1, 2],
+        attention_topk=8,
+        pca={},
+        packed=True,
+    )
+    packed_row, alone_rows = build_rows(teacher, DOCS[:3])
+    packed, bad = compute_batch_fields(model, [packed_row], settings, torch.device("cpu"))
+    alone, _ = compute_batch_fields(model, alone_rows, settings, torch.device("cpu"))  # padded batch, 2D mask
+    assert bad == [] and packed["segment_ids"][0].max() == 2
+    start = 0
+    for b, row in enumerate(alone_rows):
+        n = len(row.input_ids)
+        at = slice(start, start + n)
+        assert (packed["segment_ids"][0, at] == b).all() and (packed["input_ids"][0, at] == row.input_ids).all()
+        for name in ("topk_logits", "lse", "vocab_proj", "hidden/0", "hidden/1", "hidden/2", "attn/1", "attn/2"):
+            np.testing.assert_allclose(
+                packed[name][0, at].astype(np.float32), alone[name][b, :n].astype(np.float32), atol=2e-3, rtol=2e-3
+            )
+        # the next-token target never crosses into the next document: NaN at each document's last position
+        target = packed["target_logprob"][0, at]
+        np.testing.assert_allclose(target[:-1], alone["target_logprob"][b, : n - 1], atol=1e-4)
+        assert np.isnan(target[-1]) and np.isnan(alone["target_logprob"][b, n - 1])
+        top = packed["topk_ids"][0, at] == alone["topk_ids"][b, :n]
+        assert top[:, 0].all() and top.mean() > 0.95  # near-ties deeper in the top-K may swap
+        for layer in (1, 2):  # attention keys: the same, shifted by the document's start; never outside it
+            keys, used = packed[f"attn_ids/{layer}"][0, at], packed[f"attn/{layer}"][0, at] > 0
+            assert ((keys >= start) | ~used).all() and (keys < start + n).all()
+            assert (np.where(used, keys - start, 0) == alone[f"attn_ids/{layer}"][b, :n]).mean() > 0.95
+        start += n
+
+
+# --- the store: cache-teacher --packing greedy, cache info ---------------------------------------------
+
+
+def test_padding_share_golden():
+    from distill.cache.info import padding_share
+
+    assert padding_share(tokens=90, rows=4, seq_len=32) == pytest.approx(1 - 90 / 128)  # 38 of 128 positions
+    assert padding_share(tokens=0, rows=0, seq_len=32) is None
+
+
+def test_packed_store_through_the_cli_lowers_padding_and_reads_back_each_document(tiny_assets, tmp_path):
+    import json
+
+    from typer.testing import CliRunner
+
+    from distill.cache.reader import CacheReader
+    from distill.cli import app
+    from tests.conftest import cache_args
+
+    runner = CliRunner()
+    shares = {}
+    for packing in ("none", "greedy"):
+        out = tmp_path / packing
+        args = cache_args(tiny_assets, out, packing=packing, hidden_layers="2", attention_layers="2", vocab_proj=None)
+        assert runner.invoke(app, ["cache-teacher", *args]).exit_code == 0
+        info = runner.invoke(app, ["cache", "info", str(out), "--json"])
+        assert info.exit_code == 0, info.output
+        shares[packing] = json.loads(info.output)["padding_share"]
+        reader = CacheReader(str(out))
+        data = reader.read_rows(reader.row_ids, ["length"])
+        assert shares[packing] == pytest.approx(1 - int(data["length"].sum()) / (reader.num_rows * 32))
+        assert "padding " in runner.invoke(app, ["cache", "info", str(out)]).output
+        assert runner.invoke(app, ["cache", "verify", str(out)]).exit_code == 0
+    assert shares["greedy"] < shares["none"] / 2
+    packed, unpacked = CacheReader(str(tmp_path / "greedy")), CacheReader(str(tmp_path / "none"))
+    assert packed.packed and "segment_ids" in packed.fields and "segment_ids" not in unpacked.fields
+    # every piece of the unpacked store is a segment of the packed one, with the same text and tokens
+    fields = ["input_ids", "length", "offsets", "text", "segment_ids"]
+    segments, _ = split_segments(packed.read_rows(packed.row_ids, fields), 32)
+    rows = unpacked.read_rows(unpacked.row_ids, fields[:4])
+    as_key = lambda d, i: (d["text"][i], d["input_ids"][i].tolist(), d["offsets"][i].tolist())  # noqa: E731
+    assert sorted(as_key(segments, i) for i in range(len(segments["text"]))) == sorted(
+        as_key(rows, i) for i in range(len(rows["text"]))
+    )

@@ -258,3 +258,32 @@ def build_packed_student_rows(
         for part, value in zip(out, pack_student_segments(pieces, prefix, max_length)):
             part.append(value)
     return out
+
+
+def check_packed_forward(model: Any, name: str, num_tokens: int = 8) -> None:
+    """Refuse a model whose forward lets packed documents see each other ([packing note]).
+
+    Two random documents packed in one row (position ids restarting, no 2D mask) must give the second one
+    the last hidden states it has alone; a model whose attention ignores the position ids (remote code that
+    does not build its mask with transformers' masking_utils) fails this, and packing would leak.
+    """
+    base = model.get_decoder() if hasattr(model, "get_decoder") else model.base_model
+    weight = model.get_input_embeddings().weight
+    ids = torch.randint(weight.shape[0], (1, 2 * num_tokens), generator=torch.Generator().manual_seed(0))
+    ids = ids.to(weight.device)
+    positions = torch.arange(num_tokens, device=weight.device).repeat(2)[None]
+    training = model.training
+    model.eval()
+    try:
+        with torch.inference_mode():
+            alone = base(input_ids=ids[:, num_tokens:], use_cache=False).last_hidden_state[0].float()
+            packed = base(input_ids=ids, position_ids=positions, use_cache=False).last_hidden_state[0].float()
+    finally:
+        model.train(training)
+    error = (packed[num_tokens:] - alone).abs().max().item()
+    tolerance = (1e-4 if weight.dtype == torch.float32 else 3e-2) * (1.0 + alone.abs().max().item())
+    if not error <= tolerance:
+        raise ValueError(
+            f"{name}: its forward does not keep packed documents apart (a document's hidden states change by "
+            f"{error:.3g} when another is packed before it); use a store made with --packing none"
+        )

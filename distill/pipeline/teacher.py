@@ -58,6 +58,7 @@ from distill.cache.store import (
 )
 from distill.config import CacheConfig, ConfigError, parse_shard
 from distill.pipeline.data import Row, RowBuilder, RowPlan, dataset_identity, load_text_dataset, plan_rows
+from distill.pipeline.packing import check_packed_forward, next_in_segment, segment_position_ids
 from distill.pipeline.tokens import check_tokenizer, prefix_ids
 
 LOGIT_CHUNK = 256  # positions per lm_head/softmax slice: bounds the (P, vocab) fp32 buffer
@@ -351,6 +352,7 @@ class FieldSettings:
     pca: dict[int, tuple[torch.Tensor, torch.Tensor]]  # layer -> (mean (H,), components (H, D)) of standardized
     vocab_proj: bool = True  # compute vocab_proj (stored only with --vocab-proj)
     standardize: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)  # layer -> (mean, std) (H,)
+    packed: bool = False  # rows may hold several documents: store segment_ids ([packing note] in packing.py)
 
 
 def forward_teacher(
@@ -359,8 +361,12 @@ def forward_teacher(
     attention_mask: torch.Tensor,
     need_attention: bool,
     attention_layers: list[int] | None = None,
+    position_ids: torch.Tensor | None = None,
 ) -> Any:
     """Base-model forward (no logits: those are computed in slices by ``compute_logit_fields``).
+
+    position_ids (B, L): packed rows, positions restarting per document; the forward then gets no 2D mask
+    and builds a block-diagonal causal one from them ([packing note] in packing.py).
 
     With ``need_attention``, ``out.attentions[l - 1]`` holds block l's attention for each l in
     ``attention_layers`` (default: every block): its head average (B, 1, L, L) under the selective
@@ -377,7 +383,8 @@ def forward_teacher(
     try:
         out = base(
             input_ids=input_ids,
-            attention_mask=attention_mask,
+            attention_mask=attention_mask if position_ids is None else None,
+            position_ids=position_ids,
             output_hidden_states=True,
             output_attentions=need_attention,
             use_cache=False,
@@ -511,6 +518,19 @@ def pad_rows(rows: list[Row]) -> tuple[torch.Tensor, torch.Tensor]:
     return ids, mask
 
 
+def pad_segments(rows: list[Row], width: int) -> torch.Tensor | None:
+    """(B, width) segment ids of a batch holding a packed row (padding continues each row's last segment);
+    None when every row is one document, which then runs with the plain 2D mask."""
+    if all(r.segment_ids is None or not r.segment_ids.any() for r in rows):
+        return None
+    segments = torch.zeros(len(rows), width, dtype=torch.long)
+    for i, r in enumerate(rows):
+        if r.segment_ids is not None and len(r.segment_ids):
+            segments[i, : len(r.segment_ids)] = torch.from_numpy(np.asarray(r.segment_ids, dtype=np.int64))
+            segments[i, len(r.segment_ids) :] = int(r.segment_ids[-1])
+    return segments
+
+
 def compute_batch_fields(
     model: Any, rows: list[Row], s: FieldSettings, device: torch.device, fields: Collection[str] | None = None
 ) -> tuple[dict[str, np.ndarray], list[int]]:
@@ -521,6 +541,9 @@ def compute_batch_fields(
     """
     ids, mask = pad_rows(rows)
     ids, mask = ids.to(device), mask.to(device)
+    segments = pad_segments(rows, ids.shape[1])
+    segments = None if segments is None else segments.to(device)
+    positions = None if segments is None else segment_position_ids(segments)
     lengths = mask.sum(dim=1)
     wanted = None if fields is None else set(fields)
     attention_layers = [layer for layer in s.attention_layers if wanted is None or f"attn/{layer}" in wanted]
@@ -530,9 +553,11 @@ def compute_batch_fields(
     ]
     computed: dict[str, torch.Tensor] = {}
     with torch.inference_mode():
-        out = forward_teacher(model, ids, mask, bool(attention_layers), attention_layers)
+        out = forward_teacher(model, ids, mask, bool(attention_layers), attention_layers, positions)
         if logit_fields:
             computed.update(compute_logit_fields(model, out.last_hidden_state, ids, lengths, s, logit_fields))
+        if segments is not None and "target_logprob" in computed:  # no next token across a document boundary
+            computed["target_logprob"].masked_fill_(~next_in_segment(segments, lengths), float("nan"))
         for layer in hidden_layers:
             computed[f"hidden/{layer}"] = reduce_hidden(out.hidden_states[layer], layer, s)
         for layer in attention_layers:
@@ -588,6 +613,11 @@ def pad_fields(
     for i, r in enumerate(rows):
         out["input_ids"][i, : len(r.input_ids)] = r.input_ids
         out["offsets"][i, : len(r.input_ids)] = r.offsets
+    if s.packed:
+        out["segment_ids"] = np.zeros((n, s.seq_len), dtype=attention_id_dtype(s.seq_len))
+        for i, r in enumerate(rows):
+            if r.segment_ids is not None:
+                out["segment_ids"][i, : len(r.segment_ids)] = r.segment_ids
     out["length"] = np.array([len(r.input_ids) for r in rows], dtype=np.int32)
     out["row_id"] = np.array([r.row_id for r in rows], dtype=np.int64)
     out["doc_id"] = np.array([r.doc_id for r in rows], dtype=np.int64)
@@ -638,8 +668,10 @@ def calibrate(
     for start in range(0, len(rows), batch_size):
         batch = rows[start : start + batch_size]
         ids, mask = pad_rows(batch)
+        segments = pad_segments(batch, ids.shape[1])
+        positions = None if segments is None else segment_position_ids(segments).to(device)
         with torch.inference_mode():
-            out = forward_teacher(model, ids.to(device), mask.to(device), False)
+            out = forward_teacher(model, ids.to(device), mask.to(device), False, None, positions)
         text = text_positions(batch, ids.shape[1]).to(device)
         for layer in hidden_layers:
             samples[layer].append(out.hidden_states[layer][text].float().cpu())
@@ -687,6 +719,7 @@ def field_settings(layout: dict[str, Any], root: Any, device: torch.device) -> F
         pca=load_root_pairs(root, "pca", ("mean", "components"), layout["hidden_layers"], device),
         vocab_proj=layout.get("vocab_proj", True),
         standardize=load_root_pairs(root, "standardize", ("mean", "std"), layout["hidden_layers"], device),
+        packed=layout.get("packing", "none") != "none",
     )
 
 
@@ -858,7 +891,7 @@ def build_layout(cfg: CacheConfig, model: Any, plan: RowPlan) -> dict[str, Any]:
         "row_plan_sha256": plan.digest(),
         "max_rows": cfg.max_rows,
         "padding": "right",
-        "packing": "none",
+        "packing": cfg.packing,
     }
 
 
@@ -996,9 +1029,8 @@ def chunks_to_fill(record: dict[str, Any], chunk_rows: int) -> list[tuple[int, i
 
 
 def count_tokens(plan: RowPlan, todo: list[tuple[int, int, int]]) -> int:
-    """Text tokens plus each row's prefix, as the rows of ``todo`` hold them."""
-    per_range = ((plan.token_end[a:b] - plan.token_start[a:b]).sum() + len(plan.prefix) * (b - a) for _, a, b in todo)
-    return int(sum(per_range))
+    """Text tokens plus each piece's prefix, as the rows of ``todo`` hold them."""
+    return sum(plan.count_tokens(a, b) for _, a, b in todo)
 
 
 def claim_or_defer(cfg: CacheConfig, index: int, deferred: set[int]) -> ShardClaim | None:
@@ -1040,7 +1072,12 @@ def run(cfg: CacheConfig) -> dict[str, Any]:
     dataset = load_text_dataset(cfg.dataset, cfg.dataset_config, cfg.split, cfg.text_field)
     need_attention = cfg.attention_layers is None or len(cfg.attention_layers) > 0
     model = load_teacher(cfg, device, dtype, need_attention)
-    plan = plan_rows(dataset, cfg.text_field, tokenizer, cfg.seq_len).truncated(cfg.max_rows)
+    if cfg.packing != "none":
+        try:
+            check_packed_forward(model, f"--teacher {cfg.teacher}")
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+    plan = plan_rows(dataset, cfg.text_field, tokenizer, cfg.seq_len, packing=cfg.packing).truncated(cfg.max_rows)
     builder = RowBuilder(dataset, cfg.text_field, tokenizer, plan)
     root, manifest = prepare_store(cfg, model, tokenizer, dataset, plan, dtype, device, builder)
     layout = manifest["layout"]
@@ -1137,7 +1174,7 @@ def compute_chunk(
     if bad_rows and cfg.on_nonfinite == "error":
         raise NonFiniteTeacherOutput(
             f"teacher output is not finite for row {bad_rows[0]} (document "
-            f"{int(plan.doc_index[bad_rows[0]])}) in {DTYPE_NAMES[dtype]}; run the teacher in "
+            f"{plan.first_document(bad_rows[0])}) in {DTYPE_NAMES[dtype]}; run the teacher in "
             "--dtype bf16 or fp32, or pass --on-nonfinite skip to store such rows empty and count them"
         )
     if bad_rows:
