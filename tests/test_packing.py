@@ -233,7 +233,8 @@ def build_rows(tokenizer, docs: list[str]):
 def test_packed_row_teacher_fields_equal_each_document_cached_alone(tokenizers, family, single_thread):
     from transformers import AutoModelForCausalLM
 
-    from distill.pipeline.teacher import FieldSettings, compute_batch_fields, use_selective_attention
+    from distill.pipeline.fields import FieldSettings, compute_batch_fields
+    from distill.pipeline.teacher_model import use_selective_attention
     from tests.test_teacher_logits import family_config
 
     teacher = tokenizers["teacher"]
