@@ -325,3 +325,59 @@ def test_packed_store_through_the_cli_lowers_padding_and_reads_back_each_documen
     assert sorted(as_key(segments, i) for i in range(len(segments["text"]))) == sorted(
         as_key(rows, i) for i in range(len(rows["text"]))
     )
+
+
+# --- stage 2: the student's loss on a packed row is the sum of its documents' ---------------------------
+
+
+@pytest.fixture(scope="module")
+def packed_store(tiny_assets, tmp_path_factory):
+    from typer.testing import CliRunner
+
+    from distill.cli import app
+    from tests.conftest import cache_args
+
+    out = tmp_path_factory.mktemp("packed") / "store"
+    result = CliRunner().invoke(app, ["cache-teacher", *cache_args(tiny_assets, out, packing="greedy")])
+    assert result.exit_code == 0, result.output
+    return out
+
+
+@pytest.mark.parametrize("student", ["student", "student_same_tok"])
+def test_student_loss_on_a_packed_row_is_the_sum_of_its_documents_losses(
+    train_assets, packed_store, student, tmp_path, single_thread
+):
+    from distill.pipeline import train as train_mod
+    from distill.pipeline.curriculum import weights_at
+    from distill.pipeline.signals import read_cached_signal, signal_from_arrays
+    from tests.conftest import train_args
+    from tests.test_train import make_config
+
+    assets = {**train_assets, "store": packed_store}
+    ctx = train_mod.setup(make_config(train_args(assets, tmp_path / "run", student=student, eval_fraction=0)))
+    ctx.student.eval()  # no dropout: the packed and the per-document forwards must see the same network
+    ctx.modules.eval()
+    data = ctx.reader.read_rows(ctx.reader.row_ids, ["segment_ids", "length"])
+    segments = [int(data["segment_ids"][r, : int(n)].max()) + 1 for r, n in enumerate(data["length"].tolist())]
+    rows = np.asarray([r for r, k in enumerate(segments) if k >= 3][:2])
+    assert len(rows) == 2
+    weights = weights_at(100, 100, ctx.cfg.curriculum)  # every term on
+    with torch.no_grad():
+        packed = train_mod.build_batch(ctx, read_cached_signal(ctx.reader, rows, ctx.fields))
+        assert packed.aligned.segment_ids is not None
+        _, packed_logs = train_mod.compute_losses(ctx, packed, weights)
+        split = ctx.reader.read_rows(rows, [*ctx.fields, "segment_ids"])
+        documents = train_mod.build_batch(ctx, signal_from_arrays(split_segments(split, 32)[0]))
+        assert documents.aligned.segment_ids is None  # each document alone: the plain 2D-mask path
+        _, document_logs = train_mod.compute_losses(ctx, documents, weights)
+    # Both batches hold the same positions in the same order, so every term (a mean over positions with a label,
+    # over aligned pairs, or a batch statistic over them) is equal iff no position of the packed row sees another
+    # document: the packed loss x its count is the sum of the documents' losses x theirs.
+    assert int(packed.aligned.batch_idx.numel()) == int(documents.aligned.batch_idx.numel()) > 20
+    boundaries = int(packed.aligned.segment_ids.max(dim=1).values.sum())  # a document's last token has no label
+    packed_labels = int((packed.aligned.attention_mask.sum(dim=1) - 1).sum()) - boundaries
+    assert packed_labels == int((documents.aligned.attention_mask.sum(dim=1) - 1).sum())
+    terms = [k for k in packed_logs if k.startswith("loss/") and k != "loss/total"]
+    assert {"loss/kd", "loss/lm", "loss/feature", "loss/attention", "loss/layerwise", "loss/contrastive"} <= set(terms)
+    for term in terms:
+        assert packed_logs[term] == pytest.approx(document_logs[term], rel=1e-6, abs=1e-9), term  # measured: equal

@@ -65,8 +65,6 @@ class TeacherSignal:
 def signal_fields(layout: dict[str, Any], need: set[str]) -> list[str]:
     """Store fields to read for the loss families in ``need`` (kd, projector, hidden, attention)."""
     fields = list(BASE_FIELDS)
-    if layout.get("packing", "none") != "none":
-        fields.append("segment_ids")
     if "kd" in need:
         fields += ["topk_ids", "topk_logits", "lse"]
     if "projector" in need:
@@ -102,7 +100,8 @@ def signal_from_arrays(data: dict[str, Any]) -> TeacherSignal:
 
 
 def read_cached_signal(reader: CacheReader, rows: np.ndarray, fields: list[str]) -> TeacherSignal:
-    return signal_from_arrays(reader.read_rows(rows, fields))
+    """The signal of ``rows``; a packed store's rows bring their ``segment_ids`` ([packing note] in packing.py)."""
+    return signal_from_arrays(reader.read_rows(rows, [*fields, *(["segment_ids"] if reader.packed else [])]))
 
 
 class LiveTeacher:

@@ -80,6 +80,7 @@ from distill.pipeline.losses import (
     routed_feature_loss,
     uld_loss,
 )
+from distill.pipeline.packing import check_packed_forward, next_in_segment, segment_position_ids
 from distill.pipeline.router import (
     LogitProjector,
     StudentAwareRouter,
@@ -309,6 +310,11 @@ def setup(cfg: TrainConfig) -> Context:
             "curriculum.feature, curriculum.layerwise and curriculum.contrastive to 0 (--objective kd-only or ce)"
         )
     student, tokenizer = load_student(cfg, "attention" in need, device)
+    if reader.packed or (eval_reader is not None and eval_reader.packed):
+        try:
+            check_packed_forward(student, f"--student {cfg.student}")
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
     teacher_tokenizer = load_cache_tokenizer(reader)
     from distill.pipeline.align import is_same_tokenizer
 
@@ -437,6 +443,11 @@ class Batch:
 def prepare_batch(ctx: Context, reader: CacheReader, rows: np.ndarray) -> Batch:
     """Read the rows' teacher signal and tokenize + align them for the student (CPU work, done ahead)."""
     sig = ctx.live.signal(rows, ctx.fields) if ctx.live else read_cached_signal(reader, rows, ctx.fields)
+    return build_batch(ctx, sig)
+
+
+def build_batch(ctx: Context, sig: TeacherSignal) -> Batch:
+    """The student's batch of a teacher signal: tokenized, aligned, teacher attention keys mapped to student spans."""
     aligned = align_batch(
         sig.text,
         sig.offsets.numpy(),
@@ -445,6 +456,7 @@ def prepare_batch(ctx: Context, reader: CacheReader, rows: np.ndarray) -> Batch:
         ctx.max_length,
         teacher_input_ids=sig.input_ids.numpy(),
         same_tokenizer=ctx.same_tokenizer,
+        teacher_segments=sig.segment_ids,
     )
     key_spans = None
     if sig.attn:
@@ -452,7 +464,7 @@ def prepare_batch(ctx: Context, reader: CacheReader, rows: np.ndarray) -> Batch:
             teacher_to_student_span(
                 sig.offsets[b].numpy(), int(sig.length[b]), aligned.student_offsets[b], len(aligned.student_offsets[b])
             )
-            for b in range(len(rows))
+            for b in range(len(sig.text))
         ]
         key_spans = torch.from_numpy(np.stack(spans)).long()
     return Batch(sig, aligned, key_spans, int(aligned.attention_mask.sum()))
@@ -554,14 +566,23 @@ def compute_losses(ctx: Context, batch: Batch, weights: dict[str, float]) -> tup
     autocast = torch.autocast(
         ctx.device.type, dtype=ctx.autocast_dtype or torch.float32, enabled=ctx.autocast_dtype is not None
     )
+    segments = None if a.segment_ids is None else a.segment_ids.to(ctx.device)
     with autocast:
         # The decoder without its output layer: logits are made slice by slice ([sliced-logits note]).
+        # Packed rows: positions restart per document and the mask is block-diagonal ([packing note]).
         out = ctx.student.get_decoder()(
-            input_ids=input_ids, attention_mask=mask, output_hidden_states=need_hidden, output_attentions=need_attn
+            input_ids=input_ids,
+            attention_mask=mask if segments is None else None,
+            position_ids=None if segments is None else segment_position_ids(segments),
+            use_cache=False,
+            output_hidden_states=need_hidden,
+            output_attentions=need_attn,
         )
         hidden = out.last_hidden_state  # (B, Ls, D)
         bsz, length = input_ids.shape
         labels = F.pad(input_ids[:, 1:].masked_fill(mask[:, 1:] == 0, -100), (0, 1), value=-100)  # (B, Ls)
+        if segments is not None:  # a document's last token has no label: the next one starts another document
+            labels = labels.masked_fill(~next_in_segment(segments, mask.sum(dim=1)), -100)
         unaligned = None
         if "kd" in on and not ctx.same_tokenizer:  # positions without a teacher target: [unaligned-lm note]
             unaligned = torch.ones_like(labels, dtype=torch.bool)
