@@ -44,10 +44,10 @@ class CacheConfig:
     """The column holding the documents' text."""
     seq_len: int = 512
     """Teacher tokens per row. Longer documents are cut into pieces of at most this many tokens (prefix included)."""
-    packing: str = "none"
-    """How pieces become rows: ``none`` (one piece per row, right-padded) or ``greedy`` (pieces packed first fit,
-    several documents per row, each with its own prefix, positions and block-diagonal attention; see
-    docs/cache-format.md)."""
+    packing: str = "greedy"
+    """How pieces become rows: ``greedy`` (pieces packed first fit, several documents per row, each with its own
+    prefix, positions and block-diagonal attention; see docs/cache-format.md) or ``none`` (one piece per row,
+    right-padded)."""
     top_k: int = 256
     """How many teacher logits to keep per position (the rest is summarized by the full-vocabulary logsumexp)."""
     temperatures: list[float] = field(default_factory=lambda: [1.0, 2.0, 4.0])

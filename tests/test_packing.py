@@ -381,3 +381,25 @@ def test_student_loss_on_a_packed_row_is_the_sum_of_its_documents_losses(
     assert {"loss/kd", "loss/lm", "loss/feature", "loss/attention", "loss/layerwise", "loss/contrastive"} <= set(terms)
     for term in terms:
         assert packed_logs[term] == pytest.approx(document_logs[term], rel=1e-6, abs=1e-9), term  # measured: equal
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen3", "qwen3_moe", "gemma2", "gemma3_text", "cohere", "granite"])
+def test_every_supported_family_keeps_packed_documents_apart(tokenizers, family, single_thread):
+    """The probe stage 1 and stage 2 run before packing passes for each family, and fails for a forward that
+    lets one document see another (here: the same model fed a plain causal mask over the packed row)."""
+    from transformers import AutoModelForCausalLM
+
+    from distill.pipeline.packing import check_packed_forward
+    from distill.pipeline.teacher_model import use_selective_attention
+    from tests.test_teacher_logits import family_config
+
+    config, _ = family_config(family, len(tokenizers["teacher"]))
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    use_selective_attention(model)
+    check_packed_forward(model, family)
+    base = model.get_decoder()
+    leaky = lambda **kwargs: type(base).forward(base, **{**kwargs, "position_ids": None})  # noqa: E731
+    base.forward = leaky
+    with pytest.raises(ValueError, match="does not keep packed documents apart"):
+        check_packed_forward(model, family)
