@@ -551,7 +551,8 @@ def run_eval(
     store, rows, selection = select_rows(sources)
     check_store(store, verify_cache)
     out.mkdir(parents=True, exist_ok=True)
-    texts, t_scores = teacher_scores(CacheReader(store), rows)
+    reader = CacheReader(store)
+    texts, t_scores = teacher_scores(reader, rows)
     students, scores = {}, [t_scores]
     for s in sources:
         vocab_dir = (s.run_dir / "vocab_map") if s.run_dir is not None else (out / "vocab_map")
@@ -588,7 +589,7 @@ def run_eval(
             "resamples": BOOTSTRAP_RESAMPLES,
             "seed": BOOTSTRAP_SEED,
             "confidence": CONFIDENCE,
-            "unit": "row",
+            "unit": "document segment" if reader.packed else "row",  # [packed-eval note]
         },
         "baseline": baseline,
         "split": split,
