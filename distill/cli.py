@@ -196,7 +196,8 @@ def cache_teacher(
     text_field: Annotated[str | None, typer.Option(help="Column with the text (default text).")] = None,
     seq_len: Annotated[int | None, typer.Option(help="Teacher tokens per row (default 512).")] = None,
     packing: Annotated[
-        str | None, typer.Option(help="greedy|none: pack document pieces into rows, or one piece per row (default greedy).")
+        str | None,
+        typer.Option(help="greedy|none: pack document pieces into rows, or one piece per row (default greedy)."),
     ] = None,
     top_k: Annotated[int | None, typer.Option(help="Teacher logits kept per position (default 256).")] = None,
     temperatures: Annotated[
