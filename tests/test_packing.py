@@ -347,29 +347,29 @@ def packed_store(tiny_assets, tmp_path_factory):
 def test_student_loss_on_a_packed_row_is_the_sum_of_its_documents_losses(
     train_assets, packed_store, student, tmp_path, single_thread
 ):
-    from distill.pipeline import train as train_mod
     from distill.pipeline.curriculum import weights_at
-    from distill.pipeline.signals import read_cached_signal, signal_from_arrays
+    from distill.pipeline.signals import signal_from_arrays
+    from distill.pipeline.train_setup import setup
     from tests.conftest import train_args
     from tests.test_train import make_config
 
     assets = {**train_assets, "store": packed_store}
-    ctx = train_mod.setup(make_config(train_args(assets, tmp_path / "run", student=student, eval_fraction=0)))
-    ctx.student.eval()  # no dropout: the packed and the per-document forwards must see the same network
-    ctx.modules.eval()
-    data = ctx.reader.read_rows(ctx.reader.row_ids, ["segment_ids", "length"])
+    run = setup(make_config(train_args(assets, tmp_path / "run", student=student, eval_fraction=0)))
+    run.learner.eval()  # no dropout: the packed and the per-document forwards must see the same network
+    reader = run.batches.source.reader
+    data = reader.read_rows(reader.row_ids, ["segment_ids", "length"])
     segments = [int(data["segment_ids"][r, : int(n)].max()) + 1 for r, n in enumerate(data["length"].tolist())]
     rows = np.asarray([r for r, k in enumerate(segments) if k >= 3][:2])
     assert len(rows) == 2
-    weights = weights_at(100, 100, ctx.cfg.curriculum)  # every term on
+    weights = weights_at(100, 100, run.cfg.curriculum)  # every term on
     with torch.no_grad():
-        packed = train_mod.build_batch(ctx, read_cached_signal(ctx.reader, rows, ctx.fields))
+        packed = run.batches.prepare_batch(rows)
         assert packed.aligned.segment_ids is not None
-        _, packed_logs = train_mod.compute_losses(ctx, packed, weights)
-        split = ctx.reader.read_rows(rows, [*ctx.fields, "segment_ids"])
-        documents = train_mod.build_batch(ctx, signal_from_arrays(split_segments(split, 32)[0]))
+        _, packed_logs = run.learner(packed, weights)
+        split = reader.read_rows(rows, [*run.batches.source.fields, "segment_ids"])
+        documents = run.batches.build_batch(signal_from_arrays(split_segments(split, 32)[0]))
         assert documents.aligned.segment_ids is None  # each document alone: the plain 2D-mask path
-        _, document_logs = train_mod.compute_losses(ctx, documents, weights)
+        _, document_logs = run.learner(documents, weights)
     # Both batches hold the same positions in the same order, so every term (a mean over positions with a label,
     # over aligned pairs, or a batch statistic over them) is equal iff no position of the packed row sees another
     # document: the packed loss x its count is the sum of the documents' losses x theirs.
