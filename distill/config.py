@@ -164,7 +164,7 @@ class CacheConfig:
     device: str = "auto"
     """Device for the teacher: auto (cuda if available, else cpu), cpu, cuda, cuda:N."""
     max_rows: int | None = None
-    """Cache only the first N rows of the dataset (after splitting documents into rows)."""
+    """Cache only the first N rows of the dataset (after cutting documents into pieces and packing them)."""
     num_shards: int = 1
     """Shards of a new store (ignored when resuming: the store's own number is used)."""
     shard: str | None = None
