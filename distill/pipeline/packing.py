@@ -44,8 +44,8 @@ def pack_pieces(sizes: np.ndarray, seq_len: int, window: int = PACK_WINDOW) -> n
     """First-fit packing of pieces of ``sizes`` tokens (prefix included, each <= seq_len) into rows of seq_len.
 
     Each piece, in order, goes to the first of the last ``window`` rows opened that still has room for it,
-    else opens a new row. Returns (P,) int64 row indices, non-decreasing in the order rows were opened;
-    the pieces of a row keep their input order. Deterministic.
+    else opens a new row. Returns (P,) int64 the row of each piece, rows numbered in the order they were
+    opened; the pieces of a row keep their input order. Deterministic.
     """
     sizes = np.asarray(sizes, dtype=np.int64)
     if (sizes > seq_len).any() or (sizes < 1).any():
