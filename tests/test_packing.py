@@ -298,7 +298,7 @@ def test_packed_store_through_the_cli_lowers_padding_and_reads_back_each_documen
 
     from distill.cache.reader import CacheReader
     from distill.cli import app
-    from tests.conftest import cache_args
+    from tests.helpers import cache_args
 
     runner = CliRunner()
     shares = {}
@@ -335,7 +335,7 @@ def packed_store(tiny_assets, tmp_path_factory):
     from typer.testing import CliRunner
 
     from distill.cli import app
-    from tests.conftest import cache_args
+    from tests.helpers import cache_args
 
     out = tmp_path_factory.mktemp("packed") / "store"
     result = CliRunner().invoke(app, ["cache-teacher", *cache_args(tiny_assets, out, packing="greedy")])
@@ -350,7 +350,7 @@ def test_student_loss_on_a_packed_row_is_the_sum_of_its_documents_losses(
     from distill.pipeline.curriculum import weights_at
     from distill.pipeline.signals import signal_from_arrays
     from distill.pipeline.train_setup import setup
-    from tests.conftest import train_args
+    from tests.helpers import train_args
     from tests.test_train import make_config
 
     assets = {**train_assets, "store": packed_store}
