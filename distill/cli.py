@@ -261,6 +261,25 @@ def cache_info(
     typer.echo(json.dumps(info, indent=2) if as_json else format_info(info))
 
 
+@cache_app.command("audit")
+def cache_audit(
+    store: Annotated[str, typer.Argument(help="Store path or fsspec URL.")],
+    student: Annotated[str, typer.Option(help="Student (model folder or hub id) whose tokenizer to audit against.")],
+    as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of a table.")] = False,
+    max_rows: Annotated[int, typer.Option(help="Rows read at most, spread over the store.")] = 256,
+) -> None:
+    """Will this pair distill well? Per category of the teacher's next token: where its top-K mass maps on the
+    student side (exact / prefix / tail), the aligned-position rate, next tokens without a student token.
+
+    Example: distill cache audit cache/wt103 --student HuggingFaceTB/SmolLM-135M --json
+    """
+    from distill.pipeline.audit import audit_store, format_audit
+
+    with reported_errors():
+        report = audit_store(store, student, max_rows)
+    typer.echo(json.dumps(report, indent=2) if as_json else format_audit(report))
+
+
 @cache_app.command("verify")
 def cache_verify(
     store: Annotated[str, typer.Argument(help="Store path or fsspec URL.")],

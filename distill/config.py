@@ -25,7 +25,7 @@ RAMPED_TERMS = ("feature", "attention", "layerwise", "contrastive")
 OBJECTIVES: dict[str, tuple[str, ...]] = {
     "full": (),
     "kd-only": RAMPED_TERMS,
-    "ce": ("kd", *RAMPED_TERMS),
+    "ce": ("kd", "alm", *RAMPED_TERMS),
 }
 """Training objective presets -> the terms each one disables (added to ``curriculum.disabled``)."""
 
@@ -37,6 +37,9 @@ class CurriculumConfig:
 
     kd: float = 0.7
     """Weight of the teacher top-K KD term, on from step 0; in [0, 1). lm weighs 1 - kd."""
+    alm: float = 0.0
+    """Weight of the ALM chunk-likelihood term (xtok_losses.alm_loss), on from step 0 next to kd and lm; 0 = off.
+    (``--set kd_mode=alm`` puts ALM in kd's place instead.)"""
     feature: float = 0.1
     """Full weight of the student-aware router feature term (with its balance/importance terms)."""
     attention: float = 0.1
@@ -70,7 +73,7 @@ class CurriculumConfig:
         return 0.0 if term in self.disabled else float(getattr(self, term))
 
     def _validate_weights(self) -> None:
-        for name in ("kd", *RAMPED_TERMS):
+        for name in ("kd", "alm", *RAMPED_TERMS):
             if not getattr(self, name) >= 0:
                 raise ConfigError(f"curriculum.{name} must be >= 0, got {getattr(self, name)}")
         if not self.kd < 1:
@@ -93,10 +96,11 @@ class CurriculumConfig:
 
     def _validate_disabled(self) -> None:
         names = (self.disabled,) if isinstance(self.disabled, str) else tuple(self.disabled)
-        unknown = sorted(set(names) - {"kd", *RAMPED_TERMS})
+        unknown = sorted(set(names) - {"kd", "alm", *RAMPED_TERMS})
         if unknown:
             hint = " (lm is always on; lower kd instead)" if "lm" in unknown else ""
-            raise ConfigError(f"curriculum.disabled has unknown terms {unknown}{hint}; allowed: kd, {RAMPED_TERMS}")
+            allowed = ", ".join(("kd", "alm", *RAMPED_TERMS))
+            raise ConfigError(f"curriculum.disabled has unknown terms {unknown}{hint}; allowed: {allowed}")
         self.disabled = tuple(sorted(set(names)))
 
     def apply_objective(self, objective: str) -> None:
@@ -104,7 +108,7 @@ class CurriculumConfig:
         self.disabled = tuple(sorted({*self.disabled, *OBJECTIVES[objective]}))
 
 
-KD_MODES = ("tail", "projector", "uld")
+KD_MODES = ("tail", "prefix", "alm", "projector", "uld")
 """The kd term's modes (pipeline/terms.py computes each)."""
 
 
@@ -295,8 +299,12 @@ class TrainConfig:
     """KD temperature; must be one of the store's temperatures. Default 1: on a real teacher the stored top-256 hold
     ~95% of the probability at T=1 but ~3% at T=4, where the K+1-bin target is mostly its tail bin (`cache info`
     shows the head mass per stored temperature; `train` warns when it is under half)."""
-    kd_mode: str = "tail"
-    """tail (top-K + tail bin, default) | projector (vocab_proj -> linear -> student vocab) | uld (sorted probs)."""
+    kd_mode: str = "prefix"
+    """prefix (top-K grouped into shared-prefix bins + tail bin, default: the measured best on Gemma 3 -> SmolLM2,
+    docs/real-pairs.md) | tail (exact matches + tail bin) | alm (chunk likelihoods from target_logprob in kd's
+    place) | projector (vocab_proj -> linear -> student vocab) | uld (sorted probs). See docs/cross-tokenizer.md."""
+    alm_temperature: float = 1.0
+    """τ of the ALM term (kd_mode=alm or curriculum.alm > 0): chunk likelihoods are compared as exp(log p / τ)."""
     curriculum: CurriculumConfig = field(default_factory=CurriculumConfig)
     """Term weights and their schedule (see curriculum.py). --set curriculum.kd=0.5 etc."""
     objective: str = "full"
@@ -376,6 +384,7 @@ class TrainConfig:
             (0 <= self.warmup < 1, "--set warmup=F needs 0 <= F < 1"),
             (0 <= self.min_lr_ratio <= 1, "--set min_lr_ratio=F needs 0 <= F <= 1"),
             (self.temperature > 0, "--set temperature=T needs T > 0"),
+            (self.alm_temperature > 0, "--set alm_temperature=T needs T > 0"),
             (self.kd_mode in KD_MODES, f"--set kd_mode must be one of {', '.join(KD_MODES)}"),
             (self.precision in ("auto", "fp32", "bf16", "fp16"), "--set precision must be auto, fp32, bf16 or fp16"),
             (self.parallel in ("ddp", "fsdp"), "--set parallel must be ddp or fsdp"),

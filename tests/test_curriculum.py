@@ -52,7 +52,8 @@ def test_everything_full_at_100_percent_and_beyond():
     for step in (TOTAL, TOTAL + 7):
         weights = weights_at(step, TOTAL, cfg)
         assert {term: weights[term] for term in expected} == expected
-        assert enabled_terms(weights) == set(TERMS)
+        assert enabled_terms(weights) == set(TERMS) - {"alm"}  # ALM is off unless curriculum.alm > 0
+        assert weights["alm"] == 0.0 and weights_at(step, TOTAL, CurriculumConfig(alm=0.3))["alm"] == 0.3
 
 
 def test_lm_is_one_minus_kd_at_every_step():

@@ -16,6 +16,7 @@ from typer.testing import CliRunner
 from distill.cache.reader import CacheReader
 from distill.cli import app
 from distill.config import ConfigError
+from distill.pipeline.categories import categorize_bytes
 from distill.pipeline.evaluate import (
     RowScores,
     bits_per_byte,
@@ -185,6 +186,8 @@ def test_every_model_is_scored_on_identical_bytes_and_a_short_student_only_on_wh
     tokenizer = AutoTokenizer.from_pretrained(short)
     nll = {"teacher": 0.0, "short": 0.0, "student_same_tok": 0.0}
     nbytes = cut_rows = 0
+    category_bytes: dict[str, int] = {}
+    category_nll: dict[str, dict[str, float]] = {}
     for i, text in enumerate(data["text"]):
         n = int(data["length"][i])
         t_spans = [tuple(s) for s in data["offsets"][i, :n].tolist()]
@@ -205,14 +208,26 @@ def test_every_model_is_scored_on_identical_bytes_and_a_short_student_only_on_wh
             continue
         start, end = common[0], common[-1]
         nbytes += len(text[start:end].encode("utf-8"))
-        first, last = found["teacher"][start], found["teacher"][end]
-        nll["teacher"] -= float(data["target_logprob"][i, first:last].double().sum())
+        token_nll = {"teacher": lambda p: -float(data["target_logprob"][i, p - 1])}  # p = the predicted position
         for name, ids in (("short", s_ids), ("student_same_tok", t_ids[None].long())):
             with torch.no_grad():
                 logp = torch.log_softmax(models[name](input_ids=ids).logits[0].double(), -1)
-            first, last = found[name][start], found[name][end]
-            nll[name] -= float(sum(logp[p - 1, ids[0, p]] for p in range(first + 1, last + 1)))
+            token_nll[name] = lambda p, logp=logp, ids=ids: -float(logp[p - 1, ids[0, p]])
+        for a, b in zip(common[:-1], common[1:]):  # the segments every model predicts: [category-bytes note]
+            category = categorize_bytes(text[a:b].encode("utf-8"))
+            category_bytes[category] = category_bytes.get(category, 0) + len(text[a:b].encode("utf-8"))
+            for name, one in token_nll.items():
+                value = sum(one(p) for p in range(found[name][a] + 1, found[name][b] + 1))
+                nll[name] += value
+                category_nll.setdefault(category, {}).setdefault(name, 0.0)
+                category_nll[category][name] += value
     assert cut_rows > 0 and nbytes > 0
+    by_category = report["category_bpb"]
+    assert {c: e["bytes"] for c, e in by_category.items()} == category_bytes and len(category_bytes) >= 3
+    for category, entry in by_category.items():
+        for name, value in category_nll[category].items():
+            assert entry["bpb"][name] == pytest.approx(bits_per_byte(value, category_bytes[category]), rel=1e-5)
+    assert "| model | words" in (out / "report.md").read_text()
     assert report["scored_bytes"] == report["teacher_bytes"] == nbytes
     assert report["teacher_bpb"] == pytest.approx(bits_per_byte(nll["teacher"], nbytes))
     for name in ("short", "student_same_tok"):

@@ -109,7 +109,7 @@ def test_objective_ce_trains_lm_only_and_eval_names_it(train_assets, logits_only
     )
     saved = json.loads((runs["ce"] / "config.json").read_text())["train"]
     assert saved["objective"] == "ce"
-    assert saved["curriculum"]["disabled"] == ["attention", "contrastive", "feature", "kd", "layerwise"]
+    assert saved["curriculum"]["disabled"] == ["alm", "attention", "contrastive", "feature", "kd", "layerwise"]
 
     report_dir = tmp_path / "report"
     result = CliRunner().invoke(

@@ -23,6 +23,10 @@ def test_every_kd_mode_the_config_accepts_is_computed_and_back():
         ({"objective": "ce"}, ["lm"], set()),
         ({"objective": "kd-only", "kd_mode": "projector"}, ["lm", "kd"], {"projector"}),
         ({"objective": "kd-only", "kd_mode": "uld"}, ["lm", "kd"], {"kd"}),
+        ({"objective": "kd-only", "kd_mode": "prefix"}, ["lm", "kd"], {"kd"}),
+        ({"objective": "kd-only", "kd_mode": "alm"}, ["lm", "kd"], {"alm"}),
+        ({"objective": "kd-only", "curriculum": {"alm": 0.5}}, ["lm", "kd", "alm"], {"kd", "alm"}),
+        ({"objective": "ce", "curriculum": {"alm": 0.5}}, ["lm"], set()),
         ({"curriculum": {"feature": 0, "layerwise": 0, "contrastive": 0}}, ["lm", "kd", "attention"],
          {"kd", "attention"}),
         ({"curriculum": {"disabled": ["attention"]}}, ["lm", "kd", "feature", "layerwise", "contrastive"],
@@ -37,13 +41,14 @@ def test_the_objective_decides_the_terms_and_the_fields_read(settings, terms, si
 
 def test_part_weights_follow_the_curriculum_by_hand():
     cfg = TrainConfig(balance_coef=0.5, importance_coef=0.25, router_attention_coef=0.1, kd_mode="projector")
-    w = {"kd": 0.7, "lm": 0.3, "feature": 0.1, "attention": 0.2, "layerwise": 0.0, "contrastive": 0.05}
+    w = {"kd": 0.7, "lm": 0.3, "alm": 0.4, "feature": 0.1, "attention": 0.2, "layerwise": 0.0, "contrastive": 0.05}
     assert part_weights(cfg, w) == pytest.approx(
         {
             "lm": 0.3,
             "lm_unaligned": 0.7,
             "kd": 0.7,
             "projector_anchor": 0.7,
+            "alm": 0.4,
             "feature": 0.1,
             "router_balance": 0.05,
             "router_importance": 0.025,

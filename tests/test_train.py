@@ -293,12 +293,16 @@ def test_reference_configs_load_and_validate():
     assert cache.top_k == 256 and cache.teacher == "huihui-ai/Huihui-MoE-1B-A0.6B"
 
 
-@pytest.mark.parametrize("mode", ["projector", "uld"])
+@pytest.mark.parametrize("mode", ["projector", "uld", "prefix", "alm"])
 def test_alternative_kd_modes_train_through_the_same_loop(train_assets, tmp_path, mode):
     out = tmp_path / mode
-    run_train(train_args(train_assets, out, kd_mode=mode), steps=2, log_every=1, eval_every=2)
+    extra = {"curriculum.alm": 0.5} if mode == "prefix" else {}  # prefix also carries an ALM term next to kd
+    run_train(train_args(train_assets, out, kd_mode=mode, **extra), steps=2, log_every=1, eval_every=2)
     records = [r for r in read_metrics(out) if r["split"] == "train"]
     assert all(0 < r["loss/kd"] < 20 and r["weight/kd"] == pytest.approx(0.7) for r in records)
+    if mode == "prefix":
+        assert all(0 < r["loss/alm"] < 20 and r["weight/alm"] == pytest.approx(0.5) for r in records)
+        assert list((out / "vocab_map").glob("prefix_map-v1-*.npz"))
     if mode == "projector":  # the projector is anchored on the next student token, logged as its own term
         assert all("loss/projector_anchor" in r for r in records)
 

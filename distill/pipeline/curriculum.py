@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from distill.config import RAMPED_TERMS, CurriculumConfig
 
-TERMS = ("kd", "lm", *RAMPED_TERMS)
+TERMS = ("kd", "lm", "alm", *RAMPED_TERMS)
 
 
 def compute_ramp(progress: float, start: float, end: float) -> float:
@@ -41,7 +41,7 @@ def weights_at(step: int, total_steps: int, cfg: CurriculumConfig) -> dict[str, 
         raise ValueError(f"step must be >= 0, got {step}")
     progress = min(step / total_steps, 1.0)
     kd = cfg.base_weight("kd")
-    weights = {"kd": kd, "lm": 1.0 - kd}
+    weights = {"kd": kd, "lm": 1.0 - kd, "alm": cfg.base_weight("alm")}
     for term in RAMPED_TERMS:
         start, end = getattr(cfg, f"{term}_ramp")
         on = progress >= cfg.kd_only_until
@@ -56,7 +56,7 @@ def enabled_terms(weights: dict[str, float]) -> set[str]:
 
 def active_terms(cfg: CurriculumConfig) -> list[str]:
     """The terms that weigh at some point of the run (base weight > 0, not disabled); lm always does."""
-    terms = [t for t in ("kd", *RAMPED_TERMS) if cfg.base_weight(t) > 0]
+    terms = [t for t in ("kd", "alm", *RAMPED_TERMS) if cfg.base_weight(t) > 0]
     return [*(["kd"] if "kd" in terms else []), "lm", *(t for t in terms if t != "kd")]
 
 
@@ -64,4 +64,4 @@ def eval_weights(cfg: CurriculumConfig) -> dict[str, float]:
     """The fixed weights evals are scored with (base kd, lm = 1 - kd, every ramped term 0), so that evals are
     comparable across the run."""
     kd = cfg.base_weight("kd")
-    return {"kd": kd, "lm": 1.0 - kd, **dict.fromkeys(RAMPED_TERMS, 0.0)}
+    return {"kd": kd, "lm": 1.0 - kd, "alm": cfg.base_weight("alm"), **dict.fromkeys(RAMPED_TERMS, 0.0)}

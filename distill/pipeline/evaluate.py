@@ -63,6 +63,7 @@ from distill.pipeline.align import (
     pad_vocab_map,
 )
 from distill.pipeline.curriculum import active_terms
+from distill.pipeline.eval_categories import format_category_table, score_categories, summarize_categories
 from distill.pipeline.losses import kd_tail_loss
 from distill.pipeline.packing import split_segments
 from distill.pipeline.tokens import prefix_ids
@@ -482,6 +483,8 @@ def format_report(report: dict[str, Any]) -> str:
             f"| {name} | {format_objective(s)} | {s['bpb']:.4f}{_format_interval(s['bpb_ci'])} | {gap} | "
             f"{s['kd_loss']:.4f} | {100 * s['top1_agreement']:.1f}% | {s['ece']:.4f} |"
         )
+    if report.get("category_bpb"):
+        lines += format_category_table(report["category_bpb"])
     lines += [
         "",
         f"Every model is scored on the same {report['scored_bytes']:,} bytes of {report['rows']} rows of "
@@ -558,6 +561,7 @@ def run_eval(
         students[s.name] = {**s.training, **metrics, "rows_held_out": len(s.rows)}
         scores.append(student_scores)
     nll, nbytes = score_identical_bytes(texts, scores)
+    categories = summarize_categories(*score_categories(texts, scores), ["teacher", *students])
     total_bytes = int(nbytes.sum())
     bpb = [bits_per_byte(float(nll[m].sum()), total_bytes) for m in range(len(scores))]
     samples = bootstrap_bpb(nll, nbytes)
@@ -592,6 +596,7 @@ def run_eval(
         "baseline": baseline,
         "split": split,
         "students": students,
+        "category_bpb": categories,
         "plots": plots,
     }
     (out / "report.json").write_text(json.dumps(report, indent=2))

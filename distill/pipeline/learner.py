@@ -28,6 +28,7 @@ from distill.pipeline.packing import next_in_segment, segment_position_ids
 from distill.pipeline.router import standardize_hidden
 from distill.pipeline.signals import TeacherSignal
 from distill.pipeline.terms import KD_MODES, part_weights, run_terms
+from distill.pipeline.xtok_losses import alm_from_hidden
 
 # --- what the terms read --------------------------------------------------------------------
 
@@ -42,6 +43,7 @@ class TeacherFacts:
     layer_map: dict[int, int]  # student hidden layer -> teacher hidden layer
     attention_map: dict[int, int]  # student block -> teacher block
     stats: dict[int, tuple[Tensor, Tensor]]  # teacher layer -> (mean, std) of stored hidden
+    prefix_bins: tuple[Tensor, Tensor] | None = None  # kd_mode=prefix: teacher (V_t,) and student bins, prefix_map.py
 
 
 class StepView:
@@ -91,10 +93,13 @@ class StepView:
         hidden = self.out.last_hidden_state  # (B, Ls, D)
         bsz, length = self.input_ids.shape
         unaligned = None
-        if "kd" in self.on and not self.facts.same_tokenizer:  # positions without a teacher target: [unaligned-lm note]
+        # positions without a teacher target: [unaligned-lm note]; ALM's chunks cover every position between
+        if "kd" in self.on and not self.facts.same_tokenizer and self.cfg.kd_mode != "alm":
             unaligned = torch.ones_like(self.labels, dtype=torch.bool)
             unaligned[self.b, self.sp] = False
-        fused_kd = "kd" in self.on and KD_MODES[self.cfg.kd_mode].fused
+        mode = self.cfg.kd_mode
+        same_bins = mode == "prefix" and self.facts.prefix_bins is None  # one tokenizer: every bin one token
+        fused_kd = "kd" in self.on and (KD_MODES[mode].fused or same_bins)
         lm, lm_unaligned, kd = lm_and_kd_from_hidden(
             hidden.reshape(bsz * length, -1),
             self.learner.student.get_output_embeddings(),
@@ -105,6 +110,22 @@ class StepView:
             self.cfg.temperature,
         )
         return {"lm": lm, "lm_unaligned": lm_unaligned, "kd": kd}
+
+    @cached_property
+    def alm(self) -> Tensor:
+        """The ALM loss of the batch's chunks (xtok_losses.alm_from_hidden), shared by kd_mode=alm and the alm term."""
+        loss, chunks = alm_from_hidden(
+            self.out.last_hidden_state,
+            self.learner.student.get_output_embeddings(),
+            self.labels,
+            self.sig.target_logprob,
+            self.b,
+            self.tp,
+            self.sp,
+            self.cfg.alm_temperature,
+        )
+        self.logs["alm_chunks"] = float(chunks)
+        return loss
 
     @cached_property
     def aligned_logits(self) -> Tensor:

@@ -27,6 +27,7 @@ class TeacherSignal:
 
     input_ids (B, L) int64; length (B,) int64; offsets (B, L, 2) int64; text: B strings;
     topk_ids (B, L, K) int64; topk_logits (B, L, K) fp16; lse (B, L, nT) fp32;
+    target_logprob (B, L) fp32;
     vocab_proj (B, L, H) fp16; hidden {layer: (B, L, D) fp16}; attn {layer: ((B, L, Ka) fp16, (B, L, Ka) int64)};
     segment_ids (B, L) int64 in packed stores ([packing note] in packing.py), else None.
     Fields that no enabled loss term needs are None / empty.
@@ -40,6 +41,7 @@ class TeacherSignal:
     topk_ids: torch.Tensor | None = None
     topk_logits: torch.Tensor | None = None
     lse: torch.Tensor | None = None
+    target_logprob: torch.Tensor | None = None
     vocab_proj: torch.Tensor | None = None
     hidden: dict[int, torch.Tensor] | None = None
     attn: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None
@@ -56,6 +58,7 @@ class TeacherSignal:
             topk_ids=move(self.topk_ids),
             topk_logits=move(self.topk_logits),
             lse=move(self.lse),
+            target_logprob=move(self.target_logprob),
             vocab_proj=move(self.vocab_proj),
             hidden={k: move(v) for k, v in (self.hidden or {}).items()},
             attn={k: (move(v), move(i)) for k, (v, i) in (self.attn or {}).items()},
@@ -64,12 +67,14 @@ class TeacherSignal:
 
 
 def signal_fields(layout: dict[str, Any], need: set[str]) -> list[str]:
-    """Store fields to read for the loss families in ``need`` (kd, projector, hidden, attention)."""
+    """Store fields to read for the loss families in ``need`` (kd, projector, alm, hidden, attention)."""
     fields = list(BASE_FIELDS)
     if "kd" in need:
         fields += ["topk_ids", "topk_logits", "lse"]
     if "projector" in need:
         fields += ["vocab_proj"]
+    if "alm" in need:
+        fields += ["target_logprob"]
     if "hidden" in need:
         fields += [f"hidden/{layer}" for layer in layout["hidden_layers"]]
     if "attention" in need:
@@ -93,6 +98,7 @@ def signal_from_arrays(data: dict[str, Any]) -> TeacherSignal:
         topk_ids=data.get("topk_ids"),
         topk_logits=data.get("topk_logits"),
         lse=data.get("lse"),
+        target_logprob=data.get("target_logprob"),
         vocab_proj=data.get("vocab_proj"),
         hidden=hidden or None,
         attn=attn or None,

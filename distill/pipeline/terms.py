@@ -47,6 +47,7 @@ from distill.pipeline.router import (
     StudentProjection,
     expert_usage,
 )
+from distill.pipeline.xtok_losses import kd_prefix_loss
 
 if TYPE_CHECKING:
     from distill.pipeline.learner import StepView
@@ -88,6 +89,35 @@ def compute_kd_uld(view: StepView) -> dict[str, Tensor]:
 def compute_kd_tail(view: StepView) -> dict[str, Tensor]:
     kd = view.head["kd"]  # fused into the output-layer pass
     return {"kd": kd if kd is not None else kd_tail_loss(view.aligned_logits, *view.kd_inputs(), view.cfg.temperature)}
+
+
+def compute_kd_prefix(view: StepView) -> dict[str, Tensor]:
+    """Shared-prefix bins ([prefix-bin note] in prefix_map.py); with one tokenizer every token is its own bin."""
+    if view.facts.prefix_bins is None:
+        return compute_kd_tail(view)
+    b, tp, sig = view.b, view.tp, view.sig
+    logits = view.aligned_logits  # (N, Vs)
+    teacher_bin, student_bin = (bins.to(logits.device) for bins in view.facts.prefix_bins)
+    if student_bin.shape[0] < logits.shape[-1]:  # embedding rows past the tokenizer: no bin
+        student_bin = torch.cat([student_bin, student_bin.new_full((logits.shape[-1] - student_bin.shape[0],), -1)])
+    return {
+        "kd": kd_prefix_loss(
+            logits,
+            teacher_bin[sig.topk_ids[b, tp]],
+            sig.topk_logits[b, tp],
+            sig.lse[b, tp, view.facts.t_index],
+            student_bin[: logits.shape[-1]],
+            view.cfg.temperature,
+        )
+    }
+
+
+def compute_kd_alm(view: StepView) -> dict[str, Tensor]:
+    return {"kd": view.alm}
+
+
+def compute_alm(view: StepView) -> dict[str, Tensor]:
+    return {"alm": view.alm}
 
 
 def compute_feature(view: StepView) -> dict[str, Tensor]:
@@ -211,6 +241,8 @@ KD_MODES: dict[str, KdMode] = {
     "tail": KdMode(frozenset({"kd"}), compute_kd_tail, fused=True),
     "projector": KdMode(frozenset({"projector"}), compute_kd_projector, parts=("kd", "projector_anchor")),
     "uld": KdMode(frozenset({"kd"}), compute_kd_uld),
+    "prefix": KdMode(frozenset({"kd"}), compute_kd_prefix),
+    "alm": KdMode(frozenset({"alm"}), compute_kd_alm),
 }
 
 
@@ -225,7 +257,7 @@ class Term:
     compute: Callable[[StepView], dict[str, Tensor]]
     """The parts' raw values (only those whose weight is > 0 need be computed)."""
     signals: Callable[[TrainConfig], frozenset[str]] = lambda cfg: frozenset()
-    """Teacher signal families it reads: kd, projector, hidden, attention (signals.signal_fields)."""
+    """Teacher signal families it reads: kd, projector, alm, hidden, attention (signals.signal_fields)."""
     student_outputs: frozenset[str] = frozenset()
     """Extra student outputs it reads: hidden_states, attentions (the latter needs eager attention)."""
     build: Callable[[BuildInputs], dict[str, nn.Module]] = lambda x: {}
@@ -250,6 +282,7 @@ TERMS: tuple[Term, ...] = (
         signals=lambda cfg: KD_MODES[cfg.kd_mode].signals,
         build=build_kd,
     ),
+    Term("alm", lambda cfg, w: {"alm": w["alm"]}, compute_alm, signals=lambda cfg: frozenset({"alm"})),
     Term(
         "feature",
         lambda cfg, w: {

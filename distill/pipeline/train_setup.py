@@ -30,6 +30,7 @@ from distill.pipeline.distributed import init_world, wrap_for_ranks
 from distill.pipeline.learner import Learner, TeacherFacts
 from distill.pipeline.losses import build_layer_map
 from distill.pipeline.packing import check_packed_forward
+from distill.pipeline.prefix_map import load_or_build_prefix_map
 from distill.pipeline.progress import say
 from distill.pipeline.run_dir import prepare_run_dir
 from distill.pipeline.signals import CachedTeacher, LiveTeacher, SignalSource, signal_fields
@@ -138,7 +139,7 @@ def setup(cfg: TrainConfig) -> Run:
     for store in filter(None, (reader, eval_reader)):
         store.require_fields(fields, "needed by the enabled loss terms")
     t_index = reader.temperature_index(cfg.temperature) if "kd" in need else 0
-    if "kd" in need and cfg.kd_mode == "tail" and world.main:
+    if "kd" in need and cfg.kd_mode in ("tail", "prefix") and world.main:
         warn_small_head(reader, cfg.temperature)
     check_layout(cfg, reader.layout)
     student, tokenizer = load_student(cfg, "attention" in need, device)
@@ -214,7 +215,12 @@ def load_teacher_facts(
         for layer in layout["hidden_layers"]:
             mean, std = (reader.root_array(root_array_path(STATS_GROUP, layer, s)) for s in ("mean", "std"))
             stats[layer] = (torch.from_numpy(mean).to(device), torch.from_numpy(std).to(device))
-    return TeacherFacts(same, vocab_map, t_index, layer_map, attention_map, stats)
+    prefix_bins = None
+    if not same and cfg.kd_mode == "prefix" and "kd" in need:
+        pmap = load_or_build_prefix_map(teacher_tokenizer, tokenizer, Path(cfg.out) / "vocab_map")
+        pmap = pmap.padded(reader.manifest["teacher"]["vocab_size"], len(tokenizer))
+        prefix_bins = (torch.from_numpy(pmap.teacher_bin), torch.from_numpy(pmap.student_bin))
+    return TeacherFacts(same, vocab_map, t_index, layer_map, attention_map, stats, prefix_bins)
 
 
 def warn_if_rows_are_cut(reader: CacheReader, rows: np.ndarray, tokenizer: Any, max_length: int) -> None:

@@ -1,0 +1,184 @@
+"""Cross-tokenizer loss terms that need only the cached fields: prefix-bin KD and ALM chunk likelihoods.
+
+Pure tensor functions, like losses.py (means over valid positions or chunks, fp32 reductions,
+exact 0 in the graph when nothing is valid). `N` = aligned positions, `Vs` = student vocabulary,
+`K` = cached top-K, `C` = chunks, `B`/`L` = rows/positions.
+
+- `kd_prefix_loss`  teacher top-K grouped into the bins of `prefix_map.py` vs the student's bins (`kd_mode=prefix`)
+- `find_chunks`     chunk boundaries where both tokenizations end (consecutive aligned positions of a row)
+- `sum_chunk_logprobs` per-chunk sums of per-position next-token log-probs (teacher's `target_logprob`, student's)
+- `alm_loss`        approximate likelihood matching: binarized KL between chunk likelihoods (Minixhofer et al., 2025)
+- `next_token_logprobs_from_hidden`, `alm_from_hidden` the student side of ALM from its last hidden state, sliced
+
+What each target approximates and misses: docs/cross-tokenizer.md.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from distill.pipeline.losses import _LOG_ZERO, _HeadStatistics, _select_rows, _zero, log1mexp
+
+_TINY_MASS = 1e-30  # a student bin below this is scored as holding this much (log -69), never log 0 = -inf
+
+
+def kd_prefix_loss(
+    student_logits: Tensor,
+    teacher_bins: Tensor,
+    teacher_logits: Tensor,
+    teacher_lse: Tensor,
+    student_bin: Tensor,
+    temperature: float,
+    mask: Tensor | None = None,
+) -> Tensor:
+    """KL over prefix bins + one tail bin × T², mean over positions ([prefix-bin note] in prefix_map.py).
+
+    Args:
+        student_logits: (N, Vs) any float dtype.
+        teacher_bins: (N, K) int64, the bin (a student id) of each teacher top-K token, -1 = tail;
+            several teacher tokens may share a bin (their probabilities add up).
+        teacher_logits: (N, K) raw teacher logits at T=1.
+        teacher_lse: (N,) logsumexp over the full teacher vocabulary of logits / T.
+        student_bin: (Vs,) int64, the bin of every student token, -1 = tail.
+        temperature: T, the one `teacher_lse` was stored for.
+        mask: (N,) bool or None.
+
+    With t_b = Σ_{teacher head tokens in bin b} t_i, s_b = Σ_{student tokens in bin b} s_j over the bins
+    the teacher's head reaches, r_t = 1 - Σ_b t_b and r_s = the student's mass in every other bin or in
+    none: KL = Σ_b t_b (log t_b - log s_b) + r_t (log r_t - log r_s). With every token its own bin it is
+    `kd_tail_loss`; r_s is summed from the non-head bins directly ([tail-bin note] in losses.py).
+    """
+    student_logits, teacher_bins, teacher_logits, teacher_lse = _select_rows(
+        mask, student_logits, teacher_bins, teacher_logits, teacher_lse
+    )
+    if student_logits.shape[0] == 0:
+        return _zero(student_logits)
+    n, vocab = student_logits.shape
+    spare = vocab  # column collecting tokens without a bin
+    s_prob = F.softmax(student_logits.float() / temperature, dim=-1)  # (N, Vs)
+    s_cols = torch.where(student_bin >= 0, student_bin, spare).to(s_prob.device).expand(n, -1)
+    s_bin = torch.zeros(n, vocab + 1, device=s_prob.device).scatter_add(1, s_cols, s_prob)  # (N, Vs + 1)
+
+    t_logp = teacher_logits.float() / temperature - teacher_lse.float().unsqueeze(-1)  # (N, K)
+    t_cols = torch.where(teacher_bins >= 0, teacher_bins, spare).long()
+    t_bin = torch.zeros_like(s_bin).scatter_add(1, t_cols, t_logp.exp())  # (N, Vs + 1)
+    in_head = torch.zeros_like(s_bin, dtype=torch.bool).scatter_(1, t_cols, True)
+    in_head[:, spare] = False
+    log_head_t = torch.where(teacher_bins >= 0, t_logp, _LOG_ZERO).logsumexp(dim=-1)  # (N,)
+    log_tail_t = log1mexp(log_head_t)
+    tail_s = torch.where(in_head, 0.0, s_bin).sum(dim=-1)  # (N,) includes the spare column
+    has_tail = tail_s > 0
+    log_tail_s = torch.where(has_tail, tail_s, 1.0).log()
+
+    scored = in_head & (t_bin > 0)
+    log_s_bin = s_bin.clamp(min=_TINY_MASS).log()
+    head = torch.where(scored, t_bin * (torch.where(scored, t_bin, 1.0).log() - log_s_bin), 0.0).sum(dim=-1)
+    tail = torch.where(has_tail, log_tail_t.exp() * (log_tail_t - log_tail_s), 0.0)
+    return (head + tail).mean() * temperature**2
+
+
+# --- approximate likelihood matching -----------------------------------------------------
+
+
+def find_chunks(batch_idx: Tensor, teacher_pos: Tensor, student_pos: Tensor) -> tuple[Tensor, ...]:
+    """Chunks between consecutive aligned positions of the same row.
+
+    batch_idx, teacher_pos, student_pos: (A,) int64 aligned pairs, grouped by row and increasing within
+    it (`AlignedBatch`). Pair i and i+1 of one row end at the same characters e_i < e_{i+1} on both sides,
+    so teacher tokens t_i+1..t_{i+1} and student tokens s_i+1..s_{i+1} spell the same text[e_i:e_{i+1}].
+    Returns (row, t_start, t_end, s_start, s_end), each (C,) int64: chunk c is predicted by teacher positions
+    t_start..t_end-1 and student positions s_start..s_end-1. The text before a row's first aligned position
+    is no chunk (a model without a BOS cannot predict its first token).
+    """
+    same_row = batch_idx[1:] == batch_idx[:-1]  # (A - 1,)
+    keep = same_row.nonzero()[:, 0]
+    return batch_idx[keep], teacher_pos[keep], teacher_pos[keep + 1], student_pos[keep], student_pos[keep + 1]
+
+
+def sum_chunk_logprobs(logprobs: Tensor, row: Tensor, start: Tensor, end: Tensor) -> Tensor:
+    """Sum of logprobs[row, start:end] per chunk, (C,) fp32.
+
+    logprobs: (B, L) per-position log-probability of the actual next token (position p predicts p+1);
+    non-finite values (the teacher's NaN past a row's last token) count as 0 and must lie outside every chunk.
+    Exact sums by float64 prefix sums; differentiable.
+    """
+    values = torch.nan_to_num(logprobs.double(), nan=0.0, posinf=0.0, neginf=0.0)
+    prefix = F.pad(values.cumsum(dim=1), (1, 0))  # (B, L + 1)
+    return (prefix[row, end] - prefix[row, start]).float()
+
+
+def alm_loss(
+    student_chunk_logp: Tensor, teacher_chunk_logp: Tensor, temperature: float = 1.0, mask: Tensor | None = None
+) -> Tensor:
+    """Binarized KL between the teacher's and the student's chunk likelihoods, mean over chunks.
+
+    Args:
+        student_chunk_logp: (C,) log q of each chunk under the student (sum over its tokens).
+        teacher_chunk_logp: (C,) log p of the same chunks under the teacher (sum of cached `target_logprob`).
+        temperature: τ; each side's likelihood is taken as exp(log p / τ) (τ > 1 softens long chunks).
+        mask: (C,) bool or None.
+
+    Per chunk, with p = exp(log p / τ), q = exp(log q / τ): p (log p - log q) + (1 - p) (log(1 - p) - log(1 - q)),
+    the KL between the two "this chunk / anything else" coins (approximate likelihood matching, Minixhofer et
+    al. 2025, binarized f-divergence with f = KL). 0 iff q = p; log(1 - ·) via log1mexp, both sides at <= -1e-7.
+    """
+    student_chunk_logp, teacher_chunk_logp = _select_rows(mask, student_chunk_logp, teacher_chunk_logp)
+    if student_chunk_logp.shape[0] == 0:
+        return _zero(student_chunk_logp)
+    log_q = (student_chunk_logp.float() / temperature).clamp(max=-1e-7)
+    log_p = (teacher_chunk_logp.float() / temperature).clamp(max=-1e-7)
+    p = log_p.exp()
+    kl = p * (log_p - log_q) + (1 - p) * (log1mexp(log_p) - log1mexp(log_q))
+    return kl.mean()
+
+
+def next_token_logprobs_from_hidden(
+    hidden: Tensor, head: torch.nn.Module, labels: Tensor, slice_size: int = 256
+) -> Tensor:
+    """log q(label) of every position from the last hidden state, slice by slice ([sliced-logits note] in losses.py).
+
+    hidden: (P, D); head: the student's output layer D -> V; labels: (P,) next tokens, -100 where none.
+    Returns (P,) fp32, 0 where the label is -100; differentiable with respect to hidden and the head.
+    """
+    device_type = hidden.device.type
+    autocast = torch.is_autocast_enabled(device_type)
+    compute_dtype = torch.get_autocast_dtype(device_type) if autocast else head.weight.dtype
+    valid = labels != -100
+    lse1, z_label, *_ = _HeadStatistics.apply(
+        hidden,
+        head.weight,
+        getattr(head, "bias", None),
+        labels.clamp(min=0),
+        None,
+        None,
+        1.0,
+        slice_size,
+        compute_dtype,
+    )
+    return torch.where(valid, z_label - lse1, 0.0)
+
+
+def alm_from_hidden(
+    hidden: Tensor,
+    head: torch.nn.Module,
+    labels: Tensor,
+    target_logprob: Tensor,
+    batch_idx: Tensor,
+    teacher_pos: Tensor,
+    student_pos: Tensor,
+    temperature: float = 1.0,
+) -> tuple[Tensor, int]:
+    """The `alm` term of a batch: chunks between aligned positions, the teacher's likelihoods from the cache.
+
+    hidden: (B, Ls, D) student last hidden state; labels: (B, Ls) next student tokens (-100: none);
+    target_logprob: (B, L) cached teacher log p of its next token; batch_idx, teacher_pos, student_pos: (A,)
+    aligned pairs (`AlignedBatch`). Returns (`alm_loss` over the batch's chunks, number of chunks).
+    """
+    bsz, length = labels.shape
+    row, t_start, t_end, s_start, s_end = find_chunks(batch_idx, teacher_pos, student_pos)
+    student_logp = next_token_logprobs_from_hidden(hidden.reshape(bsz * length, -1), head, labels.reshape(-1))
+    student_chunks = sum_chunk_logprobs(student_logp.reshape(bsz, length), row, s_start, s_end)
+    teacher_chunks = sum_chunk_logprobs(target_logprob.float(), row, t_start, t_end)
+    return alm_loss(student_chunks, teacher_chunks, temperature), int(row.numel())
