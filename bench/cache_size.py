@@ -122,6 +122,7 @@ def main() -> None:
             max_rows=size["rows"],
             batch_size=size["batch_size"],
             device="cpu",
+            packing="none",  # the rows plan_rows rebuilds below to check the store, one piece each
         )
         cache_teacher.run(cfg)
         info = store_info(str(store))

@@ -128,6 +128,7 @@ def main() -> None:
             chunk_rows=size["batch_size"],
             calibration_rows=size["batch_size"],
             device=str(device),
+            packing="none",  # the rows the forward variants run (plan_rows below), one piece each
         )
         model = load_teacher(cfg, device, dtype, need_attention=True)
         tokenizer = load_teacher_tokenizer(cfg)

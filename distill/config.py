@@ -125,7 +125,7 @@ class CacheConfig:
             "teacher", "revision", "trust_remote_code", "dataset", "dataset_config", "split", "text_field", "max_rows"
         ),
         "Stored outputs": (
-            "seq_len", "top_k", "temperatures", "hidden_layers", "hidden_dim", "calibration_rows",
+            "seq_len", "packing", "top_k", "temperatures", "hidden_layers", "hidden_dim", "calibration_rows",
             "attention_layers", "attention_topk", "vocab_proj", "vocab_proj_temperature",
         ),
         "Store": ("out", "overwrite", "num_shards", "shard", "chunk_rows"),
@@ -145,7 +145,11 @@ class CacheConfig:
     text_field: str = "text"
     """The column holding the documents' text."""
     seq_len: int = 512
-    """Teacher tokens per row. Longer documents become several rows; shorter ones are padded (never packed)."""
+    """Teacher tokens per row. Longer documents are cut into pieces of at most this many tokens (prefix included)."""
+    packing: str = "greedy"
+    """How pieces become rows: ``greedy`` (pieces packed first fit, several documents per row, each with its own
+    prefix, positions and block-diagonal attention; see docs/cache-format.md) or ``none`` (one piece per row,
+    right-padded)."""
     top_k: int = 256
     """How many teacher logits to keep per position (the rest is summarized by the full-vocabulary logsumexp)."""
     temperatures: list[float] = field(default_factory=lambda: [1.0, 2.0, 4.0])
@@ -181,7 +185,7 @@ class CacheConfig:
     output head. One process per machine (not torchrun); --device stays auto; CUDA_VISIBLE_DEVICES picks the GPUs.
     Default: the whole teacher on --device."""
     max_rows: int | None = None
-    """Cache only the first N rows of the dataset (after splitting documents into rows)."""
+    """Cache only the first N rows of the dataset (after cutting documents into pieces and packing them)."""
     num_shards: int = 1
     """Shards of a new store (ignored when resuming: the store's own number is used)."""
     shard: str | None = None
@@ -210,6 +214,7 @@ class CacheConfig:
             (self.calibration_rows >= 1, "--calibration-rows must be at least 1"),
             (self.dtype in ("auto", "fp32", "bf16", "fp16"), "--dtype must be one of auto, fp32, bf16, fp16"),
             (self.on_nonfinite in ("error", "skip"), "--on-nonfinite must be 'error' or 'skip'"),
+            (self.packing in ("none", "greedy"), "--packing must be 'none' or 'greedy'"),
             (self.num_shards >= 1, "--num-shards must be at least 1"),
             (self.max_rows is None or self.max_rows >= 1, "--max-rows must be at least 1"),
             (self.hidden_dim is None or self.hidden_dim >= 1, "--hidden-dim must be at least 1"),

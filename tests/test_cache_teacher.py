@@ -18,8 +18,9 @@ TEMPS = [1.0, 2.0, 4.0]
 
 @pytest.fixture(scope="module")
 def store(tiny_assets, tmp_path_factory) -> Path:
+    """Unpacked, so that each row is compared with the model on that row alone (packed rows: test_packing.py)."""
     out = tmp_path_factory.mktemp("stores") / "main"
-    result = CliRunner().invoke(app, ["cache-teacher", *cache_args(tiny_assets, out)])
+    result = CliRunner().invoke(app, ["cache-teacher", *cache_args(tiny_assets, out, packing="none")])
     assert result.exit_code == 0, result.output
     return out
 

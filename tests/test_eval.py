@@ -33,6 +33,7 @@ from distill.pipeline.evaluate import (
     score_identical_bytes,
     score_row,
 )
+from distill.pipeline.packing import split_segments
 from tests.helpers import run_train, train_args
 
 
@@ -173,9 +174,11 @@ def test_every_model_is_scored_on_identical_bytes_and_a_short_student_only_on_wh
     assert result.exit_code == 0, result.output
     report = json.loads((out / "report.json").read_text())
 
-    data = CacheReader(store).read_rows(
-        CacheReader(store).row_ids, ["input_ids", "length", "offsets", "text", "target_logprob"]
-    )
+    reader = CacheReader(store)
+    fields = ["input_ids", "length", "offsets", "text", "target_logprob"]
+    data = reader.read_rows(reader.row_ids, [*fields, *(["segment_ids"] if reader.packed else [])])
+    if reader.packed:  # each document of a packed row is scored as a row of its own ([packed-eval note])
+        data, _ = split_segments(data, reader.layout["seq_len"])
     models = {
         name: AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
         for name, path in (("short", short), ("student_same_tok", same))
@@ -235,7 +238,8 @@ def test_every_model_is_scored_on_identical_bytes_and_a_short_student_only_on_wh
         assert lo <= s["bpb"] <= hi
     lo, hi = report["teacher_bpb_ci"]
     assert lo <= report["teacher_bpb"] <= hi
-    assert report["bootstrap"] == {"resamples": 1000, "seed": 0, "confidence": 0.95, "unit": "row"}
+    unit = "document segment" if reader.packed else "row"
+    assert report["bootstrap"] == {"resamples": 1000, "seed": 0, "confidence": 0.95, "unit": unit}
 
 
 def test_top1_agreement_leaves_out_teacher_tokens_without_a_student_token(runs, tmp_path):

@@ -192,7 +192,8 @@ def test_short_documents_with_more_attention_keys_than_tokens(tiny_assets, tmp_p
     data = tmp_path / "short.jsonl"
     data.write_text("".join(json.dumps({"text": "The cat sees a red book."}) + "\n" for _ in range(40)))
     store = tmp_path / "store"
-    args = cache_args({**tiny_assets, "data": data}, store, attention_topk=32, calibration_rows=4)
+    # one short document per row (unpacked): rows shorter than the attention keys asked for
+    args = cache_args({**tiny_assets, "data": data}, store, attention_topk=32, calibration_rows=4, packing="none")
     result = invoke("cache-teacher", *args)
     assert result.exit_code == 0, result.output
     rows = CacheReader(str(store)).read_rows([0, 39], ["attn/2", "attn_ids/2", "length"])

@@ -22,10 +22,20 @@ def eval_losses(run_dir: Path) -> dict[int, float]:
 
 
 @pytest.fixture(scope="module")
-def diverging_run(train_assets, tmp_path_factory) -> tuple[Path, str]:
+def unpacked_assets(train_assets, tmp_path_factory) -> dict:
+    """The training assets with a store of one document piece per row (--packing none), on which the lr below
+    was chosen to diverge."""
+    store = tmp_path_factory.mktemp("stores") / "unpacked"
+    result = CliRunner().invoke(app, ["cache-teacher", *cache_args(train_assets, store, packing="none")])
+    assert result.exit_code == 0, result.output
+    return {**train_assets, "store": store}
+
+
+@pytest.fixture(scope="module")
+def diverging_run(unpacked_assets, tmp_path_factory) -> tuple[Path, str]:
     """A run at a constant, far too high lr: its eval loss gets worse after the first steps, so best != last."""
     out = tmp_path_factory.mktemp("runs") / "diverging"
-    args = train_args(train_assets, out, lr=0.1, min_lr_ratio=1, warmup=0, keep_checkpoints=1, objective="kd-only")
+    args = train_args(unpacked_assets, out, lr=0.1, min_lr_ratio=1, warmup=0, keep_checkpoints=1, objective="kd-only")
     result = run_train(args, steps=6, log_every=1, eval_every=1)
     return out, result.stdout
 
@@ -45,11 +55,11 @@ def test_final_holds_the_best_student_outside_the_rotation(diverging_run):
     assert f"(step {best_step}: best eval loss)" in stdout
 
 
-def test_final_last_holds_the_last_step(train_assets, diverging_run, tmp_path):
+def test_final_last_holds_the_last_step(unpacked_assets, diverging_run, tmp_path):
     from safetensors.torch import load_file
 
     out = tmp_path / "last"
-    args = train_args(train_assets, out, lr=0.1, min_lr_ratio=1, warmup=0, keep_checkpoints=1, objective="kd-only")
+    args = train_args(unpacked_assets, out, lr=0.1, min_lr_ratio=1, warmup=0, keep_checkpoints=1, objective="kd-only")
     run_train(args, steps=6, log_every=1, eval_every=1, extra=("--final", "last"))
     losses = eval_losses(out)
     assert losses == eval_losses(diverging_run[0])  # the same run, deterministically

@@ -38,7 +38,15 @@ def test_the_format_doc_lists_the_dtypes_the_writer_uses():
     rows = re.findall(r"^\| `([a-z_]+)(?:/<l>)?` \| \[[^\]]*\] ([a-z0-9]+)", FORMAT_DOC.read_text(), re.M)
     documented = {name: dtype.replace("string", "str") for name, dtype in rows}
     assert documented.pop("attn_ids") == "int16" and field_dtype("attn_ids/2", 32767) == "int16"
+    assert documented.pop("segment_ids") == "int16" and field_dtype("segment_ids", 32767) == "int16"
     assert documented == FIELD_DTYPES
+
+
+def test_packed_stores_have_a_segment_ids_field():
+    packed = build_field_specs({**LAYOUT, "packing": "greedy"})
+    assert set(packed) - set(build_field_specs(LAYOUT)) == {"segment_ids"}
+    assert packed["segment_ids"].row_shape == (8,) and packed["segment_ids"].dtype == "int16"
+    assert field_dtype("segment_ids", 32768) == "int32"
 
 
 def test_field_specs_take_their_dtypes_from_the_table():

@@ -38,8 +38,17 @@ def measure_head_mass(reader: CacheReader, max_rows: int = HEAD_MASS_ROWS) -> di
     return out
 
 
+def padding_share(tokens: int, rows: int, seq_len: int) -> float | None:
+    """Share of the stored positions (rows x seq_len) that are padding, not tokens; None without rows.
+
+    Every position of a row is stored and run through the teacher, padding too; rows skipped as non-finite
+    (length 0) count as padding. Packing (``layout.packing``) is what lowers it."""
+    positions = rows * seq_len
+    return 1.0 - tokens / positions if positions else None
+
+
 def store_info(url: str) -> dict[str, Any]:
-    """Manifest, row/token counts, shard status and bytes on disk per field and per token."""
+    """Manifest, row/token counts, padding share, shard status and bytes on disk per field and per token."""
     root = open_root(url)
     manifest = load_manifest(root, url)
     shards = shard_records(root, manifest)
@@ -49,13 +58,15 @@ def store_info(url: str) -> dict[str, Any]:
     total = sum(sizes.values()) + sum(extra.values())
     per_token = {name: (b / tokens if tokens else None) for name, b in sizes.items()}
     reader = CacheReader(url, allow_partial=True)
+    rows_committed = sum(min(len(s["checksums"]) * s["chunk_rows"], s["rows"]) for s in shards)
     return {
         "store": url,
         "complete": all(s["status"] == "complete" for s in shards),
         "head_mass": measure_head_mass(reader),
         "rows": manifest["layout"]["num_rows"],
-        "rows_committed": sum(min(len(s["checksums"]) * s["chunk_rows"], s["rows"]) for s in shards),
+        "rows_committed": rows_committed,
         "tokens_committed": tokens,
+        "padding_share": padding_share(tokens, rows_committed, manifest["layout"]["seq_len"]),
         "shards": [
             {
                 "index": s["index"],
@@ -94,6 +105,11 @@ def format_info(info: dict[str, Any]) -> str:
         f"(top {lay['attention_topk']})",
         f"rows       {info['rows_committed']:,}/{info['rows']:,} committed, {info['tokens_committed']:,} tokens",
     ]
+    if info.get("padding_share") is not None:
+        lines.append(
+            f"padding    {100 * info['padding_share']:.1f}% of the {info['rows_committed'] * lay['seq_len']:,} stored "
+            f"positions (packing {lay.get('packing', 'none')})"
+        )
     if info.get("head_mass"):
         lines.append(
             f"head mass  top-{lay['top_k']} share of the teacher's probability, mean (10th percentile): "

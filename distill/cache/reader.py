@@ -3,7 +3,7 @@
 Dtype contract of ``CacheReader.read_rows`` (stage 2 relies on it):
 
 * integer fields (``input_ids``, ``length``, ``row_id``, ``doc_id``, ``offsets``, ``topk_ids``,
-  ``attn_ids/<l>``) come back as ``torch.int64`` whatever their width on disk;
+  ``attn_ids/<l>``, ``segment_ids``) come back as ``torch.int64`` whatever their width on disk;
 * floating fields come back in their stored dtype: ``topk_logits``, ``vocab_proj``,
   ``hidden/<l>``, ``attn/<l>`` as ``torch.float16``; ``lse`` and ``target_logprob`` as
   ``torch.float32``. Casting to the compute dtype is the consumer's job, done explicitly at
@@ -47,6 +47,10 @@ class CacheReader:
         self.root = open_root(url)
         self.manifest = load_manifest(self.root, url)
         self.layout: dict[str, Any] = self.manifest["layout"]
+        if self.layout.get("packing", "none") not in ("none", "greedy"):
+            raise CacheError(
+                f"{url}: rows packed as {self.layout['packing']!r}, which this distill does not read; update distill"
+            )
         self.specs = build_field_specs(self.layout)
         self.shards = shard_records(self.root, self.manifest)
         incomplete = [s for s in self.shards if s["status"] != "complete"]
@@ -80,6 +84,11 @@ class CacheReader:
     @property
     def fields(self) -> list[str]:
         return list(self.specs)
+
+    @property
+    def packed(self) -> bool:
+        """Rows may hold several documents, told apart by the ``segment_ids`` field ([packing note])."""
+        return self.layout.get("packing", "none") != "none"
 
     @property
     def temperatures(self) -> list[float]:

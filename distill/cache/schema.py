@@ -49,12 +49,13 @@ def shard_name(index: int) -> str:
 
 
 def attention_id_dtype(seq_len: int) -> str:
-    """Key positions fit int16 below 32,768 tokens (halves their size); int32 otherwise."""
+    """Key positions (and segment ids) fit int16 below 32,768 tokens (halves their size); int32 otherwise."""
     return "int16" if seq_len <= 32767 else "int32"
 
 
-# The storage dtype of each field, by family (``hidden/6`` is a ``hidden`` field); ``attn_ids`` depends on
-# seq_len (``attention_id_dtype``). Writers cast to these, readers check them, docs/cache-format.md lists them.
+# The storage dtype of each field, by family (``hidden/6`` is a ``hidden`` field); ``attn_ids`` and
+# ``segment_ids`` depend on seq_len (``attention_id_dtype``). Writers cast to these, readers check them,
+# docs/cache-format.md lists them.
 FIELD_DTYPES = {
     "input_ids": "int32",
     "length": "int32",
@@ -75,7 +76,7 @@ FIELD_DTYPES = {
 def field_dtype(name: str, seq_len: int) -> str:
     """The storage dtype of field ``name`` in a store of rows of ``seq_len`` tokens."""
     family = name.split("/", 1)[0]
-    return attention_id_dtype(seq_len) if family == "attn_ids" else FIELD_DTYPES[family]
+    return attention_id_dtype(seq_len) if family in ("attn_ids", "segment_ids") else FIELD_DTYPES[family]
 
 
 def build_field_specs(layout: dict[str, Any]) -> dict[str, FieldSpec]:
@@ -93,6 +94,8 @@ def build_field_specs(layout: dict[str, Any]) -> dict[str, FieldSpec]:
         "lse": (seq, len(layout["temperatures"])),
         "target_logprob": (seq,),
     }
+    if layout.get("packing", "none") != "none":  # several documents per row: where each one starts
+        shapes["segment_ids"] = (seq,)
     if layout.get("vocab_proj", True):  # stores made before the flag existed always held it
         shapes["vocab_proj"] = (seq, layout["teacher_hidden_size"])
     for layer in layout["hidden_layers"]:

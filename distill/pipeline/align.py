@@ -26,6 +26,11 @@ the position is skipped. Among clean tokens ending at the same character the las
 '▁') consume nothing and are ignored. The last token of a row has no next token, so rows are
 only ever cut at clean ends: stage 1 cuts documents there ([cut note] in data.py) and
 `tokenize_for_student` moves a context cut inside a character back to the last clean end.
+
+A packed row ([packing note] in packing.py) holds several document segments; the student reads each
+segment's text on its own (its prefix, then the segment's tokens) and the student row lays them end
+to end with their spans in the row's text, so student and teacher segments occupy the same disjoint
+character ranges and no aligned pair spans two documents.
 """
 
 from __future__ import annotations
@@ -42,6 +47,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from distill.pipeline.packing import build_packed_student_rows, is_packed
 from distill.pipeline.tokens import (  # noqa: F401  (BYTE_LEVEL ... are part of this module's interface)
     BYTE_LEVEL,
     PLAIN,
@@ -332,6 +338,9 @@ class AlignedBatch:
     num_prefix: number of prefix tokens at the start of every student row (its BOS; 0 for none).
     text_end: (B,) int64, the student input of row b consumed exactly `text[b][:text_end[b]]` (the
         row's text, unless the student's context cut it, always at a character boundary).
+    segment_ids: (B, L_s) int64 document segment of each student position for packed rows ([packing
+        note]; the student runs them with `segment_position_ids` and no 2D mask), None when every row is
+        one document.
     """
 
     input_ids: torch.Tensor
@@ -343,6 +352,7 @@ class AlignedBatch:
     student_offsets: list[np.ndarray]
     num_prefix: int
     text_end: torch.Tensor
+    segment_ids: torch.Tensor | None = None
 
 
 def _pad_id(tokenizer: Any) -> int:
@@ -407,6 +417,7 @@ def align_batch(
     *,
     teacher_input_ids: Any = None,
     same_tokenizer: bool = False,
+    teacher_segments: Any = None,
 ) -> AlignedBatch:
     """Tokenize a batch of cached rows for the student and align it with the teacher positions.
 
@@ -415,15 +426,31 @@ def align_batch(
     same_tokenizer: the identity fast path (decide once with `is_same_tokenizer` or the cache
     manifest's tokenizer hash): the student reuses `teacher_input_ids` (B, L), prefix included,
     and text position t aligns with t; no re-tokenization.
+    teacher_segments: (B, L) the `segment_ids` of packed rows ([packing note] in packing.py), or None;
+    when a row holds several segments, each is read on its own and the batch carries `segment_ids`.
     """
     lengths = _to_numpy(teacher_lengths).astype(np.int64).reshape(-1)
     offsets = _to_numpy(teacher_offsets)
     prefix = check_tokenizer(student_tokenizer).prefix
-    if same_tokenizer:
-        if teacher_input_ids is None:
-            raise ValueError("same_tokenizer=True needs teacher_input_ids (the cached `input_ids` field)")
-        if max_length <= len(prefix):
-            raise ValueError(f"max_length must be > {len(prefix)} (the student's prefix tokens), got {max_length}")
+    if max_length <= len(prefix):
+        raise ValueError(f"max_length must be > {len(prefix)} (the student's prefix tokens), got {max_length}")
+    if same_tokenizer and teacher_input_ids is None:
+        raise ValueError("same_tokenizer=True needs teacher_input_ids (the cached `input_ids` field)")
+    segment_ids, num_segments = None, [1] * len(lengths)
+    if is_packed(teacher_segments):
+        reused = _to_numpy(teacher_input_ids) if same_tokenizer else None
+        rows, student_offsets, segments, text_positions = build_packed_student_rows(
+            student_tokenizer, texts, reused, offsets, lengths, _to_numpy(teacher_segments), max_length
+        )
+        alignments = [
+            Alignment(kept, kept.copy(), len(rows[b]), int(lengths[b]))
+            if same_tokenizer
+            else align_offsets(offsets[b], lengths[b], student_offsets[b])
+            for b, kept in enumerate(text_positions)
+        ]
+        segment_ids = _pad_rows(segments, 0)[0]
+        num_segments = [int(row.max(initial=-1)) + 1 for row in segments]
+    elif same_tokenizer:
         rows, student_offsets, alignments = _reuse_teacher_rows(
             _to_numpy(teacher_input_ids), offsets, lengths, prefix, max_length
         )
@@ -432,7 +459,7 @@ def align_batch(
         alignments = [align_offsets(offsets[b], lengths[b], student_offsets[b]) for b in range(len(rows))]
     input_ids, attention_mask = _pad_rows(rows, _pad_id(student_tokenizer))
     batch_idx, teacher_pos, student_pos = _concat_pairs(alignments)
-    text_positions = sum(max(a.num_student - len(prefix), 0) for a in alignments)
+    text_positions = sum(max(a.num_student - len(prefix) * k, 0) for a, k in zip(alignments, num_segments))
     aligned_share = sum(a.num_aligned for a in alignments) / text_positions if text_positions else 0.0
     text_end = torch.tensor([int(spans[:, 1].max(initial=0)) for spans in student_offsets], dtype=torch.int64)
     return AlignedBatch(
@@ -445,4 +472,5 @@ def align_batch(
         list(student_offsets),
         num_prefix=len(prefix),
         text_end=text_end,
+        segment_ids=segment_ids,
     )

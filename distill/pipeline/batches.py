@@ -44,7 +44,11 @@ class Batcher:
 
     def prepare_batch(self, rows: np.ndarray) -> Batch:
         """CPU work, done ahead of the step on a thread (``BatchStream``)."""
-        sig = self.source.read(rows)
+        return self.build_batch(self.source.read(rows))
+
+    def build_batch(self, sig: TeacherSignal) -> Batch:
+        """The student's batch of a teacher signal: tokenized, aligned, teacher attention keys mapped to its
+        tokens. Packed rows are read document by document ([packing note] in packing.py)."""
         aligned = align_batch(
             sig.text,
             sig.offsets.numpy(),
@@ -53,6 +57,7 @@ class Batcher:
             self.max_length,
             teacher_input_ids=sig.input_ids.numpy(),
             same_tokenizer=self.same_tokenizer,
+            teacher_segments=sig.segment_ids,
         )
         key_spans = None
         if sig.attn:
@@ -63,7 +68,7 @@ class Batcher:
                     aligned.student_offsets[b],
                     len(aligned.student_offsets[b]),
                 )
-                for b in range(len(rows))
+                for b in range(len(sig.text))
             ]
             key_spans = torch.from_numpy(np.stack(spans)).long()
         return Batch(sig, aligned, key_spans, int(aligned.attention_mask.sum()))

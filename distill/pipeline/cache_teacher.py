@@ -35,6 +35,7 @@ from distill.config import CacheConfig, ConfigError
 from distill.pipeline.data import Row, RowBuilder, RowPlan, dataset_identity, load_text_dataset, plan_rows
 from distill.pipeline.fields import FieldSettings, blank_rows, calibrate, compute_batch_fields, field_settings
 from distill.pipeline.manifest import build_layout, build_manifest, text_digest, tokenizer_files
+from distill.pipeline.packing import check_packed_forward
 from distill.pipeline.teacher_model import check_teacher_source, load_teacher, load_teacher_tokenizer, output_device
 from distill.runtime import DTYPE_NAMES, rank_device, resolve_device, resolve_dtype, torchrun_rank
 
@@ -76,9 +77,8 @@ def iter_chunk_batches(builder: RowBuilder, start: int, end: int, batch_size: in
 
 
 def count_tokens(plan: RowPlan, todo: list[tuple[int, int, int]]) -> int:
-    """Text tokens plus each row's prefix, as the rows of ``todo`` hold them."""
-    per_range = ((plan.token_end[a:b] - plan.token_start[a:b]).sum() + len(plan.prefix) * (b - a) for _, a, b in todo)
-    return int(sum(per_range))
+    """Text tokens plus each piece's prefix, as the rows of ``todo`` hold them."""
+    return sum(plan.count_tokens(a, b) for _, a, b in todo)
 
 
 def run(cfg: CacheConfig) -> dict[str, Any]:
@@ -97,7 +97,12 @@ def run(cfg: CacheConfig) -> dict[str, Any]:
     model = load_teacher(cfg, device, dtype, need_attention)
     if cfg.device_map is not None:  # [device-map note] in teacher_model.py
         device = output_device(model)
-    plan = plan_rows(dataset, cfg.text_field, tokenizer, cfg.seq_len).truncated(cfg.max_rows)
+    if cfg.packing != "none":
+        try:
+            check_packed_forward(model, f"--teacher {cfg.teacher}")
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+    plan = plan_rows(dataset, cfg.text_field, tokenizer, cfg.seq_len, packing=cfg.packing).truncated(cfg.max_rows)
     builder = RowBuilder(dataset, cfg.text_field, tokenizer, plan)
     root, manifest = prepare_store(cfg, model, tokenizer, dataset, plan, dtype, device, builder)
     layout = manifest["layout"]
@@ -204,7 +209,7 @@ def compute_chunk(
     if bad_rows and cfg.on_nonfinite == "error":
         raise NonFiniteTeacherOutput(
             f"teacher output is not finite for row {bad_rows[0]} (document "
-            f"{int(plan.doc_index[bad_rows[0]])}) in {DTYPE_NAMES[dtype]}; run the teacher in "
+            f"{plan.first_document(bad_rows[0])}) in {DTYPE_NAMES[dtype]}; run the teacher in "
             "--dtype bf16 or fp32, or pass --on-nonfinite skip to store such rows empty and count them"
         )
     if bad_rows:

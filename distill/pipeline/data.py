@@ -3,12 +3,14 @@
 Rows are cut with the TEACHER tokenizer (`encode_texts`: no special tokens, real spans). Each
 row is the teacher's prefix ids (its BOS, span (0, 0), see [input-as-trained note] in tokens.py)
 followed by at most seq_len - len(prefix) text tokens: a document of n text tokens becomes
-ceil(n / (seq_len - len(prefix))) rows (more if a cut would split a character's byte tokens, see
-[cut note]); rows are never packed, short ones are right-padded, empty and whitespace-only
+ceil(n / (seq_len - len(prefix))) pieces (more if a cut would split a character's byte tokens, see
+[cut note]). Without packing each piece is a row, right-padded; with ``packing: greedy`` the pieces
+are packed first fit into rows of seq_len, each keeping its prefix ([packing note] in packing.py),
+and only what no piece fits is padding. Empty and whitespace-only
 documents are skipped and counted (``empty_documents`` in the manifest); a dataset with no text at
 all, an empty file, a file that is not UTF-8 or a text column that does not hold strings is refused
-with one line. Each row keeps the exact slice of the document its text tokens cover, so
-consecutive rows of a document concatenate back to the whole document, and stage 2 needs no dataset.
+with one line. Each piece keeps the exact slice of the document its text tokens cover, so
+consecutive pieces of a document concatenate back to the whole document, and stage 2 needs no dataset.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ import datasets
 import numpy as np
 
 from distill.config import ConfigError
+from distill.pipeline.packing import PACKING_MODES, build_segment_ids, pack_pieces, shift_spans
 from distill.pipeline.tokens import check_tokenizer, encode_texts, find_clean_cut
 
 LOCAL_BUILDERS = {".json": "json", ".jsonl": "json", ".parquet": "parquet", ".txt": "text", ".csv": "csv"}
@@ -95,11 +98,12 @@ def dataset_identity(ds: datasets.Dataset, source: str, config: str | None, spli
 
 @dataclass
 class RowPlan:
-    """Which document and which of its text tokens each row covers: arrays of length R (rows).
+    """Which document and which of its text tokens each piece covers, and which pieces make each row.
 
-    token_start/token_end index the document's text tokens (`encode_texts`); every row starts
-    with `prefix`, the teacher's prefix ids, so row r holds len(prefix) + token_end[r] - token_start[r]
-    tokens.
+    doc_index, token_start, token_end: (P,) per piece; token_start/token_end index the document's text
+    tokens (`encode_texts`); every piece starts with `prefix`, the teacher's prefix ids, so piece p holds
+    len(prefix) + token_end[p] - token_start[p] tokens. row_pieces: (R + 1,) row r holds pieces
+    row_pieces[r]:row_pieces[r + 1] in order ([packing note] in packing.py); None: one piece per row.
     """
 
     doc_index: np.ndarray
@@ -107,26 +111,68 @@ class RowPlan:
     token_end: np.ndarray
     empty_documents: int
     prefix: tuple[int, ...] = ()
+    row_pieces: np.ndarray | None = None
 
     def __len__(self) -> int:
-        return len(self.doc_index)
+        return len(self.doc_index) if self.row_pieces is None else len(self.row_pieces) - 1
+
+    def pieces(self, row: int) -> range:
+        """Indices of the pieces of ``row``."""
+        if self.row_pieces is None:
+            return range(row, row + 1)
+        return range(int(self.row_pieces[row]), int(self.row_pieces[row + 1]))
+
+    def first_document(self, row: int) -> int:
+        """The document of the row's first piece (the row's ``doc_id``)."""
+        return int(self.doc_index[self.pieces(row)[0]])
+
+    def count_tokens(self, start: int, end: int) -> int:
+        """Tokens of rows [start, end), each piece's prefix included."""
+        if end <= start:
+            return 0
+        first, last = self.pieces(start).start, self.pieces(end - 1).stop
+        sizes = self.token_end[first:last] - self.token_start[first:last] + len(self.prefix)
+        return int(sizes.sum())
 
     def truncated(self, max_rows: int | None) -> RowPlan:
-        if max_rows is None:
+        if max_rows is None or max_rows >= len(self):
             return self
+        pieces = max_rows if self.row_pieces is None else int(self.row_pieces[max_rows])
         return RowPlan(
-            self.doc_index[:max_rows],
-            self.token_start[:max_rows],
-            self.token_end[:max_rows],
+            self.doc_index[:pieces],
+            self.token_start[:pieces],
+            self.token_end[:pieces],
             self.empty_documents,
             self.prefix,
+            None if self.row_pieces is None else self.row_pieces[: max_rows + 1],
         )
 
     def digest(self) -> str:
         h = hashlib.sha256()
-        for a in (self.doc_index, self.token_start, self.token_end, np.asarray(self.prefix)):
+        parts = [self.doc_index, self.token_start, self.token_end, np.asarray(self.prefix)]
+        if self.row_pieces is not None:  # unpacked plans hash as they always did: their stores resume
+            parts.append(self.row_pieces)
+        for a in parts:
             h.update(np.ascontiguousarray(a, dtype=np.int64).tobytes())
         return h.hexdigest()
+
+
+def pack_plan(plan: RowPlan, seq_len: int) -> RowPlan:
+    """The plan's pieces packed first fit into rows of ``seq_len`` tokens ([packing note] in packing.py).
+
+    The pieces are reordered row by row (each row's pieces in their original order)."""
+    sizes = plan.token_end - plan.token_start + len(plan.prefix)
+    rows = pack_pieces(sizes, seq_len)
+    order = np.argsort(rows, kind="stable")
+    row_pieces = np.concatenate([[0], np.cumsum(np.bincount(rows))]).astype(np.int64)
+    return RowPlan(
+        plan.doc_index[order],
+        plan.token_start[order],
+        plan.token_end[order],
+        plan.empty_documents,
+        plan.prefix,
+        row_pieces,
+    )
 
 
 def cut_points(offsets: np.ndarray, seq_len: int) -> list[int]:
@@ -150,12 +196,20 @@ def cut_points(offsets: np.ndarray, seq_len: int) -> list[int]:
 
 
 def plan_rows(
-    dataset: datasets.Dataset, text_field: str, tokenizer: Any, seq_len: int, batch_docs: int = 256
+    dataset: datasets.Dataset,
+    text_field: str,
+    tokenizer: Any,
+    seq_len: int,
+    batch_docs: int = 256,
+    packing: str = "none",
 ) -> RowPlan:
-    """Cut every document of ``dataset`` into rows of at most ``seq_len`` teacher tokens, its prefix included.
+    """Cut every document of ``dataset`` into pieces of at most ``seq_len`` teacher tokens, its prefix included;
+    each piece is a row (``packing: none``) or pieces are packed into rows (``greedy``, see `pack_plan`).
 
     Raises TokenizerError (tokens.py) for a tokenizer that does not reproduce its text.
     """
+    if packing not in PACKING_MODES:
+        raise ConfigError(f"--packing {packing!r}: choose one of {', '.join(PACKING_MODES)}")
     prefix = check_tokenizer(tokenizer).prefix
     if seq_len <= len(prefix):
         raise ConfigError(f"--seq-len {seq_len} leaves no room for text after the teacher's {len(prefix)} prefix ids")
@@ -177,18 +231,24 @@ def plan_rows(
             f"no text to cache: all {len(dataset)} documents are empty or whitespace — check --text-field and the data"
         )
     as_array = lambda x: np.asarray(x, dtype=np.int64)  # noqa: E731
-    return RowPlan(as_array(doc_index), as_array(token_start), as_array(token_end), empty, prefix)
+    plan = RowPlan(as_array(doc_index), as_array(token_start), as_array(token_end), empty, prefix)
+    return pack_plan(plan, seq_len) if packing == "greedy" else plan
 
 
 @dataclass
 class Row:
-    """One row ready for the teacher: ids (its prefix first), offsets into ``text``, the text itself."""
+    """One row ready for the teacher: ids (its prefix first), offsets into ``text``, the text itself.
+
+    segment_ids: (n,) int64 the document segment of each position in a packed row ([packing note]), None
+    for a row of one segment; doc_id is then the document of its first segment.
+    """
 
     row_id: int
     doc_id: int
     input_ids: np.ndarray  # (n,) n <= seq_len, the prefix included
     offsets: np.ndarray  # (n, 2) character spans in ``text``; (0, 0) for the prefix
     text: str
+    segment_ids: np.ndarray | None = None
 
 
 class RowBuilder:
@@ -209,13 +269,27 @@ class RowBuilder:
         return self._docs[doc]
 
     def row(self, row_id: int) -> Row:
-        doc = int(self.plan.doc_index[row_id])
-        a, b = int(self.plan.token_start[row_id]), int(self.plan.token_end[row_id])
+        """Row ``row_id``: its pieces laid end to end, each with its prefix; see [packing note] in packing.py."""
+        prefix = np.asarray(self.plan.prefix, dtype=np.int64)
+        ids, spans, texts, sizes = [], [], [], []
+        char_start = 0
+        for piece in self.plan.pieces(row_id):
+            piece_ids, piece_spans, piece_text = self.piece(piece)
+            ids += [prefix, piece_ids]
+            spans += [np.zeros((len(prefix), 2), dtype=np.int64), shift_spans(piece_spans, char_start)]
+            texts.append(piece_text)
+            sizes.append(len(prefix) + len(piece_ids))
+            char_start += len(piece_text)
+        segment_ids = build_segment_ids(sizes) if len(sizes) > 1 else None
+        doc = self.plan.first_document(row_id)
+        return Row(row_id, doc, np.concatenate(ids), np.concatenate(spans), "".join(texts), segment_ids)
+
+    def piece(self, index: int) -> tuple[np.ndarray, np.ndarray, str]:
+        """Piece ``index``: its text tokens (m,), their spans (m, 2) in its text, and that text."""
+        doc = int(self.plan.doc_index[index])
+        a, b = int(self.plan.token_start[index]), int(self.plan.token_end[index])
         text, ids, offsets = self._document(doc)
         char_start = 0 if a == 0 else int(offsets[a, 0])
         char_end = len(text) if b == len(ids) else int(offsets[b, 0])
-        row_offsets = np.clip(offsets[a:b] - char_start, 0, char_end - char_start)
-        prefix = np.asarray(self.plan.prefix, dtype=np.int64)
-        input_ids = np.concatenate([prefix, ids[a:b]])
-        row_offsets = np.concatenate([np.zeros((len(prefix), 2), dtype=np.int64), row_offsets])
-        return Row(row_id, doc, input_ids, row_offsets, text[char_start:char_end])
+        piece_offsets = np.clip(offsets[a:b] - char_start, 0, char_end - char_start)
+        return ids[a:b], piece_offsets, text[char_start:char_end]

@@ -28,6 +28,12 @@ run held out; when those differ but come from one store, the report uses their i
 and says so (``row_selection``); runs held out on different stores are refused (score them
 with ``--split all --cache STORE``).
 
+[packed-eval note] A packed store's row holds several documents ([packing note] in packing.py).
+Eval scores each document segment as a row of its own (``read_scored_rows``): the teacher's
+``target_logprob`` there already ignores the other segments, each student reads the segment alone
+(the same as reading the packed row with a block-diagonal mask), and the segment's first token
+is predicted only by a model with a prefix, as for any row. The bootstrap then resamples segments.
+
 [bootstrap note] Intervals resample rows with replacement (fixed seed, 1,000 resamples), the
 same rows for every model in a resample, and recompute each bits per byte as a ratio of sums
 and gap closed from them; the interval is the 2.5th-97.5th percentile. Resamples where the
@@ -59,6 +65,7 @@ from distill.pipeline.align import (
 from distill.pipeline.curriculum import active_terms
 from distill.pipeline.eval_categories import format_category_table, score_categories, summarize_categories
 from distill.pipeline.losses import kd_tail_loss
+from distill.pipeline.packing import split_segments
 from distill.pipeline.tokens import prefix_ids
 
 ECE_BINS = 15
@@ -193,11 +200,21 @@ def build_student_spans(ids: np.ndarray, offsets: Any, prefix: list[int]) -> np.
     return np.concatenate([np.zeros((k, 2), dtype=np.int64), text])
 
 
+def read_scored_rows(reader: CacheReader, rows: np.ndarray, fields: list[str]) -> dict[str, Any]:
+    """``reader.read_rows``; for a packed store, one row per document segment ([packed-eval note])."""
+    if not reader.packed:
+        return reader.read_rows(rows, fields)
+    data, _ = split_segments(reader.read_rows(rows, [*fields, "segment_ids"]), reader.layout["seq_len"])
+    return data
+
+
 def teacher_scores(reader: CacheReader, rows: np.ndarray, batch_size: int = 64) -> tuple[list[str], RowScores]:
     """Row texts and the teacher's boundaries and cumulative NLL (from the cached ``target_logprob``)."""
     texts, scores = [], RowScores([], [])
     for start in range(0, len(rows), batch_size):
-        data = reader.read_rows(rows[start : start + batch_size], ["target_logprob", "length", "offsets", "text"])
+        data = read_scored_rows(
+            reader, rows[start : start + batch_size], ["target_logprob", "length", "offsets", "text"]
+        )
         for i, text in enumerate(data["text"]):
             n = int(data["length"][i])
             token_nll = -data["target_logprob"][i, : max(n - 1, 0)].double().numpy()  # position q predicts q + 1
@@ -297,7 +314,7 @@ def evaluate_student(
     scores = RowScores([], [])
     fields = ["input_ids", "length", "offsets", "text", "topk_ids", "topk_logits", "lse"]
     for start in range(0, len(source.rows), batch_size):
-        data = reader.read_rows(source.rows[start : start + batch_size], fields)
+        data = read_scored_rows(reader, source.rows[start : start + batch_size], fields)
         row_args = (data["text"], data["offsets"].numpy(), data["length"].numpy(), tokenizer)
         row_kwargs = dict(teacher_input_ids=data["input_ids"].numpy(), same_tokenizer=same)
         batch = align_batch(*row_args, max_length, **row_kwargs)
@@ -535,7 +552,8 @@ def run_eval(
     store, rows, selection = select_rows(sources)
     check_store(store, verify_cache)
     out.mkdir(parents=True, exist_ok=True)
-    texts, t_scores = teacher_scores(CacheReader(store), rows)
+    reader = CacheReader(store)
+    texts, t_scores = teacher_scores(reader, rows)
     students, scores = {}, [t_scores]
     for s in sources:
         vocab_dir = (s.run_dir / "vocab_map") if s.run_dir is not None else (out / "vocab_map")
@@ -573,7 +591,7 @@ def run_eval(
             "resamples": BOOTSTRAP_RESAMPLES,
             "seed": BOOTSTRAP_SEED,
             "confidence": CONFIDENCE,
-            "unit": "row",
+            "unit": "document segment" if reader.packed else "row",  # [packed-eval note]
         },
         "baseline": baseline,
         "split": split,

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 from distill.cache.schema import PCA_GROUP, STANDARDIZE_GROUP, STATS_GROUP, field_dtype, root_array_path
 from distill.pipeline.data import Row
+from distill.pipeline.packing import next_in_segment, segment_position_ids
 from distill.pipeline.teacher_model import compute_logits, find_logit_transforms, forward_teacher
 
 LOGIT_CHUNK = 256  # positions per lm_head/softmax slice: bounds the (P, vocab) fp32 buffer
@@ -40,6 +41,7 @@ class FieldSettings:
     pca: dict[int, tuple[torch.Tensor, torch.Tensor]]  # layer -> (mean (H,), components (H, D)) of standardized
     vocab_proj: bool = True  # compute vocab_proj (stored only with --vocab-proj)
     standardize: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)  # layer -> (mean, std) (H,)
+    packed: bool = False  # rows may hold several documents: store segment_ids ([packing note] in packing.py)
 
 
 LOGIT_FIELDS = ("topk_logits", "topk_ids", "lse", "target_logprob", "vocab_proj")
@@ -162,6 +164,19 @@ def pad_rows(rows: list[Row]) -> tuple[torch.Tensor, torch.Tensor]:
     return ids, mask
 
 
+def pad_segments(rows: list[Row], width: int) -> torch.Tensor | None:
+    """(B, width) segment ids of a batch holding a packed row (padding continues each row's last segment);
+    None when every row is one document, which then runs with the plain 2D mask."""
+    if all(r.segment_ids is None or not r.segment_ids.any() for r in rows):
+        return None
+    segments = torch.zeros(len(rows), width, dtype=torch.long)
+    for i, r in enumerate(rows):
+        if r.segment_ids is not None and len(r.segment_ids):
+            segments[i, : len(r.segment_ids)] = torch.from_numpy(np.asarray(r.segment_ids, dtype=np.int64))
+            segments[i, len(r.segment_ids) :] = int(r.segment_ids[-1])
+    return segments
+
+
 def compute_batch_fields(
     model: Any, rows: list[Row], s: FieldSettings, device: torch.device, fields: Collection[str] | None = None
 ) -> tuple[dict[str, np.ndarray], list[int]]:
@@ -172,6 +187,9 @@ def compute_batch_fields(
     """
     ids, mask = pad_rows(rows)
     ids, mask = ids.to(device), mask.to(device)
+    segments = pad_segments(rows, ids.shape[1])
+    segments = None if segments is None else segments.to(device)
+    positions = None if segments is None else segment_position_ids(segments)
     lengths = mask.sum(dim=1)
     wanted = None if fields is None else set(fields)
     attention_layers = [layer for layer in s.attention_layers if wanted is None or f"attn/{layer}" in wanted]
@@ -181,9 +199,11 @@ def compute_batch_fields(
     ]
     computed: dict[str, torch.Tensor] = {}
     with torch.inference_mode():
-        out = forward_teacher(model, ids, mask, bool(attention_layers), attention_layers)
+        out = forward_teacher(model, ids, mask, bool(attention_layers), attention_layers, positions)
         if logit_fields:
             computed.update(compute_logit_fields(model, out.last_hidden_state, ids, lengths, s, logit_fields))
+        if segments is not None and "target_logprob" in computed:  # no next token across a document boundary
+            computed["target_logprob"].masked_fill_(~next_in_segment(segments, lengths), float("nan"))
         for layer in hidden_layers:
             computed[f"hidden/{layer}"] = reduce_hidden(out.hidden_states[layer], layer, s)
         for layer in attention_layers:
@@ -225,6 +245,11 @@ def pad_fields(
     for i, r in enumerate(rows):
         out["input_ids"][i, : len(r.input_ids)] = r.input_ids
         out["offsets"][i, : len(r.input_ids)] = r.offsets
+    if s.packed:
+        out["segment_ids"] = np.zeros((n, s.seq_len), dtype=field_dtype("segment_ids", s.seq_len))
+        for i, r in enumerate(rows):
+            if r.segment_ids is not None:
+                out["segment_ids"][i, : len(r.segment_ids)] = r.segment_ids
     for name, values in (
         ("length", [len(r.input_ids) for r in rows]),
         ("row_id", [r.row_id for r in rows]),
@@ -275,8 +300,10 @@ def calibrate(
     for start in range(0, len(rows), batch_size):
         batch = rows[start : start + batch_size]
         ids, mask = pad_rows(batch)
+        segments = pad_segments(batch, ids.shape[1])
+        positions = None if segments is None else segment_position_ids(segments).to(device)
         with torch.inference_mode():
-            out = forward_teacher(model, ids.to(device), mask.to(device), False)
+            out = forward_teacher(model, ids.to(device), mask.to(device), False, None, positions)
         text = text_positions(batch, ids.shape[1]).to(device)
         for layer in hidden_layers:
             samples[layer].append(out.hidden_states[layer][text].float().cpu())
@@ -324,6 +351,7 @@ def field_settings(layout: dict[str, Any], root: Any, device: torch.device) -> F
         pca=load_root_pairs(root, PCA_GROUP, ("mean", "components"), layout["hidden_layers"], device),
         vocab_proj=layout.get("vocab_proj", True),
         standardize=load_root_pairs(root, STANDARDIZE_GROUP, ("mean", "std"), layout["hidden_layers"], device),
+        packed=layout.get("packing", "none") != "none",
     )
 
 

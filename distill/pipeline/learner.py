@@ -24,6 +24,7 @@ from torch import Tensor
 from distill.config import TrainConfig
 from distill.pipeline.batches import Batch
 from distill.pipeline.losses import combine_terms, lm_and_kd_from_hidden
+from distill.pipeline.packing import next_in_segment, segment_position_ids
 from distill.pipeline.router import standardize_hidden
 from distill.pipeline.signals import TeacherSignal
 from distill.pipeline.terms import KD_MODES, part_weights, run_terms
@@ -63,6 +64,9 @@ class StepView:
         self.input_ids, self.mask = a.input_ids.to(device), a.attention_mask.to(device)  # (B, Ls)
         self.b, self.tp, self.sp = a.batch_idx.to(device), a.teacher_pos.to(device), a.student_pos.to(device)  # (N,)
         self.labels = F.pad(self.input_ids[:, 1:].masked_fill(self.mask[:, 1:] == 0, -100), (0, 1), value=-100)
+        if a.segment_ids is not None:  # a document's last token has no label: the next one starts another document
+            segments = a.segment_ids.to(device)
+            self.labels = self.labels.masked_fill(~next_in_segment(segments, self.mask.sum(dim=1)), -100)
         self.logs: dict[str, Any] = {}
 
     def teacher_hidden(self, layer: int) -> Tensor:
@@ -160,11 +164,15 @@ class Learner(nn.Module):
         due = [term for term in self.terms if on & set(term.weights(self.cfg, weights))]
         outputs = {name for term in due for name in term.student_outputs}
         sig = batch.signal.to(self.device)
+        segments = batch.aligned.segment_ids
         with self.autocast():
             # The decoder without its output layer: logits are made slice by slice ([sliced-logits note]).
+            # Packed rows: positions restart per document and the mask is block-diagonal ([packing note]).
             out = self.student.get_decoder()(
                 input_ids=batch.aligned.input_ids.to(self.device),
-                attention_mask=batch.aligned.attention_mask.to(self.device),
+                attention_mask=batch.aligned.attention_mask.to(self.device) if segments is None else None,
+                position_ids=None if segments is None else segment_position_ids(segments.to(self.device)),
+                use_cache=False,
                 output_hidden_states="hidden_states" in outputs,
                 output_attentions="attentions" in outputs,
             )

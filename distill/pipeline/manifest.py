@@ -138,7 +138,7 @@ def build_layout(cfg: CacheConfig, model: Any, plan: RowPlan) -> dict[str, Any]:
         "row_plan_sha256": plan.digest(),
         "max_rows": cfg.max_rows,
         "padding": "right",
-        "packing": "none",
+        "packing": cfg.packing,
     }
 
 

@@ -28,7 +28,8 @@ class TeacherSignal:
     input_ids (B, L) int64; length (B,) int64; offsets (B, L, 2) int64; text: B strings;
     topk_ids (B, L, K) int64; topk_logits (B, L, K) fp16; lse (B, L, nT) fp32;
     target_logprob (B, L) fp32;
-    vocab_proj (B, L, H) fp16; hidden {layer: (B, L, D) fp16}; attn {layer: ((B, L, Ka) fp16, (B, L, Ka) int64)}.
+    vocab_proj (B, L, H) fp16; hidden {layer: (B, L, D) fp16}; attn {layer: ((B, L, Ka) fp16, (B, L, Ka) int64)};
+    segment_ids (B, L) int64 in packed stores ([packing note] in packing.py), else None.
     Fields that no enabled loss term needs are None / empty.
     """
 
@@ -44,6 +45,7 @@ class TeacherSignal:
     vocab_proj: torch.Tensor | None = None
     hidden: dict[int, torch.Tensor] | None = None
     attn: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None
+    segment_ids: torch.Tensor | None = None
 
     def to(self, device: torch.device) -> TeacherSignal:
         move = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
@@ -60,6 +62,7 @@ class TeacherSignal:
             vocab_proj=move(self.vocab_proj),
             hidden={k: move(v) for k, v in (self.hidden or {}).items()},
             attn={k: (move(v), move(i)) for k, (v, i) in (self.attn or {}).items()},
+            segment_ids=self.segment_ids,
         )
 
 
@@ -99,6 +102,7 @@ def signal_from_arrays(data: dict[str, Any]) -> TeacherSignal:
         vocab_proj=data.get("vocab_proj"),
         hidden=hidden or None,
         attn=attn or None,
+        segment_ids=data.get("segment_ids"),
     )
 
 
@@ -118,7 +122,9 @@ class CachedTeacher:
     fields: list[str]
 
     def read(self, rows: np.ndarray) -> TeacherSignal:
-        return signal_from_arrays(self.reader.read_rows(rows, self.fields))
+        """A packed store's rows also bring their ``segment_ids`` ([packing note] in packing.py)."""
+        packed = ["segment_ids"] if self.reader.packed else []
+        return signal_from_arrays(self.reader.read_rows(rows, [*self.fields, *packed]))
 
 
 class LiveTeacher:
@@ -149,7 +155,7 @@ class LiveTeacher:
     def read(self, rows: np.ndarray) -> TeacherSignal:
         from distill.pipeline.fields import compute_batch_fields
 
-        base = self.reader.read_rows(rows, BASE_FIELDS)
+        base = self.reader.read_rows(rows, [*BASE_FIELDS, *(["segment_ids"] if self.reader.packed else [])])
         batch = [
             Row(
                 int(base["row_id"][i]),
@@ -157,6 +163,7 @@ class LiveTeacher:
                 base["input_ids"][i, : int(n)].numpy(),
                 base["offsets"][i, : int(n)].numpy(),
                 base["text"][i],
+                base["segment_ids"][i, : int(n)].numpy() if "segment_ids" in base else None,
             )
             for i, n in enumerate(base["length"].tolist())
         ]

@@ -309,8 +309,12 @@ def forward_teacher(
     attention_mask: torch.Tensor,
     need_attention: bool,
     attention_layers: list[int] | None = None,
+    position_ids: torch.Tensor | None = None,
 ) -> Any:
     """Base-model forward (no logits: those are computed in slices by ``compute_logit_fields``).
+
+    position_ids (B, L): packed rows, positions restarting per document; the forward then gets no 2D mask
+    and builds a block-diagonal causal one from them ([packing note] in packing.py).
 
     With ``need_attention``, ``out.attentions[l - 1]`` holds block l's attention for each l in
     ``attention_layers`` (default: every block): its head average (B, 1, L, L) under the selective
@@ -327,7 +331,8 @@ def forward_teacher(
     try:
         out = base(
             input_ids=input_ids,
-            attention_mask=attention_mask,
+            attention_mask=attention_mask if position_ids is None else None,
+            position_ids=position_ids,
             output_hidden_states=True,
             output_attentions=need_attention,
             use_cache=False,

@@ -29,6 +29,7 @@ from distill.pipeline.batches import Batcher
 from distill.pipeline.distributed import init_world, wrap_for_ranks
 from distill.pipeline.learner import Learner, TeacherFacts
 from distill.pipeline.losses import build_layer_map
+from distill.pipeline.packing import check_packed_forward
 from distill.pipeline.prefix_map import load_or_build_prefix_map
 from distill.pipeline.progress import say
 from distill.pipeline.run_dir import prepare_run_dir
@@ -142,6 +143,11 @@ def setup(cfg: TrainConfig) -> Run:
         warn_small_head(reader, cfg.temperature)
     check_layout(cfg, reader.layout)
     student, tokenizer = load_student(cfg, "attention" in need, device)
+    if any(store.packed for store in filter(None, (reader, eval_reader))):
+        try:
+            check_packed_forward(student, f"--student {cfg.student}")
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
     facts = load_teacher_facts(cfg, reader, tokenizer, student.config.num_hidden_layers, need, t_index, device)
     aux = build_modules(BuildInputs(cfg, reader.layout, student, facts.layer_map)).to(device)
     autocast_dtype = resolve_autocast(cfg.precision, device)
