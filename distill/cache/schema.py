@@ -14,18 +14,23 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-SCHEMA_VERSION = 2  # 2: prefix (BOS) policy in the manifest, standardized hidden states
+from distill.cache.targets import target_field_shapes
+
+SCHEMA_VERSION = 3  # 3: compact teacher targets (layout.targets); 2: prefix (BOS) policy, standardized hidden states
+READABLE_VERSIONS = (2, 3)  # version 2 holds the fixed top-K fp16 targets (kind "topk-fp16"), read as they are
 MANIFEST_ATTR = "distill"
 SHARDS_GROUP = "shards"
 TOKENIZER_GROUP = "teacher_tokenizer"
 STATS_GROUP = "stats"
 PCA_GROUP = "pca"
 STANDARDIZE_GROUP = "standardize"
-ROOT_ARRAY_GROUPS = (STATS_GROUP, PCA_GROUP, STANDARDIZE_GROUP)  # small float arrays at the store level
+TARGETS_GROUP = "targets"
+ROOT_ARRAY_GROUPS = (STATS_GROUP, PCA_GROUP, STANDARDIZE_GROUP, TARGETS_GROUP)  # small float arrays at the store level
 
 # Manifest keys that describe the creation event, not the store's content: two runs of the
 # same command differ in them, so they are left out when manifests are compared.
-VOLATILE_KEYS = ("created_at", "code_version")
+# ``fidelity`` is measured on the calibration rows when the store is created (a resuming process has no figure).
+VOLATILE_KEYS = ("created_at", "code_version", "fidelity")
 
 
 class CacheError(RuntimeError):
@@ -53,7 +58,7 @@ def attention_id_dtype(seq_len: int) -> str:
 
 def build_field_specs(layout: dict[str, Any]) -> dict[str, FieldSpec]:
     """The per-row fields of a store with this ``layout`` (the manifest's ``layout`` entry)."""
-    seq, k = layout["seq_len"], layout["top_k"]
+    seq = layout["seq_len"]
     specs = [
         FieldSpec("input_ids", "int32", (seq,)),
         FieldSpec("length", "int32", ()),
@@ -61,8 +66,7 @@ def build_field_specs(layout: dict[str, Any]) -> dict[str, FieldSpec]:
         FieldSpec("doc_id", "int64", ()),
         FieldSpec("offsets", "int32", (seq, 2)),
         FieldSpec("text", "str", ()),
-        FieldSpec("topk_ids", "int32", (seq, k)),
-        FieldSpec("topk_logits", "float16", (seq, k)),
+        *(FieldSpec(name, dtype, shape) for name, dtype, shape in target_field_shapes(layout)),
         FieldSpec("lse", "float32", (seq, len(layout["temperatures"]))),
         FieldSpec("target_logprob", "float32", (seq,)),
     ]
@@ -102,8 +106,8 @@ def hash_json(obj: Any) -> str:
 def check_schema(manifest: dict[str, Any], where: str) -> None:
     """Refuse a manifest written by an incompatible version of the format."""
     version = manifest.get("schema_version")
-    if version != SCHEMA_VERSION:
+    if version not in READABLE_VERSIONS:
         raise CacheError(
-            f"{where}: cache schema version {version} is not supported (this distill reads version "
-            f"{SCHEMA_VERSION}); re-create the store with this version of distill"
+            f"{where}: cache schema version {version} is not supported (this distill reads versions "
+            f"{', '.join(map(str, READABLE_VERSIONS))}); re-create the store with this version of distill"
         )
