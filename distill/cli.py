@@ -195,7 +195,20 @@ def cache_teacher(
     split: Annotated[str | None, typer.Option(help="Dataset split (default train).")] = None,
     text_field: Annotated[str | None, typer.Option(help="Column with the text (default text).")] = None,
     seq_len: Annotated[int | None, typer.Option(help="Teacher tokens per row (default 512).")] = None,
-    top_k: Annotated[int | None, typer.Option(help="Teacher logits kept per position (default 256).")] = None,
+    targets: Annotated[
+        str | None,
+        typer.Option(
+            help="topk|sampled|hybrid|topk-fp16: an adaptive exact head (default), RS-KD draws, head + tail draws, "
+            "or the fixed fp16 top-K of schema 2."
+        ),
+    ] = None,
+    top_k: Annotated[int | None, typer.Option(help="Most head tokens kept per position (default 128).")] = None,
+    target_mass: Annotated[
+        float | None, typer.Option(help="T=1 probability the head reaches (topk, hybrid; default 0.9).")
+    ] = None,
+    target_samples: Annotated[
+        int | None, typer.Option(help="Draws per position (sampled, hybrid; default 32).")
+    ] = None,
     temperatures: Annotated[
         str | None, typer.Option(help="Temperatures of the stored logsumexp (default 1,2,4).")
     ] = None,
@@ -257,7 +270,10 @@ def cache_teacher(
             split=split,
             text_field=text_field,
             seq_len=seq_len,
+            targets=targets,
             top_k=top_k,
+            target_mass=target_mass,
+            target_samples=target_samples,
             temperatures=parse_list(temperatures, float),
             hidden_layers=parse_list(hidden_layers, int),
             hidden_dim=hidden_dim,

@@ -19,6 +19,7 @@ from typing import Any, TypeVar
 
 import yaml
 
+from distill.cache.targets import TARGET_KINDS
 from distill.pipeline.curriculum import OBJECTIVES, CurriculumConfig, apply_objective
 
 
@@ -44,8 +45,19 @@ class CacheConfig:
     """The column holding the documents' text."""
     seq_len: int = 512
     """Teacher tokens per row. Longer documents become several rows; shorter ones are padded (never packed)."""
-    top_k: int = 256
-    """How many teacher logits to keep per position (the rest is summarized by the full-vocabulary logsumexp)."""
+    targets: str = "topk"
+    """What is kept of each next-token distribution (docs/cache-format.md, "Teacher targets"): ``topk`` an exact
+    head, the largest tokens until their T=1 probability reaches ``target_mass`` (at most ``top_k``), trained
+    with the K+1-bin tail loss; ``sampled`` RS-KD draws (``target_samples`` of them) from the teacher, trained
+    with an unbiased estimate of the full KL; ``hybrid`` the head plus ``target_samples`` draws from its tail;
+    ``topk-fp16`` the fixed top-K int32 ids and fp16 logits of schema version 2 (about 5x larger)."""
+    top_k: int = 128
+    """The most head tokens kept per position (``topk``, ``hybrid``), or exactly this many (``topk-fp16``)."""
+    target_mass: float = 0.9
+    """The head's T=1 probability to reach (``topk``, ``hybrid``). 0.9 holds 88.5% of Gemma 3 270M's
+    probability with 57 tokens on average at ``top_k`` 128 (the fixed top-256: 95% with 256)."""
+    target_samples: int = 32
+    """Draws per position (``sampled``, ``hybrid``), stored once per distinct token with its count."""
     temperatures: list[float] = field(default_factory=lambda: [1.0, 2.0, 4.0])
     """Temperatures at which the full-vocabulary logsumexp is stored; stage 2 may train at any of them."""
     vocab_proj: bool = False
@@ -94,6 +106,13 @@ class CacheConfig:
         checks = [
             (self.seq_len >= 2, "--seq-len must be at least 2 (a row needs a token and its successor)"),
             (self.top_k >= 1, "--top-k must be at least 1"),
+            (self.targets in TARGET_KINDS, f"--targets must be one of {', '.join(TARGET_KINDS)}"),
+            (0 < self.target_mass <= 1, "--target-mass must be in (0, 1]"),
+            (1 <= self.target_samples <= 255, "--target-samples must be in 1..255 (counts are stored in 8 bits)"),
+            (
+                self.targets not in ("sampled", "hybrid") or 1.0 in self.temperatures,
+                "--targets sampled/hybrid draw at T=1: --temperatures must include 1",
+            ),
             (len(self.temperatures) > 0, "--temperatures needs at least one temperature"),
             (all(t > 0 for t in self.temperatures), "--temperatures must all be > 0"),
             (self.vocab_proj_temperature > 0, "--vocab-proj-temperature must be > 0"),

@@ -205,3 +205,26 @@ def decode_targets(
         tail_mass = (1.0 - torch.where(head, log_q.exp(), 0.0).sum(dim=-1)).clamp(min=0.0)  # (B, L)
         scale = torch.where(head, 1.0, scale * tail_mass[..., None])
     return ids, logits, torch.where(used, scale, 0.0)
+
+
+DECODED_FIELDS = ("topk_ids", "topk_logits", "target_multiplier")  # what readers ask for, whatever the kind
+
+
+def decode_stored_targets(
+    data: dict[str, torch.Tensor], layout: dict[str, Any], id_by_rank: torch.Tensor | None
+) -> dict[str, torch.Tensor | None]:
+    """The decoded targets of ``data`` (stored target fields and ``lse``), largest logit first in each position.
+
+    Returns ``topk_ids`` (B, L, S) int64 (-1 = unused slot), ``topk_logits`` (B, L, S) fp32 at T=1 and
+    ``target_multiplier`` (B, L, S) fp32, or None for the top-K kinds (see ``decode_targets``). Column 0 is the
+    teacher's top-1 for the kinds with a head (for ``sampled``: the most probable token drawn).
+    """
+    lse1 = None
+    if target_kind(layout) in ("sampled", "hybrid"):
+        lse1 = data["lse"][..., [float(t) for t in layout["temperatures"]].index(1.0)]
+    ids, logits, mult = decode_targets(data, lse1, layout, id_by_rank)
+    if target_kind(layout) != "topk-fp16":
+        order = logits.argsort(dim=-1, descending=True, stable=True)
+        ids, logits = ids.gather(-1, order), logits.gather(-1, order)
+        mult = None if mult is None else mult.gather(-1, order)
+    return {"topk_ids": ids, "topk_logits": logits, "target_multiplier": mult}

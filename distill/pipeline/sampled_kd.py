@@ -18,8 +18,10 @@ student's logits is an unbiased estimate of the full KL's gradient, at every T t
 importance ratio t_T / q needs only the token's logit and lse_1, lse_T). A top-K head alone has no such
 property: its K+1-bin KL ignores how the student spreads the tail, and a renormalized top-K moves the head's
 targets. tests/test_sampled_kd.py checks both by Monte Carlo. A single estimate can be negative; its mean
-over positions is not, in expectation. Teacher tokens with no student token (id -1 after the vocabulary map)
-are left out: the student then fits the matched tokens' teacher probabilities, the rest of its mass free.
+over positions is not, in expectation, with one tokenizer. Teacher tokens with no student token (id -1 after
+the vocabulary map) are left out: the gradient is then the cross-entropy's towards the matched tokens' teacher
+probabilities (its optimum puts the student's mass on them in the teacher's proportions), and the value, a KL
+against a target of mass < 1, can read below 0 when the student gives the matched tokens more than the teacher.
 """
 
 from __future__ import annotations

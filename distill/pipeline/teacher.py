@@ -56,8 +56,10 @@ from distill.cache.store import (
     store_state,
     wait_for_creation,
 )
+from distill.cache.targets import ID_BY_RANK, build_target_layout, target_kind
 from distill.config import CacheConfig, ConfigError, parse_shard
 from distill.pipeline.data import Row, RowBuilder, RowPlan, dataset_identity, load_text_dataset, plan_rows
+from distill.pipeline.target_fields import TARGET_FIELDS, calibrate_targets, compute_target_slice
 from distill.pipeline.tokens import check_tokenizer, prefix_ids
 
 LOGIT_CHUNK = 256  # positions per lm_head/softmax slice: bounds the (P, vocab) fp32 buffer
@@ -334,6 +336,15 @@ def weights_fingerprint(model: Any) -> str:
     return h.hexdigest()
 
 
+def stored_logit_fields(s: FieldSettings) -> list[str]:
+    """The logit fields a store with these settings holds (the target fields depend on ``--targets``)."""
+    if s.targets is None:
+        names = ["topk_logits", "topk_ids", "lse", "target_logprob", "vocab_proj"]
+    else:
+        names = ["lse", "target_logprob", "vocab_proj", *TARGET_FIELDS[: 4 if s.targets["kind"] == "topk" else 5]]
+    return [name for name in names if name != "vocab_proj" or s.vocab_proj]
+
+
 # --- the fields of a batch ----------------------------------------------------------------
 
 
@@ -350,6 +361,8 @@ class FieldSettings:
     attention_topk: int
     pca: dict[int, tuple[torch.Tensor, torch.Tensor]]  # layer -> (mean (H,), components (H, D)) of standardized
     vocab_proj: bool = True  # compute vocab_proj (stored only with --vocab-proj)
+    targets: dict[str, Any] | None = None  # layout.targets of the compact kinds; None = topk-fp16
+    rank_of_id: torch.Tensor | None = None  # (V,) int64 the teacher's unigram rank of each id (compact kinds)
     standardize: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)  # layer -> (mean, std) (H,)
 
 
@@ -391,7 +404,7 @@ def forward_teacher(
     return out
 
 
-LOGIT_FIELDS = ("topk_logits", "topk_ids", "lse", "target_logprob", "vocab_proj")
+LOGIT_FIELDS = ("topk_logits", "topk_ids", "lse", "target_logprob", "vocab_proj", *TARGET_FIELDS)
 
 
 def compute_logit_fields(
@@ -401,6 +414,7 @@ def compute_logit_fields(
     lengths: torch.Tensor,
     s: FieldSettings,
     fields: Collection[str] | None = None,
+    seed: int = 0,
 ) -> dict[str, torch.Tensor]:
     """Top-K logits, per-temperature logsumexp, target log-prob and vocab_proj, position slice by position slice.
 
@@ -411,10 +425,12 @@ def compute_logit_fields(
     few as it can: one top-K (its first value is the row max), then one softmax per temperature needed,
     which gives the logsumexp exactly (to fp32 rounding): lse_T = max / T - log p_T[argmax], since
     p_T[argmax] = 1 / sum_v exp((z_v - max) / T); target_logprob reuses T = 1 and vocab_proj reuses the
-    probabilities at T*. The (P, V) buffers are allocated once per call and written with out= (on CPU
-    a fresh 150 MB tensor costs more in page faults than the softmax over it). vocab_proj multiplies in
-    the teacher's dtype when it is bf16, like its lm_head: on a bf16 GPU an fp32 (P, V) @ (V, H)
-    product is many times slower than the lm_head itself, and its bf16 rounding is the teacher's own.
+    probabilities at T*; the compact targets (``target_*``, pipeline/target_fields.py) reuse the top-K and T = 1
+    (their draws come from a generator seeded with ``seed``, so a recomputed chunk is the same). The (P, V)
+    buffers are allocated once per call and written with out= (on CPU a fresh 150 MB tensor costs more in
+    page faults than the softmax over it). vocab_proj multiplies in the teacher's dtype when it is bf16, like
+    its lm_head: on a bf16 GPU an fp32 (P, V) @ (V, H) product is many times slower than the lm_head itself,
+    and its bf16 rounding is the teacher's own.
     """
     want = set(LOGIT_FIELDS if fields is None else fields)
     b, length, h = final_hidden.shape
@@ -430,7 +446,13 @@ def compute_logit_fields(
         temps.append(1.0)
     if "vocab_proj" in want and s.vocab_proj_temperature not in temps:
         temps.append(s.vocab_proj_temperature)
-    k = s.top_k if want & {"topk_logits", "topk_ids"} else 1
+    targets = s.targets if want & set(TARGET_FIELDS) else None
+    if targets is not None and 1.0 not in temps:
+        temps.append(1.0)
+    head = targets is not None and targets["kind"] != "sampled"
+    k = s.top_k if want & {"topk_logits", "topk_ids"} or head else 1
+    target_parts: list[dict[str, torch.Tensor]] = []
+    generator = torch.Generator(device=device).manual_seed(seed) if targets is not None else None
     topk_logits = torch.empty(n, k, device=device)
     topk_ids = torch.empty(n, k, dtype=torch.long, device=device)
     lse = torch.empty(n, len(temps), device=device)
@@ -455,6 +477,11 @@ def compute_logit_fields(
                 target[rows] = logits.gather(1, next_ids[rows, None])[:, 0] - lse[rows, j]
             if t == s.vocab_proj_temperature and proj is not None:
                 proj[rows] = probs.to(proj_dtype) @ embedding
+            if t == 1.0 and targets is not None:
+                top = (topk_logits[rows], topk_ids[rows])
+                target_parts.append(
+                    compute_target_slice(logits, probs, lse[rows, j], *top, targets, s.rank_of_id, generator)
+                )
     out: dict[str, torch.Tensor] = {}
     if "topk_logits" in want:
         out["topk_logits"] = topk_logits.reshape(b, length, k)
@@ -468,6 +495,10 @@ def compute_logit_fields(
         out["target_logprob"] = torch.where(has_next, target.reshape(b, length), float("nan"))
     if proj is not None:
         out["vocab_proj"] = proj.reshape(b, length, h)
+    for name in target_parts[0] if target_parts else ():
+        if name in want:
+            value = torch.cat([part[name] for part in target_parts])
+            out[name] = value.reshape(b, length, *value.shape[1:])
     return out
 
 
@@ -525,14 +556,14 @@ def compute_batch_fields(
     wanted = None if fields is None else set(fields)
     attention_layers = [layer for layer in s.attention_layers if wanted is None or f"attn/{layer}" in wanted]
     hidden_layers = [layer for layer in s.hidden_layers if wanted is None or f"hidden/{layer}" in wanted]
-    logit_fields = [
-        name for name in LOGIT_FIELDS if (wanted is None or name in wanted) and (name != "vocab_proj" or s.vocab_proj)
-    ]
+    stored = stored_logit_fields(s)
+    logit_fields = [name for name in stored if wanted is None or name in wanted]
     computed: dict[str, torch.Tensor] = {}
     with torch.inference_mode():
         out = forward_teacher(model, ids, mask, bool(attention_layers), attention_layers)
         if logit_fields:
-            computed.update(compute_logit_fields(model, out.last_hidden_state, ids, lengths, s, logit_fields))
+            seed = rows[0].row_id
+            computed.update(compute_logit_fields(model, out.last_hidden_state, ids, lengths, s, logit_fields, seed))
         for layer in hidden_layers:
             computed[f"hidden/{layer}"] = reduce_hidden(out.hidden_states[layer], layer, s)
         for layer in attention_layers:
@@ -564,6 +595,11 @@ STORAGE_DTYPES = {
     "lse": np.float32,
     "target_logprob": np.float32,
     "topk_ids": np.int32,
+    "target_count": np.uint16,
+    "target_ids": np.uint32,
+    "target_values": np.uint8,
+    "target_max": np.float32,
+    "target_draws": np.uint8,
 }
 
 
@@ -687,7 +723,19 @@ def field_settings(layout: dict[str, Any], root: Any, device: torch.device) -> F
         pca=load_root_pairs(root, "pca", ("mean", "components"), layout["hidden_layers"], device),
         vocab_proj=layout.get("vocab_proj", True),
         standardize=load_root_pairs(root, "standardize", ("mean", "std"), layout["hidden_layers"], device),
+        targets=None if target_kind(layout) == "topk-fp16" else layout["targets"],
+        rank_of_id=load_rank_of_id(root, layout, device),
     )
+
+
+def load_rank_of_id(root: Any, layout: dict[str, Any], device: torch.device) -> torch.Tensor | None:
+    """(V,) int64 rank of each teacher id, the inverse of the store's ``targets/id_by_rank`` (compact kinds)."""
+    if target_kind(layout) == "topk-fp16":
+        return None
+    id_by_rank = torch.from_numpy(np.asarray(root[ID_BY_RANK][:]).astype(np.int64))
+    rank_of_id = torch.empty_like(id_by_rank)
+    rank_of_id[id_by_rank] = torch.arange(id_by_rank.numel())
+    return rank_of_id.to(device)
 
 
 def load_root_pairs(
@@ -840,6 +888,7 @@ def build_layout(cfg: CacheConfig, model: Any, plan: RowPlan) -> dict[str, Any]:
     return {
         "seq_len": cfg.seq_len,
         "top_k": cfg.top_k,
+        "targets": build_target_layout(cfg.targets, cfg.top_k, cfg.target_mass, cfg.target_samples),
         "temperatures": cfg.temperatures,
         "vocab_proj_temperature": cfg.vocab_proj_temperature,
         "hidden_layers": hidden_layers,
@@ -974,6 +1023,9 @@ def create_new_store(
     try:
         rows = [builder.row(i) for i in range(layout["calibration_rows"])]
         _, root_arrays = calibrate(model, rows, layout["hidden_layers"], cfg.hidden_dim, cfg.batch_size, device)
+        if target_kind(layout) != "topk-fp16":  # the rank table and the fidelity figures
+            rank_arrays, manifest["fidelity"] = calibrate_targets(model, rows, layout, cfg.batch_size, device)
+            root_arrays.update(rank_arrays)
         create_store(cfg.out, manifest, files, root_arrays)
     except BaseException:
         delete_store(cfg.out)  # so that a waiting process can claim the creation (or fail the same way)

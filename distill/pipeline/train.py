@@ -87,6 +87,7 @@ from distill.pipeline.router import (
     expert_usage,
     standardize_hidden,
 )
+from distill.pipeline.sampled_kd import sampled_kd_loss
 from distill.pipeline.signals import LiveTeacher, TeacherSignal, read_cached_signal, signal_fields
 from distill.pipeline.tokens import check_tokenizer
 from distill.pipeline.tracking import Trackers, describe_cache, open_trackers, require_trackers
@@ -252,6 +253,8 @@ def check_store(url: str, mode: str) -> None:
 
 def warn_small_head(reader: CacheReader, temperature: float) -> None:
     """Say so when the stored top-K hold under half the teacher's mass at ``temperature`` ([head-mass note])."""
+    if reader.target_kind in ("sampled", "hybrid"):  # an unbiased estimate of the full KL: no head to warn about
+        return
     masses = measure_head_mass(reader)
     mass = masses.get(str(float(temperature)))
     if not mass or mass["mean"] >= 0.5:
@@ -567,15 +570,16 @@ def compute_losses(ctx: Context, batch: Batch, weights: dict[str, float]) -> tup
             unaligned = torch.ones_like(labels, dtype=torch.bool)
             unaligned[b, sp] = False
         tail_kd = "kd" in on and cfg.kd_mode == "tail"
-        kd_inputs = teacher_kd_inputs(ctx, sig, b, tp) if tail_kd else (None, None, None)
+        kd_inputs = teacher_kd_inputs(ctx, sig, b, tp) if tail_kd else (None, None, None, None)
         raw["lm"], lm_unaligned, kd = lm_and_kd_from_hidden(
             hidden.reshape(bsz * length, -1),
             ctx.student.get_output_embeddings(),
             labels.reshape(-1),
             None if unaligned is None else unaligned.reshape(-1),
             b * length + sp,
-            *kd_inputs,
+            *kd_inputs[:3],
             cfg.temperature,
+            kd_multiplier=kd_inputs[3],
         )
         if lm_unaligned is not None:
             raw["lm_unaligned"] = lm_unaligned
@@ -643,18 +647,23 @@ def compute_kd(
         }
     if cfg.kd_mode == "uld":
         return {"kd": uld_loss(student_logits, sig.topk_logits[b, tp], sig.lse[b, tp, ctx.t_index], cfg.temperature)}
-    return {"kd": kd_tail_loss(student_logits, *teacher_kd_inputs(ctx, sig, b, tp), cfg.temperature)}
+    ids, logits, lse, multiplier = teacher_kd_inputs(ctx, sig, b, tp)
+    if multiplier is not None:
+        return {"kd": sampled_kd_loss(student_logits, ids, logits, multiplier, lse, cfg.temperature)}
+    return {"kd": kd_tail_loss(student_logits, ids, logits, lse, cfg.temperature)}
 
 
 def teacher_kd_inputs(
     ctx: Context, sig: TeacherSignal, b: torch.Tensor, tp: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(N, K) teacher top-K ids mapped to student ids (-1: no student token with those bytes), their raw
-    logits (N, K) and the full-vocabulary logsumexp (N,) at the run's temperature."""
-    ids = sig.topk_ids[b, tp]  # (N, K) teacher vocabulary
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """(N, K) teacher ids mapped to student ids (-1: no student token with those bytes, or an unused slot),
+    their raw logits (N, K), the full-vocabulary logsumexp (N,) at the run's temperature, and the sampled
+    targets' multiplier (N, K) (None for a top-K head)."""
+    ids = sig.topk_ids[b, tp]  # (N, K) teacher vocabulary, -1 in unused slots
     if ctx.vocab_map is not None:
-        ids = ctx.vocab_map.to(ids.device)[ids]
-    return ids, sig.topk_logits[b, tp], sig.lse[b, tp, ctx.t_index]
+        ids = torch.where(ids >= 0, ctx.vocab_map.to(ids.device)[ids.clamp(min=0)], -1)
+    multiplier = None if sig.target_multiplier is None else sig.target_multiplier[b, tp]
+    return ids, sig.topk_logits[b, tp], sig.lse[b, tp, ctx.t_index], multiplier
 
 
 def compute_attention(
