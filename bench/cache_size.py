@@ -58,23 +58,25 @@ def check_values_exact(store: Path, teacher: Path, dataset: Path, size: dict, at
     import zarr
 
     from distill.config import CacheConfig
-    from distill.pipeline import teacher as stage1
+    from distill.pipeline.cache_teacher import iter_chunk_batches
     from distill.pipeline.data import RowBuilder, load_text_dataset, plan_rows
+    from distill.pipeline.fields import pad_rows
+    from distill.pipeline.teacher_model import forward_teacher, load_teacher, load_teacher_tokenizer
 
     shard = zarr.open_group(str(store), mode="r")["shards/00000"]  # plain zarr: what is on disk, decoded
     cfg = CacheConfig(teacher=str(teacher), dataset=str(dataset), out=str(store), seq_len=size["seq_len"])
-    model = stage1.load_teacher(cfg, torch.device("cpu"), torch.float32, need_attention=bool(attention_layers))
-    tokenizer = stage1.load_teacher_tokenizer(cfg)
+    model = load_teacher(cfg, torch.device("cpu"), torch.float32, need_attention=bool(attention_layers))
+    tokenizer = load_teacher_tokenizer(cfg)
     data = load_text_dataset(str(dataset), None, "train", "text")
     plan = plan_rows(data, "text", tokenizer, size["seq_len"]).truncated(size["rows"])
     builder = RowBuilder(data, "text", tokenizer, plan)
     lm_head = model.get_output_embeddings()
     checked = 0
-    for batch in stage1.iter_chunk_batches(builder, 0, len(plan), size["batch_size"]):
-        ids, mask = stage1.pad_rows(batch)
+    for batch in iter_chunk_batches(builder, 0, len(plan), size["batch_size"]):
+        ids, mask = pad_rows(batch)
         with torch.inference_mode():
             # the same forward as stage 1 (the blocks whose maps are stored run eager attention)
-            out = stage1.forward_teacher(model, ids, mask, bool(attention_layers), attention_layers)
+            out = forward_teacher(model, ids, mask, bool(attention_layers), attention_layers)
             hidden = out.last_hidden_state
             flat = hidden.reshape(-1, hidden.shape[-1])
             logits = torch.cat([lm_head(flat[a : a + 256]).float() for a in range(0, len(flat), 256)])
@@ -102,7 +104,7 @@ def main() -> None:
 
     from distill.cache.info import store_info
     from distill.config import CacheConfig
-    from distill.pipeline import teacher as stage1
+    from distill.pipeline import cache_teacher
 
     torch.set_num_threads(args.threads)
     size = SIZES["quick" if args.quick else "full"]
@@ -121,7 +123,7 @@ def main() -> None:
             batch_size=size["batch_size"],
             device="cpu",
         )
-        stage1.run(cfg)
+        cache_teacher.run(cfg)
         info = store_info(str(store))
         layers = info["manifest"]["layout"]["attention_layers"]
         checked = check_values_exact(store, teacher, assets["data"], size, layers)

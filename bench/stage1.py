@@ -96,14 +96,23 @@ def main() -> None:
     import torch
 
     from distill.config import CacheConfig
-    from distill.pipeline import teacher as stage1
+    from distill.pipeline import cache_teacher
+    from distill.pipeline.cache_teacher import iter_chunk_batches
     from distill.pipeline.data import RowBuilder, load_text_dataset, plan_rows
+    from distill.pipeline.fields import FieldSettings, compute_batch_fields, pad_rows
+    from distill.pipeline.teacher_model import (
+        default_attention_layers,
+        default_hidden_layers,
+        load_teacher,
+        load_teacher_tokenizer,
+    )
+    from distill.runtime import DTYPE_NAMES, resolve_device, resolve_dtype
 
     torch.set_num_threads(args.threads)
     name = "quick" if args.quick else "reference" if args.reference else "full"
     size = SIZES[name]
-    device = stage1.resolve_device(args.device)
-    dtype = stage1.resolve_dtype("auto", device)
+    device = resolve_device(args.device)
+    dtype = resolve_dtype("auto", device)
     started = time.perf_counter()
     with TemporaryDirectory(prefix="distill-bench-stage1-") as tmp:
         root = Path(tmp)
@@ -120,33 +129,33 @@ def main() -> None:
             calibration_rows=size["batch_size"],
             device=str(device),
         )
-        model = stage1.load_teacher(cfg, device, dtype, need_attention=True)
-        tokenizer = stage1.load_teacher_tokenizer(cfg)
+        model = load_teacher(cfg, device, dtype, need_attention=True)
+        tokenizer = load_teacher_tokenizer(cfg)
         dataset = load_text_dataset(cfg.dataset, None, "train", "text")
         plan = plan_rows(dataset, "text", tokenizer, cfg.seq_len).truncated(cfg.max_rows)
         builder = RowBuilder(dataset, "text", tokenizer, plan)
-        batches = list(stage1.iter_chunk_batches(builder, 0, len(plan), cfg.batch_size))
+        batches = list(iter_chunk_batches(builder, 0, len(plan), cfg.batch_size))
         tokens = sum(len(r.input_ids) for batch in batches for r in batch)
         n_layers = model.config.num_hidden_layers
-        s = stage1.FieldSettings(
+        s = FieldSettings(
             seq_len=cfg.seq_len,
             top_k=cfg.top_k,
             temperatures=cfg.temperatures,
             vocab_proj_temperature=cfg.vocab_proj_temperature,
-            hidden_layers=stage1.default_hidden_layers(n_layers),
-            attention_layers=stage1.default_attention_layers(n_layers),
+            hidden_layers=default_hidden_layers(n_layers),
+            attention_layers=default_attention_layers(n_layers),
             attention_topk=cfg.attention_topk,
             pca={},
         )
 
         def forward() -> None:
             for batch in batches:
-                ids, mask = stage1.pad_rows(batch)
+                ids, mask = pad_rows(batch)
                 with torch.inference_mode():
                     model(input_ids=ids.to(device), attention_mask=mask.to(device))
 
         def fields(names: list[str]) -> Any:
-            return lambda: [stage1.compute_batch_fields(model, batch, s, device, names) for batch in batches]
+            return lambda: [compute_batch_fields(model, batch, s, device, names) for batch in batches]
 
         defaults = [name for group in DEFAULT_GROUPS for name in GROUPS[group](s)]
         variants = {"forward": forward, "fields": fields(defaults)}
@@ -161,7 +170,7 @@ def main() -> None:
                 seconds[key] = min(seconds.get(key, float("inf")), timed(variant, device))
         runs = []
         for repeat in range(size["repeats"]):
-            summary = stage1.run(
+            summary = cache_teacher.run(
                 CacheConfig(**{**cfg.__dict__, "out": str(root / f"store{repeat}"), "device": str(device)})
             )
             assert summary["tokens"] == tokens, (summary["tokens"], tokens)
@@ -177,7 +186,7 @@ def main() -> None:
         },
         "tokens_per_s": {key: round(tokens / value, 1) for key, value in seconds.items()},
         "tokens": tokens,
-        "sizes": {**size, "dtype": stage1.DTYPE_NAMES[dtype], "threads": args.threads},
+        "sizes": {**size, "dtype": DTYPE_NAMES[dtype], "threads": args.threads},
         "quick": args.quick,
         "machine": machine(),
         "wall_s": round(time.perf_counter() - started, 1),

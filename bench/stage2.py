@@ -224,7 +224,7 @@ def spawn_variant(spec: dict[str, Any]) -> dict[str, Any]:
 def make_store(teacher: Path, data: Path, out: Path, size: dict[str, Any], minimal: bool) -> dict[str, Any]:
     """``cache-teacher``'s defaults on ``batch_size`` rows (minimal: no hidden or attention fields, + vocab_proj)."""
     from distill.config import CacheConfig
-    from distill.pipeline import teacher as stage1
+    from distill.pipeline import cache_teacher
 
     cfg = CacheConfig(
         teacher=str(teacher),
@@ -240,7 +240,7 @@ def make_store(teacher: Path, data: Path, out: Path, size: dict[str, Any], minim
         vocab_proj=minimal,  # opt-in; the projector variant (d), whose store is the minimal one, needs it
         device=size.get("device", "cpu"),
     )
-    return stage1.run(cfg)
+    return cache_teacher.run(cfg)
 
 
 def main() -> None:

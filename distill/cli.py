@@ -258,8 +258,8 @@ def cache_teacher(
     Re-running the same command resumes; complete shards are skipped.
     """
     from distill.cache.store import ShardBusy
+    from distill.pipeline.cache_teacher import NonFiniteTeacherOutput, run
     from distill.pipeline.data import DataError
-    from distill.pipeline.teacher import NonFiniteTeacherOutput, run
 
     with reported_errors(usage=(DataError,), failure=(NonFiniteTeacherOutput, ShardBusy)):
         overrides = dict(

@@ -27,9 +27,9 @@ from distill.cache.store import (
     read_manifest,
     wait_for_creation,
 )
+from distill.cache.writer import new_store_shards, shards_to_fill
 from distill.cli import app
 from distill.config import CacheConfig, ConfigError
-from distill.pipeline.teacher import new_store_shards, shards_to_fill
 from tests.conftest import cache_args
 from tests.test_cache_resume import assert_stores_equal
 
@@ -41,7 +41,7 @@ SETTINGS = {"max_rows": 48}  # 6 chunks of 8 rows: two shards of 3 chunks
 RACE_HARNESS = r"""
 import os, sys, time
 from pathlib import Path
-import distill.pipeline.teacher as teacher
+import distill.cache.writer as teacher
 
 barrier = Path(sys.argv.pop(1))
 real_claim, real_create = teacher.claim_creation, teacher.create_store

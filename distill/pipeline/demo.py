@@ -293,7 +293,7 @@ def run_demo(out: Path, seed: int = 0, settings: DemoSettings | None = None) -> 
     Every stage goes through the same functions as the CLI commands; a stage whose output exists is reused.
     """
     from distill.config import CacheConfig, TrainConfig
-    from distill.pipeline import evaluate, teacher, train
+    from distill.pipeline import cache_teacher, evaluate, train
 
     s = settings or DemoSettings()
     out.mkdir(parents=True, exist_ok=True)
@@ -329,7 +329,7 @@ def run_demo(out: Path, seed: int = 0, settings: DemoSettings | None = None) -> 
             chunk_rows=32,
             calibration_rows=64,
         )
-        timed(times, f"cache-teacher ({split})", teacher.run, cfg)
+        timed(times, f"cache-teacher ({split})", cache_teacher.run, cfg)
     runs = {}
     for name, objective in (("kd", "full"), ("ce_only", "ce")):
         run_dir = out / "runs" / name

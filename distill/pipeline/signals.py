@@ -109,7 +109,9 @@ class LiveTeacher:
 
     def __init__(self, teacher: str, reader: CacheReader, device: torch.device) -> None:
         from distill.config import CacheConfig
-        from distill.pipeline.teacher import field_settings, load_teacher, resolve_dtype
+        from distill.pipeline.fields import field_settings
+        from distill.pipeline.teacher_model import load_teacher
+        from distill.runtime import resolve_dtype
 
         layout = reader.layout
         self.reader, self.device = reader, device
@@ -119,7 +121,7 @@ class LiveTeacher:
         self.settings = field_settings(layout, reader.root, device)
 
     def signal(self, rows: np.ndarray, fields: list[str]) -> TeacherSignal:
-        from distill.pipeline.teacher import compute_batch_fields
+        from distill.pipeline.fields import compute_batch_fields
 
         base = self.reader.read_rows(rows, BASE_FIELDS)
         batch = [

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from distill.cache.targets import ID_BY_RANK, count_head, draw_samples, encode_targets
+from distill.pipeline.teacher_model import compute_logits, find_logit_transforms, forward_teacher
 
 TARGET_FIELDS = ("target_count", "target_ids", "target_values", "target_max", "target_draws")
 
@@ -117,7 +118,7 @@ def calibrate_targets(
     the ranks ([target-codec note] in cache/targets.py); the mean KL(full ‖ reconstructed) at T=1 and each stored
     T goes to the manifest's ``fidelity`` (``distill cache info`` shows it).
     """
-    from distill.pipeline.teacher import compute_logits, find_logit_transforms, forward_teacher, pad_rows
+    from distill.pipeline.fields import pad_rows  # fields imports this module
 
     targets = {**layout["targets"], "top_k": layout["top_k"]}
     temps = sorted({1.0, *layout["temperatures"]})

@@ -1,0 +1,205 @@
+"""Stage 1 — ``distill cache-teacher``: run the teacher once, store what stage 2 needs.
+
+    distill cache-teacher --teacher huihui-ai/Huihui-MoE-1B-A0.6B --dataset wikitext \
+        --dataset-config wikitext-103-raw-v1 --split train --out cache/wt103 --seq-len 512
+
+Flow: load teacher + tokenizer (teacher_model.py) -> load dataset -> cut documents into rows (data.py)
+-> (new store) calibration pass for the PCA basis and hidden-state statistics (fields.py), manifest
+(manifest.py), create the store (cache/writer.py) -> for each shard this process owns, for each chunk not
+yet committed: teacher forward in batches, compute the fields (fields.py), hand the chunk to a
+background writer, which writes and commits it while the next chunk runs through the teacher.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from distill.cache.store import ShardBusy, ShardClaim, open_root, open_shard_writer, shard_records
+from distill.cache.targets import target_kind
+from distill.cache.writer import (
+    BackgroundWriter,
+    chunks_to_fill,
+    claim_or_defer,
+    commit_chunk,
+    new_store_shards,
+    open_or_create_store,
+    shards_to_fill,
+)
+from distill.config import CacheConfig
+from distill.pipeline.data import Row, RowBuilder, RowPlan, dataset_identity, load_text_dataset, plan_rows
+from distill.pipeline.fields import FieldSettings, blank_rows, calibrate, compute_batch_fields, field_settings
+from distill.pipeline.manifest import build_layout, build_manifest, text_digest, tokenizer_files
+from distill.pipeline.target_fields import calibrate_targets
+from distill.pipeline.teacher_model import check_teacher_source, load_teacher, load_teacher_tokenizer
+from distill.runtime import DTYPE_NAMES, rank_device, resolve_device, resolve_dtype
+
+
+class NonFiniteTeacherOutput(RuntimeError):
+    """The teacher produced inf/nan for a row (typically fp16 overflow)."""
+
+
+def prepare_store(
+    cfg: CacheConfig,
+    model: Any,
+    tokenizer: Any,
+    dataset: Any,
+    plan: RowPlan,
+    dtype: torch.dtype,
+    device: torch.device,
+    builder: RowBuilder,
+) -> tuple[Any, dict[str, Any]]:
+    """Open the store to resume it, or create it after the calibration pass (see cache/writer.py)."""
+    files = tokenizer_files(tokenizer)
+    data_id = dataset_identity(dataset, cfg.dataset, cfg.dataset_config, cfg.split, cfg.text_field)
+    data_id["text_sha256"] = text_digest(dataset, cfg.text_field)
+
+    def manifest_for(num_shards: int) -> dict[str, Any]:
+        layout = build_layout(CacheConfig(**{**cfg.__dict__, "num_shards": num_shards}), model, plan)
+        return build_manifest(cfg, model, tokenizer, files, data_id, plan, layout, dtype)
+
+    def calibration_arrays(layout: dict[str, Any]) -> dict[str, np.ndarray]:
+        rows = [builder.row(i) for i in range(layout["calibration_rows"])]
+        arrays = calibrate(model, rows, layout["hidden_layers"], cfg.hidden_dim, cfg.batch_size, device)[1]
+        if target_kind(layout) != "topk-fp16":  # the rank table, and the fidelity into the manifest written next
+            rank_arrays, wanted["fidelity"] = calibrate_targets(model, rows, layout, cfg.batch_size, device)
+            arrays.update(rank_arrays)
+        return arrays
+
+    wanted = manifest_for(new_store_shards(cfg))  # validates the settings before anything is touched
+    return open_or_create_store(cfg.out, wanted, manifest_for, files, calibration_arrays, cfg.overwrite)
+
+
+def iter_chunk_batches(builder: RowBuilder, start: int, end: int, batch_size: int) -> Iterator[list[Row]]:
+    for a in range(start, end, batch_size):
+        yield [builder.row(i) for i in range(a, min(a + batch_size, end))]
+
+
+def count_tokens(plan: RowPlan, todo: list[tuple[int, int, int]]) -> int:
+    """Text tokens plus each row's prefix, as the rows of ``todo`` hold them."""
+    per_range = ((plan.token_end[a:b] - plan.token_start[a:b]).sum() + len(plan.prefix) * (b - a) for _, a, b in todo)
+    return int(sum(per_range))
+
+
+def run(cfg: CacheConfig) -> dict[str, Any]:
+    """Fill the store at ``cfg.out`` (creating or resuming it). Returns a summary of the work done.
+
+    Each shard is filled under its claim (see [claim note] in store.py): shards claimed by another live
+    process are skipped (tried again once after the others) and listed in ``busy_shards``."""
+    cfg.require_io()
+    check_teacher_source(cfg.teacher)
+    device = rank_device(resolve_device(cfg.device))
+    dtype = resolve_dtype(cfg.dtype, device)
+    tokenizer = load_teacher_tokenizer(cfg)
+    dataset = load_text_dataset(cfg.dataset, cfg.dataset_config, cfg.split, cfg.text_field)
+    need_attention = cfg.attention_layers is None or len(cfg.attention_layers) > 0
+    model = load_teacher(cfg, device, dtype, need_attention)
+    plan = plan_rows(dataset, cfg.text_field, tokenizer, cfg.seq_len).truncated(cfg.max_rows)
+    builder = RowBuilder(dataset, cfg.text_field, tokenizer, plan)
+    root, manifest = prepare_store(cfg, model, tokenizer, dataset, plan, dtype, device, builder)
+    layout = manifest["layout"]
+    settings = field_settings(layout, root, device)
+    records = shard_records(root, manifest)
+    mine = shards_to_fill(cfg, len(records))
+    queue_ = [i for i in mine if records[i]["status"] != "complete" or records[i].get("redo")]
+    planned = {i: count_tokens(plan, chunks_to_fill(records[i], layout["chunk_rows"])) for i in queue_}
+    summary: dict[str, Any] = {
+        "rows": 0,
+        "tokens": 0,
+        "nonfinite_rows": [],
+        "skipped_chunks": sum(len(records[i]["checksums"]) - len(records[i].get("redo", [])) for i in mine),
+        "filled_shards": [],
+        "busy_shards": {},
+    }
+    started = time.perf_counter()
+    writer_thread = BackgroundWriter()
+    bar = tqdm(
+        total=sum(planned.values()),
+        unit="tok",
+        unit_scale=True,
+        desc="cache-teacher",
+        dynamic_ncols=True,
+        disable=not planned,
+    )
+    claims: list[ShardClaim] = []
+    deferred: set[int] = set()
+    try:
+        while queue_:
+            index = queue_.pop(0)
+            try:
+                claim = claim_or_defer(cfg, index, deferred)
+            except ShardBusy as busy:
+                if cfg.shard is not None:
+                    raise
+                summary["busy_shards"][index] = busy.holder
+                bar.total -= planned[index]
+                continue
+            if claim is None:
+                queue_.append(index)  # unclaimed shards first
+                continue
+            claims.append(claim)
+            # Another process may have filled some of it before we held the claim: read its record again.
+            fresh = open_root(cfg.out, mode="a")  # zarr caches a group's attributes: open it again
+            todo = chunks_to_fill(shard_records(fresh, manifest)[index], layout["chunk_rows"])
+            bar.total -= planned[index] - count_tokens(plan, todo)
+            writer = open_shard_writer(fresh, index)
+            for chunk, start, end in todo:
+                if claim.lost:  # taken over by another process (see [claim note])
+                    break
+                arrays, bad_rows = compute_chunk(model, builder, settings, device, cfg, plan, dtype, start, end, bar)
+                summary["nonfinite_rows"] += bad_rows
+                summary["rows"] += end - start
+                summary["tokens"] += count_tokens(plan, [(chunk, start, end)])
+                writer_thread.submit(
+                    functools.partial(commit_chunk, writer, claim, chunk, arrays, int(arrays["length"].sum()), bad_rows)
+                )
+            if todo:
+                summary["filled_shards"].append(index)
+            writer_thread.submit(claim.release)  # after its last chunk is committed
+    finally:
+        bar.close()
+        try:
+            writer_thread.close()
+        finally:
+            for claim in claims:  # on errors and signals too; a no-op for those already released
+                claim.release()
+    summary["seconds"] = time.perf_counter() - started
+    summary["tokens_per_s"] = summary["tokens"] / summary["seconds"] if summary["seconds"] > 0 else 0.0
+    return summary
+
+
+def compute_chunk(
+    model: Any,
+    builder: RowBuilder,
+    settings: FieldSettings,
+    device: torch.device,
+    cfg: CacheConfig,
+    plan: RowPlan,
+    dtype: torch.dtype,
+    start: int,
+    end: int,
+    bar: Any,
+) -> tuple[dict[str, np.ndarray], list[int]]:
+    """The fields of rows ``start:end`` and the rows whose teacher output is not finite (blanked)."""
+    parts, bad_rows = [], []
+    for batch in iter_chunk_batches(builder, start, end, cfg.batch_size):
+        fields, bad = compute_batch_fields(model, batch, settings, device)
+        bad_rows += [batch[i].row_id for i in bad]
+        parts.append(fields)
+        bar.update(sum(len(r.input_ids) for r in batch))
+    arrays = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+    if bad_rows and cfg.on_nonfinite == "error":
+        raise NonFiniteTeacherOutput(
+            f"teacher output is not finite for row {bad_rows[0]} (document "
+            f"{int(plan.doc_index[bad_rows[0]])}) in {DTYPE_NAMES[dtype]}; run the teacher in "
+            "--dtype bf16 or fp32, or pass --on-nonfinite skip to store such rows empty and count them"
+        )
+    if bad_rows:
+        blank_rows(arrays, [r - start for r in bad_rows])
+    return arrays, bad_rows

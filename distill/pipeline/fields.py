@@ -1,0 +1,397 @@
+"""The teacher's stored fields: what stage 1 computes for a batch of rows, and its calibration.
+
+    s = field_settings(layout, root, device)                  # from a store's layout (or the live teacher's)
+    arrays, bad_rows = compute_batch_fields(model, rows, s, device)
+
+Logit fields (top-K logits and ids, per-temperature logsumexp, target log-prob, vocab_proj) come from
+the output head applied in position slices ([logit-pass note]); hidden states are standardized per
+dimension and optionally PCA-reduced ([hidden-range note]); attention maps are kept as each query's
+top-k keys of the head average. Stage 2's live teacher computes the same fields with these functions.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Collection
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from distill.cache.schema import attention_id_dtype
+from distill.cache.targets import ID_BY_RANK, target_kind
+from distill.pipeline.data import Row
+from distill.pipeline.target_fields import TARGET_FIELDS, compute_target_slice
+from distill.pipeline.teacher_model import compute_logits, find_logit_transforms, forward_teacher
+
+LOGIT_CHUNK = 256  # positions per lm_head/softmax slice: bounds the (P, vocab) fp32 buffer
+
+
+@dataclass
+class FieldSettings:
+    """What to compute per row; built from the config and the teacher's shape."""
+
+    seq_len: int
+    top_k: int
+    temperatures: list[float]
+    vocab_proj_temperature: float
+    hidden_layers: list[int]
+    attention_layers: list[int]
+    attention_topk: int
+    pca: dict[int, tuple[torch.Tensor, torch.Tensor]]  # layer -> (mean (H,), components (H, D)) of standardized
+    vocab_proj: bool = True  # compute vocab_proj (stored only with --vocab-proj)
+    targets: dict[str, Any] | None = None  # layout.targets of the compact kinds; None = topk-fp16
+    rank_of_id: torch.Tensor | None = None  # (V,) int64 the teacher's unigram rank of each id (compact kinds)
+    standardize: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)  # layer -> (mean, std) (H,)
+
+
+LOGIT_FIELDS = ("topk_logits", "topk_ids", "lse", "target_logprob", "vocab_proj", *TARGET_FIELDS)
+
+
+def compute_logit_fields(
+    model: Any,
+    final_hidden: torch.Tensor,
+    input_ids: torch.Tensor,
+    lengths: torch.Tensor,
+    s: FieldSettings,
+    fields: Collection[str] | None = None,
+    seed: int = 0,
+) -> dict[str, torch.Tensor]:
+    """Top-K logits, per-temperature logsumexp, target log-prob and vocab_proj, position slice by position slice.
+
+    final_hidden (B, L, H) -> topk (B, L, K), lse (B, L, nT), target_logprob (B, L), vocab_proj (B, L, H);
+    only the ``fields`` asked (a subset of LOGIT_FIELDS; default all). Softmax arithmetic in fp32.
+
+    [logit-pass note] Past the lm_head, the vocabulary-wide passes are the cost, so each slice makes as
+    few as it can: one top-K (its first value is the row max), then one softmax per temperature needed,
+    which gives the logsumexp exactly (to fp32 rounding): lse_T = max / T - log p_T[argmax], since
+    p_T[argmax] = 1 / sum_v exp((z_v - max) / T); target_logprob reuses T = 1 and vocab_proj reuses the
+    probabilities at T*; the compact targets (``target_*``, pipeline/target_fields.py) reuse the top-K and T = 1
+    (their draws come from a generator seeded with ``seed``, so a recomputed chunk is the same). The (P, V)
+    buffers are allocated once per call and written with out= (on CPU a fresh 150 MB tensor costs more in
+    page faults than the softmax over it). vocab_proj multiplies in the teacher's dtype when it is bf16, like
+    its lm_head: on a bf16 GPU an fp32 (P, V) @ (V, H) product is many times slower than the lm_head itself,
+    and its bf16 rounding is the teacher's own.
+    """
+    want = set(LOGIT_FIELDS if fields is None else fields)
+    b, length, h = final_hidden.shape
+    lm_head = model.get_output_embeddings()
+    embedding = model.get_input_embeddings().weight  # (V, H)
+    proj_dtype = torch.bfloat16 if embedding.dtype == torch.bfloat16 else torch.float32
+    embedding = embedding.to(proj_dtype)
+    flat = final_hidden.reshape(-1, h)
+    n, device, vocab = flat.shape[0], flat.device, lm_head.weight.shape[0]
+    next_ids = torch.cat([input_ids[:, 1:], torch.zeros_like(input_ids[:, :1])], dim=1).reshape(-1)
+    temps = list(s.temperatures) if "lse" in want else []
+    if "target_logprob" in want and 1.0 not in temps:
+        temps.append(1.0)
+    if "vocab_proj" in want and s.vocab_proj_temperature not in temps:
+        temps.append(s.vocab_proj_temperature)
+    targets = s.targets if want & set(TARGET_FIELDS) else None
+    if targets is not None and 1.0 not in temps:
+        temps.append(1.0)
+    head = targets is not None and targets["kind"] != "sampled"
+    k = s.top_k if want & {"topk_logits", "topk_ids"} or head else 1
+    target_parts: list[dict[str, torch.Tensor]] = []
+    generator = torch.Generator(device=device).manual_seed(seed) if targets is not None else None
+    topk_logits = torch.empty(n, k, device=device)
+    topk_ids = torch.empty(n, k, dtype=torch.long, device=device)
+    lse = torch.empty(n, len(temps), device=device)
+    target = torch.empty(n, device=device)
+    proj = torch.empty(n, h, device=device) if "vocab_proj" in want else None
+    chunk = min(LOGIT_CHUNK, n)
+    logits_buf = torch.empty(chunk, vocab, device=device)  # (P, V) fp32, reused by every slice
+    scaled_buf = torch.empty_like(logits_buf) if any(t != 1.0 for t in temps) else None
+    probs_buf = torch.empty_like(logits_buf) if temps else None
+    transforms = find_logit_transforms(model)
+    for start in range(0, n, chunk):
+        x = flat[start : start + chunk]
+        p, rows = x.shape[0], slice(start, start + x.shape[0])
+        logits = compute_logits(model, x, transforms, out=logits_buf[:p])  # see [logit-postprocess note]
+        torch.topk(logits, k, dim=-1, out=(topk_logits[rows], topk_ids[rows]))  # descending
+        argmax = topk_ids[rows, :1]
+        for j, t in enumerate(temps):
+            scaled = logits if t == 1.0 else torch.mul(logits, 1.0 / t, out=scaled_buf[:p])
+            probs = torch.softmax(scaled, dim=-1, out=probs_buf[:p])
+            lse[rows, j] = scaled.gather(1, argmax)[:, 0] - probs.gather(1, argmax)[:, 0].log()
+            if t == 1.0 and "target_logprob" in want:
+                target[rows] = logits.gather(1, next_ids[rows, None])[:, 0] - lse[rows, j]
+            if t == s.vocab_proj_temperature and proj is not None:
+                proj[rows] = probs.to(proj_dtype) @ embedding
+            if t == 1.0 and targets is not None:
+                top = (topk_logits[rows], topk_ids[rows])
+                target_parts.append(
+                    compute_target_slice(logits, probs, lse[rows, j], *top, targets, s.rank_of_id, generator)
+                )
+    out: dict[str, torch.Tensor] = {}
+    if "topk_logits" in want:
+        out["topk_logits"] = topk_logits.reshape(b, length, k)
+    if "topk_ids" in want:
+        out["topk_ids"] = topk_ids.reshape(b, length, k)
+    if "lse" in want:
+        out["lse"] = lse[:, : len(s.temperatures)].reshape(b, length, -1)
+    if "target_logprob" in want:
+        positions = torch.arange(length, device=input_ids.device)[None, :]
+        has_next = positions < (lengths[:, None] - 1)
+        out["target_logprob"] = torch.where(has_next, target.reshape(b, length), float("nan"))
+    if proj is not None:
+        out["vocab_proj"] = proj.reshape(b, length, h)
+    for name in target_parts[0] if target_parts else ():
+        if name in want:
+            value = torch.cat([part[name] for part in target_parts])
+            out[name] = value.reshape(b, length, *value.shape[1:])
+    return out
+
+
+FP16_MAX = 65504.0
+
+
+def reduce_hidden(hidden: torch.Tensor, layer: int, s: FieldSettings) -> torch.Tensor:
+    """(B, L, H) -> (B, L, D) as stored: standardized per dimension, then projected on the PCA basis if one was
+    fitted, then bounded to the fp16 range; see [hidden-range note]."""
+    hidden = hidden.float()
+    if layer in s.standardize:
+        mean, std = s.standardize[layer]
+        hidden = (hidden - mean) / std
+    if layer in s.pca:
+        mean, components = s.pca[layer]
+        hidden = (hidden - mean) @ components
+    return hidden.clamp(-FP16_MAX, FP16_MAX)
+
+
+def attention_topk(attn: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(B, heads, L, L) attention (or its head average, heads = 1) -> head-averaged top-k per query row:
+    values, key positions (B, L, k)."""
+    averaged = attn.float().mean(dim=1)
+    # A batch of short rows has fewer keys than k: take them all, the slots past them stay empty.
+    values, ids = averaged.topk(min(k, averaged.shape[-1]), dim=-1)
+    values, ids = F.pad(values, (0, k - values.shape[-1])), F.pad(ids, (0, k - ids.shape[-1]))
+    # A query at position t has only t+1 keys: the slots past them hold weight 0. Give them id 0 so
+    # that the stored ids never point at padding and are deterministic (a slot is used iff value > 0).
+    ids = torch.where(values > 0, ids, torch.zeros_like(ids))
+    return values, ids
+
+
+def pad_rows(rows: list[Row]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Teacher ids (B, W) right-padded with 0 to the longest row, and the attention mask (B, W)."""
+    width = max(len(r.input_ids) for r in rows)
+    ids = torch.zeros(len(rows), width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, r in enumerate(rows):
+        ids[i, : len(r.input_ids)] = torch.from_numpy(r.input_ids)
+        mask[i, : len(r.input_ids)] = 1
+    return ids, mask
+
+
+def stored_logit_fields(s: FieldSettings) -> list[str]:
+    """The logit fields a store with these settings holds (the target fields depend on ``--targets``)."""
+    if s.targets is None:
+        names = ["topk_logits", "topk_ids", "lse", "target_logprob", "vocab_proj"]
+    else:
+        names = ["lse", "target_logprob", "vocab_proj", *TARGET_FIELDS[: 4 if s.targets["kind"] == "topk" else 5]]
+    return [name for name in names if name != "vocab_proj" or s.vocab_proj]
+
+
+def compute_batch_fields(
+    model: Any, rows: list[Row], s: FieldSettings, device: torch.device, fields: Collection[str] | None = None
+) -> tuple[dict[str, np.ndarray], list[int]]:
+    """Every stored field of ``rows`` as numpy arrays padded to seq_len; plus the rows that were not finite.
+
+    ``fields``: compute only these of the teacher's fields (default all; the row fields input_ids, offsets,
+    length, row_id, doc_id and text always come back): the live teacher and the benchmarks skip the rest.
+    """
+    ids, mask = pad_rows(rows)
+    ids, mask = ids.to(device), mask.to(device)
+    lengths = mask.sum(dim=1)
+    wanted = None if fields is None else set(fields)
+    attention_layers = [layer for layer in s.attention_layers if wanted is None or f"attn/{layer}" in wanted]
+    hidden_layers = [layer for layer in s.hidden_layers if wanted is None or f"hidden/{layer}" in wanted]
+    logit_fields = [name for name in stored_logit_fields(s) if wanted is None or name in wanted]
+    computed: dict[str, torch.Tensor] = {}
+    with torch.inference_mode():
+        out = forward_teacher(model, ids, mask, bool(attention_layers), attention_layers)
+        if logit_fields:
+            seed = rows[0].row_id
+            computed.update(compute_logit_fields(model, out.last_hidden_state, ids, lengths, s, logit_fields, seed))
+        for layer in hidden_layers:
+            computed[f"hidden/{layer}"] = reduce_hidden(out.hidden_states[layer], layer, s)
+        for layer in attention_layers:
+            computed[f"attn/{layer}"], computed[f"attn_ids/{layer}"] = attention_topk(
+                out.attentions[layer - 1], s.attention_topk
+            )
+    valid = mask.bool()
+    bad = find_nonfinite_rows(computed, valid)
+    return pad_fields(computed, rows, valid, s), bad
+
+
+def find_nonfinite_rows(fields: dict[str, torch.Tensor], valid: torch.Tensor) -> list[int]:
+    """Rows with a non-finite value at a valid position in any float field (target_logprob's NaN marks excepted)."""
+    bad = torch.zeros(valid.shape[0], dtype=torch.bool, device=valid.device)
+    for name, value in fields.items():
+        if name == "target_logprob" or not value.is_floating_point():
+            continue
+        stored = (
+            value.half() if name in ("topk_logits", "vocab_proj") or name.startswith(("hidden/", "attn/")) else value
+        )
+        finite = torch.isfinite(stored).reshape(*valid.shape, -1).all(dim=-1)
+        bad |= (~finite & valid).any(dim=1)
+    return torch.nonzero(bad).flatten().tolist()
+
+
+STORAGE_DTYPES = {
+    "topk_logits": np.float16,
+    "vocab_proj": np.float16,
+    "lse": np.float32,
+    "target_logprob": np.float32,
+    "topk_ids": np.int32,
+    "target_count": np.uint16,
+    "target_ids": np.uint32,
+    "target_values": np.uint8,
+    "target_max": np.float32,
+    "target_draws": np.uint8,
+}
+
+
+def pad_fields(
+    fields: dict[str, torch.Tensor], rows: list[Row], valid: torch.Tensor, s: FieldSettings
+) -> dict[str, np.ndarray]:
+    """Zero padding positions, pad to seq_len, cast to storage dtypes; add ids, offsets, text."""
+    n, width = valid.shape
+    out: dict[str, Any] = {}
+    for name, value in fields.items():
+        pad_value = float("nan") if name == "target_logprob" else 0
+        value = torch.where(
+            valid.reshape(n, width, *([1] * (value.dim() - 2))), value, torch.full_like(value, pad_value)
+        )
+        value = F.pad(value, (0, 0) * (value.dim() - 2) + (0, s.seq_len - width), value=pad_value)
+        dtype = STORAGE_DTYPES.get(name)
+        if dtype is None:
+            dtype = np.dtype(attention_id_dtype(s.seq_len)) if name.startswith("attn_ids/") else np.float16
+        out[name] = value.cpu().numpy().astype(dtype)
+    out["input_ids"] = np.zeros((n, s.seq_len), dtype=np.int32)
+    out["offsets"] = np.zeros((n, s.seq_len, 2), dtype=np.int32)
+    for i, r in enumerate(rows):
+        out["input_ids"][i, : len(r.input_ids)] = r.input_ids
+        out["offsets"][i, : len(r.input_ids)] = r.offsets
+    out["length"] = np.array([len(r.input_ids) for r in rows], dtype=np.int32)
+    out["row_id"] = np.array([r.row_id for r in rows], dtype=np.int64)
+    out["doc_id"] = np.array([r.doc_id for r in rows], dtype=np.int64)
+    out["text"] = np.array([r.text for r in rows], dtype=object)
+    return out
+
+
+def blank_rows(chunk: dict[str, np.ndarray], bad: list[int]) -> None:
+    """[skip note] A non-finite row is kept in place (shapes are pre-sized) with length 0 and no data."""
+    for name, value in chunk.items():
+        if name in ("row_id", "doc_id", "text"):
+            continue
+        value[bad] = np.nan if name == "target_logprob" else 0
+
+
+# [hidden-range note] Real teachers have outlier dimensions: Gemma 3's residual stream passes 65,504, the
+# largest fp16, in its middle layers, so raw hidden states stored as fp16 become inf. Each hidden
+# layer is therefore standardized per dimension, (h - mean) / std with statistics of the calibration
+# rows, before the fp16 cast (and before the PCA, so that the basis is not spent on a few huge
+# dimensions). Standardized values are O(1), so fp16 keeps its 11 significant bits on every
+# dimension; bf16 would avoid the overflow without the standardization but keeps only 8 bits, and
+# neither numpy nor zarr has a bf16 dtype. A position far outside the calibration range is clamped to
+# the fp16 range instead of becoming inf. The statistics are stored (standardize/hidden/<l>/mean|std),
+# so raw states can be recovered: h = stored * std + mean (without PCA). Prefix tokens (a BOS, see
+# [input-as-trained note] in tokens.py) are left out of the statistics: the BOS is an attention sink
+# whose hidden state is orders of magnitude larger than any text token's, and it is never aligned.
+
+
+def calibrate(
+    model: Any,
+    rows: list[Row],
+    hidden_layers: list[int],
+    hidden_dim: int | None,
+    batch_size: int,
+    device: torch.device,
+    max_positions: int = 65536,
+) -> tuple[dict[str, dict[int, tuple[torch.Tensor, torch.Tensor]]], dict[str, np.ndarray]]:
+    """Fit each hidden layer's standardization and PCA basis (if ``hidden_dim``), see [hidden-range note].
+
+    Returns the fitted maps (``{"standardize": ..., "pca": ...}``, as FieldSettings holds them) and the store-level
+    arrays: standardize/hidden/<l>/mean|std (H,), pca/hidden/<l>/mean|components, and stats/hidden/<l>/mean|std:
+    per-dimension statistics of what is stored, which stage 2 uses to standardize its targets.
+    """
+    samples: dict[int, list[torch.Tensor]] = {layer: [] for layer in hidden_layers}
+    for start in range(0, len(rows), batch_size):
+        batch = rows[start : start + batch_size]
+        ids, mask = pad_rows(batch)
+        with torch.inference_mode():
+            out = forward_teacher(model, ids.to(device), mask.to(device), False)
+        text = text_positions(batch, ids.shape[1]).to(device)
+        for layer in hidden_layers:
+            samples[layer].append(out.hidden_states[layer][text].float().cpu())
+    arrays: dict[str, np.ndarray] = {}
+    fitted: dict[str, dict[int, tuple[torch.Tensor, torch.Tensor]]] = {"standardize": {}, "pca": {}}
+    for layer in hidden_layers:
+        x = torch.cat(samples[layer])[:max_positions]  # (N, H)
+        mean, std = x.mean(dim=0), x.std(dim=0).nan_to_num(1.0).clamp_min(1e-6)
+        fitted["standardize"][layer] = (mean, std)
+        arrays[f"standardize/hidden/{layer}/mean"] = mean.numpy()
+        arrays[f"standardize/hidden/{layer}/std"] = std.numpy()
+        x = (x - mean) / std
+        if hidden_dim is not None and hidden_dim < x.shape[1]:
+            center = x.mean(dim=0)
+            _, _, vh = torch.linalg.svd(x - center, full_matrices=False)
+            components = vh[:hidden_dim].T.contiguous()  # (H, D)
+            fitted["pca"][layer] = (center, components)
+            arrays[f"pca/hidden/{layer}/mean"] = center.numpy()
+            arrays[f"pca/hidden/{layer}/components"] = components.numpy()
+            x = (x - center) @ components
+        stored = x.clamp(-FP16_MAX, FP16_MAX).half().float()  # statistics of what stage 2 will read
+        arrays[f"stats/hidden/{layer}/mean"] = stored.mean(dim=0).numpy()
+        arrays[f"stats/hidden/{layer}/std"] = stored.std(dim=0).nan_to_num(1.0).clamp_min(1e-6).numpy()
+    return fitted, arrays
+
+
+def text_positions(rows: list[Row], width: int) -> torch.Tensor:
+    """(B, width) bool: the positions of text tokens, without padding and prefix tokens (span (0, 0))."""
+    text = torch.zeros(len(rows), width, dtype=torch.bool)
+    for i, r in enumerate(rows):
+        text[i, : len(r.input_ids)] = torch.from_numpy(np.asarray(r.offsets)[:, 1] > 0)
+    return text
+
+
+def field_settings(layout: dict[str, Any], root: Any, device: torch.device) -> FieldSettings:
+    """What to compute per row, from a store's layout and its fitted reductions (the live teacher uses it too)."""
+    return FieldSettings(
+        seq_len=layout["seq_len"],
+        top_k=layout["top_k"],
+        temperatures=layout["temperatures"],
+        vocab_proj_temperature=layout["vocab_proj_temperature"],
+        hidden_layers=layout["hidden_layers"],
+        attention_layers=layout["attention_layers"],
+        attention_topk=layout["attention_topk"],
+        pca=load_root_pairs(root, "pca", ("mean", "components"), layout["hidden_layers"], device),
+        vocab_proj=layout.get("vocab_proj", True),
+        standardize=load_root_pairs(root, "standardize", ("mean", "std"), layout["hidden_layers"], device),
+        targets=None if target_kind(layout) == "topk-fp16" else layout["targets"],
+        rank_of_id=load_rank_of_id(root, layout, device),
+    )
+
+
+def load_rank_of_id(root: Any, layout: dict[str, Any], device: torch.device) -> torch.Tensor | None:
+    """(V,) int64 rank of each teacher id, the inverse of the store's ``targets/id_by_rank`` (compact kinds)."""
+    if target_kind(layout) == "topk-fp16":
+        return None
+    id_by_rank = torch.from_numpy(np.asarray(root[ID_BY_RANK][:]).astype(np.int64))
+    rank_of_id = torch.empty_like(id_by_rank)
+    rank_of_id[id_by_rank] = torch.arange(id_by_rank.numel())
+    return rank_of_id.to(device)
+
+
+def load_root_pairs(
+    root: Any, group: str, names: tuple[str, str], hidden_layers: list[int], device: torch.device
+) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+    """``{layer: (root[group/hidden/layer/names[0]], .../names[1])}`` for the layers that have them."""
+    pairs = {}
+    for layer in hidden_layers:
+        key = f"{group}/hidden/{layer}"
+        if key in root:
+            pairs[layer] = tuple(torch.from_numpy(np.asarray(root[f"{key}/{name}"][:])).to(device) for name in names)
+    return pairs
