@@ -154,6 +154,8 @@ def test_schema_2_stores_are_read_and_older_ones_refused(train_assets, tmp_path)
     data = reader.read_rows([0], ["topk_ids", "topk_logits", "target_multiplier"])
     assert data["target_multiplier"] is None and data["topk_logits"].dtype == torch.float16  # as stored
     assert invoke("cache", "verify", old).exit_code == 0
+    resumed = invoke("cache-teacher", *cache_args(train_assets, old))  # cannot add rows: says what to do
+    assert resumed.exit_code != 0 and "schema version 2" in resumed.stderr and "--overwrite" in resumed.stderr
     root.attrs["distill"] = {**manifest, "schema_version": 1}
     with pytest.raises(CacheError, match="re-create the store"):
         CacheReader(str(old))

@@ -390,6 +390,13 @@ def read_manifest(url: str) -> dict[str, Any]:
 
 def check_compatible(existing: dict[str, Any], wanted: dict[str, Any], url: str) -> None:
     """Refuse to resume into a store whose manifest differs from the one this run would write."""
+    if existing.get("schema_version") != wanted.get("schema_version"):
+        raise CacheError(
+            f"{url} was written by schema version {existing.get('schema_version')} (distill "
+            f"{existing.get('code_version')}); this distill writes version {wanted.get('schema_version')} and reads the "
+            "old store as it is (train, eval, verify, merge, export), but cannot add rows to it: finish it with the "
+            "distill that made it, or re-create it with --overwrite"
+        )
     diffs = describe_manifest_difference(manifest_identity(existing), manifest_identity(wanted))
     if diffs:
         shown = "; ".join(diffs[:5]) + (f"; and {len(diffs) - 5} more" if len(diffs) > 5 else "")
