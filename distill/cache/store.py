@@ -393,9 +393,9 @@ def check_compatible(existing: dict[str, Any], wanted: dict[str, Any], url: str)
     if existing.get("schema_version") != wanted.get("schema_version"):
         raise CacheError(
             f"{url} was written by schema version {existing.get('schema_version')} (distill "
-            f"{existing.get('code_version')}); this distill writes version {wanted.get('schema_version')} and reads the "
-            "old store as it is (train, eval, verify, merge, export), but cannot add rows to it: finish it with the "
-            "distill that made it, or re-create it with --overwrite"
+            f"{existing.get('code_version')}); this distill writes version {wanted.get('schema_version')} and reads "
+            "the old store as it is (train, eval, verify, merge, export), but cannot add rows to it: finish it with "
+            "the distill that made it, or re-create it with --overwrite"
         )
     diffs = describe_manifest_difference(manifest_identity(existing), manifest_identity(wanted))
     if diffs:
