@@ -318,7 +318,7 @@ def calibrate(
     per-dimension statistics of what is stored, which stage 2 uses to standardize its targets.
     """
     samples: dict[int, list[torch.Tensor]] = {layer: [] for layer in hidden_layers}
-    for start in range(0, len(rows), batch_size):
+    for start in range(0, len(rows) if hidden_layers else 0, batch_size):  # no hidden layer: no teacher pass
         batch = rows[start : start + batch_size]
         ids, mask = pad_rows(batch)
         with torch.inference_mode():
