@@ -6,10 +6,10 @@ Teacher Gemma 3 270M (~/.cache/distill-real, converted by tests/real/assets.py) 
 ``--rows`` rows of 128 tokens, cached four times with nothing but the targets (``--hidden-layers none
 --attention-layers none``): today's fixed fp16 top-256 (``--targets topk-fp16 --top-k 256``, the layout of
 schema 2), and the defaults of ``topk``, ``sampled`` and ``hybrid``. A from-scratch student (SmolLM2's
-tokenizer) is trained from the first three (``--train-kinds``) for the same steps on the same rows (kd + lm, ``--final last``), and
-``distill eval`` scores all four on the same held-out store (bits per byte, bootstrap intervals). Prints
-each command, then one JSON line: bytes per token per field, the fidelity figures of each manifest, and each
-student's held-out bits per byte and its difference from the fp16 top-256 student.
+tokenizer) is trained from the first three (``--train-kinds``) for the same steps on the same rows (kd + lm,
+``--final last``), and ``distill eval`` scores them on the same held-out store (bits per byte, bootstrap
+intervals). Prints each command, then one JSON line: bytes per token per field, the fidelity figures of
+each manifest, and each student's held-out bits per byte and its difference from the fp16 top-256 student.
 """
 
 from __future__ import annotations
