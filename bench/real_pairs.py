@@ -30,8 +30,8 @@ sys.path.insert(0, str(REPO))
 SEQ_LEN = 128
 TRAIN_ROWS = 192
 CE_ONLY = "objective=ce"
-SCRATCH = {"steps": 100, "batch_size": 4, "grad_accum": 2, "lr": 2e-3}
-PRETRAINED = {"steps": 20, "batch_size": 2, "grad_accum": 2, "lr": 5e-5}
+SCRATCH = {"steps": 400, "batch_size": 4, "grad_accum": 2, "lr": 2e-3, "eval_every": 50}
+PRETRAINED = {"steps": 20, "batch_size": 2, "grad_accum": 2, "lr": 5e-5, "eval_every": 20}
 
 
 def distill(*args: str) -> None:
@@ -76,7 +76,7 @@ def train(name: str, student: Path, stores: tuple[Path, Path], work: Path, plan:
         return run
     distill("train", "--cache", str(stores[0]), "--eval-cache", str(stores[1]), "--student", str(student),
             "--out", str(run), "--max-steps", str(plan["steps"]), "--batch-size", str(plan["batch_size"]),
-            "--eval-every", str(plan["steps"]), "--log-every", "10",
+            "--eval-every", str(plan["eval_every"]), "--log-every", "25",
             "--set", f"grad_accum={plan['grad_accum']}", "--set", f"lr={plan['lr']}",
             *[arg for s in sets for arg in ("--set", s)])  # fmt: skip
     return run
@@ -135,7 +135,6 @@ def main() -> None:
         runs = [
             train("scratch-ce", scratch, stores, args.work, SCRATCH, CE_ONLY),
             train("scratch-kd", scratch, stores, args.work, SCRATCH),
-            train("scratch-kd-only", scratch, stores, args.work, SCRATCH, "objective=kd-only"),
         ]
         results["scratch"] = evaluate("scratch", runs, "scratch-ce", stores, args.work)
     if args.only in (None, "pretrained"):

@@ -25,9 +25,9 @@ the same rows in the same order:
                hidden/attention fields so that the live teacher computes only the logit fields;
                without read-ahead, see [one-device note]
 
-Each variant runs in its own process: ``train.setup`` builds the Context, then the loop of
-``train.fit`` (stream.next -> compute_losses -> backward -> clip -> AdamW step) runs
-``steps`` optimizer steps; the first ``warmup`` are not timed. Peak memory (CPU): the bytes of
+Each variant runs in its own process: ``train_setup.setup`` builds the run, then ``train.train_step``,
+the step ``train.fit`` runs (read the micro-batch -> the learner's loss -> backward -> clip -> AdamW
+step), runs ``steps`` optimizer steps; the first ``warmup`` are not timed. Peak memory (CPU): the bytes of
 the tensors that live across steps (student and module weights, AdamW state, the live
 teacher's weights) + the torch profiler's peak of tensor bytes allocated during one more step
 (activations, gradients, teacher buffers, read-ahead), see [tensor-peak note]; the RSS
@@ -109,9 +109,11 @@ def run_variant(spec: dict[str, Any]) -> dict[str, Any]:
     import numpy as np
     import torch
 
-    from distill.config import TrainConfig
-    from distill.pipeline import train
-    from distill.pipeline.curriculum import CurriculumConfig, weights_at
+    from distill.config import CurriculumConfig, TrainConfig
+    from distill.pipeline.batches import BatchStream
+    from distill.pipeline.curriculum import weights_at
+    from distill.pipeline.train import build_optimizer, train_step
+    from distill.pipeline.train_setup import setup
 
     variant = VARIANTS[spec["variant"]]
     cuda = spec["device"].startswith("cuda")
@@ -138,30 +140,22 @@ def run_variant(spec: dict[str, Any]) -> dict[str, Any]:
         precision="auto",  # fp32 on CPU, bf16 on GPUs that have it
         seed=0,
     )
-    ctx = train.setup(cfg)
-    optimizer, scheduler = train.build_optimizer(ctx)
-    params = list(ctx.student.parameters()) + list(ctx.modules.parameters())
-    stream = train.BatchStream(ctx)
-    ctx.student.train()
-    ctx.modules.train()
+    run = setup(cfg)
+    opt = build_optimizer(run)
+    stream = BatchStream(run.batches.prepare_batch, run.train_rows, cfg.seed, cfg.batch_size, run.world,
+                         cfg.num_workers_prefetch)  # fmt: skip
+    run.learner.train()
 
-    def train_step(step: int) -> tuple[int, dict[str, float]]:
-        weights = weights_at(step, ctx.total_steps, cfg.curriculum)
-        batch = stream.next()
-        total, logs = train.compute_losses(ctx, batch, weights)
-        total.backward()
-        torch.nn.utils.clip_grad_norm_(params, cfg.clip)
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
+    def timed_step(step: int) -> tuple[int, dict[str, float]]:
+        result = train_step(run, opt, stream, weights_at(step, run.total_steps, cfg.curriculum))
         if cuda:
             torch.cuda.synchronize()
-        return batch.student_tokens, logs
+        return result.tokens, result.logs
 
     times, tokens = [], []
     for step in range(cfg.max_steps):
         start = time.perf_counter()
-        n, logs = train_step(step)
+        n, logs = timed_step(step)
         if step >= spec["warmup"]:
             times.append(time.perf_counter() - start)
             tokens.append(n)
@@ -174,9 +168,10 @@ def run_variant(spec: dict[str, Any]) -> dict[str, Any]:
         # than about the path. The tensor peak = bytes that live across steps (weights, optimizer state, the
         # live teacher) + the profiler's peak of bytes allocated during one more step (activations, grads,
         # the teacher's buffers, read-ahead) on top of them.
-        persistent = {t.data_ptr(): t.nbytes for t in persistent_tensors(ctx, optimizer)}
+        live = getattr(run.batches.source, "model", None)  # the live teacher's weights
+        persistent = {t.data_ptr(): t.nbytes for t in persistent_tensors([run.learner, live], opt.optimizer)}
         with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU], profile_memory=True) as prof:
-            train_step(cfg.max_steps)
+            timed_step(cfg.max_steps)
         peak = sum(persistent.values()) + profiled_peak(prof)
     stream.close()
     return {
@@ -190,12 +185,11 @@ def run_variant(spec: dict[str, Any]) -> dict[str, Any]:
     }
 
 
-def persistent_tensors(ctx: Any, optimizer: Any) -> list[Any]:
-    """Tensors alive across steps: student and module weights, optimizer state, the live teacher's weights."""
+def persistent_tensors(modules: list[Any], optimizer: Any) -> list[Any]:
+    """Tensors alive across steps: the modules' weights (None: skipped) and the optimizer state."""
     import torch
 
-    modules = [ctx.student, ctx.modules] + ([ctx.live.model] if ctx.live is not None else [])
-    found = [t for m in modules for t in [*m.parameters(), *m.buffers()]]
+    found = [t for m in modules if m is not None for t in [*m.parameters(), *m.buffers()]]
     found += [v for state in optimizer.state.values() for v in state.values() if isinstance(v, torch.Tensor)]
     return found
 

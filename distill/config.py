@@ -20,11 +20,98 @@ from typing import Any, TypeVar
 import yaml
 
 from distill.cache.targets import TARGET_KINDS
-from distill.pipeline.curriculum import OBJECTIVES, CurriculumConfig, apply_objective
 
 
 class ConfigError(ValueError):
     """A configuration value is invalid; the message names the flag to change."""
+
+
+RAMPED_TERMS = ("feature", "attention", "layerwise", "contrastive")
+"""The curriculum's ramped terms: each has a base weight ``<term>`` and a ramp ``<term>_ramp`` below."""
+OBJECTIVES: dict[str, tuple[str, ...]] = {
+    "full": (),
+    "kd-only": RAMPED_TERMS,
+    "ce": ("kd", *RAMPED_TERMS),
+}
+"""Training objective presets -> the terms each one disables (added to ``curriculum.disabled``)."""
+
+
+@dataclass
+class CurriculumConfig:
+    """Per-term base weights and the phases, as fractions of the run's total optimizer steps
+    (pipeline/curriculum.py turns them into the weights of a step)."""
+
+    kd: float = 0.7
+    """Weight of the teacher top-K KD term, on from step 0; in [0, 1). lm weighs 1 - kd."""
+    feature: float = 0.1
+    """Full weight of the student-aware router feature term (with its balance/importance terms)."""
+    attention: float = 0.1
+    """Full weight of the pooled-attention KL term."""
+    layerwise: float = 0.1
+    """Full weight of the student-layer vs teacher-layer term."""
+    contrastive: float = 0.05
+    """Full weight of the InfoNCE term between aligned student and teacher representations."""
+    kd_only_until: float = 0.10
+    """Before this fraction of training, only kd and lm are on, whatever the ramps say."""
+    feature_ramp: tuple[float, float] = (0.10, 0.40)
+    """(start, end) fractions: feature weight goes linearly 0 -> full; start == end jumps."""
+    attention_ramp: tuple[float, float] = (0.10, 0.40)
+    """(start, end) fractions for the attention weight."""
+    layerwise_ramp: tuple[float, float] = (0.40, 0.70)
+    """(start, end) fractions for the layerwise weight."""
+    contrastive_ramp: tuple[float, float] = (0.70, 1.00)
+    """(start, end) fractions for the contrastive weight."""
+    disabled: tuple[str, ...] = ()
+    """Terms forced to 0 (any of kd, feature, attention, layerwise, contrastive); disabling kd makes lm 1."""
+
+    def __post_init__(self) -> None:
+        self._validate_weights()
+        self._validate_phases()
+        self._validate_disabled()
+
+    def base_weight(self, term: str) -> float:
+        """The term's weight once fully ramped (0 when disabled); lm weighs 1 - kd."""
+        if term == "lm":
+            return 1.0 - self.base_weight("kd")
+        return 0.0 if term in self.disabled else float(getattr(self, term))
+
+    def _validate_weights(self) -> None:
+        for name in ("kd", *RAMPED_TERMS):
+            if not getattr(self, name) >= 0:
+                raise ConfigError(f"curriculum.{name} must be >= 0, got {getattr(self, name)}")
+        if not self.kd < 1:
+            raise ConfigError(f"curriculum.kd must be < 1 so that lm (weight 1 - kd) stays on, got {self.kd}")
+
+    def _validate_phases(self) -> None:
+        if not 0 <= self.kd_only_until <= 1:
+            raise ConfigError(f"curriculum.kd_only_until must be in [0, 1], got {self.kd_only_until}")
+        for term in RAMPED_TERMS:
+            name = f"{term}_ramp"
+            ramp = tuple(getattr(self, name))
+            if len(ramp) != 2:
+                raise ConfigError(f"curriculum.{name} must be (start, end), got {ramp}")
+            start, end = float(ramp[0]), float(ramp[1])
+            if not (0 <= start <= 1 and 0 <= end <= 1):
+                raise ConfigError(f"curriculum.{name} fractions must be in [0, 1], got {ramp}")
+            if start > end:
+                raise ConfigError(f"curriculum.{name} needs start <= end, got {ramp}")
+            setattr(self, name, (start, end))  # YAML gives lists
+
+    def _validate_disabled(self) -> None:
+        names = (self.disabled,) if isinstance(self.disabled, str) else tuple(self.disabled)
+        unknown = sorted(set(names) - {"kd", *RAMPED_TERMS})
+        if unknown:
+            hint = " (lm is always on; lower kd instead)" if "lm" in unknown else ""
+            raise ConfigError(f"curriculum.disabled has unknown terms {unknown}{hint}; allowed: kd, {RAMPED_TERMS}")
+        self.disabled = tuple(sorted(set(names)))
+
+    def apply_objective(self, objective: str) -> None:
+        """Disable the terms the ``objective`` preset leaves out (on top of any already disabled)."""
+        self.disabled = tuple(sorted({*self.disabled, *OBJECTIVES[objective]}))
+
+
+KD_MODES = ("tail", "projector", "uld")
+"""The kd term's modes (pipeline/terms.py computes each)."""
 
 
 @dataclass
@@ -201,6 +288,10 @@ class TrainConfig:
     """auto (bf16 on GPUs that have it, fp16 + GradScaler on older GPUs, fp32 on CPU) | fp32 | bf16 | fp16."""
     device: str = "auto"
     """auto | cpu | cuda | cuda:N."""
+    parallel: str = "ddp"
+    """Under torchrun: ddp (a whole replica of the student and its optimizer state per rank; gradients averaged
+    during backward) or fsdp (FSDP2: each rank keeps 1/W of the weights, gradients and optimizer state, for a
+    student that does not fit one device). One process ignores it. See docs/scaling.md."""
     log_every: int = 10
     """Optimizer steps between log lines / metrics records."""
     eval_every: int = 500
@@ -245,7 +336,7 @@ class TrainConfig:
         self.report_to = parse_report_to(self.report_to)
         if self.objective not in OBJECTIVES:
             raise ConfigError(f"--objective {self.objective}: use one of {', '.join(OBJECTIVES)}")
-        apply_objective(self.curriculum, self.objective)
+        self.curriculum.apply_objective(self.objective)
         checks = [
             (self.final in ("best", "last"), "--final must be best or last"),
             (0 <= self.eval_fraction < 1, "--set eval_fraction=F needs 0 <= F < 1"),
@@ -257,8 +348,9 @@ class TrainConfig:
             (0 <= self.warmup < 1, "--set warmup=F needs 0 <= F < 1"),
             (0 <= self.min_lr_ratio <= 1, "--set min_lr_ratio=F needs 0 <= F <= 1"),
             (self.temperature > 0, "--set temperature=T needs T > 0"),
-            (self.kd_mode in ("tail", "projector", "uld"), "--set kd_mode must be tail, projector or uld"),
+            (self.kd_mode in KD_MODES, f"--set kd_mode must be one of {', '.join(KD_MODES)}"),
             (self.precision in ("auto", "fp32", "bf16", "fp16"), "--set precision must be auto, fp32, bf16 or fp16"),
+            (self.parallel in ("ddp", "fsdp"), "--set parallel must be ddp or fsdp"),
             (self.log_every >= 1, "--log-every must be at least 1"),
             (self.eval_every >= 1, "--eval-every must be at least 1"),
             (self.patience >= 1, "--set patience=N needs N >= 1"),

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from distill.pipeline.curriculum import TERMS, CurriculumConfig, enabled_terms, weights_at
+from distill.config import CurriculumConfig
+from distill.pipeline.curriculum import TERMS, enabled_terms, weights_at
 
 TOTAL = 1000
 RAMPED = ("feature", "attention", "layerwise", "contrastive")

@@ -227,7 +227,7 @@ def test_top1_agreement_leaves_out_teacher_tokens_without_a_student_token(runs, 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from distill.pipeline.align import align_offsets, build_vocab_map
-    from distill.pipeline.train import load_cache_tokenizer
+    from distill.pipeline.train_setup import load_cache_tokenizer
 
     source = resolve_student(runs["kd"], None, "eval")
     metrics, _ = evaluate_student(source, tmp_path / "vocab")

@@ -176,7 +176,7 @@ def test_a_missing_chunk_file_is_found_by_verify_quick_and_deep(store_missing_a_
 def test_a_missing_chunk_file_is_refused_by_the_reader_and_train(train_assets, store_missing_a_chunk, tmp_path):
     from distill.cache.reader import CacheReader
     from distill.cache.store import StoreDamaged
-    from distill.pipeline.train import check_store
+    from distill.pipeline.train_setup import check_store
 
     reader = CacheReader(str(store_missing_a_chunk))
     assert reader.read_rows([0, 7], ["topk_logits"])["topk_logits"].shape[0] == 2  # chunk 0 is whole

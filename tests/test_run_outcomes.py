@@ -10,7 +10,7 @@ import pytest
 from typer.testing import CliRunner
 
 from distill.cli import app
-from distill.pipeline.train import ThroughputWindow
+from distill.pipeline.progress import ThroughputWindow
 from tests.conftest import cache_args, run_train, train_args
 
 

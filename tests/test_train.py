@@ -12,8 +12,11 @@ from typer.testing import CliRunner
 
 from distill.cli import app
 from distill.config import TrainConfig, load_config, parse_set_overrides
-from distill.pipeline import train as train_mod
+from distill.pipeline import learner as learner_mod
+from distill.pipeline import terms as terms_mod
 from distill.pipeline.curriculum import weights_at
+from distill.pipeline.train import evaluate
+from distill.pipeline.train_setup import setup
 from tests.conftest import cache_args, run_train, train_args
 
 TERMS = (
@@ -100,7 +103,7 @@ def test_terms_at_zero_weight_are_not_computed(train_assets, tmp_path, monkeypat
             },
         )
     )
-    ctx = train_mod.setup(cfg)
+    run = setup(cfg)
     calls: list[str] = []
     for name in (
         "routed_feature_loss",
@@ -111,12 +114,13 @@ def test_terms_at_zero_weight_are_not_computed(train_assets, tmp_path, monkeypat
         "importance_loss",
         "lm_and_kd_from_hidden",
     ):
-        original = getattr(train_mod, name)
-        monkeypatch.setattr(train_mod, name, lambda *a, _f=original, _n=name, **k: (calls.append(_n), _f(*a, **k))[1])
-    batch = train_mod.prepare_batch(ctx, ctx.reader, ctx.train_rows[:2])
+        module = learner_mod if name == "lm_and_kd_from_hidden" else terms_mod
+        original = getattr(module, name)
+        monkeypatch.setattr(module, name, lambda *a, _f=original, _n=name, **k: (calls.append(_n), _f(*a, **k))[1])
+    batch = run.batches.prepare_batch(run.train_rows[:2])
     early = weights_at(5, 100, cfg.curriculum)
     assert all(early[t] == 0 for t in ("feature", "attention", "layerwise", "contrastive"))
-    _, logs = train_mod.compute_losses(ctx, batch, early)
+    _, logs = run.learner(batch, early)
     assert set(calls) == {"lm_and_kd_from_hidden"} and "loss/kd" in logs
     assert "loss/feature" not in logs and logs["loss/total"] == pytest.approx(
         0.7 * logs["loss/kd"] + 0.3 * logs["loss/lm"] + 0.7 * logs["loss/lm_unaligned"], rel=1e-6
@@ -124,24 +128,24 @@ def test_terms_at_zero_weight_are_not_computed(train_assets, tmp_path, monkeypat
     calls.clear()
     mid = weights_at(25, 100, cfg.curriculum)
     assert mid["feature"] == pytest.approx(0.05) and mid["attention"] == pytest.approx(0.05)
-    train_mod.compute_losses(ctx, batch, mid)
+    run.learner(batch, mid)
     assert {"routed_feature_loss", "attention_kl_loss", "load_balance_loss"} <= set(calls)
     assert "layerwise_loss" not in calls and "contrastive_loss" not in calls
 
 
 def test_router_attention_is_not_computed_at_weight_zero(train_assets, tmp_path, monkeypatch):
     cfg = make_config(train_args(train_assets, tmp_path / "run"))
-    ctx = train_mod.setup(cfg)
-    router = ctx.modules["router"]
+    run = setup(cfg)
+    router = run.learner.aux["router"]
     calls: list[int] = []
     original = router._attention_alignment
     monkeypatch.setattr(router, "_attention_alignment", lambda *a: (calls.append(1), original(*a))[1])
-    batch = train_mod.prepare_batch(ctx, ctx.reader, ctx.train_rows[:2])
+    batch = run.batches.prepare_batch(run.train_rows[:2])
     weights = {**weights_at(100, 100, cfg.curriculum), "attention": 0.0}  # feature on, attention off
-    _, logs = train_mod.compute_losses(ctx, batch, weights)
+    _, logs = run.learner(batch, weights)
     assert calls == [] and "loss/router_attention" not in logs
     assert logs["loss/feature"] > 0 and len(logs["expert_usage"]) == 2
-    _, logs = train_mod.compute_losses(ctx, batch, weights_at(100, 100, cfg.curriculum))
+    _, logs = run.learner(batch, weights_at(100, 100, cfg.curriculum))
     assert calls == [1] and logs["loss/router_attention"] > 0
 
 
@@ -180,10 +184,10 @@ def test_every_term_is_order_one_at_initialization(tiny_assets, tmp_path, seq_le
     # an untrained teacher is near uniform: at T = 1 both sides' top-K are flat and kd is ~0; T = 4 (x T^2) is not
     run_args = train_args({"store": store, "student": student}, tmp_path / "run", eval_fraction=0, temperature=4.0)
     cfg = make_config(run_args)
-    ctx = train_mod.setup(cfg)
-    batch = train_mod.prepare_batch(ctx, ctx.reader, ctx.train_rows[:2])
+    run = setup(cfg)
+    batch = run.batches.prepare_batch(run.train_rows[:2])
     full = weights_at(100, 100, cfg.curriculum)
-    _, logs = train_mod.compute_losses(ctx, batch, full)
+    _, logs = run.learner(batch, full)
     for term in ("kd", "lm", "feature", "router_balance", "router_attention", "attention", "layerwise", "contrastive"):
         assert 1e-3 <= logs[f"loss/{term}"] <= 20, (term, logs[f"loss/{term}"])
     assert 0 <= logs["loss/router_importance"] <= 20
@@ -196,9 +200,9 @@ def test_every_term_is_order_one_at_initialization(tiny_assets, tmp_path, seq_le
     def add_outliers(module, args, output):
         return (output[0] * scale, *output[1:]) if isinstance(output, tuple) else output * scale
 
-    handle = ctx.student.model.layers[0].register_forward_hook(add_outliers)
+    handle = run.learner.student.model.layers[0].register_forward_hook(add_outliers)
     try:
-        _, logs = train_mod.compute_losses(ctx, batch, full)
+        _, logs = run.learner(batch, full)
     finally:
         handle.remove()
     for term in ("feature", "layerwise", "contrastive"):
@@ -210,11 +214,11 @@ def test_every_term_is_order_one_at_initialization(tiny_assets, tmp_path, seq_le
 
 def test_eval_runs_on_fp16_cache_with_fp32_student_without_autocast_and_training_runs_in_bf16(train_assets, tmp_path):
     cfg = make_config(train_args(train_assets, tmp_path / "fp32", precision="fp32"))
-    ctx = train_mod.setup(cfg)
-    assert ctx.autocast_dtype is None and next(ctx.student.parameters()).dtype == torch.float32
-    batch = train_mod.prepare_batch(ctx, ctx.reader, ctx.eval_rows[:2])
+    run = setup(cfg)
+    assert run.learner.autocast_dtype is None and next(run.learner.student.parameters()).dtype == torch.float32
+    batch = run.eval_batches.prepare_batch(run.eval_rows[:2])
     assert batch.signal.topk_logits.dtype == torch.float16 and batch.signal.hidden[1].dtype == torch.float16
-    result = train_mod.evaluate(ctx)
+    result = evaluate(run)
     assert result["eval/loss"] > 0 and torch.isfinite(torch.tensor(result["eval/loss"]))
     out = tmp_path / "bf16"
     run_train(train_args(train_assets, out, precision="bf16"), steps=2, eval_every=2)
@@ -280,9 +284,9 @@ def test_clear_errors_before_training(train_assets, tmp_path):
 
 def test_identical_tokenizers_take_the_identity_fast_path(train_assets, tmp_path):
     cfg = make_config(train_args(train_assets, tmp_path / "same", student="student_same_tok"))
-    ctx = train_mod.setup(cfg)
-    assert ctx.same_tokenizer and ctx.vocab_map is None
-    batch = train_mod.prepare_batch(ctx, ctx.reader, ctx.train_rows[:2])
+    run = setup(cfg)
+    assert run.learner.facts.same_tokenizer and run.learner.facts.vocab_map is None
+    batch = run.batches.prepare_batch(run.train_rows[:2])
     assert batch.aligned.aligned_share == 1.0
     assert torch.equal(batch.aligned.teacher_pos, batch.aligned.student_pos)
 

@@ -1,5 +1,5 @@
-"""torchrun --nproc_per_node 2 (gloo, CPU): same loss curve as one process with the same global batch; a
-killed DDP run resumed with --resume auto ends with the same weights as an uninterrupted one."""
+"""torchrun --nproc_per_node 2 (gloo, CPU), under DDP and under FSDP2: the same loss curve as one process with
+the same global batch; a killed run resumed with --resume auto ends with the same weights as an uninterrupted one."""
 
 from __future__ import annotations
 
@@ -57,9 +57,9 @@ def finish(proc: subprocess.Popen) -> str:
     return out
 
 
-def run_args(assets: dict, out: Path, grad_accum: int) -> list[str]:
+def run_args(assets: dict, out: Path, grad_accum: int, parallel: str = "ddp") -> list[str]:
     return [
-        *train_args(assets, out, grad_accum=grad_accum, save_every=2, num_workers_prefetch=0),
+        *train_args(assets, out, grad_accum=grad_accum, save_every=2, num_workers_prefetch=0, parallel=parallel),
         "--max-steps",
         str(STEPS),
         "--log-every",
@@ -95,28 +95,38 @@ def weights(out: Path) -> dict[str, torch.Tensor]:
 
 
 @pytest.fixture(scope="module")
-def ddp_run(train_assets, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("ddp") / "ddp"
-    finish(launch(run_args(train_assets, out, grad_accum=2), ranks=2))
+def single_run(train_assets, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("single") / "single"
+    finish(launch(run_args(train_assets, out, grad_accum=4), ranks=1))
     return out
 
 
-def test_ddp_loss_curve_matches_one_process_with_the_same_global_batch(train_assets, ddp_run, tmp_path):
-    single = tmp_path / "single"
-    finish(launch(run_args(train_assets, single, grad_accum=4), ranks=1))
-    a, b = curve(single), curve(ddp_run)
+@pytest.fixture(scope="module", params=["ddp", "fsdp"])
+def parallel_run(request, train_assets, tmp_path_factory) -> tuple[str, Path]:
+    out = tmp_path_factory.mktemp(request.param) / request.param
+    finish(launch(run_args(train_assets, out, grad_accum=2, parallel=request.param), ranks=2))
+    return request.param, out
+
+
+def test_two_ranks_match_one_process_with_the_same_global_batch(parallel_run, single_run):
+    parallel, out = parallel_run
+    a, b = curve(single_run), curve(out)
     assert len(a) == len(b) == STEPS
     for x, y in zip(a, b):
         assert x == pytest.approx(y, abs=1e-4)
-    config = json.loads((ddp_run / "config.json").read_text())
-    assert config["world_size"] == 2
-    evals = [json.loads(line) for line in (ddp_run / "metrics.jsonl").read_text().splitlines() if '"eval"' in line]
-    assert [r["step"] for r in evals] == [3, 6, 9, 12]  # rank 0 alone evaluates and writes
+    wa, wb = weights(single_run), weights(out)
+    assert wa.keys() == wb.keys()
+    assert max((wa[k] - wb[k]).abs().max().item() for k in wa) <= 1e-4
+    config = json.loads((out / "config.json").read_text())
+    assert config["world_size"] == 2 and config["train"]["parallel"] == parallel
+    evals = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if '"eval"' in line]
+    assert [r["step"] for r in evals] == [3, 6, 9, 12]  # rank 0 alone writes
 
 
-def test_killed_ddp_run_resumes_to_the_same_weights(train_assets, ddp_run, tmp_path):
+def test_a_killed_run_resumes_to_the_same_weights(train_assets, parallel_run, tmp_path):
+    parallel, uninterrupted = parallel_run
     out = tmp_path / "killed"
-    proc = launch(run_args(train_assets, out, grad_accum=2), ranks=2)
+    proc = launch(run_args(train_assets, out, grad_accum=2, parallel=parallel), ranks=2)
     deadline = time.time() + 300
     while time.time() < deadline:
         latest = out / "checkpoints" / "latest"
@@ -128,6 +138,6 @@ def test_killed_ddp_run_resumes_to_the_same_weights(train_assets, ddp_run, tmp_p
             os.kill(pid, signal.SIGKILL)
     proc.communicate(timeout=60)
     assert not (out / "final").exists(), "the run finished before it could be killed"
-    finish(launch([*run_args(train_assets, out, grad_accum=2), "--resume", "auto"], ranks=2))
-    wa, wb = weights(out), weights(ddp_run)
+    finish(launch([*run_args(train_assets, out, grad_accum=2, parallel=parallel), "--resume", "auto"], ranks=2))
+    wa, wb = weights(out), weights(uninterrupted)
     assert max((wa[k] - wb[k]).abs().max().item() for k in wa) <= 1e-6

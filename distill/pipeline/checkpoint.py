@@ -202,18 +202,38 @@ def load_resume_checkpoint(
     return None
 
 
-def write_student_dir(dest: Path, student: Any, tokenizer: Any, modules: torch.nn.Module, files: dict) -> Path:
+def write_student_dir(
+    dest: Path, student: Any, tokenizer: Any, modules: torch.nn.Module, files: dict, state: dict | None = None
+) -> Path:
     """``dest``: the student in HF format (any HF tool loads it), its tokenizer, the distill modules and the JSON
-    ``files``; written beside it and swapped in by renames, so a reader never sees a half-written folder."""
+    ``files``; written beside it and swapped in by renames, so a reader never sees a half-written folder.
+    ``state``: the learner's gathered state dict (``student.*``, ``aux.*``) when the modules hold shards
+    (FSDP2, [sharded-state note] in distributed.py); None: the modules' own weights."""
     tmp = dest.with_name(f".{dest.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    student.save_pretrained(tmp)
+    if state is None:
+        student.save_pretrained(tmp)
+        torch.save(modules.state_dict(), tmp / "distill_modules.pt")
+    else:
+        part = lambda prefix: {k.removeprefix(prefix): v for k, v in state.items() if k.startswith(prefix)}  # noqa: E731
+        student.save_pretrained(tmp, state_dict=share_tied(student, part("student.")))
+        torch.save(part("aux."), tmp / "distill_modules.pt")
     tokenizer.save_pretrained(tmp)
-    torch.save(modules.state_dict(), tmp / "distill_modules.pt")
     for name, data in files.items():
         (tmp / name).write_text(json.dumps(data, indent=2, default=str))
     swap_into_place(tmp, dest)
     return dest
+
+
+def share_tied(model: torch.nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``state`` with one tensor for each group of names that share a parameter in ``model`` (tied embeddings):
+    gathered state dicts hold a copy per name, and ``save_pretrained`` drops a tied name only when it shares."""
+    first: dict[int, str] = {}
+    for name, tensor in model.state_dict(keep_vars=True).items():
+        owner = first.setdefault(id(tensor), name)
+        if owner != name and owner in state and name in state:
+            state[name] = state[owner]
+    return state
 
 
 def swap_into_place(tmp: Path, dest: Path) -> None:
@@ -226,11 +246,20 @@ def swap_into_place(tmp: Path, dest: Path) -> None:
     shutil.rmtree(old, ignore_errors=True)
 
 
-def save_best(run_dir: Path, student: Any, tokenizer: Any, modules: torch.nn.Module, step: int, loss: float) -> Path:
-    """checkpoints/best: the student of ``step``, whose eval loss ``loss`` is the lowest so far."""
+def save_best(
+    run_dir: Path,
+    student: Any,
+    tokenizer: Any,
+    modules: torch.nn.Module,
+    step: int,
+    loss: float,
+    state: dict | None = None,
+) -> Path:
+    """checkpoints/best: the student of ``step``, whose eval loss ``loss`` is the lowest so far (``state``: see
+    ``write_student_dir``)."""
     (run_dir / CHECKPOINTS).mkdir(parents=True, exist_ok=True)
     meta = {"step": step, "eval_loss": loss}
-    return write_student_dir(run_dir / CHECKPOINTS / BEST, student, tokenizer, modules, {"best.json": meta})
+    return write_student_dir(run_dir / CHECKPOINTS / BEST, student, tokenizer, modules, {"best.json": meta}, state)
 
 
 def load_best_meta(run_dir: Path) -> dict[str, Any] | None:
@@ -246,13 +275,14 @@ def save_final(
     modules: torch.nn.Module,
     meta: dict[str, Any],
     choice: dict[str, Any],
+    state: dict | None = None,
 ) -> Path:
     """final/: checkpoints/best when ``choice`` says "best eval loss", else the current student; plus the run's
     summary (distill_meta.json) and ``choice`` (final.json: step, eval_loss, reason)."""
     final = run_dir / "final"
     files = {"distill_meta.json": meta, "final.json": choice}
     if choice["reason"] != "best eval loss":
-        return write_student_dir(final, student, tokenizer, modules, files)
+        return write_student_dir(final, student, tokenizer, modules, files, state)
     tmp = run_dir / ".final.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     shutil.copytree(run_dir / CHECKPOINTS / BEST, tmp)

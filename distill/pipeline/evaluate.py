@@ -48,7 +48,7 @@ import numpy as np
 import torch
 
 from distill.cache.reader import CacheReader
-from distill.config import ConfigError
+from distill.config import ConfigError, CurriculumConfig
 from distill.pipeline.align import (
     align_batch,
     find_clean_ends,
@@ -56,7 +56,7 @@ from distill.pipeline.align import (
     load_or_build_vocab_map,
     pad_vocab_map,
 )
-from distill.pipeline.curriculum import CurriculumConfig, active_terms
+from distill.pipeline.curriculum import active_terms
 from distill.pipeline.losses import kd_tail_loss
 from distill.pipeline.sampled_kd import sampled_kd_loss
 from distill.pipeline.tokens import prefix_ids
@@ -280,7 +280,7 @@ def evaluate_student(
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from distill.pipeline.train import load_cache_tokenizer
+    from distill.pipeline.train_setup import load_cache_tokenizer
 
     reader = CacheReader(source.store)
     model = AutoModelForCausalLM.from_pretrained(source.model_dir, dtype=torch.float32).eval()
@@ -530,7 +530,7 @@ def run_eval(
     report_to: trackers that also get the report table and plots (see tracking.py).
     """
     from distill.pipeline.tracking import log_eval_report, require_trackers
-    from distill.pipeline.train import check_store
+    from distill.pipeline.train_setup import check_store
 
     require_trackers(report_to or [])
 

@@ -1,15 +1,16 @@
 """The teacher signal of a batch: what stage 2 consumes, whether read from the cache or computed live.
 
-Losses never know where the teacher's outputs came from. ``read_cached_signal`` reads rows
-of a store; ``LiveTeacher.signal`` runs the teacher on the same rows with the store's own
-settings (layers, top-K, temperatures, PCA basis) and converts the result through the same
-storage dtypes, so that both paths give the same tensors (and the same loss curve).
+Losses never know where the teacher's outputs came from. Both sources have one method,
+``read(rows) -> TeacherSignal`` (the ``SignalSource`` protocol): ``CachedTeacher`` reads the rows
+of a store; ``LiveTeacher`` runs the teacher on the same rows with the store's own settings
+(layers, top-K, temperatures, PCA basis) and converts the result through the same storage
+dtypes, so that both give the same tensors (and the same loss curve).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -100,27 +101,51 @@ def signal_from_arrays(data: dict[str, Any]) -> TeacherSignal:
     )
 
 
-def read_cached_signal(reader: CacheReader, rows: np.ndarray, fields: list[str]) -> TeacherSignal:
-    return signal_from_arrays(reader.read_rows(rows, fields))
+class SignalSource(Protocol):
+    """Where a batch's teacher signal comes from: the store or the teacher itself."""
+
+    def read(self, rows: np.ndarray) -> TeacherSignal:
+        """The signal of the store rows ``rows`` (the fields chosen when the source was made)."""
+        ...
+
+
+@dataclass
+class CachedTeacher:
+    """The teacher's outputs read from a store: ``fields`` (see ``signal_fields``) of the rows asked for."""
+
+    reader: CacheReader
+    fields: list[str]
+
+    def read(self, rows: np.ndarray) -> TeacherSignal:
+        return signal_from_arrays(self.reader.read_rows(rows, self.fields))
 
 
 class LiveTeacher:
-    """The teacher in the loop: computes the cache's fields for the rows of a batch on the fly."""
+    """The teacher in the loop: computes the cache's fields for the rows of a batch on the fly.
 
-    def __init__(self, teacher: str, reader: CacheReader, device: torch.device) -> None:
+    The rows' text and tokens come from ``reader``, the capture settings (layers, PCA basis) from the store the
+    teacher was made with: ``on(eval_reader)`` scores an eval store's rows with the same teacher and settings."""
+
+    def __init__(self, teacher: str, reader: CacheReader, device: torch.device, fields: list[str]) -> None:
         from distill.config import CacheConfig
         from distill.pipeline.fields import field_settings
         from distill.pipeline.teacher_model import load_teacher
         from distill.runtime import resolve_dtype
 
         layout = reader.layout
-        self.reader, self.device = reader, device
+        self.reader, self.device, self.fields = reader, device, fields
         dtype = resolve_dtype(reader.manifest["teacher"]["dtype"], device)  # the dtype the cache was made in
         cfg = CacheConfig(teacher=teacher)
         self.model = load_teacher(cfg, device, dtype, need_attention=bool(layout["attention_layers"]))
         self.settings = field_settings(layout, reader.root, device)
 
-    def signal(self, rows: np.ndarray, fields: list[str]) -> TeacherSignal:
+    def on(self, reader: CacheReader) -> LiveTeacher:
+        """The same teacher (model and settings, not a copy) reading its rows from another store."""
+        other = object.__new__(LiveTeacher)
+        other.__dict__.update(self.__dict__, reader=reader)
+        return other
+
+    def read(self, rows: np.ndarray) -> TeacherSignal:
         from distill.pipeline.fields import compute_batch_fields
 
         base = self.reader.read_rows(rows, BASE_FIELDS)
@@ -135,12 +160,10 @@ class LiveTeacher:
             for i, n in enumerate(base["length"].tolist())
         ]
         arrays, _ = compute_batch_fields(self.model, batch, self.settings, self.device)
-        data = {name: to_output(name, [arrays[name]], np.arange(len(rows))) for name in fields if name in arrays}
-        if any(name in DECODED_FIELDS for name in fields):  # the same decoding as a cached read
-            stored = {
-                n: to_output(n, [arrays[n]], np.arange(len(rows))) for n in target_read_fields(self.reader.layout)
-            }
-            stored["lse"] = to_output("lse", [arrays["lse"]], np.arange(len(rows)))
+        data = {name: to_output(name, [arrays[name]], np.arange(len(rows))) for name in self.fields if name in arrays}
+        if any(name in DECODED_FIELDS for name in self.fields):  # the same decoding as a cached read
+            names = [*target_read_fields(self.reader.layout), "lse"]
+            stored = {n: to_output(n, [arrays[n]], np.arange(len(rows))) for n in names}
             data.update(decode_stored_targets(stored, self.reader.layout, self.reader.rank_table()))
         data.update({k: v for k, v in base.items()})
         return signal_from_arrays(data)

@@ -64,7 +64,7 @@ def test_default_hidden_layers_are_stored_finite_though_the_residual_stream_pass
 def test_head_mass_per_temperature_is_reported_and_the_default_temperature_keeps_it(real_run, capsys):
     """Item 3: the top-256 hold most of the mass at T=1 and little at T=4; train warns at T=4, not at T=1."""
     from distill.cache.info import store_info
-    from distill.pipeline.train import warn_small_head
+    from distill.pipeline.train_setup import warn_small_head
 
     mass = store_info(str(real_run.train_store))["head_mass"]
     assert mass["1.0"]["mean"] > 0.85 and mass["1.0"]["p10"] > 0.5, mass
@@ -108,8 +108,8 @@ def test_every_term_is_order_one_at_initialization_on_the_real_pair(real_run):
     """Item 7: with every term at full weight, each raw term of the pretrained student is O(1) at step 0
     (the layerwise term read 1,730 before the student's hidden states were normalized)."""
     from distill.config import TrainConfig
-    from distill.pipeline import train as train_mod
     from distill.pipeline.curriculum import weights_at
+    from distill.pipeline.train_setup import setup
 
     cfg = TrainConfig(
         cache=str(real_run.train_store),
@@ -118,9 +118,9 @@ def test_every_term_is_order_one_at_initialization_on_the_real_pair(real_run):
         eval_fraction=0,
         batch_size=2,
     )
-    ctx = train_mod.setup(cfg)
-    batch = train_mod.prepare_batch(ctx, ctx.reader, ctx.train_rows[:2])
-    _, logs = train_mod.compute_losses(ctx, batch, weights_at(100, 100, cfg.curriculum))
+    run = setup(cfg)
+    batch = run.batches.prepare_batch(run.train_rows[:2])
+    _, logs = run.learner(batch, weights_at(100, 100, cfg.curriculum))
     for term in TERMS:
         assert 0.01 <= logs[f"loss/{term}"] <= 10, (term, logs[f"loss/{term}"])
 

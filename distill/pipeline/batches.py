@@ -1,0 +1,138 @@
+"""Stage 2's batches: row ids -> the teacher signal + the student's tokens aligned to it, in a resumable order.
+
+    batcher = Batcher(source, tokenizer, max_length=2048, same_tokenizer=False)
+    batch = batcher.prepare_batch(np.array([3, 17]))          # Batch(signal, aligned, key_spans, ...)
+    stream = BatchStream(batcher.prepare_batch, train_rows, seed=0, batch_size=2)
+    batch = stream.next(); stream.cursor                        # (epoch, index) after the batches consumed
+
+The source is either teacher (``signals.SignalSource``); the rest of stage 2 never knows which.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+
+from distill.pipeline.align import AlignedBatch, align_batch, teacher_to_student_span
+from distill.pipeline.distributed import World
+from distill.pipeline.signals import SignalSource, TeacherSignal
+
+
+@dataclass
+class Batch:
+    signal: TeacherSignal
+    aligned: AlignedBatch
+    key_spans: torch.Tensor | None  # (B, Lt) teacher key position -> student token index, for the attention term
+    student_tokens: int
+
+
+@dataclass
+class Batcher:
+    """Reads the rows' teacher signal from ``source`` and tokenizes + aligns them for the student."""
+
+    source: SignalSource
+    tokenizer: Any
+    max_length: int
+    """Student tokens per row at most (longer rows are cut)."""
+    same_tokenizer: bool
+    """Teacher and student share the tokenizer: the identity alignment."""
+
+    def prepare_batch(self, rows: np.ndarray) -> Batch:
+        """CPU work, done ahead of the step on a thread (``BatchStream``)."""
+        sig = self.source.read(rows)
+        aligned = align_batch(
+            sig.text,
+            sig.offsets.numpy(),
+            sig.length.numpy(),
+            self.tokenizer,
+            self.max_length,
+            teacher_input_ids=sig.input_ids.numpy(),
+            same_tokenizer=self.same_tokenizer,
+        )
+        key_spans = None
+        if sig.attn:
+            spans = [
+                teacher_to_student_span(
+                    sig.offsets[b].numpy(),
+                    int(sig.length[b]),
+                    aligned.student_offsets[b],
+                    len(aligned.student_offsets[b]),
+                )
+                for b in range(len(rows))
+            ]
+            key_spans = torch.from_numpy(np.stack(spans)).long()
+        return Batch(sig, aligned, key_spans, int(aligned.attention_mask.sum()))
+
+
+class BatchStream:
+    """Deterministic row order (a permutation per epoch from the seed) with a resumable cursor; reads ahead.
+
+    Under torchrun rank r takes micro-batches r, r + W, ... of the one global order, so W ranks with
+    ``grad_accum`` A see the micro-batches one process with A x W sees."""
+
+    def __init__(
+        self,
+        prepare: Callable[[np.ndarray], Batch],
+        rows: np.ndarray,
+        seed: int,
+        batch_size: int,
+        world: World | None = None,
+        prefetch: int = 2,
+        cursor: tuple[int, int] = (0, 0),
+    ) -> None:
+        self.prepare, self.rows, self.seed, self.batch_size = prepare, rows, seed, batch_size
+        self.world = world or World()
+        self.prefetch = prefetch
+        self.epoch, self.index = cursor
+        self._consumed = (self.epoch, self.index)
+        self.order = self._order(self.epoch)
+        self.pool = ThreadPoolExecutor(max_workers=1) if prefetch > 0 else None
+        self.ahead: list[tuple[Future, tuple[int, int]]] = []
+
+    def _order(self, epoch: int) -> np.ndarray:
+        return np.random.default_rng([self.seed, epoch]).permutation(self.rows)
+
+    def _take_rows(self) -> np.ndarray:
+        mine = None
+        for r in range(self.world.size):
+            rows = self._take_global_rows()
+            if r == self.world.rank:
+                mine = rows
+        return mine
+
+    def _take_global_rows(self) -> np.ndarray:
+        rows: list[int] = []
+        while len(rows) < self.batch_size:
+            if self.index >= len(self.order):
+                self.epoch, self.index = self.epoch + 1, 0
+                self.order = self._order(self.epoch)
+            take = min(self.batch_size - len(rows), len(self.order) - self.index)
+            rows.extend(self.order[self.index : self.index + take].tolist())
+            self.index += take
+        return np.asarray(rows, dtype=np.int64)
+
+    @property
+    def cursor(self) -> tuple[int, int]:
+        """Position after the batches consumed so far (read-ahead batches are not counted)."""
+        return self._consumed
+
+    def next(self) -> Batch:
+        if self.pool is None:
+            batch = self.prepare(self._take_rows())
+            self._consumed = (self.epoch, self.index)
+            return batch
+        while len(self.ahead) < 1 + self.prefetch:
+            rows = self._take_rows()
+            self.ahead.append((self.pool.submit(self.prepare, rows), (self.epoch, self.index)))
+        future, cursor = self.ahead.pop(0)
+        self._consumed = cursor
+        return future.result()
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown(wait=True, cancel_futures=True)

@@ -1,0 +1,163 @@
+"""The learner: the student, the modules the loss terms add beside it, and one micro-batch's loss.
+
+    learner = Learner(cfg, student, aux, facts, device, autocast_dtype)
+    total, logs = learner(batch, weights)     # weights: the curriculum's, weights_at(step, total, cfg)
+
+The forward runs the student once (its extra outputs only when a term due at this step reads them),
+then every term of the term table (terms.py) with a part whose weight is > 0, through a ``StepView``
+that computes shared pieces (the output-layer pass, the aligned logits) once. ``Learner`` is an
+``nn.Module`` so that the data-parallel wrappers wrap the whole loss computation.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from functools import cached_property
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+from distill.config import TrainConfig
+from distill.pipeline.batches import Batch
+from distill.pipeline.losses import combine_terms, lm_and_kd_from_hidden
+from distill.pipeline.router import standardize_hidden
+from distill.pipeline.signals import TeacherSignal
+from distill.pipeline.terms import KD_MODES, part_weights, run_terms
+
+# --- what the terms read --------------------------------------------------------------------
+
+
+@dataclass
+class TeacherFacts:
+    """Fixed facts about the teacher side, from the store and the two tokenizers (built once by setup)."""
+
+    same_tokenizer: bool
+    vocab_map: Tensor | None  # (V_teacher,) teacher id -> student id or -1; None = same tokenizer
+    t_index: int  # the run's temperature among the stored ones
+    layer_map: dict[int, int]  # student hidden layer -> teacher hidden layer
+    attention_map: dict[int, int]  # student block -> teacher block
+    stats: dict[int, tuple[Tensor, Tensor]]  # teacher layer -> (mean, std) of stored hidden
+
+
+class StepView:
+    """One micro-batch as the terms see it: the student's outputs and the teacher signal at the N aligned
+    (row b, teacher position tp, student position sp) triples. Shared pieces are computed once, when first asked."""
+
+    def __init__(self, learner: Learner, batch: Batch, sig: TeacherSignal, out: Any, on: set[str]) -> None:
+        self.learner, self.cfg, self.facts, self.batch, self.sig, self.out, self.on = (
+            learner,
+            learner.cfg,
+            learner.facts,
+            batch,
+            sig,
+            out,
+            on,
+        )
+        device, a = learner.device, batch.aligned
+        self.input_ids, self.mask = a.input_ids.to(device), a.attention_mask.to(device)  # (B, Ls)
+        self.b, self.tp, self.sp = a.batch_idx.to(device), a.teacher_pos.to(device), a.student_pos.to(device)  # (N,)
+        self.labels = F.pad(self.input_ids[:, 1:].masked_fill(self.mask[:, 1:] == 0, -100), (0, 1), value=-100)
+        self.logs: dict[str, Any] = {}
+
+    def teacher_hidden(self, layer: int) -> Tensor:
+        """(N, D) cached teacher hidden state at aligned positions, fp32, standardized with the store's statistics."""
+        mean, std = self.facts.stats[layer]
+        return standardize_hidden(self.sig.hidden[layer][self.b, self.tp].float(), mean, std)
+
+    def student_hidden(self, layer: int) -> Tensor:
+        """(N, Ds) the student's hidden state ``layer`` (index into output_hidden_states) at aligned positions."""
+        return self.out.hidden_states[layer][self.b, self.sp]
+
+    def kd_inputs(self) -> tuple[Tensor, Tensor, Tensor]:
+        """(N, K) teacher ids mapped to student ids (-1: no student token with those bytes, or an unused slot of
+        compact targets), their raw logits (N, K) and the full-vocabulary logsumexp (N,) at the run's temperature."""
+        ids = self.sig.topk_ids[self.b, self.tp]  # (N, K) teacher vocabulary, -1 in unused slots
+        if self.facts.vocab_map is not None:
+            ids = torch.where(ids >= 0, self.facts.vocab_map.to(ids.device)[ids.clamp(min=0)], -1)
+        return ids, self.sig.topk_logits[self.b, self.tp], self.sig.lse[self.b, self.tp, self.facts.t_index]
+
+    @property
+    def kd_multiplier(self) -> Tensor | None:
+        """(N, K) the sampled targets' multiplier ([unbiased-kd note] in sampled_kd.py); None for a top-K head."""
+        mult = self.sig.target_multiplier
+        return None if mult is None else mult[self.b, self.tp]
+
+    @cached_property
+    def head(self) -> dict[str, Tensor | None]:
+        """lm, lm_unaligned and (tail mode) kd in one slice-by-slice pass over the output layer
+        ([sliced-logits note] in losses.py): the full (B, Ls, Vs) logits are never held."""
+        hidden = self.out.last_hidden_state  # (B, Ls, D)
+        bsz, length = self.input_ids.shape
+        unaligned = None
+        if "kd" in self.on and not self.facts.same_tokenizer:  # positions without a teacher target: [unaligned-lm note]
+            unaligned = torch.ones_like(self.labels, dtype=torch.bool)
+            unaligned[self.b, self.sp] = False
+        fused_kd = "kd" in self.on and KD_MODES[self.cfg.kd_mode].fused
+        lm, lm_unaligned, kd = lm_and_kd_from_hidden(
+            hidden.reshape(bsz * length, -1),
+            self.learner.student.get_output_embeddings(),
+            self.labels.reshape(-1),
+            None if unaligned is None else unaligned.reshape(-1),
+            self.b * length + self.sp,
+            *(self.kd_inputs() if fused_kd else (None, None, None)),
+            self.cfg.temperature,
+            kd_multiplier=self.kd_multiplier if fused_kd else None,
+        )
+        return {"lm": lm, "lm_unaligned": lm_unaligned, "kd": kd}
+
+    @cached_property
+    def aligned_logits(self) -> Tensor:
+        """(N, Vs) student logits at the aligned positions only."""
+        return self.learner.student.get_output_embeddings()(self.out.last_hidden_state[self.b, self.sp])
+
+
+class Learner(nn.Module):
+    """The student, the modules the run's terms add beside it (``aux``) and the fixed teacher-side facts.
+
+    ``learner(batch, weights)`` is one micro-batch's loss: the student forward, then every term of the
+    run with a part whose weight is > 0. Returns the weighted total and the log dict. This forward is
+    what the data-parallel wrappers wrap."""
+
+    def __init__(
+        self,
+        cfg: TrainConfig,
+        student: nn.Module,
+        aux: nn.ModuleDict,
+        facts: TeacherFacts,
+        device: torch.device,
+        autocast_dtype: torch.dtype | None,
+    ) -> None:
+        super().__init__()
+        self.cfg, self.student, self.aux, self.facts = cfg, student, aux, facts
+        self.device, self.autocast_dtype = device, autocast_dtype
+        self.terms = run_terms(cfg)
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        enabled = self.autocast_dtype is not None
+        return torch.autocast(self.device.type, dtype=self.autocast_dtype or torch.float32, enabled=enabled)
+
+    def forward(self, batch: Batch, weights: dict[str, float]) -> tuple[Tensor, dict[str, Any]]:
+        parts = part_weights(self.cfg, weights)
+        on = {name for name, value in parts.items() if value > 0}
+        due = [term for term in self.terms if on & set(term.weights(self.cfg, weights))]
+        outputs = {name for term in due for name in term.student_outputs}
+        sig = batch.signal.to(self.device)
+        with self.autocast():
+            # The decoder without its output layer: logits are made slice by slice ([sliced-logits note]).
+            out = self.student.get_decoder()(
+                input_ids=batch.aligned.input_ids.to(self.device),
+                attention_mask=batch.aligned.attention_mask.to(self.device),
+                output_hidden_states="hidden_states" in outputs,
+                output_attentions="attentions" in outputs,
+            )
+        view = StepView(self, batch, sig, out, on)
+        raw: dict[str, Tensor] = {}
+        for term in due:
+            with self.autocast() if term.autocast else contextlib.nullcontext():
+                raw.update(term.compute(view))
+        total, term_logs = combine_terms(raw, parts)
+        return total, {"aligned_share": batch.aligned.aligned_share, **view.logs, **term_logs}
