@@ -1,13 +1,13 @@
 """What distillation buys on a real pair: the runs behind docs/real-pairs.md, through the real CLI.
 
-    python bench/real_pairs.py --work /tmp/real-pairs            # everything (about 45 minutes on 2 free cores)
+    python bench/real_pairs.py --work /tmp/real-pairs            # everything (about an hour on 2 free cores)
     python bench/real_pairs.py --work /tmp/real-pairs --only scratch
 
 Teacher Gemma 3 270M, caching CPython's pydoc topics (tests/real/assets.py fetches and converts the
 GGUF checkpoints once). Two students, each trained on the same cached rows for the same steps with
 and without the teacher:
 - ``scratch``: a random-init Llama (hidden 256, 4 layers, 4/2 heads, MLP 768, tied embeddings) with
-  SmolLM2's tokenizer: KD at the default settings (every term) and kd + lm only, against CE-only;
+  SmolLM2's tokenizer: KD at the default settings (every term) against CE-only, 400 steps;
 - ``pretrained``: SmolLM2-135M-Instruct as it ships, CE fine-tuning and KD fine-tuning.
 ``distill eval`` scores each group on the held-out store (identical bytes, bootstrap intervals over
 rows). The teacher's bits per byte without its BOS is measured here directly (same tokens). Prints each

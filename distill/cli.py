@@ -23,7 +23,8 @@ from typing import Annotated, Any
 import click
 import typer
 
-from distill.config import CacheConfig, ConfigError, config_to_dict, load_config
+from distill.config import CacheConfig, ConfigError, TrainConfig, config_to_dict
+from distill.flags import ConfigSources, config_flags
 
 app = typer.Typer(
     add_completion=False,
@@ -34,12 +35,6 @@ app = typer.Typer(
 )
 cache_app = typer.Typer(no_args_is_help=True, help="Inspect and manage cache stores.")
 app.add_typer(cache_app, name="cache")
-
-
-REPORT_TO_HELP = (
-    "Also send metrics to none|tensorboard|wandb|trackio (repeat or comma-separate; each needs its extra, "
-    "pip install 'distill\\[wandb]')."  # \[ : a literal bracket in typer's rich help
-)
 
 
 DEBUG_ENV = "DISTILL_DEBUG"
@@ -115,24 +110,9 @@ def reported_errors(
         )
 
 
-def parse_list(value: str | None, kind: type) -> list | None:
-    """``"1,2,4"`` -> [1, 2, 4]; ``"none"`` or ``""`` -> []; None -> None (keep the default)."""
-    if value is None:
-        return None
-    if value.strip().lower() in ("", "none"):
-        return []
-    try:
-        return [kind(v) for v in value.split(",") if v.strip()]
-    except ValueError:
-        raise ConfigError(f"cannot read {value!r} as a comma-separated list of {kind.__name__}") from None
-
-
-def is_main_process() -> bool:
-    """False on the non-zero ranks of a torchrun job (they stay quiet)."""
-    return int(os.environ.get("RANK", "0")) == 0
-
-
 def print_config(title: str, cfg: Any) -> None:
+    from distill.runtime import is_main_process
+
     if not is_main_process():
         return
     typer.echo(f"{title} config:\n" + "\n".join(f"  {k}: {v}" for k, v in config_to_dict(cfg).items()), err=True)
@@ -184,70 +164,8 @@ def report_stopped_cache(out: str, signum: int) -> None:
 
 
 @app.command("cache-teacher")
-def cache_teacher(
-    teacher: Annotated[str | None, typer.Option(help="Teacher: hub id or local model directory.")] = None,
-    dataset: Annotated[
-        str | None,
-        typer.Option(help="Hub dataset id, dataset folder, or .json/.jsonl/.parquet/.txt file(s), comma-separated."),
-    ] = None,
-    out: Annotated[str | None, typer.Option(help="Store to create or resume: a path or fsspec URL.")] = None,
-    dataset_config: Annotated[str | None, typer.Option(help="Dataset configuration name.")] = None,
-    split: Annotated[str | None, typer.Option(help="Dataset split (default train).")] = None,
-    text_field: Annotated[str | None, typer.Option(help="Column with the text (default text).")] = None,
-    seq_len: Annotated[int | None, typer.Option(help="Teacher tokens per row (default 512).")] = None,
-    targets: Annotated[
-        str | None,
-        typer.Option(
-            help="topk|sampled|hybrid|topk-fp16: an adaptive exact head (default), RS-KD draws, head + tail draws, "
-            "or the fixed fp16 top-K of schema 2."
-        ),
-    ] = None,
-    top_k: Annotated[int | None, typer.Option(help="Most head tokens kept per position (default 128).")] = None,
-    target_mass: Annotated[
-        float | None, typer.Option(help="T=1 probability the head reaches (topk, hybrid; default 0.9).")
-    ] = None,
-    target_samples: Annotated[
-        int | None, typer.Option(help="Draws per position (sampled, hybrid; default 32).")
-    ] = None,
-    temperatures: Annotated[
-        str | None, typer.Option(help="Temperatures of the stored logsumexp (default 1,2,4).")
-    ] = None,
-    hidden_layers: Annotated[
-        str | None,
-        typer.Option(
-            help="Hidden-state layers to store, e.g. 6,12,18,24 (0 = "
-            "embeddings); 'none' for none. Default: 4 evenly spaced."
-        ),
-    ] = None,
-    hidden_dim: Annotated[int | None, typer.Option(help="PCA-reduce stored hidden states to this many dims.")] = None,
-    attention_layers: Annotated[
-        str | None,
-        typer.Option(
-            help="Blocks whose attention maps are stored (1-based); 'none' for none. Default: middle and last."
-        ),
-    ] = None,
-    attention_topk: Annotated[int | None, typer.Option(help="Keys kept per attention row (default 32).")] = None,
-    calibration_rows: Annotated[
-        int | None,
-        typer.Option(help="First rows used to fit the PCA basis and the hidden-state mean/std (default 64)."),
-    ] = None,
-    vocab_proj: Annotated[bool, typer.Option(help="Also store vocab_proj (needed by kd_mode=projector).")] = False,
-    vocab_proj_temperature: Annotated[float | None, typer.Option(help="T* of vocab_proj (default 4).")] = None,
-    batch_size: Annotated[int | None, typer.Option(help="Rows per teacher forward (default 8).")] = None,
-    chunk_rows: Annotated[int | None, typer.Option(help="Rows per storage chunk (default 32).")] = None,
-    dtype: Annotated[
-        str | None, typer.Option(help="auto|fp32|bf16|fp16 (auto: bf16/fp16 on GPU, fp32 on CPU).")
-    ] = None,
-    device: Annotated[str | None, typer.Option(help="auto|cpu|cuda|cuda:N.")] = None,
-    max_rows: Annotated[int | None, typer.Option(help="Cache only the first N rows.")] = None,
-    num_shards: Annotated[int | None, typer.Option(help="Shards of a new store (default 1).")] = None,
-    shard: Annotated[str | None, typer.Option(help="Fill only shard i/n (several processes or machines).")] = None,
-    on_nonfinite: Annotated[str | None, typer.Option(help="error|skip for rows with inf/nan teacher outputs.")] = None,
-    overwrite: Annotated[bool, typer.Option(help="Replace a store whose manifest differs.")] = False,
-    trust_remote_code: Annotated[bool, typer.Option(help="Allow the teacher's own modelling code.")] = False,
-    revision: Annotated[str | None, typer.Option(help="Teacher revision on the hub.")] = None,
-    config: Annotated[Path | None, typer.Option(help="YAML/JSON file with any of these settings.")] = None,
-) -> None:
+@config_flags(CacheConfig)
+def cache_teacher(sources: ConfigSources) -> None:
     """Stage 1: run the teacher once over a dataset and store its outputs in a resumable, shardable store.
 
     Example:
@@ -262,39 +180,7 @@ def cache_teacher(
     from distill.pipeline.data import DataError
 
     with reported_errors(usage=(DataError,), failure=(NonFiniteTeacherOutput, ShardBusy)):
-        overrides = dict(
-            teacher=teacher,
-            dataset=dataset,
-            out=out,
-            dataset_config=dataset_config,
-            split=split,
-            text_field=text_field,
-            seq_len=seq_len,
-            targets=targets,
-            top_k=top_k,
-            target_mass=target_mass,
-            target_samples=target_samples,
-            temperatures=parse_list(temperatures, float),
-            hidden_layers=parse_list(hidden_layers, int),
-            hidden_dim=hidden_dim,
-            attention_layers=parse_list(attention_layers, int),
-            attention_topk=attention_topk,
-            calibration_rows=calibration_rows,
-            vocab_proj=vocab_proj or None,
-            vocab_proj_temperature=vocab_proj_temperature,
-            batch_size=batch_size,
-            chunk_rows=chunk_rows,
-            dtype=dtype,
-            device=device,
-            max_rows=max_rows,
-            num_shards=num_shards,
-            shard=shard,
-            on_nonfinite=on_nonfinite,
-            overwrite=overwrite or None,
-            trust_remote_code=trust_remote_code or None,
-            revision=revision,
-        )
-        cfg = load_config(CacheConfig, config, overrides)
+        cfg = sources.load()
         cfg.require_io()
         print_config("cache-teacher", cfg)
         try:
@@ -320,36 +206,8 @@ def cache_teacher(
 
 
 @app.command("train")
-def train(
-    cache: Annotated[str | None, typer.Option(help="Teacher-output store made by cache-teacher.")] = None,
-    student: Annotated[str | None, typer.Option(help="Student: hub id or local model directory.")] = None,
-    out: Annotated[str | None, typer.Option(help="Run directory (config, metrics.jsonl, checkpoints, final/).")] = None,
-    eval_cache: Annotated[str | None, typer.Option(help="Store of a validation split for held-out rows.")] = None,
-    max_steps: Annotated[int | None, typer.Option(help="Optimizer steps (default: one epoch).")] = None,
-    batch_size: Annotated[int | None, typer.Option(help="Rows per micro-batch (default 2).")] = None,
-    log_every: Annotated[int | None, typer.Option(help="Optimizer steps per log line (default 10).")] = None,
-    eval_every: Annotated[int | None, typer.Option(help="Optimizer steps per eval + checkpoint (default 500).")] = None,
-    resume: Annotated[
-        str | None, typer.Option(help="'auto' (latest checkpoint in --out) or a checkpoint folder.")
-    ] = None,
-    live_teacher: Annotated[str | None, typer.Option(help="Run this teacher in the loop instead of the cache.")] = None,
-    report_to: Annotated[list[str] | None, typer.Option(help=REPORT_TO_HELP)] = None,
-    overwrite: Annotated[
-        bool, typer.Option(help="Replace the run already in --out (otherwise refused unless --resume).")
-    ] = False,
-    objective: Annotated[
-        str | None,
-        typer.Option(help="full (every term, default) | kd-only (kd + lm) | ce (lm only: the CE baseline)."),
-    ] = None,
-    final: Annotated[
-        str | None, typer.Option(help="What final/ holds: best (lowest eval loss, default) or last (the last step).")
-    ] = None,
-    config: Annotated[Path | None, typer.Option(help="YAML/JSON file with any TrainConfig setting.")] = None,
-    set_: Annotated[
-        list[str] | None,
-        typer.Option("--set", help="key=value override, e.g. lr=1e-4, curriculum.kd=0.5, grad_accum=8 (repeatable)."),
-    ] = None,
-) -> None:
+@config_flags(TrainConfig)
+def train(sources: ConfigSources) -> None:
     """Stage 2: train the student and its student-aware router against the cache, with the curriculum.
 
     Example:
@@ -362,27 +220,10 @@ def train(
     Settings of the cache (layers, top-K, temperatures) are read from its manifest. SIGINT/SIGTERM
     save an emergency checkpoint; --resume auto continues exactly where the run stopped.
     """
-    from distill.config import TrainConfig, merge_set_overrides
     from distill.pipeline.train import run
 
     with reported_errors(usage=(FileNotFoundError,)):
-        flags = dict(
-            cache=cache,
-            student=student,
-            out=out,
-            eval_cache=eval_cache,
-            max_steps=max_steps,
-            batch_size=batch_size,
-            log_every=log_every,
-            eval_every=eval_every,
-            resume=resume,
-            live_teacher=live_teacher,
-            report_to=",".join(report_to) if report_to else None,
-            overwrite=overwrite or None,
-            objective=objective,
-            final=final,
-        )
-        cfg = load_config(TrainConfig, config, merge_set_overrides(flags, set_ or []))
+        cfg = sources.load()
         cfg.require_io()
         print_config("train", cfg)
         summary = run(cfg)
@@ -393,6 +234,8 @@ def train(
             err=True,
         )
         raise typer.Exit(128 + int(summary["signal"]))
+    from distill.runtime import is_main_process
+
     if not is_main_process():
         return
     chosen = summary["final_choice"]

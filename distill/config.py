@@ -1,7 +1,8 @@
 """Typed configuration, one dataclass per stage.
 
 A stage's config comes from three layers, later ones winning: the dataclass defaults, an
-optional YAML/JSON file (``--config FILE``), and the flags given on the command line.
+optional YAML/JSON file (``--config FILE``), and the flags and ``--set`` items given on the command
+line (config_loading.py; flags.py makes a flag of each field).
 Every config validates itself in ``__post_init__`` and names the flag to change when a
 value is wrong; it is saved next to the artifact it produced (the cache manifest, a run
 directory).
@@ -10,14 +11,9 @@ directory).
 from __future__ import annotations
 
 import dataclasses
-import json
-import types
-import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
-
-import yaml
+from typing import Any, ClassVar
 
 from distill.cache.targets import TARGET_KINDS
 
@@ -114,9 +110,25 @@ KD_MODES = ("tail", "projector", "uld")
 """The kd term's modes (pipeline/terms.py computes each)."""
 
 
+DEVICE_MAPS = (None, "auto", "balanced", "sequential")
+
+
 @dataclass
 class CacheConfig:
-    """Settings of ``distill cache-teacher`` (stage 1)."""
+    """Settings of ``distill cache-teacher`` (stage 1). Each field is a flag (``seq_len``: ``--seq-len``), a
+    ``--set`` key and a config-file key; its docstring is the flag's help (distill/flags.py)."""
+
+    HELP_GROUPS: ClassVar[dict[str, tuple[str, ...]]] = {
+        "Teacher and data": (
+            "teacher", "revision", "trust_remote_code", "dataset", "dataset_config", "split", "text_field", "max_rows"
+        ),
+        "Stored outputs": (
+            "seq_len", "top_k", "temperatures", "hidden_layers", "hidden_dim", "calibration_rows",
+            "attention_layers", "attention_topk", "vocab_proj", "vocab_proj_temperature",
+        ),
+        "Store": ("out", "overwrite", "num_shards", "shard", "chunk_rows"),
+        "Compute": ("device", "device_map", "dtype", "batch_size", "on_nonfinite"),
+    }  # fmt: skip
 
     teacher: str = ""
     """Teacher model: a hub id or a local directory loadable with ``AutoModelForCausalLM``."""
@@ -172,6 +184,11 @@ class CacheConfig:
     """Teacher compute dtype: auto (bf16 on GPUs that support it, fp16 on older GPUs, fp32 on CPU), fp32, bf16, fp16."""
     device: str = "auto"
     """Device for the teacher: auto (cuda if available, else cpu), cpu, cuda, cuda:N."""
+    device_map: str | None = None
+    """Spread a teacher too large for one GPU over all visible GPUs: auto, balanced or sequential (transformers'
+    ``device_map``; needs ``pip install accelerate``). The stored fields are computed on the GPU that holds the
+    output head. One process per machine (not torchrun); --device stays auto; CUDA_VISIBLE_DEVICES picks the GPUs.
+    Default: the whole teacher on --device."""
     max_rows: int | None = None
     """Cache only the first N rows of the dataset (after splitting documents into rows)."""
     num_shards: int = 1
@@ -212,6 +229,12 @@ class CacheConfig:
             (self.num_shards >= 1, "--num-shards must be at least 1"),
             (self.max_rows is None or self.max_rows >= 1, "--max-rows must be at least 1"),
             (self.hidden_dim is None or self.hidden_dim >= 1, "--hidden-dim must be at least 1"),
+            (self.device_map in DEVICE_MAPS, f"--device-map must be one of {', '.join(map(str, DEVICE_MAPS[1:]))}"),
+            (
+                self.device_map is None or self.device == "auto",
+                f"--device-map {self.device_map} places the teacher itself: leave --device at auto and choose the GPUs "
+                "with CUDA_VISIBLE_DEVICES",
+            ),
         ]
         for ok, message in checks:
             if not ok:
@@ -229,7 +252,27 @@ class CacheConfig:
 @dataclass
 class TrainConfig:
     """Settings of ``distill train`` (stage 2). Cache settings (layers, top-K, temperatures) come from the
-    store's manifest, never repeated here."""
+    store's manifest, never repeated here. Each field is a flag, a ``--set`` key and a config-file key, as for
+    ``CacheConfig``; ``curriculum`` is reached by ``--set curriculum.kd=0.5``."""
+
+    HELP_GROUPS: ClassVar[dict[str, tuple[str, ...]]] = {
+        "Inputs and outputs": (
+            "cache", "student", "out", "eval_cache", "live_teacher", "resume", "overwrite", "report_to"
+        ),
+        "Objective": (
+            "objective", "temperature", "kd_mode", "router_top_k", "balance_coef", "importance_coef",
+            "router_attention_coef", "contrastive_temperature",
+        ),
+        "Optimization": (
+            "max_steps", "epochs", "batch_size", "grad_accum", "lr", "router_lr", "weight_decay", "warmup",
+            "min_lr_ratio", "clip", "seed",
+        ),
+        "Eval and checkpoints": (
+            "eval_every", "eval_fraction", "eval_rows", "save_every", "keep_checkpoints", "final", "patience",
+            "min_delta", "early_stop_warmup", "verify_cache",
+        ),
+        "Compute": ("precision", "device", "parallel", "student_max_length", "num_workers_prefetch", "log_every"),
+    }  # fmt: skip
 
     cache: str = ""
     """The teacher-output store (path or fsspec URL) made by ``distill cache-teacher``."""
@@ -387,145 +430,6 @@ def parse_report_to(value: str | list[str] | None) -> list[str]:
     return list(dict.fromkeys(names))
 
 
-def parse_set_overrides(items: list[str]) -> dict[str, Any]:
-    """``["lr=1e-4", "curriculum.kd=0.5"]`` -> nested dict with YAML-parsed values."""
-    out: dict[str, Any] = {}
-    for item in items:
-        if "=" not in item:
-            raise ConfigError(f"--set {item!r}: expected key=value — for example --set lr=1e-4")
-        key, raw = item.split("=", 1)
-        target = out
-        *parents, leaf = key.strip().split(".")
-        for p in parents:
-            target = target.setdefault(p, {})
-            if not isinstance(target, dict):
-                raise ConfigError(f"--set {item!r}: {p} is set twice, as a value and as a group")
-        target[leaf] = parse_value(raw)
-    return out
-
-
-def merge_set_overrides(flags: dict[str, Any], items: list[str]) -> dict[str, Any]:
-    """The flags given (non-None) and ``--set`` items in one override dict. A key may come from either; given
-    by both with different values it is refused."""
-    merged = parse_set_overrides(items)
-    for key, value in flags.items():
-        if value is None:
-            merged.setdefault(key, None)
-            continue
-        if merged.get(key) is not None and merged[key] != value:
-            raise ConfigError(
-                f"{key} is given twice, as --{key.replace('_', '-')} {value} and --set {key}={merged[key]} — keep one"
-            )
-        merged[key] = value
-    return merged
-
-
-def parse_value(raw: str) -> Any:
-    """int, then float (YAML 1.1 reads ``1e-4`` as a string), then YAML (lists, bools, null, strings)."""
-    for kind in (int, float):
-        try:
-            return kind(raw)
-        except ValueError:
-            pass
-    if raw.strip().lower() in ("on", "off", "yes", "no", "y", "n"):  # YAML 1.1 would make these booleans
-        return raw.strip()
-    return yaml.safe_load(raw)
-
-
-def describe_type(hint: Any) -> str:
-    """Words for a field's type, for error messages."""
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if origin in (typing.Union, types.UnionType):
-        arms = [describe_type(a) for a in args if a is not type(None)]
-        return " or ".join(arms) + (" or null" if type(None) in args else "")
-    if origin in (list, tuple):
-        if origin is tuple and len(args) == 2 and args[1] is not Ellipsis:
-            return f"a pair [{describe_type(args[0])}, {describe_type(args[1])}]".replace("a number", "number")
-        return f"a list of {describe_type(args[0]).removeprefix('a ').removeprefix('an ')}s"
-    if dataclasses.is_dataclass(hint):
-        return "a group of settings (key: value)"
-    return {bool: "true or false", int: "an integer", float: "a number", str: "a string"}.get(hint, str(hint))
-
-
-def coerce_field(key: str, value: Any, hint: Any) -> Any:
-    """``value`` checked against (and converted to) a field's declared type; ConfigError naming the key if not."""
-
-    def bad() -> ConfigError:
-        return ConfigError(f"{key} = {value!r}: expected {describe_type(hint)} — fix it in --set or the config file")
-
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None
-        arms = [a for a in args if a is not type(None)]
-        for arm in arms:
-            try:
-                return coerce_field(key, value, arm)
-            except ConfigError:
-                continue
-        raise bad()
-    if value is None:
-        raise bad()
-    if origin in (list, tuple):
-        items = [value] if isinstance(value, str) and origin is tuple and args[-1] is Ellipsis else value
-        if not isinstance(items, (list, tuple)):
-            raise bad()
-        if origin is tuple and args[-1] is not Ellipsis:
-            if len(items) != len(args):
-                raise bad()
-            return tuple(coerce_field(key, v, a) for v, a in zip(items, args))
-        out = [coerce_field(key, v, args[0]) for v in items]
-        return tuple(out) if origin is tuple else out
-    if dataclasses.is_dataclass(hint):
-        if isinstance(value, hint):
-            return value
-        if not isinstance(value, dict):
-            raise bad()
-        return build_dataclass(hint, value, prefix=f"{key}.")
-    if hint is bool:
-        if isinstance(value, bool):
-            return value
-        raise bad()
-    if hint in (int, float):
-        number = parse_value(value) if isinstance(value, str) else value  # YAML 1.1 reads 1e-4 as a string
-        if isinstance(number, bool) or not isinstance(number, (int, float)):
-            raise bad()
-        if hint is int:
-            if isinstance(number, float) and not number.is_integer():
-                raise bad()
-            return int(number)
-        return float(number)
-    if hint is str:
-        if isinstance(value, str):
-            return value
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return str(value)  # e.g. --set device=0 would be read as a number
-        raise bad()
-    return value
-
-
-def build_dataclass(cls: type[C], values: dict[str, Any], prefix: str = "") -> C:
-    """``cls(**values)`` with every value checked against its field's type and unknown keys refused."""
-    hints = typing.get_type_hints(cls)
-    known = [f.name for f in dataclasses.fields(cls)]  # type: ignore[arg-type]
-    unknown = sorted(set(values) - set(known))
-    if unknown:
-        names = [prefix + k for k in unknown]
-        raise ConfigError(f"unknown config key(s) {names} — known keys: {[prefix + k for k in known]}")
-    checked = {k: coerce_field(prefix + k, v, hints[k]) for k, v in values.items()}
-    try:
-        return cls(**checked)
-    except ConfigError:
-        raise
-    except (ValueError, TypeError) as exc:  # the nested configs validate with ValueError
-        message = (
-            str(exc)
-            if isinstance(exc, ConfigError) or " — " in str(exc)
-            else f"{exc} — fix it in --set or the config file"
-        )
-        raise ConfigError(message) from None
-
-
 def parse_shard(spec: str) -> tuple[int, int]:
     """Parse ``"i/n"`` into ``(i, n)`` with ``0 <= i < n``."""
     try:
@@ -535,43 +439,6 @@ def parse_shard(spec: str) -> tuple[int, int]:
     if not 0 <= index < count:
         raise ConfigError(f"--shard {spec}: need 0 <= i < n")
     return index, count
-
-
-C = TypeVar("C")
-
-
-def read_config_file(path: str | Path) -> dict[str, Any]:
-    """The settings of a YAML/JSON ``--config`` file: a mapping, or a ConfigError naming the file."""
-    if not Path(path).is_file():
-        raise ConfigError(f"--config {path}: no such file")
-    try:
-        text = Path(path).read_text()
-        loaded = json.loads(text) if str(path).endswith(".json") else yaml.safe_load(text)
-    except (ValueError, yaml.YAMLError, UnicodeDecodeError) as exc:
-        reason = " ".join(str(exc).split())[:200]
-        raise ConfigError(
-            f"--config {path}: not valid {'JSON' if str(path).endswith('.json') else 'YAML'} ({reason}) — fix the file"
-        ) from None
-    if loaded is None:
-        return {}
-    if not isinstance(loaded, dict):
-        raise ConfigError(
-            f"--config {path}: holds a {type(loaded).__name__}, not a mapping of settings — write key: value lines"
-        )
-    return loaded
-
-
-def load_config(cls: type[C], path: str | Path | None, overrides: dict[str, Any]) -> C:
-    """Build a ``cls`` config from defaults, an optional YAML/JSON file and non-None overrides."""
-    values: dict[str, Any] = read_config_file(path) if path else {}
-    for key, value in overrides.items():
-        if value is None:
-            continue
-        if isinstance(value, dict) and isinstance(values.get(key), dict):
-            values[key] = {**values[key], **value}
-        else:
-            values[key] = value
-    return build_dataclass(cls, values)
 
 
 def config_to_dict(cfg: Any) -> dict[str, Any]:

@@ -1,11 +1,13 @@
-"""Where and how this process runs: its device, its dtype, its rank under torchrun.
+"""Where and how this process runs: its device, its dtype, its rank under torchrun, whether it is rank 0.
 
-Both stages and the CLI ask these questions; this module answers them once.
+Both stages and the CLI ask these questions; this module answers them once (torchrun's environment:
+``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``). Joining the process group is stage 2's (pipeline/distributed.py).
 """
 
 from __future__ import annotations
 
 import os
+from dataclasses import dataclass
 
 import torch
 
@@ -27,6 +29,12 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
     return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
 
 
+def resolve_autocast(name: str, device: torch.device) -> torch.dtype | None:
+    """Stage 2's autocast dtype for ``--set precision``: as ``resolve_dtype``, None for plain fp32."""
+    dtype = resolve_dtype(name, device)
+    return None if dtype == torch.float32 else dtype
+
+
 DTYPE_NAMES: dict[torch.dtype, str] = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
 
 
@@ -44,9 +52,39 @@ def torchrun_rank() -> tuple[int, int] | None:
     return r, w
 
 
+@dataclass(frozen=True)
+class World:
+    """This process's place among the ranks of a job; a plain process is rank 0 of 1."""
+
+    rank: int = 0
+    size: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        """Rank 0: the one that prints, writes logs and checkpoints."""
+        return self.rank == 0
+
+    @property
+    def active(self) -> bool:
+        return self.size > 1
+
+
+def launched_world() -> World:
+    """The ranks torchrun describes in the environment; ``World()`` when not launched by torchrun."""
+    ranks = torchrun_rank()
+    if ranks is None:
+        return World()
+    return World(ranks[0], ranks[1], int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def is_main_process() -> bool:
+    """False on the non-zero ranks of a torchrun job (they stay quiet: rank 0 prints and writes)."""
+    return launched_world().main
+
+
 def rank_device(device: torch.device) -> torch.device:
     """Under torchrun, a bare ``cuda`` means this rank's GPU (``LOCAL_RANK``)."""
-    local_rank = os.environ.get("LOCAL_RANK")
-    if device.type == "cuda" and device.index is None and local_rank is not None:
-        return torch.device("cuda", int(local_rank))
+    if device.type == "cuda" and device.index is None and torchrun_rank() is not None:
+        return torch.device("cuda", launched_world().local_rank)
     return device

@@ -1,4 +1,5 @@
-"""Shared fixtures: offline HF settings and tiny assets built, saved and reloaded like real ones."""
+"""Shared fixtures: offline HF settings and tiny assets built, saved and reloaded like real ones. Helper
+functions (CLI arguments, running the CLI) are in tests/helpers.py."""
 
 from __future__ import annotations
 
@@ -7,6 +8,8 @@ import tempfile
 from pathlib import Path
 
 import pytest
+
+from tests.helpers import cache_args
 
 _HF_HOME = tempfile.mkdtemp(prefix="distill-hf-")
 os.environ.update(
@@ -54,33 +57,6 @@ def single_thread():
     torch.set_num_threads(previous)
 
 
-def cache_args(assets: dict[str, Path], out: Path, **extra: object) -> list[str]:
-    """CLI arguments of a small cache-teacher run on the tiny assets."""
-    args = {
-        "teacher": assets["teacher"],
-        "dataset": assets["data"],
-        "out": out,
-        "seq-len": 32,
-        "top-k": 16,
-        "targets": "topk-fp16",  # the fixed top-K layout most tests read raw; tests/test_targets_e2e.py: the others
-        "hidden-layers": "0,1,2",
-        "attention-layers": "1,2",
-        "attention-topk": 8,
-        "batch-size": 4,
-        "chunk-rows": 8,
-        "calibration-rows": 8,
-        "vocab-proj": True,  # pass vocab_proj=None to leave it out (the default of cache-teacher)
-    }
-    args.update({k.replace("_", "-"): v for k, v in extra.items()})
-    flat = []
-    for k, v in args.items():
-        if v is True:
-            flat.append(f"--{k}")
-        elif v is not None:
-            flat += [f"--{k}", str(v)]
-    return flat
-
-
 @pytest.fixture(scope="session")
 def train_assets(tiny_assets, tmp_path_factory) -> dict[str, Path]:
     """A complete store on the tiny assets, a student with another tokenizer and one sharing the teacher's."""
@@ -101,53 +77,3 @@ def train_assets(tiny_assets, tmp_path_factory) -> dict[str, Path]:
     same = root / "student_same_tok"
     build_model(student_config(len(teacher_tok), hidden=32, layers=3), same, teacher_tok, seed=0)
     return {"store": store, "student": student, "student_same_tok": same, **tiny_assets}
-
-
-def train_args(
-    assets: dict[str, Path], out: Path, student: str = "student", batch_size: int = 2, **settings: object
-) -> list[str]:
-    """CLI arguments of a short training run (all terms on from step 0 unless overridden)."""
-    base = {
-        "grad_accum": 2,
-        "curriculum.kd_only_until": 0,
-        "curriculum.feature_ramp": "[0,0]",
-        "curriculum.attention_ramp": "[0,0]",
-        "curriculum.layerwise_ramp": "[0,0]",
-        "curriculum.contrastive_ramp": "[0,0]",
-        "eval_fraction": 0.1,
-        "num_workers_prefetch": 1,
-    }
-    base.update(settings)
-    args = [
-        "--cache",
-        str(assets["store"]),
-        "--student",
-        str(assets[student]),
-        "--out",
-        str(out),
-        "--batch-size",
-        str(batch_size),
-    ]
-    for key, value in base.items():
-        args += ["--set", f"{key}={value}"]
-    return args
-
-
-def run_train(
-    args: list[str],
-    steps: int,
-    log_every: int | None = None,
-    eval_every: int | None = None,
-    extra: tuple[str, ...] = (),
-):
-    """``distill train ARGS --max-steps STEPS ...`` through the real CLI; asserts it succeeded, returns the result."""
-    from typer.testing import CliRunner
-
-    from distill.cli import app
-
-    flags = ["--max-steps", str(steps)]
-    flags += ["--log-every", str(log_every)] if log_every is not None else []
-    flags += ["--eval-every", str(eval_every)] if eval_every is not None else []
-    result = CliRunner().invoke(app, ["train", *args, *flags, *extra])
-    assert result.exit_code == 0, result.output
-    return result

@@ -9,11 +9,10 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
-from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+from tests.helpers import REPO
 
 KEYS = {
     "stage1.py": {"cache_over_forward", "fields_over_forward", "marginal_over_forward", "tokens_per_s", "sizes"},

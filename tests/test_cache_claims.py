@@ -15,14 +15,10 @@ from pathlib import Path
 
 import pytest
 import zarr
-from typer.testing import CliRunner
 
 from distill.cache.store import CLAIM_FILE, ShardBusy, claim_shard, read_shard_claim, write_claim_file
-from distill.cli import app
-from tests.conftest import cache_args
-from tests.test_cache_resume import assert_stores_equal
+from tests.helpers import assert_stores_equal, cache_args, invoke, spawn
 
-REPO = Path(__file__).resolve().parents[1]
 SETTINGS = {"max_rows": 48, "num_shards": 2}  # 6 chunks of 8 rows: two shards of 3 chunks
 
 # Runs the real CLI, but holds both processes at their first shard claim until both are there, so that
@@ -47,10 +43,6 @@ from distill.cli import main
 sys.argv = ["distill", *sys.argv[1:]]
 main()
 """
-
-
-def invoke(*args: object) -> object:
-    return CliRunner().invoke(app, [str(a) for a in args])
 
 
 def dead_pid() -> int:
@@ -101,19 +93,8 @@ def test_two_processes_without_shard_split_the_shards(tiny_assets, reference, tm
     store = tmp_path / "store"
     barrier = tmp_path / "barrier"
     barrier.mkdir()
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    procs = [
-        subprocess.Popen(
-            [sys.executable, "-c", CLAIM_RACE_HARNESS, str(barrier), "cache-teacher"]
-            + cache_args(tiny_assets, store, **SETTINGS),  # type: ignore[arg-type]
-            env=env,
-            cwd=REPO,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for _ in range(2)
-    ]
+    harness = [sys.executable, "-c", CLAIM_RACE_HARNESS, str(barrier), "cache-teacher"]
+    procs = [spawn(harness + cache_args(tiny_assets, store, **SETTINGS)) for _ in range(2)]
     outputs = [p.communicate(timeout=300) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], [err[-2000:] for _, err in outputs]
     filled = [filled_shards(out) for out, _ in outputs]

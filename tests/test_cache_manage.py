@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import socket
 import subprocess
@@ -15,7 +14,6 @@ from pathlib import Path
 import h5py
 import numpy as np
 import pytest
-from typer.testing import CliRunner
 
 from distill.cache.manage import require_sound_store, root_arrays
 from distill.cache.reader import CacheReader
@@ -28,12 +26,9 @@ from distill.cache.store import (
     wait_for_creation,
 )
 from distill.cache.writer import new_store_shards, shards_to_fill
-from distill.cli import app
 from distill.config import CacheConfig, ConfigError
-from tests.conftest import cache_args
-from tests.test_cache_resume import assert_stores_equal
+from tests.helpers import REPO, assert_stores_equal, cache_args, invoke, spawn, subprocess_env
 
-REPO = Path(__file__).resolve().parents[1]
 SETTINGS = {"max_rows": 48}  # 6 chunks of 8 rows: two shards of 3 chunks
 
 # Runs the real CLI, but makes both processes reach the creation claim together (a file barrier) and
@@ -61,14 +56,6 @@ from distill.cli import main
 sys.argv = ["distill", *sys.argv[1:]]
 main()
 """
-
-
-def invoke(*args: object) -> object:
-    return CliRunner().invoke(app, [str(a) for a in args])
-
-
-def subprocess_env() -> dict[str, str]:
-    return {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
 
 
 def memory_url(name: str) -> str:
@@ -106,18 +93,8 @@ def test_two_processes_fill_one_fresh_url_store_at_once(tiny_assets, reference, 
     store = f"file://{tmp_path / 'store'}"
     barrier = tmp_path / "barrier"
     barrier.mkdir()
-    procs = [
-        subprocess.Popen(
-            [sys.executable, "-c", RACE_HARNESS, str(barrier), "cache-teacher"]
-            + cache_args(tiny_assets, store, shard=f"{i}/2", **SETTINGS),  # type: ignore[arg-type]
-            env=subprocess_env(),
-            cwd=REPO,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-        for i in range(2)
-    ]
+    harness = [sys.executable, "-c", RACE_HARNESS, str(barrier), "cache-teacher"]
+    procs = [spawn(harness + cache_args(tiny_assets, store, shard=f"{i}/2", **SETTINGS)) for i in range(2)]
     outputs = [p.communicate(timeout=240) for p in procs]
     assert [p.returncode for p in procs] == [0, 0], [err[-2000:] for _, err in outputs]
     errs = [err for _, err in outputs]

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -19,21 +18,7 @@ from distill.cache.reader import CacheReader
 from distill.cache.schema import CacheError
 from distill.cli import app
 from distill.pipeline.demo import generate_corpus, write_jsonl
-from tests.conftest import cache_args
-
-REPO = Path(__file__).resolve().parents[1]
-
-
-def run_cli(args: list[str]) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    return subprocess.Popen(
-        [sys.executable, "-m", "distill.cli", *args],
-        env=env,
-        cwd=REPO,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+from tests.helpers import assert_stores_equal, cache_args, launch_cli
 
 
 def shard_record(store: Path, index: int = 0) -> dict | None:
@@ -41,19 +26,6 @@ def shard_record(store: Path, index: int = 0) -> dict | None:
         return dict(zarr.open_group(str(store / "shards" / f"{index:05d}"), mode="r").attrs["shard"])
     except Exception:  # not created yet
         return None
-
-
-def assert_stores_equal(a: Path, b: Path) -> None:
-    ra, rb = CacheReader(str(a)), CacheReader(str(b))
-    assert ra.num_rows == rb.num_rows and ra.fields == rb.fields
-    batch_a, batch_b = ra.read_rows(ra.row_ids), rb.read_rows(rb.row_ids)
-    for name in ra.fields:
-        if name == "text":
-            assert batch_a[name] == batch_b[name]
-        else:
-            assert np.array_equal(batch_a[name].numpy(), batch_b[name].numpy(), equal_nan=True), name
-    checks_a = [s["checksums"] for s in ra.shards]
-    assert checks_a == [s["checksums"] for s in rb.shards]
 
 
 @pytest.fixture(scope="module")
@@ -64,15 +36,14 @@ def bigger_data(tiny_assets) -> Path:
 def test_sigkill_mid_run_then_resume_equals_uninterrupted(tiny_assets, bigger_data, tmp_path):
     args = dict(dataset=bigger_data, batch_size=2, chunk_rows=4, num_shards=2)
     reference = tmp_path / "reference"
-    done = run_cli(["cache-teacher", *cache_args(tiny_assets, reference, **args)])
+    done = launch_cli(["cache-teacher", *cache_args(tiny_assets, reference, **args)], threads=None)
     _, err = done.communicate(timeout=300)
     assert done.returncode == 0, err
 
     killed = tmp_path / "killed"
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "distill.cli", "cache-teacher", *cache_args(tiny_assets, killed, **args)],
-        env={**os.environ, "PYTHONPATH": str(REPO)},
-        cwd=REPO,
+    proc = launch_cli(
+        ["cache-teacher", *cache_args(tiny_assets, killed, **args)],
+        threads=None,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
     )
@@ -94,7 +65,7 @@ def test_sigkill_mid_run_then_resume_equals_uninterrupted(tiny_assets, bigger_da
     partial = CacheReader(str(killed), allow_partial=True)
     assert partial.num_rows < CacheReader(str(reference)).num_rows
 
-    resumed = run_cli(["cache-teacher", *cache_args(tiny_assets, killed, **args)])
+    resumed = launch_cli(["cache-teacher", *cache_args(tiny_assets, killed, **args)], threads=None)
     _, err = resumed.communicate(timeout=300)
     assert resumed.returncode == 0, err
     assert_stores_equal(killed, reference)

@@ -11,7 +11,7 @@ from typer.testing import CliRunner
 
 from distill.cache.reader import CacheReader
 from distill.cli import app
-from tests.conftest import cache_args
+from tests.helpers import cache_args
 
 TEMPS = [1.0, 2.0, 4.0]
 

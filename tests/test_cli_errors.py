@@ -12,7 +12,7 @@ import pytest
 from typer.testing import CliRunner
 
 from distill.cli import app
-from tests.conftest import cache_args, train_args
+from tests.helpers import cache_args, train_args
 
 
 def write(path: Path, data: str | bytes) -> Path:
@@ -61,6 +61,11 @@ CASES = {
         lambda a, t: ["cache-teacher", "--dataset", "x", "--out", t / "s"],
         2,
         "--teacher is required",
+    ),
+    "cache-teacher --seq-len not a number": (
+        lambda a, t: ["cache-teacher", *cache_args(a, t / "s", seq_len="abc")],
+        2,
+        "--seq-len abc: expected an integer",
     ),
     "cache-teacher bad --dtype": (lambda a, t: ["cache-teacher", *cache_args(a, t / "s", dtype="fp8")], 2, "--dtype"),
     "cache-teacher config not YAML": (

@@ -32,7 +32,7 @@ from distill.pipeline.evaluate import (
     score_identical_bytes,
     score_row,
 )
-from tests.conftest import run_train, train_args
+from tests.helpers import run_train, train_args
 
 
 def test_bits_per_byte_gap_closed_and_ece_by_hand():
@@ -227,13 +227,12 @@ def test_top1_agreement_leaves_out_teacher_tokens_without_a_student_token(runs, 
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from distill.pipeline.align import align_offsets, build_vocab_map
-    from distill.pipeline.train_setup import load_cache_tokenizer
 
     source = resolve_student(runs["kd"], None, "eval")
     metrics, _ = evaluate_student(source, tmp_path / "vocab")
     reader = CacheReader(source.store)
     tokenizer = AutoTokenizer.from_pretrained(source.model_dir)
-    vocab_map = build_vocab_map(load_cache_tokenizer(reader), tokenizer)
+    vocab_map = build_vocab_map(reader.load_tokenizer(), tokenizer)
     model = AutoModelForCausalLM.from_pretrained(source.model_dir, dtype=torch.float32).eval()
     data = reader.read_rows(source.rows, ["length", "offsets", "text", "topk_ids"])
     agree = compared = unmapped = 0

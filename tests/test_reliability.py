@@ -10,17 +10,10 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
-from typer.testing import CliRunner
 
-from distill.cli import app
-from tests.conftest import run_train, train_args
+from tests.helpers import final_weights, invoke, read_metrics, run_train, train_args
 
 STEPS = 3
-
-
-def invoke(*args: object):
-    return CliRunner().invoke(app, [str(a) for a in args])
 
 
 def error_lines(result) -> list[str]:
@@ -35,17 +28,6 @@ def assert_one_line_error(result, code: int, *needles: str) -> str:
     for needle in needles:
         assert needle in lines[0], lines[0]
     return lines[0]
-
-
-def read_records(run: Path) -> list[dict]:
-    return [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-
-
-def final_weights(run: Path) -> dict[str, torch.Tensor]:
-    weights = load_file(run / "final" / "model.safetensors")
-    modules = torch.load(run / "final" / "distill_modules.pt", weights_only=True)
-    weights.update({f"modules.{k}": v for k, v in modules.items()})
-    return weights
 
 
 def run_settings(assets: dict, out: Path) -> list[str]:
@@ -107,7 +89,7 @@ def test_a_second_train_into_the_same_out_is_refused_unless_overwrite(train_asse
     assert (out / "metrics.jsonl").read_text() == before
     replaced = invoke("train", *run_settings(train_assets, out), "--max-steps", 1, "--overwrite")
     assert replaced.exit_code == 0, replaced.output
-    assert [r["step"] for r in read_records(out) if r["split"] == "train"] == [1]
+    assert [r["step"] for r in read_metrics(out) if r["split"] == "train"] == [1]
     kept = {p.name for p in (out / "checkpoints").glob("step_*")}
     assert kept <= {"step_000001"}  # the old run's checkpoints went with it
 
@@ -123,7 +105,7 @@ def test_resume_drops_a_torn_metrics_line_and_the_records_after_the_checkpoint(t
     (out / "metrics.jsonl").write_text(text[: len(text) - 17])  # a crash mid-line
     result = resume(train_assets, out, "auto")
     assert result.exit_code == 0, result.output
-    steps = [r["step"] for r in read_records(out) if r["split"] == "train"]
+    steps = [r["step"] for r in read_metrics(out) if r["split"] == "train"]
     assert steps == [1, 2, 3]
     assert final_weights(out).keys() == final_weights(base_run).keys()
 
@@ -174,9 +156,9 @@ def test_a_missing_chunk_file_is_found_by_verify_quick_and_deep(store_missing_a_
 
 
 def test_a_missing_chunk_file_is_refused_by_the_reader_and_train(train_assets, store_missing_a_chunk, tmp_path):
+    from distill.cache.manage import check_store
     from distill.cache.reader import CacheReader
     from distill.cache.store import StoreDamaged
-    from distill.pipeline.train_setup import check_store
 
     reader = CacheReader(str(store_missing_a_chunk))
     assert reader.read_rows([0, 7], ["topk_logits"])["topk_logits"].shape[0] == 2  # chunk 0 is whole
@@ -205,7 +187,7 @@ def test_eval_of_a_store_missing_chunk_files_fails(train_assets, base_run, tmp_p
 
 def test_short_documents_with_more_attention_keys_than_tokens(tiny_assets, tmp_path):
     from distill.cache.reader import CacheReader
-    from tests.conftest import cache_args
+    from tests.helpers import cache_args
 
     data = tmp_path / "short.jsonl"
     data.write_text("".join(json.dumps({"text": "The cat sees a red book."}) + "\n" for _ in range(40)))
@@ -233,7 +215,7 @@ def test_cache_teacher_on_sigterm_says_what_was_committed_and_resumes(tiny_asset
 
     from distill.cache import store as store_module
     from distill.cache.manage import verify_store
-    from tests.conftest import cache_args
+    from tests.helpers import cache_args
 
     out = tmp_path / "store"
     args = cache_args(tiny_assets, out, max_rows=40)  # 5 chunks of 8 rows
@@ -310,7 +292,7 @@ def test_a_full_disk_is_one_line_naming_the_path_and_a_rerun_resumes(train_asset
     import subprocess
     import sys
 
-    from tests.conftest import cache_args
+    from tests.helpers import cache_args
 
     if shutil.which("unshare") is None:
         pytest.skip("needs unshare (util-linux) to mount a private tmpfs")

@@ -11,11 +11,7 @@ from typer.testing import CliRunner
 
 from distill.cli import app
 from distill.pipeline.progress import ThroughputWindow
-from tests.conftest import cache_args, run_train, train_args
-
-
-def read_metrics(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+from tests.helpers import cache_args, read_metrics, run_train, train_args
 
 
 def eval_losses(run_dir: Path) -> dict[int, float]:

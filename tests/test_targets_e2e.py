@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 from distill.cache.reader import CacheReader
 from distill.cache.schema import CacheError
 from distill.cli import app
-from tests.conftest import cache_args, run_train, train_args
+from tests.helpers import cache_args, run_train, train_args
 from tests.test_cache_resume import assert_stores_equal
 
 SETTINGS = dict(

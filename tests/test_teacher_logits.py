@@ -18,7 +18,7 @@ from distill.cli import app
 from distill.config import CacheConfig, ConfigError
 from distill.pipeline.demo import build_model
 from distill.pipeline.teacher_model import load_teacher
-from tests.conftest import cache_args
+from tests.helpers import cache_args
 
 TEMPS = [1.0, 2.0]
 COMMON = dict(

@@ -5,7 +5,6 @@ plots; W&B (offline) and Trackio (local) behind the `tracking` marker; no tracke
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -15,11 +14,10 @@ import yaml
 from typer.testing import CliRunner
 
 from distill.cli import app
-from distill.config import ConfigError, TrainConfig, load_config, parse_report_to
+from distill.config import ConfigError, TrainConfig, parse_report_to
+from distill.config_loading import load_config
 from distill.pipeline.tracking import flatten_metrics
-from tests.conftest import run_train, train_args
-
-REPO = Path(__file__).resolve().parents[1]
+from tests.helpers import REPO, run_train, subprocess_env, train_args
 
 
 def expected_by_step(run_dir: Path) -> dict[int, dict[str, float]]:
@@ -116,8 +114,9 @@ def test_no_tracker_is_imported_unless_asked(train_assets, tmp_path):
         "print(sorted(m for m in ('tensorboard', 'wandb', 'trackio') if m in sys.modules))\n"
     )
     args = [*train_args(train_assets, tmp_path / "run"), "--max-steps", "1", "--set", "eval_fraction=0"]
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    done = subprocess.run([sys.executable, "-c", script, *args], env=env, capture_output=True, text=True, cwd=REPO)
+    done = subprocess.run(
+        [sys.executable, "-c", script, *args], env=subprocess_env(), capture_output=True, text=True, cwd=REPO
+    )
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip().splitlines()[-1] == "[]"
     assert not (tmp_path / "run" / "trackers.json").exists()

@@ -11,13 +11,14 @@ import torch
 from typer.testing import CliRunner
 
 from distill.cli import app
-from distill.config import TrainConfig, load_config, parse_set_overrides
+from distill.config import TrainConfig
+from distill.config_loading import load_config
 from distill.pipeline import learner as learner_mod
 from distill.pipeline import terms as terms_mod
 from distill.pipeline.curriculum import weights_at
 from distill.pipeline.train import evaluate
 from distill.pipeline.train_setup import setup
-from tests.conftest import cache_args, run_train, train_args
+from tests.helpers import cache_args, config_from_args, read_metrics, run_train, train_args
 
 TERMS = (
     "kd",
@@ -32,21 +33,9 @@ TERMS = (
 )
 
 
-def read_metrics(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-
-
 def make_config(args: list[str]) -> TrainConfig:
     """The TrainConfig the CLI would build from ``args`` (for in-process setup/fit)."""
-    values, sets = {}, []
-    it = iter(args)
-    for flag in it:
-        value = next(it)
-        if flag == "--set":
-            sets.append(value)
-        else:
-            values[flag[2:].replace("-", "_")] = int(value) if value.isdigit() else value
-    return load_config(TrainConfig, None, {**values, **parse_set_overrides(sets)})
+    return config_from_args(TrainConfig, args)
 
 
 @pytest.fixture(scope="module")

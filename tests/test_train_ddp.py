@@ -16,9 +16,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.conftest import train_args
+from tests.helpers import read_metrics, spawn, train_args
 
-REPO = Path(__file__).resolve().parents[1]
 STEPS = 12
 
 
@@ -39,16 +38,7 @@ def command(args: list[str], ranks: int) -> list[str]:
 
 
 def launch(args: list[str], ranks: int) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen(
-        command(args, ranks),
-        env=env,
-        cwd=REPO,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
+    return spawn(command(args, ranks), start_new_session=True)
 
 
 def finish(proc: subprocess.Popen) -> str:
@@ -86,8 +76,7 @@ def descendants(pid: int) -> list[int]:
 
 
 def curve(out: Path) -> list[float]:
-    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    return [r["loss/total"] for r in records if r["split"] == "train"]
+    return [r["loss/total"] for r in read_metrics(out) if r["split"] == "train"]
 
 
 def weights(out: Path) -> dict[str, torch.Tensor]:

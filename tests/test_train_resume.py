@@ -4,33 +4,16 @@
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
-import torch
-from safetensors.torch import load_file
 
-from tests.conftest import run_train, train_args
+from tests.helpers import final_weights, launch_cli, read_metrics, run_train, train_args
 
-REPO = Path(__file__).resolve().parents[1]
 STEPS = 24
-
-
-def launch(args: list[str]) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
-    return subprocess.Popen(
-        [sys.executable, "-m", "distill.cli", "train", *args],
-        env=env,
-        cwd=REPO,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
 
 
 def run_args(assets: dict, out: Path) -> list[str]:
@@ -63,12 +46,6 @@ def wait_for_step(proc: subprocess.Popen, out: Path, step: int, need_checkpoint:
     raise AssertionError(f"run ended or stalled before step {step}: {proc.poll()}")
 
 
-def final_weights(out: Path) -> dict[str, torch.Tensor]:
-    weights = load_file(out / "final" / "model.safetensors")
-    weights.update({f"modules.{k}": v for k, v in torch.load(out / "final" / "distill_modules.pt").items()})
-    return weights
-
-
 def assert_same_weights(a: Path, b: Path) -> None:
     wa, wb = final_weights(a), final_weights(b)
     assert wa.keys() == wb.keys()
@@ -79,7 +56,7 @@ def assert_same_weights(a: Path, b: Path) -> None:
 @pytest.fixture(scope="module")
 def uninterrupted(train_assets, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("resume") / "uninterrupted"
-    proc = launch(run_args(train_assets, out))
+    proc = launch_cli(["train", *run_args(train_assets, out)], threads=None)
     _, err = proc.communicate(timeout=300)
     assert proc.returncode == 0, err
     return out
@@ -87,7 +64,7 @@ def uninterrupted(train_assets, tmp_path_factory) -> Path:
 
 def test_sigterm_saves_an_emergency_checkpoint_and_resume_matches(train_assets, uninterrupted, tmp_path):
     out = tmp_path / "sigterm"
-    proc = launch(run_args(train_assets, out))
+    proc = launch_cli(["train", *run_args(train_assets, out)], threads=None)
     wait_for_step(proc, out, STEPS // 2)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
@@ -96,7 +73,7 @@ def test_sigterm_saves_an_emergency_checkpoint_and_resume_matches(train_assets, 
     latest = (out / "checkpoints" / "latest").read_text().strip()
     meta = json.loads((out / "checkpoints" / latest / "meta.json").read_text())
     assert meta["reason"] == f"signal {int(signal.SIGTERM)}" and STEPS // 2 <= meta["step"] < STEPS
-    resumed = launch([*run_args(train_assets, out), "--resume", "auto"])
+    resumed = launch_cli(["train", *run_args(train_assets, out), "--resume", "auto"], threads=None)
     stdout, err = resumed.communicate(timeout=300)
     assert resumed.returncode == 0, err
     assert f"at step {meta['step']}" in stdout
@@ -105,14 +82,14 @@ def test_sigterm_saves_an_emergency_checkpoint_and_resume_matches(train_assets, 
 
 def test_sigkill_resumes_from_the_last_periodic_checkpoint_and_matches(train_assets, uninterrupted, tmp_path):
     out = tmp_path / "sigkill"
-    proc = launch(run_args(train_assets, out))
+    proc = launch_cli(["train", *run_args(train_assets, out)], threads=None)
     wait_for_step(proc, out, STEPS // 2, need_checkpoint=True)
     proc.send_signal(signal.SIGKILL)
     proc.communicate(timeout=60)
     latest = (out / "checkpoints" / "latest").read_text().strip()
     meta = json.loads((out / "checkpoints" / latest / "meta.json").read_text())
     assert meta["reason"] == "periodic" and meta["step"] % 4 == 0
-    resumed = launch([*run_args(train_assets, out), "--resume", "auto"])
+    resumed = launch_cli(["train", *run_args(train_assets, out), "--resume", "auto"], threads=None)
     _, err = resumed.communicate(timeout=300)
     assert resumed.returncode == 0, err
     assert_same_weights(out, uninterrupted)
@@ -127,5 +104,5 @@ def test_a_thousand_steps_print_few_lines_and_nothing_per_eval_batch(train_asset
     eval_lines = [line for line in lines if line.startswith("eval ")]
     assert len(step_lines) == 11 and len(eval_lines) == 4  # step 1, every 100th; evals at 250..1000
     assert len(lines) <= 15 * 10
-    records = [json.loads(line) for line in (tmp_path / "long" / "metrics.jsonl").read_text().splitlines()]
+    records = read_metrics(tmp_path / "long")
     assert all(r["lr"] > 0 for r in records if r["split"] == "train")

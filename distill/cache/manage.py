@@ -13,7 +13,6 @@ handed on silently. docs/cache-format.md describes the HDF5 layout.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import tempfile
@@ -28,11 +27,8 @@ import zarr
 
 from distill.cache.schema import (
     MANIFEST_ATTR,
-    PCA_GROUP,
     ROOT_ARRAY_GROUPS,
     SHARDS_GROUP,
-    STANDARDIZE_GROUP,
-    STATS_GROUP,
     TOKENIZER_GROUP,
     CacheError,
     FieldSpec,
@@ -40,7 +36,10 @@ from distill.cache.schema import (
     check_schema,
     describe_manifest_difference,
     manifest_identity,
+    root_array_shapes,
+    row_bytes,
     shard_name,
+    tokenizer_sha256,
 )
 from distill.cache.store import (
     CLAIM_FILE,
@@ -173,6 +172,22 @@ def require_sound_store(url: str, deep: bool = True) -> None:
     )
 
 
+DEEP_VERIFY_LIMIT = 16 * 2**30  # bytes of uncompressed rows below which `auto` re-checksums every chunk
+
+
+def check_store(url: str, mode: str) -> None:
+    """The check before a store is used (train, eval): ``deep`` re-checksums every chunk, ``quick`` checks
+    completeness and metadata, ``auto`` is deep below DEEP_VERIFY_LIMIT bytes of uncompressed rows, ``off`` skips.
+    Raises StoreDamaged (one line) unless the store is sound."""
+    if mode == "off":
+        return
+    deep = mode == "deep"
+    if mode == "auto":
+        layout = load_manifest(open_root(url), url)["layout"]
+        deep = layout["num_rows"] * row_bytes(layout) < DEEP_VERIFY_LIMIT
+    require_sound_store(url, deep=deep)
+
+
 def check_manifest(manifest: dict[str, Any]) -> list[Problem]:
     """The field table and the shard layout agree with the layout settings."""
     layout = manifest["layout"]
@@ -242,26 +257,6 @@ def check_rank_table(root: zarr.Group, vocab: int) -> list[Problem]:
             Problem(ID_BY_RANK, f"expected a permutation of 0..{vocab - 1} (int32), found {table.dtype} {table.shape}")
         ]
     return []
-
-
-def tokenizer_sha256(files: dict[str, bytes]) -> str:
-    """The manifest's ``tokenizer.sha256``: over each file's name then bytes, in name order."""
-    return hashlib.sha256(b"".join(n.encode() + files[n] for n in sorted(files))).hexdigest()
-
-
-def root_array_shapes(layout: dict[str, Any]) -> dict[str, tuple[int, ...]]:
-    """The store-level float arrays a store with ``layout`` holds, with their shapes."""
-    shapes: dict[str, tuple[int, ...]] = {}
-    for layer in layout["hidden_layers"]:
-        shapes[f"{STATS_GROUP}/hidden/{layer}/mean"] = (layout["hidden_dim"],)
-        shapes[f"{STATS_GROUP}/hidden/{layer}/std"] = (layout["hidden_dim"],)
-        if layout.get("hidden_standardized"):
-            shapes[f"{STANDARDIZE_GROUP}/hidden/{layer}/mean"] = (layout["teacher_hidden_size"],)
-            shapes[f"{STANDARDIZE_GROUP}/hidden/{layer}/std"] = (layout["teacher_hidden_size"],)
-        if layout["hidden_pca"]:
-            shapes[f"{PCA_GROUP}/hidden/{layer}/mean"] = (layout["teacher_hidden_size"],)
-            shapes[f"{PCA_GROUP}/hidden/{layer}/components"] = (layout["teacher_hidden_size"], layout["hidden_dim"])
-    return shapes
 
 
 def check_shard_record(record: dict[str, Any], chunk_rows: int) -> list[Problem]:

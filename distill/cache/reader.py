@@ -21,7 +21,9 @@ and (on request) that the fields and temperatures a consumer needs are stored.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
+from pathlib import Path
+from tempfile import TemporaryDirectory
 from typing import Any
 
 import numpy as np
@@ -127,6 +129,23 @@ class CacheReader:
             self._rank_table = torch.from_numpy(self.root_array(ID_BY_RANK).astype(np.int64))
         return self._rank_table
 
+    def load_tokenizer(self) -> Any:
+        """The teacher tokenizer stored in the cache, loaded with ``AutoTokenizer`` (stage 2 and eval need nothing but
+        the store and the student)."""
+        from transformers import AutoTokenizer
+
+        try:
+            files = self.tokenizer_files()
+        except CacheError:
+            raise CacheError(
+                f"{self.url}: the store has no teacher tokenizer files, needed to map the teacher vocabulary "
+                "onto the student's; re-create it with `distill cache-teacher`"
+            ) from None
+        with TemporaryDirectory() as tmp:
+            for name, data in files.items():
+                (Path(tmp) / name).write_bytes(data)
+            return AutoTokenizer.from_pretrained(tmp)
+
     def root_array(self, path: str) -> np.ndarray:
         """A store-level array (``stats/hidden/6/mean``...)."""
         return np.asarray(self.root[path][:])
@@ -183,14 +202,6 @@ class CacheReader:
             if not chunk_matches_checksum(group, shard, chunk, self.specs):
                 raise StoreDamaged(describe_missing(self.url, index, chunk, lost))
         self._checked.update((index, c, n) for c, n in todo)
-
-    def iter_batches(
-        self, batch_size: int, rows: Sequence[int] | None = None, fields: Sequence[str] | None = None
-    ) -> Iterator[dict[str, Any]]:
-        """Batches of ``batch_size`` rows (default: every readable row, in order)."""
-        ids = self.row_ids if rows is None else np.asarray(rows, dtype=np.int64)
-        for start in range(0, len(ids), batch_size):
-            yield self.read_rows(ids[start : start + batch_size], fields)
 
 
 def read_selection(array: zarr.Array, local_rows: np.ndarray) -> np.ndarray:

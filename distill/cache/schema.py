@@ -14,10 +14,13 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
 from distill.cache.targets import target_field_shapes
 
 SCHEMA_VERSION = 3  # 3: compact teacher targets (layout.targets); 2: prefix (BOS) policy, standardized hidden states
 READABLE_VERSIONS = (2, 3)  # version 2 holds the fixed top-K fp16 targets (kind "topk-fp16"), read as they are
+
 MANIFEST_ATTR = "distill"
 SHARDS_GROUP = "shards"
 TOKENIZER_GROUP = "teacher_tokenizer"
@@ -56,29 +59,95 @@ def attention_id_dtype(seq_len: int) -> str:
     return "int16" if seq_len <= 32767 else "int32"
 
 
+# The storage dtype of each field, by family (``hidden/6`` is a ``hidden`` field); ``attn_ids`` depends on
+# seq_len (``attention_id_dtype``). Writers cast to these, readers check them, docs/cache-format.md lists them.
+FIELD_DTYPES = {
+    "input_ids": "int32",
+    "length": "int32",
+    "row_id": "int64",
+    "doc_id": "int64",
+    "offsets": "int32",
+    "text": "str",
+    "topk_ids": "int32",
+    "topk_logits": "float16",
+    "target_count": "uint16",
+    "target_ids": "uint32",
+    "target_values": "uint8",
+    "target_max": "float32",
+    "target_draws": "uint8",
+    "lse": "float32",
+    "target_logprob": "float32",
+    "vocab_proj": "float16",
+    "hidden": "float16",
+    "attn": "float16",
+}
+
+
+def field_dtype(name: str, seq_len: int) -> str:
+    """The storage dtype of field ``name`` in a store of rows of ``seq_len`` tokens."""
+    family = name.split("/", 1)[0]
+    return attention_id_dtype(seq_len) if family == "attn_ids" else FIELD_DTYPES[family]
+
+
 def build_field_specs(layout: dict[str, Any]) -> dict[str, FieldSpec]:
     """The per-row fields of a store with this ``layout`` (the manifest's ``layout`` entry)."""
-    seq = layout["seq_len"]
-    specs = [
-        FieldSpec("input_ids", "int32", (seq,)),
-        FieldSpec("length", "int32", ()),
-        FieldSpec("row_id", "int64", ()),
-        FieldSpec("doc_id", "int64", ()),
-        FieldSpec("offsets", "int32", (seq, 2)),
-        FieldSpec("text", "str", ()),
-        *(FieldSpec(name, dtype, shape) for name, dtype, shape in target_field_shapes(layout)),
-        FieldSpec("lse", "float32", (seq, len(layout["temperatures"]))),
-        FieldSpec("target_logprob", "float32", (seq,)),
-    ]
+    seq, ka = layout["seq_len"], layout["attention_topk"]
+    shapes: dict[str, tuple[int, ...]] = {
+        "input_ids": (seq,),
+        "length": (),
+        "row_id": (),
+        "doc_id": (),
+        "offsets": (seq, 2),
+        "text": (),
+        **{name: shape for name, _, shape in target_field_shapes(layout)},
+        "lse": (seq, len(layout["temperatures"])),
+        "target_logprob": (seq,),
+    }
     if layout.get("vocab_proj", True):  # stores made before the flag existed always held it
-        specs.append(FieldSpec("vocab_proj", "float16", (seq, layout["teacher_hidden_size"])))
+        shapes["vocab_proj"] = (seq, layout["teacher_hidden_size"])
     for layer in layout["hidden_layers"]:
-        specs.append(FieldSpec(f"hidden/{layer}", "float16", (seq, layout["hidden_dim"])))
-    ka = layout["attention_topk"]
+        shapes[f"hidden/{layer}"] = (seq, layout["hidden_dim"])
     for layer in layout["attention_layers"]:
-        specs.append(FieldSpec(f"attn/{layer}", "float16", (seq, ka)))
-        specs.append(FieldSpec(f"attn_ids/{layer}", attention_id_dtype(seq), (seq, ka)))
-    return {s.name: s for s in specs}
+        shapes[f"attn/{layer}"] = shapes[f"attn_ids/{layer}"] = (seq, ka)
+    return {name: FieldSpec(name, field_dtype(name, seq), shape) for name, shape in shapes.items()}
+
+
+def root_array_path(group: str, layer: int, name: str) -> str:
+    """The path of a store-level array of hidden layer ``layer``: ``stats/hidden/6/mean``.
+
+    ``group`` is STATS_GROUP (``mean``/``std`` of the stored values), STANDARDIZE_GROUP (``mean``/``std``
+    applied before storing) or PCA_GROUP (``mean``/``components`` of the basis)."""
+    return f"{group}/hidden/{layer}/{name}"
+
+
+def root_array_shapes(layout: dict[str, Any]) -> dict[str, tuple[int, ...]]:
+    """The store-level float arrays a store with ``layout`` holds, with their shapes."""
+    width, dim = layout["teacher_hidden_size"], layout["hidden_dim"]
+    shapes: dict[str, tuple[int, ...]] = {}
+    for layer in layout["hidden_layers"]:
+        shapes[root_array_path(STATS_GROUP, layer, "mean")] = (dim,)
+        shapes[root_array_path(STATS_GROUP, layer, "std")] = (dim,)
+        if layout.get("hidden_standardized"):
+            shapes[root_array_path(STANDARDIZE_GROUP, layer, "mean")] = (width,)
+            shapes[root_array_path(STANDARDIZE_GROUP, layer, "std")] = (width,)
+        if layout["hidden_pca"]:
+            shapes[root_array_path(PCA_GROUP, layer, "mean")] = (width,)
+            shapes[root_array_path(PCA_GROUP, layer, "components")] = (width, dim)
+    return shapes
+
+
+def row_bytes(layout: dict[str, Any]) -> int:
+    """Uncompressed bytes of one row of a store with ``layout`` (a text counts one byte)."""
+    return sum(
+        int(np.prod(f.row_shape)) * (np.dtype(f.dtype).itemsize if f.dtype != "str" else 1)
+        for f in build_field_specs(layout).values()
+    )
+
+
+def tokenizer_sha256(files: dict[str, bytes]) -> str:
+    """The manifest's ``tokenizer.sha256`` of the teacher tokenizer's files: over each file's name then bytes, in
+    name order."""
+    return hashlib.sha256(b"".join(n.encode() + files[n] for n in sorted(files))).hexdigest()
 
 
 def manifest_identity(manifest: dict[str, Any]) -> dict[str, Any]:

@@ -696,13 +696,6 @@ def _walk_arrays(group: zarr.Group) -> Iterable[tuple[str, zarr.Array]]:
             yield name, node
 
 
-def local_path(url: str) -> str | None:
-    """The filesystem path of a local store, or None for a remote URL."""
-    if url.startswith("file://"):
-        return url[len("file://") :]
-    return None if "://" in url else os.path.abspath(url)
-
-
 __all__ = [
     "SHARDS_GROUP",
     "ShardBusy",

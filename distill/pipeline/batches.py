@@ -19,8 +19,8 @@ import numpy as np
 import torch
 
 from distill.pipeline.align import AlignedBatch, align_batch, teacher_to_student_span
-from distill.pipeline.distributed import World
 from distill.pipeline.signals import SignalSource, TeacherSignal
+from distill.runtime import World
 
 
 @dataclass

@@ -32,13 +32,13 @@ from distill.cache.writer import (
     open_or_create_store,
     shards_to_fill,
 )
-from distill.config import CacheConfig
+from distill.config import CacheConfig, ConfigError
 from distill.pipeline.data import Row, RowBuilder, RowPlan, dataset_identity, load_text_dataset, plan_rows
 from distill.pipeline.fields import FieldSettings, blank_rows, calibrate, compute_batch_fields, field_settings
 from distill.pipeline.manifest import build_layout, build_manifest, text_digest, tokenizer_files
 from distill.pipeline.target_fields import calibrate_targets
-from distill.pipeline.teacher_model import check_teacher_source, load_teacher, load_teacher_tokenizer
-from distill.runtime import DTYPE_NAMES, rank_device, resolve_device, resolve_dtype
+from distill.pipeline.teacher_model import check_teacher_source, load_teacher, load_teacher_tokenizer, output_device
+from distill.runtime import DTYPE_NAMES, rank_device, resolve_device, resolve_dtype, torchrun_rank
 
 
 class NonFiniteTeacherOutput(RuntimeError):
@@ -94,12 +94,15 @@ def run(cfg: CacheConfig) -> dict[str, Any]:
     process are skipped (tried again once after the others) and listed in ``busy_shards``."""
     cfg.require_io()
     check_teacher_source(cfg.teacher)
+    check_one_process_per_device_map(cfg)
     device = rank_device(resolve_device(cfg.device))
     dtype = resolve_dtype(cfg.dtype, device)
     tokenizer = load_teacher_tokenizer(cfg)
     dataset = load_text_dataset(cfg.dataset, cfg.dataset_config, cfg.split, cfg.text_field)
     need_attention = cfg.attention_layers is None or len(cfg.attention_layers) > 0
     model = load_teacher(cfg, device, dtype, need_attention)
+    if cfg.device_map is not None:  # [device-map note] in teacher_model.py
+        device = output_device(model)
     plan = plan_rows(dataset, cfg.text_field, tokenizer, cfg.seq_len).truncated(cfg.max_rows)
     builder = RowBuilder(dataset, cfg.text_field, tokenizer, plan)
     root, manifest = prepare_store(cfg, model, tokenizer, dataset, plan, dtype, device, builder)
@@ -172,6 +175,16 @@ def run(cfg: CacheConfig) -> dict[str, Any]:
     summary["seconds"] = time.perf_counter() - started
     summary["tokens_per_s"] = summary["tokens"] / summary["seconds"] if summary["seconds"] > 0 else 0.0
     return summary
+
+
+def check_one_process_per_device_map(cfg: CacheConfig) -> None:
+    """--device-map spreads one teacher over every visible GPU: several ranks of one machine would each do so."""
+    ranks = torchrun_rank()
+    if cfg.device_map is not None and ranks is not None and ranks[1] > 1:
+        raise ConfigError(
+            f"--device-map {cfg.device_map} spreads one teacher over all the GPUs of a machine: run one process per "
+            "machine (not torchrun), each with its own --shard i/n"
+        )
 
 
 def compute_chunk(

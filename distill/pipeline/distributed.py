@@ -18,9 +18,7 @@ signals) are shared so that every rank stops at the same step. See docs/scaling.
 from __future__ import annotations
 
 import contextlib
-import os
 from collections.abc import Iterator
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -36,31 +34,19 @@ from torch.distributed.checkpoint.state_dict import (
 from torch.distributed.fsdp import FSDPModule, fully_shard
 from torch.nn.parallel import DistributedDataParallel
 
-
-@dataclass(frozen=True)
-class World:
-    rank: int = 0
-    size: int = 1
-    local_rank: int = 0
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-    @property
-    def active(self) -> bool:
-        return self.size > 1
+from distill.runtime import World, launched_world
 
 
 def init_world(device: str) -> World:
-    """Join the process group when started by torchrun (gloo on CPU, nccl on GPUs)."""
-    size = int(os.environ.get("WORLD_SIZE", "1"))
-    if size <= 1:
+    """Join the process group when started by torchrun (gloo on CPU, nccl on GPUs); which rank this is comes
+    from runtime.py."""
+    launched = launched_world()
+    if not launched.active:
         return World()
     if not dist.is_initialized():
         use_cuda = torch.cuda.is_available() and device != "cpu"
         dist.init_process_group("nccl" if use_cuda else "gloo")
-    return World(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", "0")))
+    return World(dist.get_rank(), dist.get_world_size(), launched.local_rank)
 
 
 def wrap_for_ranks(learner: nn.Module, world: World, parallel: str) -> nn.Module:

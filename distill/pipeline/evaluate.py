@@ -280,13 +280,11 @@ def evaluate_student(
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from distill.pipeline.train_setup import load_cache_tokenizer
-
     reader = CacheReader(source.store)
     model = AutoModelForCausalLM.from_pretrained(source.model_dir, dtype=torch.float32).eval()
     tokenizer = AutoTokenizer.from_pretrained(source.model_dir)
     prefix = prefix_ids(tokenizer)
-    teacher_tokenizer = load_cache_tokenizer(reader)
+    teacher_tokenizer = reader.load_tokenizer()
     same = is_same_tokenizer(teacher_tokenizer, tokenizer)
     vocab_map = None
     if not same:
@@ -529,8 +527,8 @@ def run_eval(
     verify_cache: how the store is checked first, as train does (auto, deep, quick or off).
     report_to: trackers that also get the report table and plots (see tracking.py).
     """
+    from distill.cache.manage import check_store
     from distill.pipeline.tracking import log_eval_report, require_trackers
-    from distill.pipeline.train_setup import check_store
 
     require_trackers(report_to or [])
 

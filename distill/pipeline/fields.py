@@ -19,7 +19,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from distill.cache.schema import attention_id_dtype
+from distill.cache.schema import PCA_GROUP, STANDARDIZE_GROUP, STATS_GROUP, field_dtype, root_array_path
 from distill.cache.targets import ID_BY_RANK, target_kind
 from distill.pipeline.data import Row
 from distill.pipeline.target_fields import TARGET_FIELDS, compute_target_slice
@@ -79,7 +79,7 @@ def compute_logit_fields(
     lm_head = model.get_output_embeddings()
     embedding = model.get_input_embeddings().weight  # (V, H)
     proj_dtype = torch.bfloat16 if embedding.dtype == torch.bfloat16 else torch.float32
-    embedding = embedding.to(proj_dtype)
+    embedding = embedding.to(device=final_hidden.device, dtype=proj_dtype)  # [device-map note]
     flat = final_hidden.reshape(-1, h)
     n, device, vocab = flat.shape[0], flat.device, lm_head.weight.shape[0]
     next_ids = torch.cat([input_ids[:, 1:], torch.zeros_like(input_ids[:, :1])], dim=1).reshape(-1)
@@ -231,26 +231,10 @@ def find_nonfinite_rows(fields: dict[str, torch.Tensor], valid: torch.Tensor) ->
     for name, value in fields.items():
         if name == "target_logprob" or not value.is_floating_point():
             continue
-        stored = (
-            value.half() if name in ("topk_logits", "vocab_proj") or name.startswith(("hidden/", "attn/")) else value
-        )
+        stored = value.half() if field_dtype(name, valid.shape[1]) == "float16" else value
         finite = torch.isfinite(stored).reshape(*valid.shape, -1).all(dim=-1)
         bad |= (~finite & valid).any(dim=1)
     return torch.nonzero(bad).flatten().tolist()
-
-
-STORAGE_DTYPES = {
-    "topk_logits": np.float16,
-    "vocab_proj": np.float16,
-    "lse": np.float32,
-    "target_logprob": np.float32,
-    "topk_ids": np.int32,
-    "target_count": np.uint16,
-    "target_ids": np.uint32,
-    "target_values": np.uint8,
-    "target_max": np.float32,
-    "target_draws": np.uint8,
-}
 
 
 def pad_fields(
@@ -265,18 +249,18 @@ def pad_fields(
             valid.reshape(n, width, *([1] * (value.dim() - 2))), value, torch.full_like(value, pad_value)
         )
         value = F.pad(value, (0, 0) * (value.dim() - 2) + (0, s.seq_len - width), value=pad_value)
-        dtype = STORAGE_DTYPES.get(name)
-        if dtype is None:
-            dtype = np.dtype(attention_id_dtype(s.seq_len)) if name.startswith("attn_ids/") else np.float16
-        out[name] = value.cpu().numpy().astype(dtype)
-    out["input_ids"] = np.zeros((n, s.seq_len), dtype=np.int32)
-    out["offsets"] = np.zeros((n, s.seq_len, 2), dtype=np.int32)
+        out[name] = value.cpu().numpy().astype(field_dtype(name, s.seq_len))
+    out["input_ids"] = np.zeros((n, s.seq_len), dtype=field_dtype("input_ids", s.seq_len))
+    out["offsets"] = np.zeros((n, s.seq_len, 2), dtype=field_dtype("offsets", s.seq_len))
     for i, r in enumerate(rows):
         out["input_ids"][i, : len(r.input_ids)] = r.input_ids
         out["offsets"][i, : len(r.input_ids)] = r.offsets
-    out["length"] = np.array([len(r.input_ids) for r in rows], dtype=np.int32)
-    out["row_id"] = np.array([r.row_id for r in rows], dtype=np.int64)
-    out["doc_id"] = np.array([r.doc_id for r in rows], dtype=np.int64)
+    for name, values in (
+        ("length", [len(r.input_ids) for r in rows]),
+        ("row_id", [r.row_id for r in rows]),
+        ("doc_id", [r.doc_id for r in rows]),
+    ):
+        out[name] = np.array(values, dtype=field_dtype(name, s.seq_len))
     out["text"] = np.array([r.text for r in rows], dtype=object)
     return out
 
@@ -332,20 +316,20 @@ def calibrate(
         x = torch.cat(samples[layer])[:max_positions]  # (N, H)
         mean, std = x.mean(dim=0), x.std(dim=0).nan_to_num(1.0).clamp_min(1e-6)
         fitted["standardize"][layer] = (mean, std)
-        arrays[f"standardize/hidden/{layer}/mean"] = mean.numpy()
-        arrays[f"standardize/hidden/{layer}/std"] = std.numpy()
+        arrays[root_array_path(STANDARDIZE_GROUP, layer, "mean")] = mean.numpy()
+        arrays[root_array_path(STANDARDIZE_GROUP, layer, "std")] = std.numpy()
         x = (x - mean) / std
         if hidden_dim is not None and hidden_dim < x.shape[1]:
             center = x.mean(dim=0)
             _, _, vh = torch.linalg.svd(x - center, full_matrices=False)
             components = vh[:hidden_dim].T.contiguous()  # (H, D)
             fitted["pca"][layer] = (center, components)
-            arrays[f"pca/hidden/{layer}/mean"] = center.numpy()
-            arrays[f"pca/hidden/{layer}/components"] = components.numpy()
+            arrays[root_array_path(PCA_GROUP, layer, "mean")] = center.numpy()
+            arrays[root_array_path(PCA_GROUP, layer, "components")] = components.numpy()
             x = (x - center) @ components
         stored = x.clamp(-FP16_MAX, FP16_MAX).half().float()  # statistics of what stage 2 will read
-        arrays[f"stats/hidden/{layer}/mean"] = stored.mean(dim=0).numpy()
-        arrays[f"stats/hidden/{layer}/std"] = stored.std(dim=0).nan_to_num(1.0).clamp_min(1e-6).numpy()
+        arrays[root_array_path(STATS_GROUP, layer, "mean")] = stored.mean(dim=0).numpy()
+        arrays[root_array_path(STATS_GROUP, layer, "std")] = stored.std(dim=0).nan_to_num(1.0).clamp_min(1e-6).numpy()
     return fitted, arrays
 
 
@@ -367,9 +351,9 @@ def field_settings(layout: dict[str, Any], root: Any, device: torch.device) -> F
         hidden_layers=layout["hidden_layers"],
         attention_layers=layout["attention_layers"],
         attention_topk=layout["attention_topk"],
-        pca=load_root_pairs(root, "pca", ("mean", "components"), layout["hidden_layers"], device),
+        pca=load_root_pairs(root, PCA_GROUP, ("mean", "components"), layout["hidden_layers"], device),
         vocab_proj=layout.get("vocab_proj", True),
-        standardize=load_root_pairs(root, "standardize", ("mean", "std"), layout["hidden_layers"], device),
+        standardize=load_root_pairs(root, STANDARDIZE_GROUP, ("mean", "std"), layout["hidden_layers"], device),
         targets=None if target_kind(layout) == "topk-fp16" else layout["targets"],
         rank_of_id=load_rank_of_id(root, layout, device),
     )
@@ -388,10 +372,10 @@ def load_rank_of_id(root: Any, layout: dict[str, Any], device: torch.device) -> 
 def load_root_pairs(
     root: Any, group: str, names: tuple[str, str], hidden_layers: list[int], device: torch.device
 ) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
-    """``{layer: (root[group/hidden/layer/names[0]], .../names[1])}`` for the layers that have them."""
+    """``{layer: (the layer's array names[0] of ``group``, names[1])}`` for the layers that have them."""
     pairs = {}
     for layer in hidden_layers:
-        key = f"{group}/hidden/{layer}"
-        if key in root:
-            pairs[layer] = tuple(torch.from_numpy(np.asarray(root[f"{key}/{name}"][:])).to(device) for name in names)
+        paths = [root_array_path(group, layer, name) for name in names]
+        if all(path in root for path in paths):
+            pairs[layer] = tuple(torch.from_numpy(np.asarray(root[path][:])).to(device) for path in paths)
     return pairs

@@ -13,7 +13,7 @@ from typing import Any
 import torch
 
 from distill import __version__
-from distill.cache.schema import SCHEMA_VERSION, build_field_specs, hash_json
+from distill.cache.schema import SCHEMA_VERSION, build_field_specs, hash_json, tokenizer_sha256
 from distill.cache.store import shard_row_ranges
 from distill.cache.targets import build_target_layout
 from distill.config import CacheConfig, ConfigError
@@ -71,7 +71,7 @@ def build_manifest(
             "dtype": DTYPE_NAMES[dtype],
         },
         "tokenizer": {
-            "sha256": hashlib.sha256(b"".join(n.encode() + files[n] for n in sorted(files))).hexdigest(),
+            "sha256": tokenizer_sha256(files),
             "files": sorted(files),
             "class": type(tokenizer).__name__,
             "pad_token_id": tokenizer.pad_token_id,

@@ -121,7 +121,6 @@ class StudentAwareRouter(nn.Module):
         student_dim: Ds, width of the student hidden state fed to the router.
         teacher_dims: {teacher layer: cached width}; expert e is the e-th layer in sorted
             order (`self.layers`). All widths must be equal (Dt).
-        num_experts: must equal len(teacher_dims) (the default); experts are layers.
         top_k: experts reported per position in `expert_index` (clamped to E).
         proj_dim: None = each student projection is a full Linear(Ds -> Dt); an int r
             makes it low-rank, Linear(Ds -> r) -> Linear(r -> Dt).
@@ -169,7 +168,6 @@ class StudentAwareRouter(nn.Module):
         self,
         student_dim: int,
         teacher_dims: dict[int, int],
-        num_experts: int | None = None,
         top_k: int = 2,
         proj_dim: int | None = None,
     ) -> None:
@@ -183,12 +181,9 @@ class StudentAwareRouter(nn.Module):
                 "the router mixes them, so cache them at one width (same --hidden-dim for all)"
             )
         self.layers: list[int] = sorted(teacher_dims)
-        num_experts = len(self.layers) if num_experts is None else num_experts
-        if num_experts != len(self.layers):
-            raise ValueError(f"num_experts={num_experts} but {len(self.layers)} teacher layers: one expert per layer")
+        num_experts = len(self.layers)  # one expert per cached teacher layer
         if top_k < 1:
             raise ValueError(f"top_k must be >= 1, got {top_k}")
-        self.num_experts = num_experts
         self.top_k = min(top_k, num_experts)
         self.teacher_dim: int = widths.pop()
         self.gate = nn.Linear(student_dim, num_experts)

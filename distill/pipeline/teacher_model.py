@@ -28,21 +28,65 @@ def check_teacher_source(teacher: str) -> None:
 
 
 def load_teacher(cfg: CacheConfig, device: torch.device, dtype: torch.dtype, need_attention: bool) -> Any:
-    """The teacher in eval mode, with its fast attention; see [selective-attention note] when maps are stored."""
+    """The teacher in eval mode, with its fast attention; see [selective-attention note] when maps are stored.
+
+    With ``cfg.device_map`` the teacher is spread over the visible GPUs ([device-map note]) and ``device`` is
+    ignored; ``output_device(model)`` is then where its fields are computed."""
     from transformers import AutoModelForCausalLM
 
     kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": cfg.trust_remote_code, "revision": cfg.revision}
+    if cfg.device_map is not None:
+        require_accelerate(cfg.device_map)
+        kwargs["device_map"] = cfg.device_map
     try:
         model = AutoModelForCausalLM.from_pretrained(cfg.teacher, **kwargs)
     except (OSError, ValueError) as exc:
         raise ConfigError(f"--teacher {cfg.teacher}: cannot load the model ({str(exc).splitlines()[0]})") from None
     if need_attention:
         use_selective_attention(model)
-    if device.type == "cpu" and getattr(model.config, "_experts_implementation", None) == "batched_mm":
+    on_cpu = output_device(model).type == "cpu" if cfg.device_map else device.type == "cpu"
+    if on_cpu and getattr(model.config, "_experts_implementation", None) == "batched_mm":
         model.set_experts_implementation("grouped_mm")  # batched_mm is ~100x slower on CPU
-    model = model.to(device).eval()
+    if cfg.device_map is None:
+        model = model.to(device)
+    else:
+        check_device_map(model, cfg.device_map)
+    model.eval()
     check_teacher_logits(model, cfg.teacher)
     return model
+
+
+# [device-map note] A teacher larger than one GPU is loaded with transformers' ``device_map`` (accelerate):
+# its blocks are spread over the visible GPUs in order, and hooks move each block's input to its GPU. The
+# blocks then run one after the other (pipeline without overlap: the GPUs add memory, not speed). Stage 1
+# gives the input ids to the GPU of the output head, ``forward_teacher`` brings every returned hidden state
+# and attention map there, and the fields are computed there, so nothing else changes and the stored values
+# equal a single-device run's up to the GPUs' own rounding. Weights offloaded to the CPU or disk are
+# refused: the head's slices and vocab_proj read the weights directly, outside accelerate's hooks.
+
+
+def require_accelerate(device_map: str) -> None:
+    try:
+        import accelerate  # noqa: F401
+    except ImportError:
+        raise ConfigError(f"--device-map {device_map} needs the accelerate package — pip install accelerate") from None
+
+
+def check_device_map(model: Any, device_map: str) -> None:
+    """Refuse a spread teacher that left weights on the CPU or disk while GPUs are there ([device-map note])."""
+    placed = getattr(model, "hf_device_map", {}) or {}
+    offloaded = sorted(name for name, where in placed.items() if str(where) in ("cpu", "disk"))
+    if offloaded and torch.cuda.is_available():
+        raise ConfigError(
+            f"--device-map {device_map}: the teacher does not fit the visible GPUs ({len(offloaded)} module(s) "
+            f"left on the CPU or disk, e.g. {offloaded[0]}) — make more GPUs visible (CUDA_VISIBLE_DEVICES) or "
+            "run it in a smaller --dtype"
+        )
+
+
+def output_device(model: Any) -> torch.device:
+    """The device of the teacher's output head: where stage 1 computes the stored fields."""
+    return model.get_output_embeddings().weight.device
 
 
 # [logit-postprocess note] Stage 1 applies the teacher's lm_head itself, in position slices (see [logit-pass
@@ -150,8 +194,8 @@ def compute_logits(model: Any, hidden: torch.Tensor, transforms: list, out: torc
 
 
 # [selective-attention note] sdpa returns no attention weights, and an all-eager teacher materializes
-# (B, heads, L, L) weights in every block and keeps them all in its output (24 blocks x 8 rows x 16 heads
-# x 512^2 fp32 = 3 GB for the reference teacher), while the store keeps two blocks' head average. The
+# (B, heads, L, L) weights in every block and keeps them all in its output (28 blocks x 8 rows x 16 heads
+# x 512^2 fp32 = 3.8 GB for the reference teacher), while the store keeps two blocks' head average. The
 # teacher therefore runs the `distill_selective` attention: sdpa in every block, except the blocks
 # `forward_teacher` flags, which compute eager weights and return their head average (B, 1, L, L) fp32.
 # Its masks are sdpa's (boolean, or None for a plain causal batch). A model whose attention cannot be
@@ -294,4 +338,13 @@ def forward_teacher(
     if wanted and len(out.attentions) == len(wanted) < len(blocks):  # only the flagged blocks reported weights
         by_layer = dict(zip(wanted, out.attentions))
         out.attentions = tuple(by_layer.get(layer) for layer in range(1, len(blocks) + 1))
+    return gather_outputs(out, input_ids.device)
+
+
+def gather_outputs(out: Any, device: torch.device) -> Any:
+    """Every tensor of a base-model output on ``device`` ([device-map note]; a no-op on one device)."""
+    out.last_hidden_state = out.last_hidden_state.to(device)
+    out.hidden_states = tuple(h.to(device) for h in out.hidden_states)
+    if out.attentions is not None:
+        out.attentions = tuple(None if a is None else a.to(device) for a in out.attentions)
     return out

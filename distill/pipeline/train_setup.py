@@ -13,7 +13,6 @@ import math
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from tempfile import TemporaryDirectory
 from typing import Any
 
 import numpy as np
@@ -21,12 +20,13 @@ import torch
 import torch.nn as nn
 
 from distill.cache.info import measure_head_mass
+from distill.cache.manage import check_store
 from distill.cache.reader import CacheReader
-from distill.cache.schema import CacheError
+from distill.cache.schema import STATS_GROUP, root_array_path
 from distill.config import ConfigError, TrainConfig
 from distill.pipeline.align import is_same_tokenizer, load_or_build_vocab_map, pad_vocab_map
 from distill.pipeline.batches import Batcher
-from distill.pipeline.distributed import World, init_world, wrap_for_ranks
+from distill.pipeline.distributed import init_world, wrap_for_ranks
 from distill.pipeline.learner import Learner, TeacherFacts
 from distill.pipeline.losses import build_layer_map
 from distill.pipeline.progress import say
@@ -35,7 +35,7 @@ from distill.pipeline.signals import CachedTeacher, LiveTeacher, SignalSource, s
 from distill.pipeline.terms import BuildInputs, build_modules, check_layout, needed_signals
 from distill.pipeline.tokens import check_tokenizer
 from distill.pipeline.tracking import require_trackers
-from distill.runtime import rank_device, resolve_device, resolve_dtype
+from distill.runtime import World, rank_device, resolve_autocast, resolve_device
 
 
 @dataclass
@@ -57,12 +57,6 @@ class Run:
     @property
     def run_dir(self) -> Path:
         return Path(self.cfg.out)
-
-
-def resolve_precision(name: str, device: torch.device) -> torch.dtype | None:
-    """Autocast dtype (None = plain fp32). auto: bf16 on GPUs with it, fp16 on older GPUs, fp32 on CPU."""
-    dtype = resolve_dtype(name, device)
-    return None if dtype == torch.float32 else dtype
 
 
 def load_student(cfg: TrainConfig, need_attention: bool, device: torch.device) -> tuple[Any, Any]:
@@ -94,23 +88,6 @@ def load_student(cfg: TrainConfig, need_attention: bool, device: torch.device) -
     return student.to(device), tokenizer
 
 
-def load_cache_tokenizer(reader: CacheReader) -> Any:
-    """The teacher tokenizer stored in the cache (stage 2 needs nothing but the store and the student)."""
-    from transformers import AutoTokenizer
-
-    try:
-        files = reader.tokenizer_files()
-    except CacheError:
-        raise CacheError(
-            f"{reader.url}: the store has no teacher tokenizer files, needed to map the teacher vocabulary "
-            "onto the student's; re-create it with `distill cache-teacher`"
-        ) from None
-    with TemporaryDirectory() as tmp:
-        for name, data in files.items():
-            (Path(tmp) / name).write_bytes(data)
-        return AutoTokenizer.from_pretrained(tmp)
-
-
 def split_rows(reader: CacheReader, eval_reader: CacheReader | None, fraction: float) -> tuple[np.ndarray, np.ndarray]:
     """Train and held-out row ids. Without an eval store, a fixed-seed choice of ``fraction`` of the rows."""
     rows = reader.row_ids
@@ -121,28 +98,6 @@ def split_rows(reader: CacheReader, eval_reader: CacheReader | None, fraction: f
     n_eval = max(1, round(fraction * len(rows)))
     held = np.sort(np.random.default_rng(12345).permutation(rows)[:n_eval])
     return np.setdiff1d(rows, held), held
-
-
-DEEP_VERIFY_LIMIT = 16 * 2**30  # bytes of uncompressed rows below which `auto` re-checksums every chunk
-
-
-def check_store(url: str, mode: str) -> None:
-    """Refuse an incomplete or corrupted store before training (see ``distill cache verify``)."""
-    if mode == "off":
-        return
-    from distill.cache.manage import require_sound_store
-    from distill.cache.schema import build_field_specs
-    from distill.cache.store import load_manifest, open_root
-
-    deep = mode == "deep"
-    if mode == "auto":
-        layout = load_manifest(open_root(url), url)["layout"]
-        row_bytes = sum(
-            int(np.prod(f.row_shape)) * (np.dtype(f.dtype).itemsize if f.dtype != "str" else 1)
-            for f in build_field_specs(layout).values()
-        )
-        deep = layout["num_rows"] * row_bytes < DEEP_VERIFY_LIMIT
-    require_sound_store(url, deep=deep)
 
 
 def warn_small_head(reader: CacheReader, temperature: float) -> None:
@@ -190,7 +145,7 @@ def setup(cfg: TrainConfig) -> Run:
     student, tokenizer = load_student(cfg, "attention" in need, device)
     facts = load_teacher_facts(cfg, reader, tokenizer, student.config.num_hidden_layers, need, t_index, device)
     aux = build_modules(BuildInputs(cfg, reader.layout, student, facts.layer_map)).to(device)
-    autocast_dtype = resolve_precision(cfg.precision, device)
+    autocast_dtype = resolve_autocast(cfg.precision, device)
     if world.active and cfg.parallel == "fsdp" and autocast_dtype == torch.float16:
         raise ConfigError(
             "--set parallel=fsdp: fp16 needs a loss scaler that knows the shards; pass --set precision=bf16 or fp32"
@@ -235,7 +190,7 @@ def load_teacher_facts(
     device: torch.device,
 ) -> TeacherFacts:
     """The vocabulary map, the layer maps and the hidden-state statistics the terms read."""
-    teacher_tokenizer = load_cache_tokenizer(reader)
+    teacher_tokenizer = reader.load_tokenizer()
     same = is_same_tokenizer(teacher_tokenizer, tokenizer)
     vocab_map = None
     if not same:
@@ -253,7 +208,7 @@ def load_teacher_facts(
     stats = {}
     if "hidden" in need:
         for layer in layout["hidden_layers"]:
-            mean, std = (reader.root_array(f"stats/hidden/{layer}/{s}") for s in ("mean", "std"))
+            mean, std = (reader.root_array(root_array_path(STATS_GROUP, layer, s)) for s in ("mean", "std"))
             stats[layer] = (torch.from_numpy(mean).to(device), torch.from_numpy(std).to(device))
     return TeacherFacts(same, vocab_map, t_index, layer_map, attention_map, stats)
 
