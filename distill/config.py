@@ -123,7 +123,8 @@ class CacheConfig:
             "teacher", "revision", "trust_remote_code", "dataset", "dataset_config", "split", "text_field", "max_rows"
         ),
         "Stored outputs": (
-            "seq_len", "top_k", "temperatures", "hidden_layers", "hidden_dim", "calibration_rows",
+            "seq_len", "targets", "top_k", "target_mass", "target_samples", "temperatures", "hidden_layers",
+            "hidden_dim", "calibration_rows",
             "attention_layers", "attention_topk", "vocab_proj", "vocab_proj_temperature",
         ),
         "Store": ("out", "overwrite", "num_shards", "shard", "chunk_rows"),
