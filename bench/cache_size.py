@@ -1,4 +1,5 @@
-"""Cache size: bytes on disk per token for each field of a store made with ``cache-teacher``'s defaults.
+"""Cache size: bytes on disk per token for each field of a store made with ``cache-teacher``'s defaults, but
+the fixed top-256 fp16 targets (``--targets topk-fp16 --top-k 256``; the compact ones: bench/targets.py).
 
     .venv/bin/python bench/cache_size.py            # about 1 minute on 2 CPU cores
     .venv/bin/python bench/cache_size.py --quick    # smoke test (< 30 s)
@@ -123,6 +124,8 @@ def main() -> None:
             batch_size=size["batch_size"],
             device="cpu",
             packing="none",  # the rows plan_rows rebuilds below to check the store, one piece each
+            targets="topk-fp16",  # the fixed top-256 layout this bench measures (bench/targets.py: the others)
+            top_k=256,
         )
         cache_teacher.run(cfg)
         info = store_info(str(store))

@@ -15,6 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, ClassVar
 
+from distill.cache.targets import TARGET_KINDS
+
 
 class ConfigError(ValueError):
     """A configuration value is invalid; the message names the flag to change."""
@@ -125,7 +127,8 @@ class CacheConfig:
             "teacher", "revision", "trust_remote_code", "dataset", "dataset_config", "split", "text_field", "max_rows"
         ),
         "Stored outputs": (
-            "seq_len", "packing", "top_k", "temperatures", "hidden_layers", "hidden_dim", "calibration_rows",
+            "seq_len", "packing", "targets", "top_k", "target_mass", "target_samples", "temperatures",
+            "hidden_layers", "hidden_dim", "calibration_rows",
             "attention_layers", "attention_topk", "vocab_proj", "vocab_proj_temperature",
         ),
         "Store": ("out", "overwrite", "num_shards", "shard", "chunk_rows"),
@@ -150,8 +153,19 @@ class CacheConfig:
     """How pieces become rows: ``greedy`` (pieces packed first fit, several documents per row, each with its own
     prefix, positions and block-diagonal attention; see docs/cache-format.md) or ``none`` (one piece per row,
     right-padded)."""
-    top_k: int = 256
-    """How many teacher logits to keep per position (the rest is summarized by the full-vocabulary logsumexp)."""
+    targets: str = "topk"
+    """What is kept of each next-token distribution (docs/cache-format.md, "Teacher targets"): ``topk`` an exact
+    head, the largest tokens until their T=1 probability reaches ``target_mass`` (at most ``top_k``), trained
+    with the K+1-bin tail loss; ``sampled`` RS-KD draws (``target_samples`` of them) from the teacher, trained
+    with an unbiased estimate of the full KL; ``hybrid`` the head plus ``target_samples`` draws from its tail;
+    ``topk-fp16`` the fixed top-K int32 ids and fp16 logits of schema version 2 (about 5x larger)."""
+    top_k: int = 128
+    """The most head tokens kept per position (``topk``, ``hybrid``), or exactly this many (``topk-fp16``)."""
+    target_mass: float = 0.9
+    """The head's T=1 probability to reach (``topk``, ``hybrid``). 0.9 holds 88.5% of Gemma 3 270M's
+    probability with 57 tokens on average at ``top_k`` 128 (the fixed top-256: 95% with 256)."""
+    target_samples: int = 32
+    """Draws per position (``sampled``, ``hybrid``), stored once per distinct token with its count."""
     temperatures: list[float] = field(default_factory=lambda: [1.0, 2.0, 4.0])
     """Temperatures at which the full-vocabulary logsumexp is stored; stage 2 may train at any of them."""
     vocab_proj: bool = False
@@ -205,6 +219,13 @@ class CacheConfig:
         checks = [
             (self.seq_len >= 2, "--seq-len must be at least 2 (a row needs a token and its successor)"),
             (self.top_k >= 1, "--top-k must be at least 1"),
+            (self.targets in TARGET_KINDS, f"--targets must be one of {', '.join(TARGET_KINDS)}"),
+            (0 < self.target_mass <= 1, "--target-mass must be in (0, 1]"),
+            (1 <= self.target_samples <= 255, "--target-samples must be in 1..255 (counts are stored in 8 bits)"),
+            (
+                self.targets not in ("sampled", "hybrid") or 1.0 in self.temperatures,
+                "--targets sampled/hybrid draw at T=1: --temperatures must include 1",
+            ),
             (len(self.temperatures) > 0, "--temperatures needs at least one temperature"),
             (all(t > 0 for t in self.temperatures), "--temperatures must all be > 0"),
             (self.vocab_proj_temperature > 0, "--vocab-proj-temperature must be > 0"),

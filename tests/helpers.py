@@ -24,6 +24,7 @@ def cache_args(assets: dict[str, Path], out: Path | str, **extra: object) -> lis
         "out": out,
         "seq-len": 32,
         "top-k": 16,
+        "targets": "topk-fp16",  # the fixed top-K layout most tests read raw; tests/test_targets_e2e.py: the others
         "hidden-layers": "0,1,2",
         "attention-layers": "1,2",
         "attention-topk": 8,

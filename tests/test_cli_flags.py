@@ -33,7 +33,7 @@ def test_every_setting_is_a_grouped_documented_flag(cls):
 def test_field_docstrings_are_read_from_the_source():
     docs = read_field_docs(CacheConfig)
     assert docs["top_k"] == (
-        "How many teacher logits to keep per position (the rest is summarized by the full-vocabulary logsumexp)."
+        "The most head tokens kept per position (``topk``, ``hybrid``), or exactly this many (``topk-fp16``)."
     )
     assert docs["vocab_proj"].startswith("Store ``vocab_proj`` = softmax(logits / T*)")  # multi-line, cleaned
     assert "HELP_GROUPS" not in docs

@@ -8,6 +8,7 @@ import numpy as np
 
 from distill.cache.reader import CacheReader
 from distill.cache.store import field_bytes, load_manifest, open_root, other_bytes, shard_records
+from distill.cache.targets import target_kind
 
 HEAD_MASS_ROWS = 256  # rows sampled (evenly spread over the readable rows) to measure the head mass
 
@@ -21,15 +22,18 @@ HEAD_MASS_ROWS = 256  # rows sampled (evenly spread over the readable rows) to m
 def measure_head_mass(reader: CacheReader, max_rows: int = HEAD_MASS_ROWS) -> dict[str, dict[str, float]]:
     """Mean and 10th percentile over stored positions of the top-K probability mass at each stored temperature.
 
-    Reads ``topk_logits``, ``lse`` and ``length`` of at most ``max_rows`` rows spread over the store.
-    Returns ``{"1.0": {"mean": m, "p10": q}, ...}`` (empty when no row is readable).
+    Reads the (decoded) ``topk_logits``, ``lse`` and ``length`` of at most ``max_rows`` rows spread over the
+    store; only exact head slots count (none for ``--targets sampled``). Returns ``{"1.0": {"mean": m, "p10": q},
+    ...}`` (empty when no row is readable or the store has no head).
     """
-    if not reader.readable or "topk_logits" not in reader.fields:
+    if not reader.readable or reader.target_kind == "sampled":
         return {}
     ids = reader.row_ids
     picked = ids[np.unique(np.linspace(0, len(ids) - 1, min(max_rows, len(ids))).round().astype(np.int64))]
-    data = reader.read_rows(picked, ["topk_logits", "lse", "length"])
+    data = reader.read_rows(picked, ["topk_logits", "target_multiplier", "lse", "length"])
     logits, lse = data["topk_logits"].float().numpy(), data["lse"].numpy()  # (R, L, K), (R, L, nT)
+    if data["target_multiplier"] is not None:  # hybrid: the drawn slots are not part of the head
+        logits = np.where(data["target_multiplier"].numpy() == 1.0, logits, -np.inf)
     positions = np.arange(logits.shape[1])[None, :] < data["length"].numpy()[:, None]  # (R, L)
     out = {}
     for j, t in enumerate(reader.temperatures):
@@ -90,6 +94,19 @@ def store_info(url: str) -> dict[str, Any]:
     }
 
 
+def describe_targets(layout: dict[str, Any]) -> str:
+    """One line: the kind of teacher targets and their settings (docs/cache-format.md, "Teacher targets")."""
+    t, kind = layout.get("targets", {}), target_kind(layout)
+    if kind == "topk-fp16":
+        return f"targets    topk-fp16: top {layout['top_k']} ids (int32) and logits (fp16)"
+    parts = []
+    if kind != "sampled":
+        parts.append(f"head to T=1 mass {t['mass']:g}, at most {layout['top_k']}")
+    if kind != "topk":
+        parts.append(f"{t['samples']} draws" + (" from the tail" if kind == "hybrid" else ""))
+    return f"targets    {kind}: " + " + ".join(parts) + f"; logits to +-{t['value_error_bound']:g} (8 bits)"
+
+
 def format_info(info: dict[str, Any]) -> str:
     """A short human summary of ``store_info``."""
     m = info["manifest"]
@@ -104,11 +121,20 @@ def format_info(info: dict[str, Any]) -> str:
         f"{lay['hidden_layers']} (dim {lay['hidden_dim']}), attention layers {lay['attention_layers']} "
         f"(top {lay['attention_topk']})",
         f"rows       {info['rows_committed']:,}/{info['rows']:,} committed, {info['tokens_committed']:,} tokens",
+        describe_targets(lay),
     ]
     if info.get("padding_share") is not None:
         lines.append(
             f"padding    {100 * info['padding_share']:.1f}% of the {info['rows_committed'] * lay['seq_len']:,} stored "
             f"positions (packing {lay.get('packing', 'none')})"
+        )
+    fidelity = m.get("fidelity")
+    if fidelity:
+        how = "in expectation over the draws, " if fidelity["expectation_over_draws"] else ""
+        where = f"on {fidelity['positions']:,} calibration positions"
+        lines.append(
+            f"fidelity   mean KL(full || reconstructed), nats, {how}{where}: "
+            + ", ".join(f"T={float(t):g} {v:.4f}" for t, v in fidelity["kl_full_reconstructed"].items())
         )
     if info.get("head_mass"):
         lines.append(

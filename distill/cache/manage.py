@@ -60,6 +60,7 @@ from distill.cache.store import (
     store_fs,
     stored_files,
 )
+from distill.cache.targets import ID_BY_RANK, target_kind
 
 ROOT_GROUPS = (TOKENIZER_GROUP, *ROOT_ARRAY_GROUPS)
 HDF5_FORMAT = "distill-cache-hdf5"
@@ -240,7 +241,22 @@ def check_root_arrays(root: zarr.Group, manifest: dict[str, Any]) -> list[Proble
             problems.append(
                 Problem(path, f"expected finite float32 {list(shape)}, found {data.dtype} {list(data.shape)}")
             )
+    if target_kind(manifest["layout"]) != "topk-fp16":
+        problems += check_rank_table(root, manifest["teacher"]["vocab_size"])
     return problems
+
+
+def check_rank_table(root: zarr.Group, vocab: int) -> list[Problem]:
+    """The compact targets' ``targets/id_by_rank``: a permutation of the teacher's vocabulary, int32."""
+    try:
+        table = np.asarray(root[ID_BY_RANK][:])
+    except KeyError:
+        return [Problem(ID_BY_RANK, "missing")]
+    if table.dtype != np.int32 or table.shape != (vocab,) or not np.array_equal(np.sort(table), np.arange(vocab)):
+        return [
+            Problem(ID_BY_RANK, f"expected a permutation of 0..{vocab - 1} (int32), found {table.dtype} {table.shape}")
+        ]
+    return []
 
 
 def check_shard_record(record: dict[str, Any], chunk_rows: int) -> list[Problem]:

@@ -8,7 +8,11 @@ Dtype contract of ``CacheReader.read_rows`` (stage 2 relies on it):
   ``hidden/<l>``, ``attn/<l>`` as ``torch.float16``; ``lse`` and ``target_logprob`` as
   ``torch.float32``. Casting to the compute dtype is the consumer's job, done explicitly at
   the boundary (never by autocast), so that code without autocast runs too;
-* ``text`` comes back as ``list[str]``.
+* ``text`` comes back as ``list[str]``;
+* ``topk_ids``, ``topk_logits`` and ``target_multiplier`` can be asked of any store: a compact one
+  (``--targets topk|sampled|hybrid``) reads its target fields and ``lse`` and decodes them
+  (``decode_stored_targets`` in targets.py: int64 ids, -1 in unused slots; fp32 logits; the sampled kinds'
+  multiplier, None otherwise).
 
 The reader checks before it trusts: the schema version, that every shard it reads is
 complete, that the data files of the chunks it reads exist ([missing-chunk note] in store.py),
@@ -37,6 +41,7 @@ from distill.cache.store import (
     shard_records,
     stored_files,
 )
+from distill.cache.targets import DECODED_FIELDS, ID_BY_RANK, decode_stored_targets, target_kind, target_read_fields
 
 
 class CacheReader:
@@ -68,6 +73,7 @@ class CacheReader:
         self._groups = {s["index"]: self.root[shard_name(s["index"])] for s in self.readable}
         self._files: dict[int, set[str]] = {}  # shard -> its stored files, listed on first read
         self._checked: set[tuple[int, int, str]] = set()  # (shard, chunk, field) known to be present or intact
+        self._rank_table: torch.Tensor | None = None
 
     # --- what the store holds ------------------------------------------------------------
 
@@ -94,9 +100,14 @@ class CacheReader:
     def temperatures(self) -> list[float]:
         return list(self.layout["temperatures"])
 
+    @property
+    def target_kind(self) -> str:
+        """``topk``, ``sampled``, ``hybrid`` or ``topk-fp16`` (the layout of schema version 2)."""
+        return target_kind(self.layout)
+
     def require_fields(self, names: Sequence[str], why: str = "") -> None:
-        """Fail with a clear message when a needed field is not stored."""
-        missing = [n for n in names if n not in self.specs]
+        """Fail with a clear message when a needed field is not stored (the decoded target fields always are)."""
+        missing = [n for n in names if n not in self.specs and n not in DECODED_FIELDS]
         if missing:
             reason = f" ({why})" if why else ""
             raise CacheError(
@@ -120,6 +131,12 @@ class CacheReader:
             raise CacheError(f"{self.url}: the store holds no teacher tokenizer files; re-cache it with this version")
         group = self.root[TOKENIZER_GROUP]
         return {name: bytes(np.asarray(node[:]).tobytes()) for name, node in group.arrays()}
+
+    def rank_table(self) -> torch.Tensor | None:
+        """The compact targets' ``targets/id_by_rank`` (V,) int64, read once; None for ``topk-fp16``."""
+        if self._rank_table is None and self.target_kind != "topk-fp16":
+            self._rank_table = torch.from_numpy(self.root_array(ID_BY_RANK).astype(np.int64))
+        return self._rank_table
 
     def load_tokenizer(self) -> Any:
         """The teacher tokenizer stored in the cache, loaded with ``AutoTokenizer`` (stage 2 and eval need nothing but
@@ -151,6 +168,15 @@ class CacheReader:
         """
         names = list(fields) if fields is not None else self.fields
         self.require_fields(names)
+        decoded = [n for n in names if n in DECODED_FIELDS and n not in self.specs or n == "target_multiplier"]
+        if decoded:  # [target-codec note] in targets.py: read what they are made of, then decode
+            stored = [n for n in names if n not in decoded]
+            extra = [n for n in (*target_read_fields(self.layout), "lse") if n not in stored]
+            data = self.read_rows(rows, stored + extra)
+            targets = decode_stored_targets(data, self.layout, self.rank_table())
+            out = {n: data[n] for n in stored}
+            out.update({n: targets[n] for n in decoded})
+            return out
         rows = np.asarray(rows, dtype=np.int64)
         shard_pos = np.searchsorted(self._starts, rows, side="right") - 1
         parts: dict[str, list[Any]] = {n: [] for n in names}

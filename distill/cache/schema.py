@@ -16,18 +16,24 @@ from typing import Any
 
 import numpy as np
 
-SCHEMA_VERSION = 2  # 2: prefix (BOS) policy in the manifest, standardized hidden states
+from distill.cache.targets import target_field_shapes
+
+SCHEMA_VERSION = 3  # 3: compact teacher targets (layout.targets); 2: prefix (BOS) policy, standardized hidden states
+READABLE_VERSIONS = (2, 3)  # version 2 holds the fixed top-K fp16 targets (kind "topk-fp16"), read as they are
+
 MANIFEST_ATTR = "distill"
 SHARDS_GROUP = "shards"
 TOKENIZER_GROUP = "teacher_tokenizer"
 STATS_GROUP = "stats"
 PCA_GROUP = "pca"
 STANDARDIZE_GROUP = "standardize"
-ROOT_ARRAY_GROUPS = (STATS_GROUP, PCA_GROUP, STANDARDIZE_GROUP)  # small float arrays at the store level
+TARGETS_GROUP = "targets"
+ROOT_ARRAY_GROUPS = (STATS_GROUP, PCA_GROUP, STANDARDIZE_GROUP, TARGETS_GROUP)  # small float arrays at the store level
 
 # Manifest keys that describe the creation event, not the store's content: two runs of the
 # same command differ in them, so they are left out when manifests are compared.
-VOLATILE_KEYS = ("created_at", "code_version")
+# ``fidelity`` is measured on the calibration rows when the store is created (a resuming process has no figure).
+VOLATILE_KEYS = ("created_at", "code_version", "fidelity")
 
 
 class CacheError(RuntimeError):
@@ -65,6 +71,11 @@ FIELD_DTYPES = {
     "text": "str",
     "topk_ids": "int32",
     "topk_logits": "float16",
+    "target_count": "uint16",
+    "target_ids": "uint32",
+    "target_values": "uint8",
+    "target_max": "float32",
+    "target_draws": "uint8",
     "lse": "float32",
     "target_logprob": "float32",
     "vocab_proj": "float16",
@@ -81,7 +92,7 @@ def field_dtype(name: str, seq_len: int) -> str:
 
 def build_field_specs(layout: dict[str, Any]) -> dict[str, FieldSpec]:
     """The per-row fields of a store with this ``layout`` (the manifest's ``layout`` entry)."""
-    seq, k, ka = layout["seq_len"], layout["top_k"], layout["attention_topk"]
+    seq, ka = layout["seq_len"], layout["attention_topk"]
     shapes: dict[str, tuple[int, ...]] = {
         "input_ids": (seq,),
         "length": (),
@@ -89,8 +100,7 @@ def build_field_specs(layout: dict[str, Any]) -> dict[str, FieldSpec]:
         "doc_id": (),
         "offsets": (seq, 2),
         "text": (),
-        "topk_ids": (seq, k),
-        "topk_logits": (seq, k),
+        **{name: shape for name, _, shape in target_field_shapes(layout)},
         "lse": (seq, len(layout["temperatures"])),
         "target_logprob": (seq,),
     }
@@ -168,8 +178,8 @@ def hash_json(obj: Any) -> str:
 def check_schema(manifest: dict[str, Any], where: str) -> None:
     """Refuse a manifest written by an incompatible version of the format."""
     version = manifest.get("schema_version")
-    if version != SCHEMA_VERSION:
+    if version not in READABLE_VERSIONS:
         raise CacheError(
-            f"{where}: cache schema version {version} is not supported (this distill reads version "
-            f"{SCHEMA_VERSION}); re-create the store with this version of distill"
+            f"{where}: cache schema version {version} is not supported (this distill reads versions "
+            f"{', '.join(map(str, READABLE_VERSIONS))}); re-create the store with this version of distill"
         )

@@ -54,6 +54,7 @@ import os
 import socket
 import time
 import uuid
+import warnings
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -63,7 +64,7 @@ import numpy as np
 import zarr
 from fsspec.implementations.local import LocalFileSystem
 from fsspec.utils import get_protocol
-from zarr.codecs import BloscCodec
+from zarr.codecs import BloscCodec, Delta
 
 from distill.cache.schema import (
     MANIFEST_ATTR,
@@ -159,11 +160,28 @@ def load_manifest(root: zarr.Group, url: str) -> dict[str, Any]:
 # --- creation -----------------------------------------------------------------------------
 
 
-def compressor_for(dtype: str) -> Any:
+def compressor_for(dtype: str, name: str = "") -> Any:
     """Blosc zstd with byte shuffle: fp16 log-probs and small ints compress well with it."""
     if dtype == "str":
         return "auto"
+    if name in DELTA_FIELDS:  # small sorted gaps: a higher level pays ([target-codec note] in targets.py)
+        return BloscCodec(cname="zstd", clevel=5, shuffle="shuffle")
     return BloscCodec(cname="zstd", clevel=3, shuffle="shuffle")
+
+
+# Fields stored through zarr's Delta filter (numcodecs.delta): ascending unigram ranks become small gaps.
+DELTA_FIELDS = ("target_ids",)
+# zarr warns that numcodecs codecs are outside the v3 specification; zarr-python and numcodecs read them.
+warnings.filterwarnings("ignore", message="Numcodecs codecs are not in the Zarr version 3 specification")
+
+
+def filters_for(name: str, dtype: str) -> Any:
+    """The array-to-array filters of a field: Delta for ``DELTA_FIELDS``, none (zarr's default) otherwise."""
+    if name not in DELTA_FIELDS:
+        return "auto"
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return [Delta(dtype=np.dtype(dtype).str)]
 
 
 def shard_row_ranges(num_rows: int, chunk_rows: int, num_shards: int) -> list[tuple[int, int]]:
@@ -216,7 +234,8 @@ def create_shard_arrays(root: zarr.Group, index: int, rows: int, chunk_rows: int
             shape=(rows, *spec.row_shape),
             chunks=(chunk_rows, *spec.row_shape),
             dtype=dtype,
-            compressors=compressor_for(spec.dtype),
+            compressors=compressor_for(spec.dtype, spec.name),
+            filters=filters_for(spec.name, spec.dtype),
         )
     group.attrs[SHARD_ATTR] = new_shard_record(rows, chunk_rows)
 
@@ -371,6 +390,13 @@ def read_manifest(url: str) -> dict[str, Any]:
 
 def check_compatible(existing: dict[str, Any], wanted: dict[str, Any], url: str) -> None:
     """Refuse to resume into a store whose manifest differs from the one this run would write."""
+    if existing.get("schema_version") != wanted.get("schema_version"):
+        raise CacheError(
+            f"{url} was written by schema version {existing.get('schema_version')} (distill "
+            f"{existing.get('code_version')}); this distill writes version {wanted.get('schema_version')} and reads "
+            "the old store as it is (train, eval, verify, merge, export), but cannot add rows to it: finish it with "
+            "the distill that made it, or re-create it with --overwrite"
+        )
     diffs = describe_manifest_difference(manifest_identity(existing), manifest_identity(wanted))
     if diffs:
         shown = "; ".join(diffs[:5]) + (f"; and {len(diffs) - 5} more" if len(diffs) > 5 else "")

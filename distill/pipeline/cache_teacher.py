@@ -22,6 +22,7 @@ import torch
 from tqdm.auto import tqdm
 
 from distill.cache.store import ShardBusy, ShardClaim, open_root, open_shard_writer, shard_records
+from distill.cache.targets import target_kind
 from distill.cache.writer import (
     BackgroundWriter,
     chunks_to_fill,
@@ -36,6 +37,7 @@ from distill.pipeline.data import Row, RowBuilder, RowPlan, dataset_identity, lo
 from distill.pipeline.fields import FieldSettings, blank_rows, calibrate, compute_batch_fields, field_settings
 from distill.pipeline.manifest import build_layout, build_manifest, text_digest, tokenizer_files
 from distill.pipeline.packing import check_packed_forward
+from distill.pipeline.target_fields import calibrate_targets
 from distill.pipeline.teacher_model import check_teacher_source, load_teacher, load_teacher_tokenizer, output_device
 from distill.runtime import DTYPE_NAMES, rank_device, resolve_device, resolve_dtype, torchrun_rank
 
@@ -65,7 +67,11 @@ def prepare_store(
 
     def calibration_arrays(layout: dict[str, Any]) -> dict[str, np.ndarray]:
         rows = [builder.row(i) for i in range(layout["calibration_rows"])]
-        return calibrate(model, rows, layout["hidden_layers"], cfg.hidden_dim, cfg.batch_size, device)[1]
+        arrays = calibrate(model, rows, layout["hidden_layers"], cfg.hidden_dim, cfg.batch_size, device)[1]
+        if target_kind(layout) != "topk-fp16":  # the rank table, and the fidelity into the manifest written next
+            rank_arrays, wanted["fidelity"] = calibrate_targets(model, rows, layout, cfg.batch_size, device)
+            arrays.update(rank_arrays)
+        return arrays
 
     wanted = manifest_for(new_store_shards(cfg))  # validates the settings before anything is touched
     return open_or_create_store(cfg.out, wanted, manifest_for, files, calibration_arrays, cfg.overwrite)

@@ -66,6 +66,7 @@ from distill.pipeline.curriculum import active_terms
 from distill.pipeline.eval_categories import format_category_table, score_categories, summarize_categories
 from distill.pipeline.losses import kd_tail_loss
 from distill.pipeline.packing import split_segments
+from distill.pipeline.sampled_kd import sampled_kd_loss
 from distill.pipeline.tokens import prefix_ids
 
 ECE_BINS = 15
@@ -312,7 +313,7 @@ def evaluate_student(
     kd_sum, kd_count, agree, compared, unmapped, aligned = 0.0, 0, 0, 0, 0, 0
     confidences, corrects = [], []
     scores = RowScores([], [])
-    fields = ["input_ids", "length", "offsets", "text", "topk_ids", "topk_logits", "lse"]
+    fields = ["input_ids", "length", "offsets", "text", "topk_ids", "topk_logits", "target_multiplier", "lse"]
     for start in range(0, len(source.rows), batch_size):
         data = read_scored_rows(reader, source.rows[start : start + batch_size], fields)
         row_args = (data["text"], data["offsets"].numpy(), data["length"].numpy(), tokenizer)
@@ -341,10 +342,17 @@ def evaluate_student(
             continue
         student_logits = logits[bi, sp]
         teacher_ids = data["topk_ids"][bi, tp]
-        mapped = vocab_map[teacher_ids] if vocab_map is not None else teacher_ids
-        kd = kd_tail_loss(
-            student_logits, mapped, data["topk_logits"][bi, tp], data["lse"][bi, tp, t_index], source.temperature
-        )
+        if vocab_map is not None:  # -1 (an unused slot of compact targets) stays -1
+            mapped = torch.where(teacher_ids >= 0, vocab_map[teacher_ids.clamp(min=0)], -1)
+        else:
+            mapped = teacher_ids
+        kd_args = (student_logits, mapped, data["topk_logits"][bi, tp])
+        if data["target_multiplier"] is not None:  # sampled targets: the unbiased estimate of the full KL
+            kd = sampled_kd_loss(
+                *kd_args, data["target_multiplier"][bi, tp], data["lse"][bi, tp, t_index], source.temperature
+            )
+        else:
+            kd = kd_tail_loss(*kd_args, data["lse"][bi, tp, t_index], source.temperature)
         kd_sum += float(kd) * len(bi)
         kd_count += len(bi)
         aligned += len(bi)

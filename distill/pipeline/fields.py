@@ -20,8 +20,10 @@ import torch
 import torch.nn.functional as F
 
 from distill.cache.schema import PCA_GROUP, STANDARDIZE_GROUP, STATS_GROUP, field_dtype, root_array_path
+from distill.cache.targets import ID_BY_RANK, target_kind
 from distill.pipeline.data import Row
 from distill.pipeline.packing import next_in_segment, segment_position_ids
+from distill.pipeline.target_fields import TARGET_FIELDS, compute_target_slice
 from distill.pipeline.teacher_model import compute_logits, find_logit_transforms, forward_teacher
 
 LOGIT_CHUNK = 256  # positions per lm_head/softmax slice: bounds the (P, vocab) fp32 buffer
@@ -40,11 +42,13 @@ class FieldSettings:
     attention_topk: int
     pca: dict[int, tuple[torch.Tensor, torch.Tensor]]  # layer -> (mean (H,), components (H, D)) of standardized
     vocab_proj: bool = True  # compute vocab_proj (stored only with --vocab-proj)
+    targets: dict[str, Any] | None = None  # layout.targets of the compact kinds; None = topk-fp16
+    rank_of_id: torch.Tensor | None = None  # (V,) int64 the teacher's unigram rank of each id (compact kinds)
     standardize: dict[int, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)  # layer -> (mean, std) (H,)
     packed: bool = False  # rows may hold several documents: store segment_ids ([packing note] in packing.py)
 
 
-LOGIT_FIELDS = ("topk_logits", "topk_ids", "lse", "target_logprob", "vocab_proj")
+LOGIT_FIELDS = ("topk_logits", "topk_ids", "lse", "target_logprob", "vocab_proj", *TARGET_FIELDS)
 
 
 def compute_logit_fields(
@@ -54,6 +58,7 @@ def compute_logit_fields(
     lengths: torch.Tensor,
     s: FieldSettings,
     fields: Collection[str] | None = None,
+    seed: int = 0,
 ) -> dict[str, torch.Tensor]:
     """Top-K logits, per-temperature logsumexp, target log-prob and vocab_proj, position slice by position slice.
 
@@ -64,10 +69,12 @@ def compute_logit_fields(
     few as it can: one top-K (its first value is the row max), then one softmax per temperature needed,
     which gives the logsumexp exactly (to fp32 rounding): lse_T = max / T - log p_T[argmax], since
     p_T[argmax] = 1 / sum_v exp((z_v - max) / T); target_logprob reuses T = 1 and vocab_proj reuses the
-    probabilities at T*. The (P, V) buffers are allocated once per call and written with out= (on CPU
-    a fresh 150 MB tensor costs more in page faults than the softmax over it). vocab_proj multiplies in
-    the teacher's dtype when it is bf16, like its lm_head: on a bf16 GPU an fp32 (P, V) @ (V, H)
-    product is many times slower than the lm_head itself, and its bf16 rounding is the teacher's own.
+    probabilities at T*; the compact targets (``target_*``, pipeline/target_fields.py) reuse the top-K and T = 1
+    (their draws come from a generator seeded with ``seed``, so a recomputed chunk is the same). The (P, V)
+    buffers are allocated once per call and written with out= (on CPU a fresh 150 MB tensor costs more in
+    page faults than the softmax over it). vocab_proj multiplies in the teacher's dtype when it is bf16, like
+    its lm_head: on a bf16 GPU an fp32 (P, V) @ (V, H) product is many times slower than the lm_head itself,
+    and its bf16 rounding is the teacher's own.
     """
     want = set(LOGIT_FIELDS if fields is None else fields)
     b, length, h = final_hidden.shape
@@ -83,7 +90,13 @@ def compute_logit_fields(
         temps.append(1.0)
     if "vocab_proj" in want and s.vocab_proj_temperature not in temps:
         temps.append(s.vocab_proj_temperature)
-    k = s.top_k if want & {"topk_logits", "topk_ids"} else 1
+    targets = s.targets if want & set(TARGET_FIELDS) else None
+    if targets is not None and 1.0 not in temps:
+        temps.append(1.0)
+    head = targets is not None and targets["kind"] != "sampled"
+    k = s.top_k if want & {"topk_logits", "topk_ids"} or head else 1
+    target_parts: list[dict[str, torch.Tensor]] = []
+    generator = torch.Generator(device=device).manual_seed(seed) if targets is not None else None
     topk_logits = torch.empty(n, k, device=device)
     topk_ids = torch.empty(n, k, dtype=torch.long, device=device)
     lse = torch.empty(n, len(temps), device=device)
@@ -108,6 +121,11 @@ def compute_logit_fields(
                 target[rows] = logits.gather(1, next_ids[rows, None])[:, 0] - lse[rows, j]
             if t == s.vocab_proj_temperature and proj is not None:
                 proj[rows] = probs.to(proj_dtype) @ embedding
+            if t == 1.0 and targets is not None:
+                top = (topk_logits[rows], topk_ids[rows])
+                target_parts.append(
+                    compute_target_slice(logits, probs, lse[rows, j], *top, targets, s.rank_of_id, generator)
+                )
     out: dict[str, torch.Tensor] = {}
     if "topk_logits" in want:
         out["topk_logits"] = topk_logits.reshape(b, length, k)
@@ -121,6 +139,10 @@ def compute_logit_fields(
         out["target_logprob"] = torch.where(has_next, target.reshape(b, length), float("nan"))
     if proj is not None:
         out["vocab_proj"] = proj.reshape(b, length, h)
+    for name in target_parts[0] if target_parts else ():
+        if name in want:
+            value = torch.cat([part[name] for part in target_parts])
+            out[name] = value.reshape(b, length, *value.shape[1:])
     return out
 
 
@@ -177,6 +199,15 @@ def pad_segments(rows: list[Row], width: int) -> torch.Tensor | None:
     return segments
 
 
+def stored_logit_fields(s: FieldSettings) -> list[str]:
+    """The logit fields a store with these settings holds (the target fields depend on ``--targets``)."""
+    if s.targets is None:
+        names = ["topk_logits", "topk_ids", "lse", "target_logprob", "vocab_proj"]
+    else:
+        names = ["lse", "target_logprob", "vocab_proj", *TARGET_FIELDS[: 4 if s.targets["kind"] == "topk" else 5]]
+    return [name for name in names if name != "vocab_proj" or s.vocab_proj]
+
+
 def compute_batch_fields(
     model: Any, rows: list[Row], s: FieldSettings, device: torch.device, fields: Collection[str] | None = None
 ) -> tuple[dict[str, np.ndarray], list[int]]:
@@ -194,14 +225,13 @@ def compute_batch_fields(
     wanted = None if fields is None else set(fields)
     attention_layers = [layer for layer in s.attention_layers if wanted is None or f"attn/{layer}" in wanted]
     hidden_layers = [layer for layer in s.hidden_layers if wanted is None or f"hidden/{layer}" in wanted]
-    logit_fields = [
-        name for name in LOGIT_FIELDS if (wanted is None or name in wanted) and (name != "vocab_proj" or s.vocab_proj)
-    ]
+    logit_fields = [name for name in stored_logit_fields(s) if wanted is None or name in wanted]
     computed: dict[str, torch.Tensor] = {}
     with torch.inference_mode():
         out = forward_teacher(model, ids, mask, bool(attention_layers), attention_layers, positions)
         if logit_fields:
-            computed.update(compute_logit_fields(model, out.last_hidden_state, ids, lengths, s, logit_fields))
+            seed = rows[0].row_id
+            computed.update(compute_logit_fields(model, out.last_hidden_state, ids, lengths, s, logit_fields, seed))
         if segments is not None and "target_logprob" in computed:  # no next token across a document boundary
             computed["target_logprob"].masked_fill_(~next_in_segment(segments, lengths), float("nan"))
         for layer in hidden_layers:
@@ -297,7 +327,7 @@ def calibrate(
     per-dimension statistics of what is stored, which stage 2 uses to standardize its targets.
     """
     samples: dict[int, list[torch.Tensor]] = {layer: [] for layer in hidden_layers}
-    for start in range(0, len(rows), batch_size):
+    for start in range(0, len(rows) if hidden_layers else 0, batch_size):  # no hidden layer: no teacher pass
         batch = rows[start : start + batch_size]
         ids, mask = pad_rows(batch)
         segments = pad_segments(batch, ids.shape[1])
@@ -352,7 +382,19 @@ def field_settings(layout: dict[str, Any], root: Any, device: torch.device) -> F
         vocab_proj=layout.get("vocab_proj", True),
         standardize=load_root_pairs(root, STANDARDIZE_GROUP, ("mean", "std"), layout["hidden_layers"], device),
         packed=layout.get("packing", "none") != "none",
+        targets=None if target_kind(layout) == "topk-fp16" else layout["targets"],
+        rank_of_id=load_rank_of_id(root, layout, device),
     )
+
+
+def load_rank_of_id(root: Any, layout: dict[str, Any], device: torch.device) -> torch.Tensor | None:
+    """(V,) int64 rank of each teacher id, the inverse of the store's ``targets/id_by_rank`` (compact kinds)."""
+    if target_kind(layout) == "topk-fp16":
+        return None
+    id_by_rank = torch.from_numpy(np.asarray(root[ID_BY_RANK][:]).astype(np.int64))
+    rank_of_id = torch.empty_like(id_by_rank)
+    rank_of_id[id_by_rank] = torch.arange(id_by_rank.numel())
+    return rank_of_id.to(device)
 
 
 def load_root_pairs(

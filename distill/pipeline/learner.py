@@ -79,12 +79,18 @@ class StepView:
         return self.out.hidden_states[layer][self.b, self.sp]
 
     def kd_inputs(self) -> tuple[Tensor, Tensor, Tensor]:
-        """(N, K) teacher top-K ids mapped to student ids (-1: no student token with those bytes), their raw
-        logits (N, K) and the full-vocabulary logsumexp (N,) at the run's temperature."""
-        ids = self.sig.topk_ids[self.b, self.tp]  # (N, K) teacher vocabulary
+        """(N, K) teacher ids mapped to student ids (-1: no student token with those bytes, or an unused slot of
+        compact targets), their raw logits (N, K) and the full-vocabulary logsumexp (N,) at the run's temperature."""
+        ids = self.sig.topk_ids[self.b, self.tp]  # (N, K) teacher vocabulary, -1 in unused slots
         if self.facts.vocab_map is not None:
-            ids = self.facts.vocab_map.to(ids.device)[ids]
+            ids = torch.where(ids >= 0, self.facts.vocab_map.to(ids.device)[ids.clamp(min=0)], -1)
         return ids, self.sig.topk_logits[self.b, self.tp], self.sig.lse[self.b, self.tp, self.facts.t_index]
+
+    @property
+    def kd_multiplier(self) -> Tensor | None:
+        """(N, K) the sampled targets' multiplier ([unbiased-kd note] in sampled_kd.py); None for a top-K head."""
+        mult = self.sig.target_multiplier
+        return None if mult is None else mult[self.b, self.tp]
 
     @cached_property
     def head(self) -> dict[str, Tensor | None]:
@@ -108,6 +114,7 @@ class StepView:
             self.b * length + self.sp,
             *(self.kd_inputs() if fused_kd else (None, None, None)),
             self.cfg.temperature,
+            kd_multiplier=self.kd_multiplier if fused_kd else None,
         )
         return {"lm": lm, "lm_unaligned": lm_unaligned, "kd": kd}
 

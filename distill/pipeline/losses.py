@@ -36,6 +36,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from distill.pipeline.sampled_kd import sampled_kd_rows
+
 # Stand-in for log(0) where a finite value is needed. [finite-neg note] -inf would make
 # `logsumexp` return -inf and its backward exp(-inf - -inf) = NaN for a row without any
 # matched bin; a large finite negative keeps both the value (exp -> 0) and the gradient
@@ -265,6 +267,7 @@ def lm_and_kd_from_hidden(
     kd_lse: Tensor | None,
     temperature: float,
     slice_size: int = 256,
+    kd_multiplier: Tensor | None = None,
 ) -> tuple[Tensor, Tensor | None, Tensor | None]:
     """``lm`` (and ``lm_unaligned``) and the tail-bin ``kd`` from the student's last hidden state, slice by slice.
 
@@ -277,6 +280,8 @@ def lm_and_kd_from_hidden(
         kd_ids, kd_logits, kd_lse: the ``kd_tail_loss`` teacher inputs of those N rows; None skips kd.
         temperature: KD temperature.
         slice_size: rows per slice.
+        kd_multiplier: (N, K) for sampled teacher targets: kd is then ``sampled_kd_loss``'s unbiased estimate of
+            the full KL instead of the K+1-bin KL ([unbiased-kd note] in sampled_kd.py); None = the tail kd.
 
     ``lm`` is the mean cross-entropy over valid positions; ``lm_unaligned`` sums the cross-entropy
     of the positions WITHOUT a teacher target and divides by ALL valid positions; ``kd`` equals
@@ -322,8 +327,11 @@ def lm_and_kd_from_hidden(
         return lm, lm_unaligned, None
     s_logp = z_ids / temperature - lse_t.unsqueeze(-1)  # (N, K) student log-probs at T of the mapped ids
     log_tail_s = lse_rest - lse_t  # (N,) summed over the non-head tokens: [tail-bin note]
-    kd = _kd_tail_rows(s_logp, log_tail_s, kd_ids, kd_logits, kd_lse, temperature).mean() * temperature**2
-    return lm, lm_unaligned, kd
+    if kd_multiplier is not None:
+        rows = sampled_kd_rows(s_logp, kd_ids, kd_logits, kd_multiplier, kd_lse, temperature)
+    else:
+        rows = _kd_tail_rows(s_logp, log_tail_s, kd_ids, kd_logits, kd_lse, temperature)
+    return lm, lm_unaligned, rows.mean() * temperature**2
 
 
 class _HeadStatistics(torch.autograd.Function):

@@ -15,6 +15,7 @@ import torch
 from distill import __version__
 from distill.cache.schema import SCHEMA_VERSION, build_field_specs, hash_json, tokenizer_sha256
 from distill.cache.store import shard_row_ranges
+from distill.cache.targets import build_target_layout
 from distill.config import CacheConfig, ConfigError
 from distill.pipeline.data import RowPlan
 from distill.pipeline.teacher_model import default_attention_layers, default_hidden_layers, weights_fingerprint
@@ -120,6 +121,7 @@ def build_layout(cfg: CacheConfig, model: Any, plan: RowPlan) -> dict[str, Any]:
     return {
         "seq_len": cfg.seq_len,
         "top_k": cfg.top_k,
+        "targets": build_target_layout(cfg.targets, cfg.top_k, cfg.target_mass, cfg.target_samples),
         "temperatures": cfg.temperatures,
         "vocab_proj_temperature": cfg.vocab_proj_temperature,
         "hidden_layers": hidden_layers,

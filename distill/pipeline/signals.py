@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from distill.cache.reader import CacheReader, to_output
+from distill.cache.targets import DECODED_FIELDS, decode_stored_targets, target_read_fields
 from distill.pipeline.data import Row
 
 BASE_FIELDS = ("input_ids", "length", "offsets", "text", "row_id")
@@ -26,7 +27,8 @@ class TeacherSignal:
     """Teacher outputs for B rows of L teacher positions (dtypes per the reader's contract).
 
     input_ids (B, L) int64; length (B,) int64; offsets (B, L, 2) int64; text: B strings;
-    topk_ids (B, L, K) int64; topk_logits (B, L, K) fp16; lse (B, L, nT) fp32;
+    topk_ids (B, L, K) int64 (-1 = unused slot); topk_logits (B, L, K) fp16 or fp32 (decoded); lse (B, L, nT) fp32;
+    target_multiplier (B, L, K) fp32 for sampled targets (None: a top-K head, [unbiased-kd note] in sampled_kd.py);
     target_logprob (B, L) fp32;
     vocab_proj (B, L, H) fp16; hidden {layer: (B, L, D) fp16}; attn {layer: ((B, L, Ka) fp16, (B, L, Ka) int64)};
     segment_ids (B, L) int64 in packed stores ([packing note] in packing.py), else None.
@@ -42,6 +44,7 @@ class TeacherSignal:
     topk_logits: torch.Tensor | None = None
     lse: torch.Tensor | None = None
     target_logprob: torch.Tensor | None = None
+    target_multiplier: torch.Tensor | None = None
     vocab_proj: torch.Tensor | None = None
     hidden: dict[int, torch.Tensor] | None = None
     attn: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None
@@ -59,6 +62,7 @@ class TeacherSignal:
             topk_logits=move(self.topk_logits),
             lse=move(self.lse),
             target_logprob=move(self.target_logprob),
+            target_multiplier=move(self.target_multiplier),
             vocab_proj=move(self.vocab_proj),
             hidden={k: move(v) for k, v in (self.hidden or {}).items()},
             attn={k: (move(v), move(i)) for k, (v, i) in (self.attn or {}).items()},
@@ -70,7 +74,7 @@ def signal_fields(layout: dict[str, Any], need: set[str]) -> list[str]:
     """Store fields to read for the loss families in ``need`` (kd, projector, alm, hidden, attention)."""
     fields = list(BASE_FIELDS)
     if "kd" in need:
-        fields += ["topk_ids", "topk_logits", "lse"]
+        fields += ["topk_ids", "topk_logits", "target_multiplier", "lse"]
     if "projector" in need:
         fields += ["vocab_proj"]
     if "alm" in need:
@@ -99,6 +103,7 @@ def signal_from_arrays(data: dict[str, Any]) -> TeacherSignal:
         topk_logits=data.get("topk_logits"),
         lse=data.get("lse"),
         target_logprob=data.get("target_logprob"),
+        target_multiplier=data.get("target_multiplier"),
         vocab_proj=data.get("vocab_proj"),
         hidden=hidden or None,
         attn=attn or None,
@@ -169,5 +174,9 @@ class LiveTeacher:
         ]
         arrays, _ = compute_batch_fields(self.model, batch, self.settings, self.device)
         data = {name: to_output(name, [arrays[name]], np.arange(len(rows))) for name in self.fields if name in arrays}
+        if any(name in DECODED_FIELDS for name in self.fields):  # the same decoding as a cached read
+            names = [*target_read_fields(self.reader.layout), "lse"]
+            stored = {n: to_output(n, [arrays[n]], np.arange(len(rows))) for n in names}
+            data.update(decode_stored_targets(stored, self.reader.layout, self.reader.rank_table()))
         data.update({k: v for k, v in base.items()})
         return signal_from_arrays(data)

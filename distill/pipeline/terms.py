@@ -47,6 +47,7 @@ from distill.pipeline.router import (
     StudentProjection,
     expert_usage,
 )
+from distill.pipeline.sampled_kd import sampled_kd_loss
 from distill.pipeline.xtok_losses import kd_prefix_loss
 
 if TYPE_CHECKING:
@@ -88,22 +89,31 @@ def compute_kd_uld(view: StepView) -> dict[str, Tensor]:
 
 def compute_kd_tail(view: StepView) -> dict[str, Tensor]:
     kd = view.head["kd"]  # fused into the output-layer pass
-    return {"kd": kd if kd is not None else kd_tail_loss(view.aligned_logits, *view.kd_inputs(), view.cfg.temperature)}
+    if kd is not None:
+        return {"kd": kd}
+    ids, logits, lse = view.kd_inputs()
+    if view.kd_multiplier is not None:  # sampled targets: the unbiased estimate of the full KL
+        return {"kd": sampled_kd_loss(view.aligned_logits, ids, logits, view.kd_multiplier, lse, view.cfg.temperature)}
+    return {"kd": kd_tail_loss(view.aligned_logits, ids, logits, lse, view.cfg.temperature)}
 
 
 def compute_kd_prefix(view: StepView) -> dict[str, Tensor]:
-    """Shared-prefix bins ([prefix-bin note] in prefix_map.py); with one tokenizer every token is its own bin."""
-    if view.facts.prefix_bins is None:
+    """Shared-prefix bins ([prefix-bin note] in prefix_map.py); with one tokenizer every token is its own bin.
+
+    Sampled targets (``--targets sampled|hybrid``) train with the unbiased estimate over the exact map instead
+    (``compute_kd_tail``): binning draws would need their own importance weights per bin."""
+    if view.facts.prefix_bins is None or view.kd_multiplier is not None:
         return compute_kd_tail(view)
     b, tp, sig = view.b, view.tp, view.sig
     logits = view.aligned_logits  # (N, Vs)
     teacher_bin, student_bin = (bins.to(logits.device) for bins in view.facts.prefix_bins)
     if student_bin.shape[0] < logits.shape[-1]:  # embedding rows past the tokenizer: no bin
         student_bin = torch.cat([student_bin, student_bin.new_full((logits.shape[-1] - student_bin.shape[0],), -1)])
+    ids = sig.topk_ids[b, tp]  # (N, K), -1 in the unused slots of a compact head: no bin, probability 0
     return {
         "kd": kd_prefix_loss(
             logits,
-            teacher_bin[sig.topk_ids[b, tp]],
+            torch.where(ids >= 0, teacher_bin[ids.clamp(min=0)], -1),
             sig.topk_logits[b, tp],
             sig.lse[b, tp, view.facts.t_index],
             student_bin[: logits.shape[-1]],

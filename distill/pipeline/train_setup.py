@@ -104,6 +104,8 @@ def split_rows(reader: CacheReader, eval_reader: CacheReader | None, fraction: f
 
 def warn_small_head(reader: CacheReader, temperature: float) -> None:
     """Say so when the stored top-K hold under half the teacher's mass at ``temperature`` ([head-mass note])."""
+    if reader.target_kind in ("sampled", "hybrid"):  # an unbiased estimate of the full KL: no head to warn about
+        return
     masses = measure_head_mass(reader)
     mass = masses.get(str(float(temperature)))
     if not mass or mass["mean"] >= 0.5:
