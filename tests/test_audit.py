@@ -11,6 +11,7 @@ from distill.cache.reader import CacheReader
 from distill.cli import app
 from distill.pipeline.align import align_offsets, build_vocab_map, tokenize_for_student
 from distill.pipeline.categories import CATEGORIES, categorize_token
+from distill.pipeline.packing import read_document_rows
 
 
 @pytest.mark.parametrize(
@@ -53,7 +54,8 @@ def test_audit_json_matches_direct_recounts(train_assets, single_thread):
     teacher_tok = AutoTokenizer.from_pretrained(train_assets["tokenizer"])
     student_tok = AutoTokenizer.from_pretrained(train_assets["student"])
     exact = build_vocab_map(teacher_tok, student_tok)
-    data = reader.read_rows(reader.row_ids, ["input_ids", "length", "offsets", "text"])
+    # one row per document (packed stores; split_segments is checked in test_packing)
+    data = read_document_rows(reader, reader.row_ids, ["input_ids", "length", "offsets", "text"])
     positions = aligned = unmatched = 0
     for r, n in enumerate(data["length"].tolist()):
         ids = data["input_ids"][r, :n].numpy()

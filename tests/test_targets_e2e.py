@@ -27,6 +27,7 @@ SETTINGS = dict(
     top_k=16,
     target_samples=8,
     target_mass=0.8,
+    packing="none",  # each row is compared with the model on that row alone
 )
 
 

@@ -27,6 +27,7 @@ import numpy as np
 from distill.cache.reader import CacheReader
 from distill.pipeline.align import align_batch, list_token_keys
 from distill.pipeline.categories import CATEGORIES, categorize_token
+from distill.pipeline.packing import read_document_rows
 from distill.pipeline.prefix_map import PrefixMap, build_prefix_map
 
 AUDIT_ROWS = 256  # rows read at most (evenly spread over the store)
@@ -67,7 +68,7 @@ def collect_positions(reader: CacheReader, rows: np.ndarray, student_tokenizer: 
     parts: dict[str, list[np.ndarray]] = {}
     fields = ["input_ids", "length", "offsets", "text", "topk_ids", "topk_logits", "lse", "target_logprob"]
     for start in range(0, len(rows), _BATCH_ROWS):
-        data = reader.read_rows(rows[start : start + _BATCH_ROWS], fields)
+        data = read_document_rows(reader, rows[start : start + _BATCH_ROWS], fields)  # packed: per document
         lengths = data["length"].numpy()
         aligned = align_batch(data["text"], data["offsets"].numpy(), lengths, student_tokenizer, max_length=1 << 30)
         is_aligned = np.zeros(data["input_ids"].shape, dtype=bool)

@@ -29,7 +29,7 @@ and says so (``row_selection``); runs held out on different stores are refused (
 with ``--split all --cache STORE``).
 
 [packed-eval note] A packed store's row holds several documents ([packing note] in packing.py).
-Eval scores each document segment as a row of its own (``read_scored_rows``): the teacher's
+Eval scores each document segment as a row of its own (``read_document_rows`` in packing.py): the teacher's
 ``target_logprob`` there already ignores the other segments, each student reads the segment alone
 (the same as reading the packed row with a block-diagonal mask), and the segment's first token
 is predicted only by a model with a prefix, as for any row. The bootstrap then resamples segments.
@@ -65,7 +65,7 @@ from distill.pipeline.align import (
 from distill.pipeline.curriculum import active_terms
 from distill.pipeline.eval_categories import format_category_table, score_categories, summarize_categories
 from distill.pipeline.losses import kd_tail_loss
-from distill.pipeline.packing import split_segments
+from distill.pipeline.packing import read_document_rows
 from distill.pipeline.sampled_kd import sampled_kd_loss
 from distill.pipeline.tokens import prefix_ids
 
@@ -201,19 +201,11 @@ def build_student_spans(ids: np.ndarray, offsets: Any, prefix: list[int]) -> np.
     return np.concatenate([np.zeros((k, 2), dtype=np.int64), text])
 
 
-def read_scored_rows(reader: CacheReader, rows: np.ndarray, fields: list[str]) -> dict[str, Any]:
-    """``reader.read_rows``; for a packed store, one row per document segment ([packed-eval note])."""
-    if not reader.packed:
-        return reader.read_rows(rows, fields)
-    data, _ = split_segments(reader.read_rows(rows, [*fields, "segment_ids"]), reader.layout["seq_len"])
-    return data
-
-
 def teacher_scores(reader: CacheReader, rows: np.ndarray, batch_size: int = 64) -> tuple[list[str], RowScores]:
     """Row texts and the teacher's boundaries and cumulative NLL (from the cached ``target_logprob``)."""
     texts, scores = [], RowScores([], [])
     for start in range(0, len(rows), batch_size):
-        data = read_scored_rows(
+        data = read_document_rows(
             reader, rows[start : start + batch_size], ["target_logprob", "length", "offsets", "text"]
         )
         for i, text in enumerate(data["text"]):
@@ -315,7 +307,7 @@ def evaluate_student(
     scores = RowScores([], [])
     fields = ["input_ids", "length", "offsets", "text", "topk_ids", "topk_logits", "target_multiplier", "lse"]
     for start in range(0, len(source.rows), batch_size):
-        data = read_scored_rows(reader, source.rows[start : start + batch_size], fields)
+        data = read_document_rows(reader, source.rows[start : start + batch_size], fields)
         row_args = (data["text"], data["offsets"].numpy(), data["length"].numpy(), tokenizer)
         row_kwargs = dict(teacher_input_ids=data["input_ids"].numpy(), same_tokenizer=same)
         batch = align_batch(*row_args, max_length, **row_kwargs)

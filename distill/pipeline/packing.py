@@ -154,7 +154,9 @@ def split_segments(data: dict[str, Any], seq_len: int) -> tuple[dict[str, Any], 
     source = np.asarray([b for b, _ in parts], dtype=np.int64)
     out: dict[str, Any] = {}
     for name, value in data.items():
-        if name == "text":
+        if value is None:  # a field this store's kind does not have (target_multiplier of a top-K head)
+            out[name] = None
+        elif name == "text":
             out[name] = [value[b][s.char_start : s.char_end] for b, s in parts]
         elif name == "length":
             out[name] = torch.tensor([s.token_end - s.token_start for _, s in parts], dtype=torch.int64)
@@ -287,3 +289,13 @@ def check_packed_forward(model: Any, name: str, num_tokens: int = 8) -> None:
             f"{name}: its forward does not keep packed documents apart (a document's hidden states change by "
             f"{error:.3g} when another is packed before it); use a store made with --packing none"
         )
+
+
+def read_document_rows(reader: Any, rows: np.ndarray, fields: list[str]) -> dict[str, Any]:
+    """``reader.read_rows`` (a CacheReader); for a packed store, one row per document segment, so that nothing a
+    caller computes along a row (alignment, scores, next tokens) crosses a document boundary ([packed-eval note]
+    in evaluate.py)."""
+    if not reader.packed:
+        return reader.read_rows(rows, fields)
+    data, _ = split_segments(reader.read_rows(rows, [*fields, "segment_ids"]), reader.layout["seq_len"])
+    return data
