@@ -270,7 +270,7 @@ class TrainConfig:
             "cache", "student", "out", "eval_cache", "live_teacher", "resume", "overwrite", "report_to"
         ),
         "Objective": (
-            "objective", "temperature", "kd_mode", "router_top_k", "balance_coef", "importance_coef",
+            "objective", "temperature", "kd_mode", "alm_temperature", "router_top_k", "balance_coef", "importance_coef",
             "router_attention_coef", "contrastive_temperature",
         ),
         "Optimization": (
