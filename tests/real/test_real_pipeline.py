@@ -24,17 +24,25 @@ def test_stores_are_complete_and_finite(real_run, store, rows):
     assert reader.num_rows == rows
     assert reader.manifest["teacher"]["model_type"] == "gemma3_text"
     fields = [name for name in reader.fields if is_float_field(name)]
-    assert {"topk_logits", "lse", "target_logprob"} <= set(fields)
+    assert {"lse", "target_logprob"} <= set(fields)
     assert any(name.startswith("hidden/") for name in fields)
-    data = reader.read_rows(reader.row_ids, fields + ["length"])
+    fields.append("topk_logits")  # decoded from the compact targets (docs/cache-format.md, "Teacher targets")
+    data = reader.read_rows(reader.row_ids, fields + ["length"] + (["segment_ids"] if reader.packed else []))
     lengths = np.asarray(data["length"])
     assert (lengths > 0).all()
+    segments = np.asarray(data["segment_ids"]) if reader.packed else None
     for name in fields:
         values = np.asarray(data[name], dtype=np.float32)
         for row, n in enumerate(lengths):  # positions past a row's length are padding
-            # target_logprob marks the row's last position, which has no next token in the row, with NaN.
-            valid = n - 1 if name == "target_logprob" else n
-            assert np.isfinite(values[row, :valid]).all(), f"{store}: {name} has non-finite values in row {row}"
+            valid = np.ones(n, dtype=bool)
+            if name == "target_logprob":  # NaN where no next token is in the same document: each segment's last
+                valid[-1] = False
+                if segments is not None:
+                    valid[:-1] &= segments[row, : n - 1] == segments[row, 1:n]
+            finite = np.isfinite(values[row, :n])
+            assert finite[valid].all(), f"{store}: {name} has non-finite values in row {row}"
+            if name == "target_logprob":
+                assert not finite[~valid].any()
 
 
 def test_train_logs_finite_terms_every_step(real_run):
