@@ -95,7 +95,7 @@ def reported_errors(
     except Exception as exc:
         if debugging():
             raise
-        from distill.cache.manage import StoreDamaged
+        from distill.cache.shards import StoreDamaged
 
         if isinstance(exc, (StoreDamaged, CheckpointError, *failure)):
             fail(first_line(exc), FAILURE)
@@ -175,7 +175,7 @@ def cache_teacher(sources: ConfigSources) -> None:
 
     Re-running the same command resumes; complete shards are skipped.
     """
-    from distill.cache.store import ShardBusy
+    from distill.cache.claims import ShardBusy
     from distill.pipeline.cache_teacher import NonFiniteTeacherOutput, run
     from distill.pipeline.data import DataError
 
@@ -296,7 +296,7 @@ def cache_verify(
 
     Example: distill cache verify s3://bucket/cache/wt103
     """
-    from distill.cache.manage import repair_store, verify_store
+    from distill.cache.verify import repair_store, verify_store
 
     with reported_errors():
         report = verify_store(store, deep=not quick)
@@ -327,7 +327,7 @@ def cache_merge(
 
     Example: distill cache merge cache/wt103 /mnt/a/wt103 /mnt/b/wt103
     """
-    from distill.cache.manage import merge_stores
+    from distill.cache.merge import merge_stores
 
     with reported_errors():
         summary = merge_stores(out, stores)
@@ -354,7 +354,7 @@ def cache_export(
 
     Example: distill cache export cache/wt103 --format hdf5 wt103.h5
     """
-    from distill.cache.manage import export_hdf5
+    from distill.cache.hdf5 import export_hdf5
 
     if format_ != "hdf5":
         fail(f"--format {format_}: only hdf5 is supported — pass --format hdf5")
@@ -372,7 +372,7 @@ def cache_import(
 
     Example: distill cache import wt103.h5 cache/wt103
     """
-    from distill.cache.manage import import_hdf5
+    from distill.cache.hdf5 import import_hdf5
 
     with reported_errors():
         summary = import_hdf5(file, store)

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import zarr
 
-from distill.cache.store import CLAIM_FILE, ShardBusy, claim_shard, read_shard_claim, write_claim_file
+from distill.cache.claims import CLAIM_FILE, ShardBusy, claim_shard, read_shard_claim, write_claim_file
 from tests.helpers import assert_stores_equal, cache_args, invoke, spawn
 
 SETTINGS = {"max_rows": 48, "num_shards": 2}  # 6 chunks of 8 rows: two shards of 3 chunks

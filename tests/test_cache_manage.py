@@ -15,16 +15,11 @@ import h5py
 import numpy as np
 import pytest
 
-from distill.cache.manage import require_sound_store, root_arrays
+from distill.cache.claims import CREATION_MARKER, claim_creation, wait_for_creation
 from distill.cache.reader import CacheReader
 from distill.cache.schema import CacheError, manifest_identity
-from distill.cache.store import (
-    CREATION_MARKER,
-    claim_creation,
-    open_root,
-    read_manifest,
-    wait_for_creation,
-)
+from distill.cache.store import open_root, read_manifest, root_arrays
+from distill.cache.verify import require_sound_store
 from distill.cache.writer import new_store_shards, shards_to_fill
 from distill.config import CacheConfig, ConfigError
 from tests.helpers import REPO, assert_stores_equal, cache_args, invoke, spawn, subprocess_env

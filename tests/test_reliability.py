@@ -156,9 +156,9 @@ def test_a_missing_chunk_file_is_found_by_verify_quick_and_deep(store_missing_a_
 
 
 def test_a_missing_chunk_file_is_refused_by_the_reader_and_train(train_assets, store_missing_a_chunk, tmp_path):
-    from distill.cache.manage import check_store
     from distill.cache.reader import CacheReader
-    from distill.cache.store import StoreDamaged
+    from distill.cache.shards import StoreDamaged
+    from distill.cache.verify import check_store
 
     reader = CacheReader(str(store_missing_a_chunk))
     assert reader.read_rows([0, 7], ["topk_logits"])["topk_logits"].shape[0] == 2  # chunk 0 is whole
@@ -214,26 +214,26 @@ def test_cache_teacher_on_sigterm_says_what_was_committed_and_resumes(tiny_asset
     import os
     import signal
 
-    from distill.cache import store as store_module
-    from distill.cache.manage import verify_store
+    from distill.cache import shards as shards_module
+    from distill.cache.verify import verify_store
     from tests.helpers import cache_args
 
     out = tmp_path / "store"
     args = cache_args(tiny_assets, out, max_rows=40)  # 5 chunks of 8 rows
-    original = store_module.ShardWriter.write_chunk
+    original = shards_module.ShardWriter.write_chunk
 
     def write_then_terminate(self, chunk, *rest):  # the real write; then a real SIGTERM, as `kill` sends it
         original(self, chunk, *rest)
         if chunk == 1:
             os.kill(os.getpid(), signal.SIGTERM)
 
-    monkeypatch.setattr(store_module.ShardWriter, "write_chunk", write_then_terminate)
+    monkeypatch.setattr(shards_module.ShardWriter, "write_chunk", write_then_terminate)
     stopped = invoke("cache-teacher", *args)
     assert stopped.exit_code == 128 + signal.SIGTERM, stopped.output
     assert "Traceback" not in stopped.output
     line = [x for x in stopped.stderr.splitlines() if x.startswith("stopped by signal 15")]
     assert len(line) == 1 and "chunks are committed" in line[0] and "re-run the same command" in line[0]
-    monkeypatch.setattr(store_module.ShardWriter, "write_chunk", original)
+    monkeypatch.setattr(shards_module.ShardWriter, "write_chunk", original)
     resumed = invoke("cache-teacher", *args)
     assert resumed.exit_code == 0, resumed.output
     assert verify_store(str(out)).sound

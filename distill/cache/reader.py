@@ -15,7 +15,7 @@ Dtype contract of ``CacheReader.read_rows`` (stage 2 relies on it):
   multiplier, None otherwise).
 
 The reader checks before it trusts: the schema version, that every shard it reads is
-complete, that the data files of the chunks it reads exist ([missing-chunk note] in store.py),
+complete, that the data files of the chunks it reads exist ([missing-chunk note] in shards.py),
 and (on request) that the fields and temperatures a consumer needs are stored.
 """
 
@@ -31,16 +31,14 @@ import torch
 import zarr
 
 from distill.cache.schema import TOKENIZER_GROUP, CacheError, build_field_specs, shard_name
-from distill.cache.store import (
+from distill.cache.shards import (
     StoreDamaged,
     chunk_matches_checksum,
     describe_missing,
-    load_manifest,
     missing_chunk_files,
-    open_root,
-    shard_records,
     stored_files,
 )
+from distill.cache.store import load_manifest, open_root, shard_records
 from distill.cache.targets import DECODED_FIELDS, ID_BY_RANK, decode_stored_targets, target_kind, target_read_fields
 
 

@@ -1,8 +1,8 @@
 """Writing a store from many processes: who creates it, who fills which shard, and a background writer.
 
-Creation ([creation note] in store.py): the first process to claim the creation calibrates and writes
+Creation ([creation note] in claims.py): the first process to claim the creation calibrates and writes
 the store, manifest last; the others wait for the manifest and check it against their own settings.
-Filling ([claim note] in store.py): each shard is filled under its claim, chunk by chunk; a
+Filling ([claim note] in claims.py): each shard is filled under its claim, chunk by chunk; a
 ``BackgroundWriter`` writes and commits one chunk while the teacher computes the next.
 """
 
@@ -16,25 +16,20 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from distill.cache.store import (
+from distill.cache.claims import (
     CLAIM_TIMEOUT_ENV,
     ShardBusy,
     ShardClaim,
-    ShardWriter,
-    check_compatible,
     claim_creation,
     claim_shard,
-    create_store,
     create_timeout,
-    delete_store,
     describe_holder,
-    find_manifest,
-    load_manifest,
-    open_root,
     release_creation,
     store_state,
     wait_for_creation,
 )
+from distill.cache.shards import ShardWriter
+from distill.cache.store import check_compatible, create_store, delete_store, find_manifest, load_manifest, open_root
 from distill.config import CacheConfig, ConfigError, parse_shard
 from distill.runtime import torchrun_rank
 
@@ -126,7 +121,7 @@ class BackgroundWriter:
 
 
 def commit_chunk(writer: ShardWriter, claim: ShardClaim, chunk: int, arrays: dict, tokens: int, bad: list) -> None:
-    """Write and commit one chunk, then refresh the shard's claim (see [claim note] in store.py)."""
+    """Write and commit one chunk, then refresh the shard's claim (see [claim note] in claims.py)."""
     writer.write_chunk(chunk, arrays, tokens, bad)
     claim.refresh()
 
@@ -168,7 +163,7 @@ def chunks_to_fill(record: dict[str, Any], chunk_rows: int) -> list[tuple[int, i
 
 
 def claim_or_defer(cfg: CacheConfig, index: int, deferred: set[int]) -> ShardClaim | None:
-    """Claim a shard (see [claim note]); a busy one is retried once after the others, then reported.
+    """Claim a shard (see [claim note] in claims.py); a busy one is retried once after the others, then reported.
 
     ``--shard i/n`` names its shard: a busy one is refused (ShardBusy propagates)."""
     try:

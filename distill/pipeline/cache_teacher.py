@@ -21,7 +21,9 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from distill.cache.store import ShardBusy, ShardClaim, open_root, open_shard_writer, shard_records
+from distill.cache.claims import ShardBusy, ShardClaim
+from distill.cache.shards import open_shard_writer
+from distill.cache.store import open_root, shard_records
 from distill.cache.targets import target_kind
 from distill.cache.writer import (
     BackgroundWriter,
@@ -90,7 +92,7 @@ def count_tokens(plan: RowPlan, todo: list[tuple[int, int, int]]) -> int:
 def run(cfg: CacheConfig) -> dict[str, Any]:
     """Fill the store at ``cfg.out`` (creating or resuming it). Returns a summary of the work done.
 
-    Each shard is filled under its claim (see [claim note] in store.py): shards claimed by another live
+    Each shard is filled under its claim (see [claim note] in claims.py): shards claimed by another live
     process are skipped (tried again once after the others) and listed in ``busy_shards``."""
     cfg.require_io()
     check_teacher_source(cfg.teacher)

@@ -539,7 +539,7 @@ def run_eval(
     verify_cache: how the store is checked first, as train does (auto, deep, quick or off).
     report_to: trackers that also get the report table and plots (see tracking.py).
     """
-    from distill.cache.manage import check_store
+    from distill.cache.verify import check_store
     from distill.pipeline.tracking import log_eval_report, require_trackers
 
     require_trackers(report_to or [])

@@ -20,9 +20,9 @@ import torch
 import torch.nn as nn
 
 from distill.cache.info import measure_head_mass
-from distill.cache.manage import check_store
 from distill.cache.reader import CacheReader
 from distill.cache.schema import STATS_GROUP, root_array_path
+from distill.cache.verify import check_store
 from distill.config import ConfigError, TrainConfig
 from distill.pipeline.align import is_same_tokenizer, load_or_build_vocab_map, pad_vocab_map
 from distill.pipeline.batches import Batcher
