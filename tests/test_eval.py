@@ -17,22 +17,20 @@ from distill.cache.reader import CacheReader
 from distill.cli import app
 from distill.config import ConfigError
 from distill.pipeline.categories import categorize_bytes
-from distill.pipeline.evaluate import (
+from distill.pipeline.eval_scores import (
     RowScores,
     bits_per_byte,
     bootstrap_bpb,
     build_student_spans,
-    evaluate_student,
     expected_calibration_error,
     find_boundaries,
     find_scored_range,
     gap_closed,
     percentile_interval,
-    read_metrics,
-    resolve_student,
     score_identical_bytes,
     score_row,
 )
+from distill.pipeline.evaluate import evaluate_student, read_metrics, resolve_student
 from distill.pipeline.packing import split_segments
 from tests.helpers import run_train, train_args
 

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 
 from distill.pipeline.align import list_token_keys
-from distill.pipeline.losses import kd_tail_loss
+from distill.pipeline.kd_losses import kd_tail_loss
 from distill.pipeline.prefix_map import build_prefix_map, load_or_build_prefix_map
 from distill.pipeline.xtok_losses import kd_prefix_loss
 from tests.tokenizer_utils import save_and_reload, train_byte_level_tokenizer, train_sentencepiece_style_tokenizer

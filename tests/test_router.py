@@ -7,14 +7,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from distill.pipeline.losses import (
+from distill.pipeline.feature_losses import (
     contrastive_loss,
     importance_loss,
     layerwise_loss,
     load_balance_loss,
-    projector_kd_loss,
     routed_feature_loss,
 )
+from distill.pipeline.kd_losses import projector_kd_loss
 from distill.pipeline.router import (
     LogitProjector,
     RouterOutput,

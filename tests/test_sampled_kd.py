@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from distill.cache.targets import build_target_layout, decode_targets
-from distill.pipeline.losses import kd_tail_loss
+from distill.pipeline.kd_losses import kd_tail_loss
 from distill.pipeline.sampled_kd import sampled_kd_loss
 from distill.pipeline.target_fields import compute_target_slice
 

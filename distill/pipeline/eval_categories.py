@@ -2,7 +2,7 @@
 
 [category-bytes note] Within a row's scored range every model has a boundary at each character where
 *all* of them have one (the common boundaries, whose first and last delimit the range, see [scored-bytes
-note] in evaluate.py). Between two consecutive common boundaries lies a segment that every model predicts
+note] in eval_scores.py). Between two consecutive common boundaries lies a segment that every model predicts
 exactly, token for token, given the same text before it; its NLL is read from each model's cumulative NLL.
 Each segment is filed under the category of its text (categories.py: usually one word with its leading
 space, one punctuation mark, one whitespace run; a segment where the tokenizations disagree on a boundary

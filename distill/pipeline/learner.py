@@ -23,7 +23,8 @@ from torch import Tensor
 
 from distill.config import TrainConfig
 from distill.pipeline.batches import Batch
-from distill.pipeline.losses import combine_terms, lm_and_kd_from_hidden
+from distill.pipeline.feature_losses import combine_terms
+from distill.pipeline.lm_losses import lm_and_kd_from_hidden
 from distill.pipeline.packing import next_in_segment, segment_position_ids
 from distill.pipeline.router import standardize_hidden
 from distill.pipeline.signals import TeacherSignal
@@ -95,7 +96,7 @@ class StepView:
     @cached_property
     def head(self) -> dict[str, Tensor | None]:
         """lm, lm_unaligned and (tail mode) kd in one slice-by-slice pass over the output layer
-        ([sliced-logits note] in losses.py): the full (B, Ls, Vs) logits are never held."""
+        ([sliced-logits note] in lm_losses.py): the full (B, Ls, Vs) logits are never held."""
         hidden = self.out.last_hidden_state  # (B, Ls, D)
         bsz, length = self.input_ids.shape
         unaligned = None

@@ -11,8 +11,8 @@
 - `expert_usage` — the fraction of positions routed (top-1) to each expert, for logs.
 
 Stage 2 flattens the batch to the N aligned positions before calling these modules; the
-matching losses are in `losses.py` (`routed_feature_loss`, `load_balance_loss`,
-`importance_loss`, `projector_kd_loss`).
+matching losses are in `feature_losses.py` (`routed_feature_loss`, `load_balance_loss`,
+`importance_loss`) and `kd_losses.py` (`projector_kd_loss`).
 
 Inputs from the cache are fp16; every module casts its inputs explicitly to its own
 parameter dtype, so it runs with or without autocast (eval runs without).
@@ -35,7 +35,7 @@ class RouterOutput:
     Attributes:
         expert_error: (N, E) fp32, per position and expert the MSE (mean over dims) between the
             expert's student projection and its fixed, standardized teacher layer; trainable only
-            through the student side. `losses.routed_feature_loss(router_probs, expert_error)` is
+            through the student side. `feature_losses.routed_feature_loss(router_probs, expert_error)` is
             the feature term.
         router_probs: (N, E) fp32 softmax of the gate; carries the gate's gradient.
         expert_index: (N, top_k) int64, the top_k experts of each position, best first (column 0
@@ -128,7 +128,7 @@ class StudentAwareRouter(nn.Module):
     Per position, with h the normalized student state ([student-norm note]), p = softmax(gate(h)),
     P_e a student-side Linear per expert and T_e the fixed standardized teacher layer e:
         err_e   = mean_d (P_e(h) - T_e)²
-        feature = Σ_e p_e · err_e                      (`losses.routed_feature_loss`)
+        feature = Σ_e p_e · err_e                      (`feature_losses.routed_feature_loss`)
 
     [router-gradient note] The gate weighs each expert's own error (the competitive mixture of
     experts of Jacobs et al., 1991), over all E experts, with the full softmax. Its gradient is the

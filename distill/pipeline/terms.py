@@ -12,8 +12,8 @@ computed from one micro-batch (a ``StepView``). Everything else reads the table:
 
 A term is on in a run when its curriculum base weight is > 0 and it is not disabled (lm always is); at a
 step it is computed when one of its parts weighs > 0. To add a term: a ``CurriculumConfig`` weight (and a
-ramp) in config.py, its loss in losses.py, and one entry in ``TERMS`` here. To add a kd mode: its name in
-``config.KD_MODES`` and one entry in ``KD_MODES`` here.
+ramp) in config.py, its loss in one of the *_losses.py modules, and one entry in ``TERMS`` here. To add a kd
+mode: its name in ``config.KD_MODES`` and one entry in ``KD_MODES`` here.
 """
 
 from __future__ import annotations
@@ -28,19 +28,17 @@ from torch import Tensor
 
 from distill.cache.schema import CacheError
 from distill.config import TrainConfig
-from distill.pipeline.losses import (
+from distill.pipeline.feature_losses import (
     attention_kl_loss,
     contrastive_loss,
     importance_loss,
-    kd_tail_loss,
     layerwise_loss,
-    lm_loss,
     load_balance_loss,
     pool_attention_to_spans,
-    projector_kd_loss,
     routed_feature_loss,
-    uld_loss,
 )
+from distill.pipeline.kd_losses import kd_tail_loss, projector_kd_loss, uld_loss
+from distill.pipeline.lm_losses import lm_loss
 from distill.pipeline.router import (
     LogitProjector,
     StudentAwareRouter,

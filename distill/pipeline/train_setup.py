@@ -27,8 +27,8 @@ from distill.config import ConfigError, TrainConfig
 from distill.pipeline.align import is_same_tokenizer, load_or_build_vocab_map, pad_vocab_map
 from distill.pipeline.batches import Batcher
 from distill.pipeline.distributed import init_world, wrap_for_ranks
+from distill.pipeline.feature_losses import build_layer_map
 from distill.pipeline.learner import Learner, TeacherFacts
-from distill.pipeline.losses import build_layer_map
 from distill.pipeline.packing import check_packed_forward
 from distill.pipeline.prefix_map import load_or_build_prefix_map
 from distill.pipeline.progress import say

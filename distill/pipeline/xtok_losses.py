@@ -1,6 +1,6 @@
 """Cross-tokenizer loss terms that need only the cached fields: prefix-bin KD and ALM chunk likelihoods.
 
-Pure tensor functions, like losses.py (means over valid positions or chunks, fp32 reductions,
+Pure tensor functions, like kd_losses.py (means over valid positions or chunks, fp32 reductions,
 exact 0 in the graph when nothing is valid). `N` = aligned positions, `Vs` = student vocabulary,
 `K` = cached top-K, `C` = chunks, `B`/`L` = rows/positions.
 
@@ -19,7 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from distill.pipeline.losses import _LOG_ZERO, _HeadStatistics, _select_rows, _zero, log1mexp
+from distill.pipeline.kd_losses import _LOG_ZERO, _select_rows, _zero, log1mexp
+from distill.pipeline.lm_losses import _HeadStatistics
 
 _TINY_MASS = 1e-30  # a student bin below this is scored as holding this much (log -69), never log 0 = -inf
 
@@ -48,7 +49,7 @@ def kd_prefix_loss(
     With t_b = Σ_{teacher head tokens in bin b} t_i, s_b = Σ_{student tokens in bin b} s_j over the bins
     the teacher's head reaches, r_t = 1 - Σ_b t_b and r_s = the student's mass in every other bin or in
     none: KL = Σ_b t_b (log t_b - log s_b) + r_t (log r_t - log r_s). With every token its own bin it is
-    `kd_tail_loss`; r_s is summed from the non-head bins directly ([tail-bin note] in losses.py).
+    `kd_tail_loss`; r_s is summed from the non-head bins directly ([tail-bin note] in kd_losses.py).
     """
     student_logits, teacher_bins, teacher_logits, teacher_lse = _select_rows(
         mask, student_logits, teacher_bins, teacher_logits, teacher_lse
@@ -137,7 +138,7 @@ def alm_loss(
 def next_token_logprobs_from_hidden(
     hidden: Tensor, head: torch.nn.Module, labels: Tensor, slice_size: int = 256
 ) -> Tensor:
-    """log q(label) of every position from the last hidden state, slice by slice ([sliced-logits note] in losses.py).
+    """log q(label) of every position from the last hidden state, slice by slice ([sliced-logits note] in lm_losses.py).
 
     hidden: (P, D); head: the student's output layer D -> V; labels: (P,) next tokens, -100 where none.
     Returns (P,) fp32, 0 where the label is -100; differentiable with respect to hidden and the head.

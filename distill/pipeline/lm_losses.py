@@ -1,0 +1,249 @@
+"""The student's own language-modeling loss, and lm + kd from its last hidden state without the full logits.
+
+Pure tensor functions with the conventions of kd_losses.py (fp32 means over valid positions, an in-graph 0
+when nothing is valid).
+
+- `lm_loss`          next-token cross-entropy on the student's own tokens
+- `lm_and_kd_from_hidden` lm, lm_unaligned and the tail kd from the last hidden state, in slices
+                     ([sliced-logits note] at `_HeadStatistics`)
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from distill.pipeline.kd_losses import _kd_tail_rows
+from distill.pipeline.sampled_kd import sampled_kd_rows
+
+# --- the student's own language-modeling loss ------------------------------------------
+
+
+def lm_loss(logits: Tensor, labels: Tensor, ignore_index: int = -100) -> Tensor:
+    """Next-token cross-entropy, mean over non-ignored labels, in fp32.
+
+    Args:
+        logits: (B, L, V) (or (N, V)), already aligned: logits[:, t] predicts labels[:, t]
+            — the caller does the shift.
+        labels: (B, L) (or (N,)) int64; `ignore_index` marks positions not scored.
+    Returns 0 (in the graph) when every label is ignored.
+    """
+    flat_logits = logits.reshape(-1, logits.shape[-1]).float()
+    flat_labels = labels.reshape(-1).long()
+    count = (flat_labels != ignore_index).sum()
+    # reduction="mean" is NaN when all labels are ignored; sum / max(count, 1) is 0 then.
+    total = F.cross_entropy(flat_logits, flat_labels, ignore_index=ignore_index, reduction="sum")
+    return total / count.clamp(min=1)
+
+
+def lm_and_kd_from_hidden(
+    hidden: Tensor,
+    head: torch.nn.Module,
+    labels: Tensor,
+    unaligned: Tensor | None,
+    kd_pos: Tensor,
+    kd_ids: Tensor | None,
+    kd_logits: Tensor | None,
+    kd_lse: Tensor | None,
+    temperature: float,
+    slice_size: int = 256,
+    kd_multiplier: Tensor | None = None,
+) -> tuple[Tensor, Tensor | None, Tensor | None]:
+    """``lm`` (and ``lm_unaligned``) and the tail-bin ``kd`` from the student's last hidden state, slice by slice.
+
+    Args:
+        hidden: (P, D) last hidden state of every student position, flattened over the batch.
+        head: the student's output layer, a linear map D -> V (``.weight`` (V, D), ``.bias`` or None).
+        labels: (P,) next token of each position, -100 where there is none.
+        unaligned: (P,) bool, positions without a teacher target (for ``lm_unaligned``), or None.
+        kd_pos: (N,) int64 distinct rows of ``hidden`` that have a teacher target (any order).
+        kd_ids, kd_logits, kd_lse: the ``kd_tail_loss`` teacher inputs of those N rows; None skips kd.
+        temperature: KD temperature.
+        slice_size: rows per slice.
+        kd_multiplier: (N, K) for sampled teacher targets: kd is then ``sampled_kd_loss``'s unbiased estimate of
+            the full KL instead of the K+1-bin KL ([unbiased-kd note] in sampled_kd.py); None = the tail kd.
+
+    ``lm`` is the mean cross-entropy over valid positions; ``lm_unaligned`` sums the cross-entropy
+    of the positions WITHOUT a teacher target and divides by ALL valid positions; ``kd`` equals
+    ``kd_tail_loss`` on the logits of the kd rows. See [sliced-logits note] at ``_HeadStatistics``
+    for how they are computed without the full logits.
+
+    [unaligned-lm note] With kd weight a, lm weighs 1 - a everywhere; positions that no teacher
+    position aligns with get no kd signal, so they would train at 1 - a only. ``lm_unaligned``,
+    weighted a, lifts them back to weight 1: per unaligned position (1 - a)/N + a/N = 1/N. It is 0
+    when every position is aligned (one tokenizer).
+    """
+    do_kd = kd_ids is not None and kd_pos.numel() > 0
+    if do_kd and kd_pos.unique().numel() != kd_pos.numel():
+        raise ValueError("kd_pos must not repeat a row (each position has one teacher target)")
+    device_type = hidden.device.type
+    autocast = torch.is_autocast_enabled(device_type)
+    if not autocast and hidden.dtype != head.weight.dtype:
+        raise ValueError(f"hidden is {hidden.dtype} but the output layer is {head.weight.dtype} (and no autocast)")
+    compute_dtype = torch.get_autocast_dtype(device_type) if autocast else head.weight.dtype
+    valid = labels != -100
+    # Rows that are scored at all: padding without a kd target costs nothing.
+    keep = valid.clone()
+    if do_kd:
+        keep[kd_pos] = True
+    rows = keep.nonzero()[:, 0]
+    new_index = torch.cumsum(keep, 0) - 1  # old row -> row among the kept ones
+    lse1, z_label, lse_t, lse_rest, z_ids = _HeadStatistics.apply(
+        hidden[rows],
+        head.weight,
+        getattr(head, "bias", None),
+        labels[rows].clamp(min=0),
+        new_index[kd_pos] if do_kd else None,
+        kd_ids.long() if do_kd else None,
+        temperature,
+        slice_size,
+        compute_dtype,
+    )
+    count = valid.sum().clamp(min=1)
+    ce = (lse1 - z_label) * valid[rows]  # (P',) per-position cross-entropy, 0 where unscored
+    lm = ce.sum() / count
+    lm_unaligned = (ce * unaligned[rows]).sum() / count if unaligned is not None else None
+    if not do_kd:
+        return lm, lm_unaligned, None
+    s_logp = z_ids / temperature - lse_t.unsqueeze(-1)  # (N, K) student log-probs at T of the mapped ids
+    log_tail_s = lse_rest - lse_t  # (N,) summed over the non-head tokens: [tail-bin note]
+    if kd_multiplier is not None:
+        rows = sampled_kd_rows(s_logp, kd_ids, kd_logits, kd_multiplier, kd_lse, temperature)
+    else:
+        rows = _kd_tail_rows(s_logp, log_tail_s, kd_ids, kd_logits, kd_lse, temperature)
+    return lm, lm_unaligned, rows.mean() * temperature**2
+
+
+class _HeadStatistics(torch.autograd.Function):
+    """The output layer's logits reduced, slice by slice, to the statistics the lm and kd terms need.
+
+    Forward: for rows h (P, D) and the output layer (W, b), logits z = h Wᵀ + b, per slice of rows:
+    ``lse1`` = logsumexp(z) (P,), ``z_label`` = z at each row's label (P,), and for the kd rows
+    ``lse_t`` = logsumexp(z / T) (N,), ``lse_rest`` = logsumexp(z / T) over the columns outside the
+    row's matched ids (N,; -inf when there are none) and ``z_ids`` = z at the mapped teacher ids (N, K)
+    (-1 ids read column 0; the kd term masks them). cross-entropy = lse1 - z_label, the student's
+    log-prob at T of an id = z_ids / T - lse_t and its log tail = lse_rest - lse_t ([tail-bin note]),
+    so both terms are functions of these.
+
+    [sliced-logits note] The (P, V) logits are a step's largest tensor (49k columns for the
+    reference student) and every pass over them costs as much as a good part of the output
+    layer's product at small widths. Here no (P, V) tensor ever exists: each slice's logits are
+    made, reduced in place and freed; backward recomputes them and forms the gradient of the
+    logits directly, dz = softmax(z)·g_lse1 + softmax(z/T)·g_lse_t/T + rest(z/T)·g_rest/T +
+    scatter(g_label) + scatter(g_ids), with rest(z/T) the softmax over the non-head columns (0 on the
+    head). Two exponentials in place instead of autograd's log-softmax, division, index and
+    zero-filled scatter buffers: forward masks the head columns in place and gets lse_t =
+    logaddexp(lse_rest, logsumexp(head)) (a sum of positives, no cancellation); backward makes
+    rest(z/T) once and reads softmax(z/T) from it as rest · exp(lse_rest - lse_t) on the non-head
+    columns (a factor <= 1: nothing overflows) and from z_ids on the K head columns, which it writes
+    over (so the head columns' rest values, which may overflow, never reach the sum). The products run
+    in ``compute_dtype`` (the autocast dtype under autocast), the reductions in fp32.
+    """
+
+    @staticmethod
+    def forward(ctx, h, weight, bias, labels, kd_rows, kd_ids, temperature, slice_size, compute_dtype):
+        n_rows = h.shape[0]
+        lse1 = h.new_empty(n_rows, dtype=torch.float32)
+        z_label = h.new_empty(n_rows, dtype=torch.float32)
+        n_kd = 0 if kd_rows is None else kd_rows.numel()
+        # logsumexp(z / T) of every row when there are kd rows (most rows are; computing it for all
+        # rows in place is cheaper than copying the kd rows out), of none otherwise.
+        lse_t_all = h.new_zeros(n_rows if n_kd else 0, dtype=torch.float32)
+        lse_rest_all = h.new_zeros(n_rows if n_kd else 0, dtype=torch.float32)  # = lse_t on rows without kd
+        z_ids = h.new_empty((n_kd, 0 if kd_ids is None else kd_ids.shape[1]), dtype=torch.float32)
+        w, b = _cast(weight, compute_dtype), _cast(bias, compute_dtype)
+        with torch.autocast(h.device.type, enabled=False):
+            for start, end, pick, local in _head_slices(n_rows, slice_size, kd_rows):
+                z = F.linear(h[start:end].to(compute_dtype), w, b).float()  # (n, V)
+                lse1[start:end] = torch.logsumexp(z, dim=-1)
+                z_label[start:end] = z.gather(1, labels[start:end, None])[:, 0]
+                if local is not None:
+                    ids = kd_ids[pick]
+                    z_ids[pick] = z[local[:, None], ids.clamp(min=0)]
+                    head_t = torch.where(ids >= 0, z_ids[pick] / temperature, -math.inf)  # (k, K)
+                    z.div_(temperature).index_put_(_head_cells(local, ids), z.new_tensor(-math.inf))
+                    lse_rest = torch.logsumexp(z, dim=-1)  # (n,) over the non-head columns
+                    lse_rest_all[start:end] = lse_rest
+                    lse_t = lse_rest.clone()
+                    lse_t[local] = torch.logaddexp(lse_rest[local], torch.logsumexp(head_t, dim=-1))
+                    lse_t_all[start:end] = lse_t
+        ctx.save_for_backward(h, weight, bias, labels, kd_rows, kd_ids, lse1, lse_t_all, lse_rest_all)
+        ctx.settings = (temperature, slice_size, compute_dtype)
+        if n_kd:
+            return lse1, z_label, lse_t_all[kd_rows], lse_rest_all[kd_rows], z_ids
+        return lse1, z_label, lse_t_all, lse_rest_all, z_ids
+
+    @staticmethod
+    def backward(ctx, g_lse1, g_label, g_lse_t, g_rest, g_ids):
+        h, weight, bias, labels, kd_rows, kd_ids, lse1, lse_t_all, lse_rest_all = ctx.saved_tensors
+        temperature, slice_size, compute_dtype = ctx.settings
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        grad_h = torch.zeros_like(h) if need_h else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+        grad_b = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if need_b else None
+        w, b = _cast(weight, compute_dtype), _cast(bias, compute_dtype)
+        with torch.autocast(h.device.type, enabled=False):
+            for start, end, pick, local in _head_slices(h.shape[0], slice_size, kd_rows):
+                hs = h[start:end].to(compute_dtype)
+                z = F.linear(hs, w, b).float()  # (n, V)
+                soft_t = None
+                if local is not None:  # (softmax(z/T)·g_lse_t + rest(z/T)·g_rest) / T, 0 on rows without kd
+                    ids = kd_ids[pick]
+                    lse_t, lse_rest = lse_t_all[start:end][local], lse_rest_all[start:end][local]
+                    # Non-head columns: softmax(z/T) = rest(z/T) · exp(lse_rest - lse_t), so one exponential
+                    # serves both. Rows without a tail (lse_rest = -inf) are all head: overwritten below.
+                    tail = torch.exp(lse_rest - lse_t)
+                    coef = z.new_zeros(end - start).index_copy_(
+                        0, local, (g_lse_t[pick] * tail + g_rest[pick]) / temperature
+                    )
+                    soft_t = torch.div(z, temperature).sub_(lse_rest_all[start:end, None]).exp_().mul_(coef[:, None])
+                    head_cells = _head_cells(local, ids)
+                    z_head = z[local[:, None], ids.clamp(min=0)]  # (k, K) before z is overwritten
+                    head_grad = (z_head / temperature - lse_t[:, None]).exp() * (g_lse_t[pick] / temperature)[:, None]
+                    soft_t.index_put_(head_cells, head_grad[ids >= 0])  # written over, not added
+                dz = z.sub_(lse1[start:end, None]).exp_().mul_(g_lse1[start:end, None])
+                if soft_t is not None:
+                    dz.add_(soft_t)
+                    del soft_t
+                    dz.index_put_(
+                        (local[:, None], kd_ids[pick].clamp(min=0)),
+                        g_ids[pick] * (kd_ids[pick] >= 0),
+                        accumulate=True,
+                    )
+                dz.scatter_add_(1, labels[start:end, None], g_label[start:end, None])
+                dz_c = dz.to(compute_dtype)
+                if need_h:
+                    grad_h[start:end] = (dz_c @ w).to(h.dtype)
+                if need_w and compute_dtype == torch.float32:
+                    grad_w.addmm_(dz_c.t(), hs)
+                elif need_w:
+                    grad_w.add_((dz_c.t() @ hs).float())
+                if need_b:
+                    grad_b.add_(dz.sum(0))
+        grad_w = grad_w.to(weight.dtype) if need_w else None
+        grad_b = grad_b.to(bias.dtype) if need_b else None
+        return grad_h, grad_w, grad_b, None, None, None, None, None, None
+
+
+def _head_cells(local: Tensor, ids: Tensor) -> tuple[Tensor, Tensor]:
+    """(row, column) index pairs of the matched head ids; local (k,) rows of the slice, ids (k, K), -1 = none."""
+    matched = ids >= 0
+    return local[:, None].expand_as(ids)[matched], ids[matched]
+
+
+def _cast(t: Tensor | None, dtype: torch.dtype) -> Tensor | None:
+    return None if t is None else t.to(dtype)
+
+
+def _head_slices(n_rows: int, slice_size: int, kd_rows: Tensor | None):
+    """(start, end, pick, local) per slice: ``pick`` indexes the kd rows in the slice, ``local`` their offsets."""
+    for start in range(0, n_rows, slice_size):
+        end = min(start + slice_size, n_rows)
+        if kd_rows is None:
+            yield start, end, None, None
+            continue
+        pick = ((kd_rows >= start) & (kd_rows < end)).nonzero()[:, 0]
+        yield start, end, pick, (kd_rows[pick] - start if pick.numel() else None)
