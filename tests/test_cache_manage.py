@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import socket
 import subprocess
@@ -15,7 +16,7 @@ import h5py
 import numpy as np
 import pytest
 
-from distill.cache.claims import CREATION_MARKER, claim_creation, wait_for_creation
+from distill.cache.claims import CREATION_MARKER, claim_creation, store_state, wait_for_creation
 from distill.cache.reader import CacheReader
 from distill.cache.schema import CacheError, manifest_identity
 from distill.cache.store import open_root, read_manifest, root_arrays
@@ -147,6 +148,17 @@ def test_exactly_one_of_many_racing_claims_wins(kind, tmp_path):
     for t in threads:
         t.join()
     assert sorted(results) == [False] * 7 + [True]
+
+
+def test_a_half_written_root_reads_as_being_created(tmp_path):
+    """Another process may be writing zarr.json in place: a torn read is 'creating', then 'ready', never a crash."""
+    store = tmp_path / "store"
+    store.mkdir()
+    (store / "zarr.json").write_text('{"zarr_format": 3, "node_type": "gr')  # cut mid-write
+    (store / CREATION_MARKER).write_text(json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "token": "x"}))
+    assert store_state(str(store)) == ("creating", {"host": socket.gethostname(), "pid": os.getpid(), "token": "x"})
+    (store / CREATION_MARKER).unlink()
+    assert store_state(str(store))[0] == "foreign"  # torn with nobody creating it: refused, not a JSON traceback
 
 
 def test_waiting_for_a_dead_or_stuck_creator_fails_clearly(tmp_path):

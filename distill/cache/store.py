@@ -16,6 +16,7 @@ the shard claims that let many processes share one store are in ``claims.py`` ([
 
 from __future__ import annotations
 
+import json
 import warnings
 from collections.abc import Iterable
 from typing import Any
@@ -86,15 +87,25 @@ def store_exists(url: str) -> bool:
     try:
         open_group(url, mode="r")
         return True
+    except json.JSONDecodeError:  # its zarr.json is being written (see find_manifest)
+        return True
     except (FileNotFoundError, zarr.errors.GroupNotFoundError, zarr.errors.NodeTypeValidationError):
         return False
 
 
 def find_manifest(url: str) -> dict[str, Any] | None:
-    """The manifest of the store at ``url``, or None when there is no store or it has no manifest yet."""
+    """The manifest of the store at ``url``, or None when there is no store or it has no manifest yet.
+
+    A ``zarr.json`` that is not valid JSON reads as "no manifest yet": another process may be writing it
+    right now (fsspec and zarr write it in place, not atomically), and the creation marker, which is
+    removed only after the manifest is complete, tells the caller to wait ([creation note] in claims.py).
+    """
     if not store_exists(url):
         return None
-    root = open_group(url, mode="r")
+    try:
+        root = open_group(url, mode="r")
+    except json.JSONDecodeError:
+        return None
     return load_manifest(root, url) if MANIFEST_ATTR in root.attrs else None
 
 
