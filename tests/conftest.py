@@ -77,3 +77,19 @@ def train_assets(tiny_assets, tmp_path_factory) -> dict[str, Path]:
     same = root / "student_same_tok"
     build_model(student_config(len(teacher_tok), hidden=32, layers=3), same, teacher_tok, seed=0)
     return {"store": store, "student": student, "student_same_tok": same, **tiny_assets}
+
+
+@pytest.fixture(scope="session")
+def tokenizers(tmp_path_factory):
+    """Tokenizer pairs for alignment and vocabulary maps (test files may define their own ``tokenizers``).
+
+    big/small: byte-level BPE, vocab 1000/300, same corpus; sp: SentencePiece-style 1000; untrimmed offsets 600."""
+    from tests.tokenizer_utils import save_and_reload, train_byte_level_tokenizer, train_sentencepiece_style_tokenizer
+
+    root = tmp_path_factory.mktemp("tokenizers")
+    return {
+        "big": save_and_reload(train_byte_level_tokenizer(1000), root / "big"),
+        "small": save_and_reload(train_byte_level_tokenizer(300), root / "small"),
+        "sp": save_and_reload(train_sentencepiece_style_tokenizer(1000), root / "sp"),
+        "untrimmed": save_and_reload(train_byte_level_tokenizer(600, trim_offsets=False), root / "untrimmed"),
+    }

@@ -33,7 +33,6 @@ from tests.tokenizer_utils import (
     build_corpus,
     save_and_reload,
     train_byte_level_tokenizer,
-    train_sentencepiece_style_tokenizer,
 )
 
 TEXTS = [
@@ -42,18 +41,6 @@ TEXTS = [
     "Thumbs up 👍🏽 and a test tube 🧪! Then 👍🏽🧪 together.",
     "Spaces  here,\ta tab and\n a new line, café.",
 ] + build_corpus(6, seed=99)
-
-
-@pytest.fixture(scope="module")
-def tokenizers(tmp_path_factory):
-    """big/small: byte-level BPE, vocab 1000/300, same corpus; sp: SentencePiece-style 1000; untrimmed offsets 600."""
-    root = tmp_path_factory.mktemp("tokenizers")
-    return {
-        "big": save_and_reload(train_byte_level_tokenizer(1000), root / "big"),
-        "small": save_and_reload(train_byte_level_tokenizer(300), root / "small"),
-        "sp": save_and_reload(train_sentencepiece_style_tokenizer(1000), root / "sp"),
-        "untrimmed": save_and_reload(train_byte_level_tokenizer(600, trim_offsets=False), root / "untrimmed"),
-    }
 
 
 def encode(tokenizer, text: str) -> tuple[list[int], np.ndarray]:

@@ -18,17 +18,6 @@ from distill.pipeline.align import list_token_keys
 from distill.pipeline.kd_losses import kd_tail_loss
 from distill.pipeline.prefix_map import build_prefix_map, load_or_build_prefix_map
 from distill.pipeline.xtok_losses import kd_prefix_loss
-from tests.tokenizer_utils import save_and_reload, train_byte_level_tokenizer, train_sentencepiece_style_tokenizer
-
-
-@pytest.fixture(scope="module")
-def tokenizers(tmp_path_factory):
-    root = tmp_path_factory.mktemp("prefix_tokenizers")
-    return {
-        "big": save_and_reload(train_byte_level_tokenizer(1000), root / "big"),
-        "small": save_and_reload(train_byte_level_tokenizer(300), root / "small"),
-        "sp": save_and_reload(train_sentencepiece_style_tokenizer(1000), root / "sp"),
-    }
 
 
 def token_bytes(tokenizer) -> dict[int, bytes]:
