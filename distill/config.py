@@ -317,9 +317,10 @@ class TrainConfig:
     clip: float = 1.0
     """Gradient-norm clipping (0 disables)."""
     temperature: float = 1.0
-    """KD temperature; must be one of the store's temperatures. Default 1: on a real teacher the stored top-256 hold
-    ~95% of the probability at T=1 but ~3% at T=4, where the K+1-bin target is mostly its tail bin (`cache info`
-    shows the head mass per stored temperature; `train` warns when it is under half)."""
+    """KD temperature; must be one of the store's temperatures. Default 1: on a real teacher a top-256 head holds
+    ~95% of the probability at T=1 but ~3% at T=4 (the default ``topk`` head: 89% and 1%), where the K+1-bin target
+    is mostly its tail bin (`cache info` shows the head mass per stored temperature; `train` warns when it is under
+    half)."""
     kd_mode: str = "prefix"
     """prefix (top-K grouped into shared-prefix bins + tail bin, default: the measured best on Gemma 3 -> SmolLM2,
     docs/real-pairs.md) | tail (exact matches + tail bin) | alm (chunk likelihoods from target_logprob in kd's
