@@ -8,7 +8,10 @@ GGUF checkpoints once). Two students, each trained on the same cached rows for t
 and without the teacher:
 - ``scratch``: a random-init Llama (hidden 256, 4 layers, 4/2 heads, MLP 768, tied embeddings) with
   SmolLM2's tokenizer: KD with every term (kd_mode tail, as measured) against CE-only, 400 steps;
-- ``pretrained``: SmolLM2-135M-Instruct as it ships, CE fine-tuning and KD fine-tuning.
+- ``pretrained``: SmolLM2-135M-Instruct as it ships, CE fine-tuning and KD fine-tuning;
+- ``kd-modes``: the scratch student (one init per seed) on stores made with today's defaults, CE-only
+  against ``--objective kd-only`` at ``kd_mode`` tail and prefix, 200 steps, seeds 0-2; each seed's runs are
+  scored together (``--baseline`` CE, then ``--baseline`` tail: intervals paired by row).
 ``distill eval`` scores each group on the held-out store (identical bytes, bootstrap intervals over
 rows). The teacher's bits per byte without its BOS is measured here directly (same tokens). Prints each
 command as it runs, then one JSON line with every figure.
@@ -34,6 +37,8 @@ CE_ONLY = "objective=ce"
 STORE_SETTINGS = ["--packing", "none", "--targets", "topk-fp16", "--top-k", "256"]
 SCRATCH = {"steps": 400, "batch_size": 4, "grad_accum": 2, "lr": 2e-3, "eval_every": 50}
 PRETRAINED = {"steps": 20, "batch_size": 2, "grad_accum": 2, "lr": 5e-5, "eval_every": 20}
+KD_MODES_PLAN = {"steps": 200, "batch_size": 4, "grad_accum": 1, "lr": 2e-3, "eval_every": 200}
+KD_MODES_SEEDS = (0, 1, 2)
 
 
 def distill(*args: str) -> None:
@@ -43,19 +48,22 @@ def distill(*args: str) -> None:
     subprocess.run(command, cwd=REPO, check=True)
 
 
-def build_stores(assets: dict[str, Path], work: Path) -> tuple[Path, Path]:
+def build_stores(assets: dict[str, Path], work: Path, settings: list[str] = STORE_SETTINGS) -> tuple[Path, Path]:
     """Gemma's stores of the train rows and of the whole held-out split (default fields, 128-token rows)."""
-    stores = (work / "stores" / "train", work / "stores" / "validation")
+    folder = work / ("stores" if settings else "stores-default")
+    stores = (folder / "train", folder / "validation")
     teacher = str(assets["gemma3"])
     for data, store, rows in ((assets["train"], stores[0], TRAIN_ROWS), (assets["validation"], stores[1], None)):
+        if (store / "zarr.json").is_file():
+            continue
         extra = ["--max-rows", str(rows)] if rows else []
         distill("cache-teacher", "--teacher", teacher, "--dataset", str(data), "--out", str(store),
-                "--seq-len", str(SEQ_LEN), *STORE_SETTINGS, *extra)  # fmt: skip
+                "--seq-len", str(SEQ_LEN), *settings, *extra)  # fmt: skip
     return stores
 
 
-def build_scratch_student(assets: dict[str, Path], out: Path) -> Path:
-    """A random-init small Llama with SmolLM2's tokenizer (seed 0)."""
+def build_scratch_student(assets: dict[str, Path], out: Path, seed: int = 0) -> Path:
+    """A random-init small Llama with SmolLM2's tokenizer."""
     from transformers import AutoTokenizer, LlamaConfig
 
     from distill.pipeline.demo import build_model
@@ -68,7 +76,7 @@ def build_scratch_student(assets: dict[str, Path], out: Path) -> Path:
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048, tie_word_embeddings=True,
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
     )  # fmt: skip
-    build_model(config, out, tokenizer, seed=0)
+    build_model(config, out, tokenizer, seed=seed)
     return out
 
 
@@ -119,17 +127,41 @@ def teacher_bpb_without_bos(assets: dict[str, Path], store: Path) -> dict[str, f
     return {"with_bos": with_bos * scale, "without_bos": without_bos * scale, "bytes": scored_bytes}
 
 
+def compare_kd_modes(assets: dict[str, Path], work: Path) -> dict[str, object]:
+    """CE-only, tail and prefix on the scratch student, per seed, on stores made with the defaults."""
+    stores = build_stores(assets, work, settings=[])
+    per_seed: dict[str, object] = {}
+    for seed in KD_MODES_SEEDS:
+        student = build_scratch_student(assets, work / "students" / f"scratch-{seed}", seed=seed)
+        runs = {
+            name: train(f"kd-modes-{seed}-{name}", student, stores, work, KD_MODES_PLAN, f"seed={seed}", *sets)
+            for name, sets in (("ce", [CE_ONLY]), ("tail", ["objective=kd-only", "kd_mode=tail"]),
+                               ("prefix", ["objective=kd-only", "kd_mode=prefix"]))
+        }  # fmt: skip
+        runs_list = list(runs.values())
+        per_seed[str(seed)] = {
+            "vs_ce": evaluate(f"kd-modes-{seed}", runs_list, runs["ce"].name, stores, work),
+            "vs_tail": evaluate(f"kd-modes-{seed}-vs-tail", runs_list[1:], runs["tail"].name, stores, work),
+        }
+    return per_seed
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work", type=Path, required=True, help="folder for stores, runs and reports (resumable)")
-    parser.add_argument("--only", choices=["scratch", "pretrained", "teacher"], default=None)
+    parser.add_argument("--only", choices=["scratch", "pretrained", "teacher", "kd-modes"], default=None)
     args = parser.parse_args()
     from tests.real.assets import fetch_all
 
     started = time.perf_counter()
     assets = fetch_all()
-    stores = build_stores(assets, args.work)
     results: dict[str, object] = {}
+    if args.only == "kd-modes":
+        results["kd_modes"] = compare_kd_modes(assets, args.work)
+        results["seconds"] = round(time.perf_counter() - started, 1)
+        print(json.dumps(results))
+        return
+    stores = build_stores(assets, args.work)
     if args.only in (None, "teacher"):
         results["teacher"] = teacher_bpb_without_bos(assets, stores[1])
     if args.only in (None, "scratch"):

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from distill.pipeline.feature_losses import (
-    attention_kl_loss,
+    attention_span_loss,
     build_layer_map,
     combine_terms,
     contrastive_loss,
@@ -257,17 +257,19 @@ def test_feature_loss_is_mean_over_positions_and_dims():
     assert feature_loss(s, t, mask=torch.zeros(3, dtype=torch.bool)).item() == 0.0
 
 
-def test_attention_kl_golden_and_zero_rows():
-    teacher = torch.tensor([[0.5, 0.5, 0.0], [1.0, 0.0, 0.0]])
-    student = torch.tensor([[0.25, 0.25, 0.5], [1.0, 0.0, 0.0]], requires_grad=True)
-    # row 0: 0.5 ln(0.5/0.25) * 2 = ln 2; row 1: 0 -> mean ln2 / 2
-    loss = attention_kl_loss(student, teacher)
-    assert abs(loss.item() - math.log(2) / 2) < 1e-6
+def test_attention_span_loss_golden_and_zero_rows():
+    # row 0: the teacher's text attention (0.5, 0.5, 0) is all stored; the student puts 0.2 on its BOS (key 0,
+    # unmapped) and (0.2, 0.2, 0.4) on the text keys: renormalized (0.25, 0.25, 0.5) -> KL = ln 2.
+    # row 1: the teacher stores nothing on text keys -> left out of the mean.
+    head = torch.tensor([[0.0, 0.5, 0.5, 0.0], [0.0, 0.0, 0.0, 0.0]])
+    rest = 1.0 - head.sum(-1)
+    mapped = torch.tensor([[False, True, True, True]]).expand(2, -1)
+    student = torch.tensor([[0.2, 0.2, 0.2, 0.4], [0.5, 0.5, 0.0, 0.0]], requires_grad=True)
+    loss = attention_span_loss(student, head, rest, mapped)
+    assert loss.item() == pytest.approx(math.log(2), abs=1e-6)
     loss.backward()
     assert torch.isfinite(student.grad).all()
-    assert attention_kl_loss(teacher, teacher).item() < 1e-7
-    assert abs(attention_kl_loss(student, teacher, mask=torch.tensor([True, False])).item() - math.log(2)) < 1e-6
-    assert attention_kl_loss(student, teacher, mask=torch.tensor([False, False])).item() == 0.0
+    assert attention_span_loss(student, head, rest, mapped, mask=torch.tensor([False, True])).item() == 0.0
 
 
 def test_pool_attention_to_spans_hand_example():
@@ -275,14 +277,15 @@ def test_pool_attention_to_spans_hand_example():
     values = torch.tensor([[0.4, 0.3, 0.1], [0.6, 0.2, 0.2]]).half()
     key_ids = torch.tensor([[0, 1, 2], [3, 3, -1]])  # query 1: only unmapped / padding keys
     span_index = torch.tensor([0, 0, 1, -1, 2])
-    pooled, valid = pool_attention_to_spans(values, key_ids, span_index, num_spans=3)
-    assert pooled.dtype == torch.float32
-    assert torch.allclose(pooled[0], torch.tensor([0.875, 0.125, 0.0]), atol=1e-3)  # (0.4+0.3)/0.8, 0.1/0.8
-    assert valid.tolist() == [True, False] and (pooled[1] == 0).all()
-    per_row, _ = pool_attention_to_spans(values, key_ids, span_index.expand(2, 5), num_spans=3)
-    assert torch.equal(per_row, pooled)
-    # pooled rows feed attention_kl_loss directly
-    assert attention_kl_loss(pooled, pooled, mask=valid).item() < 1e-7
+    head, rest, mapped = pool_attention_to_spans(values, key_ids, span_index, num_spans=3)
+    assert head.dtype == torch.float32
+    # query 0 keeps no unmapped key: its text mass is 1, and 0.2 of it is in keys not stored
+    assert torch.allclose(head[0], torch.tensor([0.7, 0.1, 0.0]), atol=1e-3)
+    assert rest[0].item() == pytest.approx(0.2, abs=1e-3)
+    assert (head[1] == 0).all() and rest[1].item() == pytest.approx(1.0)  # 0.8 on the unmapped key, none on text
+    assert mapped.tolist() == [[True, True, True]] * 2
+    per_row = pool_attention_to_spans(values, key_ids, span_index.expand(2, 5), num_spans=3)
+    assert all(torch.equal(a, b) for a, b in zip(per_row, (head, rest, mapped)))
 
 
 def test_layerwise_loss_normalized_and_masked():
@@ -392,7 +395,7 @@ def test_all_terms_are_order_one_at_random_init(n, d, v):
         "projector": projector_kd_loss(student_logits, teacher_logits, temperature),
         "lm": lm_loss(student_logits.unsqueeze(0), torch.randint(0, v, (1, n))),
         "feature": feature_loss(torch.randn(n, d) * 0.5, torch.randn(n, d)),
-        "attention": attention_kl_loss(attn_s, attn_t),
+        "attention": attention_span_loss(attn_s, attn_t * 0.8, torch.full((n,), 0.2), torch.ones(n, 12).bool()),
         "layerwise": layerwise_loss(torch.randn(n, d) * 0.5, torch.randn(n, d)),
         "contrastive": contrastive_loss(torch.randn(n, d), torch.randn(n, d)),
         "load_balance": load_balance_loss(probs, probs.topk(2, -1).indices),

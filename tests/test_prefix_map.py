@@ -115,6 +115,7 @@ def test_kd_prefix_loss_hand_computed_golden():
 
 
 def test_kd_prefix_loss_with_singleton_bins_is_the_tail_loss():
+    # one teacher token per bin: the head holds each bin's whole mass, so nothing is left to complete
     torch.manual_seed(0)
     n, vocab, k = 5, 12, 4
     student_logits = torch.randn(n, vocab, requires_grad=True)
@@ -123,8 +124,8 @@ def test_kd_prefix_loss_with_singleton_bins_is_the_tail_loss():
     ids = top.indices.clone()
     ids[0, 1] = -1  # an unmatched teacher token
     lse = teacher_full.logsumexp(-1)
-    identity = torch.arange(vocab)
-    got = kd_prefix_loss(student_logits, ids, top.values, lse, identity, 1.0)
+    identity = torch.arange(vocab)  # every token its own bin, and every bin exact when in the head
+    got = kd_prefix_loss(student_logits, ids, top.values, lse, identity, 1.0, torch.ones(vocab, dtype=torch.long))
     want = kd_tail_loss(student_logits, ids, top.values, lse, 1.0)
     assert got.item() == pytest.approx(want.item(), rel=1e-5)
     (g1,) = torch.autograd.grad(got, student_logits)

@@ -96,7 +96,7 @@ def test_terms_at_zero_weight_are_not_computed(train_assets, tmp_path, monkeypat
     calls: list[str] = []
     for name in (
         "routed_feature_loss",
-        "attention_kl_loss",
+        "attention_span_loss",
         "layerwise_loss",
         "contrastive_loss",
         "load_balance_loss",
@@ -118,7 +118,7 @@ def test_terms_at_zero_weight_are_not_computed(train_assets, tmp_path, monkeypat
     mid = weights_at(25, 100, cfg.curriculum)
     assert mid["feature"] == pytest.approx(0.05) and mid["attention"] == pytest.approx(0.05)
     run.learner(batch, mid)
-    assert {"routed_feature_loss", "attention_kl_loss", "load_balance_loss"} <= set(calls)
+    assert {"routed_feature_loss", "attention_span_loss", "load_balance_loss"} <= set(calls)
     assert "layerwise_loss" not in calls and "contrastive_loss" not in calls
 
 

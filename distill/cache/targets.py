@@ -21,9 +21,11 @@ The compact kinds store per position ([target-codec note]):
 * ``target_max`` [L] float32: the row's largest logit;
 * ``target_draws`` [L, S] uint8 (sampled kinds): how many of the draws gave the token; 0 = an exact head slot.
 
-``decode_targets`` turns them back into (ids, logits, multiplier): the logit of each stored token to within
-``step / 2``, and, for the sampled kinds, the factor m that makes w_T = m · exp(z/T - lse_T) an unbiased
-estimate of the teacher's probability at any stored T ([unbiased-kd note] in pipeline/sampled_kd.py).
+``decode_targets`` turns them back into (ids, logits, multiplier): the logit of each exact slot to within
+``step / 2`` (a drawn token more than 25.5 nats below the max is clamped there), and, for the sampled kinds, the
+factor m that makes w_T = m · exp(z/T - lse_T) an unbiased estimate of the teacher's probability; stage 2 uses
+them at T=1 only, where a drawn weight does not depend on the stored logit ([unbiased-kd note] in
+pipeline/sampled_kd.py).
 """
 
 from __future__ import annotations
@@ -47,7 +49,9 @@ _FAR = -1e4  # logit of an unused slot: exp(_FAR / T - lse) is 0 at any T, and f
 # saves). Unused slots repeat the last rank (delta 0) and hold value 0 and draws 0, so the padding up to
 # the cap costs a few bytes per position, not per slot, without a ragged layout. Values are relative to
 # the row's max so 8 bits keep 0.1-nat steps where the mass is; a head token more than 25.5 nats below
-# the max (probability < 1e-11 of the top one's) is dropped rather than clamped, so the error bound holds.
+# the max (probability < 1e-11 of the top one's) is dropped rather than clamped, so the error bound holds for
+# every exact slot. A drawn token is kept whatever its logit, its code clamped at 255: at T=1 its weight is
+# draws / n, which the clamp does not change (the proposal q̂ cancels), and stage 2 trains sampled kinds at T=1 only.
 
 
 def build_target_layout(kind: str, top_k: int, mass: float, samples: int, step: float = DEFAULT_VALUE_STEP) -> dict:

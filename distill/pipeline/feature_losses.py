@@ -6,9 +6,10 @@ width, `S` = student key spans, `E` = router experts.
 
 - `feature_loss`     MSE against a fixed teacher target
 - `routed_feature_loss` the router's gate-weighted per-expert errors (router.py)
-- `attention_kl_loss` teacher attention pooled onto student key spans vs the student's
+- `attention_span_loss` teacher attention pooled onto student key spans vs the student's, over text keys
 - `layerwise_loss`   student layer i vs teacher layer m(i), see `build_layer_map`
-- `contrastive_loss` InfoNCE between aligned student and teacher representations
+- `contrastive_loss` InfoNCE between aligned student and teacher representations, the teacher's own
+                     similarities as labels
 - `load_balance_loss`, `importance_loss`  router regularizers
 - `combine_terms`    weighted total + the flat dict that the loop logs
 """
@@ -19,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from distill.pipeline.kd_losses import _select_rows, _zero
+from distill.pipeline.kd_losses import _select_rows, _zero, head_bound_kl_rows
 
 # --- hidden-state and attention terms ---------------------------------------------------
 
@@ -54,29 +55,38 @@ def routed_feature_loss(router_probs: Tensor, expert_error: Tensor, mask: Tensor
     return (router_probs.float() * expert_error.float()).sum(dim=-1).mean()
 
 
-def attention_kl_loss(
+def attention_span_loss(
     student_attn: Tensor,
-    teacher_attn: Tensor,
+    teacher_head: Tensor,
+    teacher_rest: Tensor,
+    mapped: Tensor,
     mask: Tensor | None = None,
-    eps: float = 1e-8,
 ) -> Tensor:
-    """KL(teacher || student) per query row, mean over valid rows.
+    """KL of the teacher's attention over the text keys against the student's, mean over valid rows.
 
     Args:
-        student_attn: (N, S) probability rows over S student key spans (head-averaged).
-        teacher_attn: (N, S) teacher attention pooled onto the same spans
-            (`pool_attention_to_spans`); each row sums to 1, zeros allowed.
-        mask: (N,) bool or None; rows whose teacher row has no mass must be masked out.
-        eps: floor for student probabilities so a span the student gives 0 costs
-            t · log(t / eps) (at most ~18 nats) instead of inf.
+        student_attn: (N, S) the student's attention rows over its S key positions (head-averaged).
+        teacher_head: (N, S) lower bounds of the teacher's attention on each student key span, given text
+            (`pool_attention_to_spans`); teacher_rest: (N,) the rest, 1 - Σ teacher_head.
+        mapped: (N, S) bool, the student keys some teacher key falls in. The others (the student's BOS and
+            prefix, which the teacher rows leave out with their own) are zeroed and the student's row is
+            renormalized over the text keys, so its attention sink costs nothing.
+        mask: (N,) bool or None; rows with no teacher or student mass on text keys are left out as well.
+
+    The teacher rows keep only their top-Ka keys, so a span's teacher mass is known only from below: the
+    term is `head_bound_kl_rows` ([head-bound note] in kd_losses.py), 0 with zero gradient at a student
+    whose attention over the text keys is the teacher's.
     """
-    student_attn, teacher_attn = _select_rows(mask, student_attn, teacher_attn)
-    if student_attn.shape[0] == 0:
+    s = torch.where(mapped, student_attn.float(), 0.0)
+    s_mass = s.sum(dim=-1)  # (N,)
+    valid = (teacher_head.float().sum(dim=-1) > 0) & (s_mass > 0)
+    if mask is not None:
+        valid = valid & mask.reshape(-1).bool()
+    s, s_mass, teacher_head, teacher_rest = _select_rows(valid, s, s_mass, teacher_head, teacher_rest)
+    if s.shape[0] == 0:
         return _zero(student_attn)
-    s = student_attn.float().clamp(min=eps)
-    t = teacher_attn.float()
-    terms = torch.where(t > 0, t * (t.clamp(min=eps).log() - s.log()), 0.0)  # 0 · log 0 = 0
-    return terms.sum(dim=-1).mean()
+    s = s / s_mass.unsqueeze(-1)
+    return head_bound_kl_rows(teacher_head, teacher_rest, s, torch.zeros_like(s_mass)).mean()
 
 
 def pool_attention_to_spans(
@@ -84,23 +94,24 @@ def pool_attention_to_spans(
     attn_key_ids: Tensor,
     key_span_index: Tensor,
     num_spans: int,
-) -> tuple[Tensor, Tensor]:
-    """Pool sparse cached teacher attention rows onto student key spans.
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Pool sparse cached teacher attention rows onto student key spans, given the text keys.
 
     Args:
-        attn_values: (N, Ka) attention weights of the teacher's top-Ka keys per query
-            (fp16 from the cache is fine).
+        attn_values: (N, Ka) attention weights of the teacher's top-Ka keys per query (a softmax over all
+            its keys; fp16 from the cache is fine).
         attn_key_ids: (N, Ka) int, the teacher key position of each value; out-of-range
             or negative ids (padding) are ignored.
         key_span_index: (N, Lt) or (Lt,) int, for each teacher key position the student
-            span it falls in, in [0, num_spans), or -1 for keys with no student span.
+            span it falls in, in [0, num_spans), or -1 for keys with no student span (the prefix/BOS).
         num_spans: S.
 
     Returns:
-        pooled: (N, S) fp32, the attention summed per span and renormalized to sum 1
-            (the dropped top-Ka tail and unmapped keys are not counted); rows with no
-            mass are all zero.
-        valid: (N,) bool, False for those empty rows — mask them in `attention_kl_loss`.
+        head: (N, S) fp32, the kept keys' attention summed per span and divided by the row's mass on text
+            keys, 1 - (kept mass on unmapped keys): a lower bound of the teacher's attention on each span
+            given text, since the keys beyond the top-Ka are not stored.
+        rest: (N,) fp32, 1 - Σ head (the text mass of the keys not stored).
+        mapped: (N, S) bool, the student spans some teacher key of the row falls in.
     """
     n, lt = attn_values.shape[0], key_span_index.shape[-1]
     span_of_pos = key_span_index.long().expand(n, lt) if key_span_index.dim() == 1 else key_span_index.long()
@@ -108,12 +119,16 @@ def pool_attention_to_spans(
     in_range = (key_ids >= 0) & (key_ids < lt)
     spans = span_of_pos.gather(1, key_ids.clamp(0, max(lt - 1, 0)))  # (N, Ka)
     keep = in_range & (spans >= 0) & (spans < num_spans)
-    values = torch.where(keep, attn_values.float(), 0.0)
-    pooled = values.new_zeros(n, num_spans).scatter_add_(1, torch.where(keep, spans, 0), values)
-    mass = pooled.sum(dim=-1, keepdim=True)  # (N, 1)
-    valid = mass.squeeze(-1) > 0
-    pooled = torch.where(valid.unsqueeze(-1), pooled / mass.clamp(min=torch.finfo(torch.float32).tiny), 0.0)
-    return pooled, valid
+    values = attn_values.float()
+    pooled = values.new_zeros(n, num_spans).scatter_add_(1, torch.where(keep, spans, 0), torch.where(keep, values, 0.0))
+    unmapped = torch.where(in_range & ~keep, values, 0.0).sum(dim=-1)  # (N,) kept mass on prefix keys
+    head = pooled / (1.0 - unmapped).clamp(min=torch.finfo(torch.float32).eps).unsqueeze(-1)
+    head = head / head.sum(dim=-1, keepdim=True).clamp(min=1.0)  # fp16 rounding can push the sum past 1
+    rest = (1.0 - head.sum(dim=-1)).clamp(min=0.0)
+    in_row = (span_of_pos >= 0) & (span_of_pos < num_spans)
+    mapped = torch.zeros(n, num_spans + 1, dtype=torch.bool, device=values.device)  # last column: no span
+    mapped.scatter_(1, torch.where(in_row, span_of_pos, num_spans), True)
+    return head, rest, mapped[:, :num_spans]
 
 
 def layerwise_loss(
@@ -191,7 +206,7 @@ def contrastive_loss(
     mask: Tensor | None = None,
     max_positions: int = 1024,
 ) -> Tensor:
-    """InfoNCE between aligned student and teacher representations, mean over positions.
+    """InfoNCE with the teacher's own similarities as soft labels, mean over positions.
 
     Args:
         student_repr: (N, D) student representations (projected to the teacher width).
@@ -201,8 +216,12 @@ def contrastive_loss(
         max_positions: at most this many positions are used, taken evenly strided over
             the valid ones (deterministic), which bounds the (N, N) logits matrix.
 
-    Row n's positive is teacher position n, the negatives are the other teacher positions
-    in the batch. At random init it is ≈ log N (≈ 6.9 at the 1024 cap): O(1), not scaled.
+    Row n scores the student's position against every teacher position in the batch, softmax(cos(s_n, t_j) / τ)
+    over j, and the label is the teacher's own row, softmax(cos(t_n, t_j) / τ): the loss is the KL between the
+    two. Plain InfoNCE (a one-hot label on j = n) would push s_n away from teacher positions the teacher itself
+    finds similar, so a student that reproduces the teacher would still score > 0 with a gradient; this one is 0,
+    with zero gradient, exactly there. With dissimilar teacher positions the label is one-hot, InfoNCE again;
+    at random init it is ≈ log N (≈ 6.9 at the 1024 cap) minus the label's entropy: O(1), not scaled.
     """
     student_repr, teacher_repr = _select_rows(mask, student_repr, teacher_repr)
     n = student_repr.shape[0]
@@ -211,11 +230,11 @@ def contrastive_loss(
     if n > max_positions:
         keep = torch.linspace(0, n - 1, max_positions, device=student_repr.device).long()
         student_repr, teacher_repr = student_repr[keep], teacher_repr[keep]
-        n = max_positions
     s = F.normalize(student_repr.float(), dim=-1)
-    t = F.normalize(teacher_repr.float(), dim=-1)
-    logits = s @ t.T / temperature  # (N, N)
-    return F.cross_entropy(logits, torch.arange(n, device=logits.device))
+    t = F.normalize(teacher_repr.float().detach(), dim=-1)
+    student_logp = F.log_softmax(s @ t.T / temperature, dim=-1)  # (N, N)
+    teacher_logp = F.log_softmax(t @ t.T / temperature, dim=-1)
+    return F.kl_div(student_logp, teacher_logp, log_target=True, reduction="batchmean")
 
 
 # --- router regularizers ----------------------------------------------------------------

@@ -19,6 +19,8 @@ attention, router terms and the weighted total), xtok_losses.py and sampled_kd.p
 Terms (see DESIGN.md, "Stage 2"):
 
 - `kd_tail_loss`     teacher top-K + one tail bin vs the student (default KD)
+- `head_bound_kl_rows` KL against the teacher completion closest to the student, for cells whose stored
+                     teacher mass is only a lower bound (prefix bins, pooled attention): [head-bound note]
 - `uld_loss`         sorted-probability L1 (vocabulary-agnostic, weakest signal)
 - `projector_kd_loss` KL against the logit projector's student-vocabulary logits
 """
@@ -164,6 +166,65 @@ def _kd_tail_rows(
     return head + tail
 
 
+# [head-bound note] Some terms group the teacher's tokens (or attention keys) into cells that also hold
+# tokens the cache did not keep: a prefix bin holds every teacher token with that shared prefix, the
+# head's and the tail's; a student key span pools every teacher key in it, kept or not. The stored head
+# gives each cell only a lower bound h_b <= T_b of the teacher's mass T_b there, and the rest,
+# r = 1 - Σ h_b, is exact but its split over the cells is unknown. Comparing h_b with the student's full
+# cell mass s_b (and r with the student's mass outside the cells) scores a student that reproduces the
+# teacher above 0, and drives it to move the tail part of every cell out. Instead the term is the KL
+# against the teacher completion most favourable to the student:
+#     L(s) = min { KL(h + τ ‖ s) : τ >= 0, Σ τ = r }  (τ spread over the cells and the rest)
+# which is 0, with zero gradient, at every student whose cell masses are those of a teacher consistent
+# with the cache (s_b >= h_b), the true one included. The minimizer is water-filling: the completed
+# teacher is max(h_b, c · s_b) on the cells and c · s_rest outside, with c in (0, 1] making the total 1.
+# With A = {b : h_b > c · s_b}, the cells the student under-covers,
+#     L = Σ_{b in A} h_b log(h_b / s_b) + (1 - h_A) log((1 - h_A) / (1 - s_A)),
+# the K+1-bin KL of kd_tail_loss on the partition {A, everything else}. A is found by sorting the ratios
+# h_b / s_b (no gradient through the choice; the value is continuous in s, and so is its gradient
+# almost everywhere). A cell whose every token is in the head (h_b = T_b, `exact`) takes no completion:
+# it is always in A and compared exactly, so with every cell exact this is kd_tail_loss's K+1-bin KL.
+
+
+def head_bound_kl_rows(
+    head: Tensor, rest: Tensor, student: Tensor, student_rest: Tensor, exact: Tensor | None = None
+) -> Tensor:
+    """Per-row KL against the teacher completion closest to the student, (N,) fp32 ([head-bound note]).
+
+    Args:
+        head: (N, M) teacher lower bounds h_b >= 0 of the cells (0 for an empty cell or slot).
+        rest: (N,) the teacher's exact remaining mass 1 - Σ h_b (>= 0).
+        student: (N, M) the student's mass on the same cells (0 for an empty slot; no cell counted twice).
+        student_rest: (N,) the student's mass outside every cell, summed from those tokens directly.
+        exact: (N, M) bool, cells whose h_b is the teacher's whole mass there (no completion); None = none.
+    Differentiable with respect to `student` and `student_rest`.
+    """
+    head, rest = head.float(), rest.float()
+    student, student_rest = student.float(), student_rest.float()
+    tiny = torch.finfo(torch.float32).tiny
+    ratio = torch.where(head > 0, head / student.clamp(min=tiny), 0.0)  # (N, M)
+    if exact is not None:
+        ratio = torch.where(exact, float("inf"), ratio)  # sorted first, always in A
+    ratio, order = ratio.detach().sort(dim=-1, descending=True)
+    h_sorted, s_sorted = head.gather(1, order), student.gather(1, order)
+    # teacher and student mass outside the first k cells, k = 0..M, summed from the far end (no 1 - x)
+    h_out = rest[:, None] + F.pad(h_sorted.flip(-1).cumsum(-1).flip(-1), (0, 1))  # (N, M + 1)
+    s_out = student_rest[:, None] + F.pad(s_sorted.flip(-1).cumsum(-1).flip(-1), (0, 1))
+    with torch.no_grad():
+        c = h_out / s_out.clamp(min=tiny)  # (N, M + 1) the level if A were the first k cells
+        above = F.pad(ratio, (1, 0), value=float("inf"))  # ratio of cell k (1-based), inf before the first
+        below = F.pad(ratio, (0, 1), value=0.0)  # ratio of cell k + 1, 0 after the last
+        fits = (above > c) & (c >= below)
+        k = torch.where(fits.any(-1), fits.float().argmax(-1), 0)  # (N,) the first consistent k
+    in_a = torch.arange(head.shape[1], device=head.device)[None, :] < k[:, None]  # (N, M)
+    use = in_a & (h_sorted > 0)
+    log_s = s_sorted.clamp(min=tiny).log()
+    cells = torch.where(use, h_sorted * (torch.where(use, h_sorted, 1.0).log() - log_s), 0.0).sum(-1)
+    h_left, s_left = h_out.gather(1, k[:, None])[:, 0], s_out.gather(1, k[:, None])[:, 0]
+    left = torch.where(h_left > 0, h_left * (h_left.clamp(min=tiny).log() - s_left.clamp(min=tiny).log()), 0.0)
+    return cells + left
+
+
 def uld_loss(
     student_logits: Tensor,
     teacher_logits_topk: Tensor,
@@ -180,9 +241,10 @@ def uld_loss(
         temperature: T.
         mask: (N,) bool or None.
 
-    Both distributions are sorted descending and compared rank by rank over the first K
-    ranks, plus one extra bin for the remaining (tail) mass: Σ_k |t_(k) - s_(k)| +
-    |r_t - r_s|, in [0, 2]. It ignores which token is which, so it works between any two
+    Both distributions are sorted descending and compared rank by rank over the ranks the teacher's
+    head holds (the first K, or fewer where a compact head leaves slots unused: logit -1e4, probability 0),
+    plus one extra bin for the remaining (tail) mass: Σ_k |t_(k) - s_(k)| + |r_t - r_s|, in [0, 2]; 0 at
+    a student whose sorted probabilities are the teacher's. It ignores which token is which, so it works between any two
     vocabularies with no mapping at all — and for the same reason it is the weakest
     signal in published comparisons (PRIOR_ART.md). Kept as an option, not the default.
     No T² factor: the term is an L1 in probability space, already bounded.
@@ -199,6 +261,7 @@ def uld_loss(
     s_sorted = s_prob.topk(min(k, s_prob.shape[-1]), dim=-1).values  # (N, <=K), descending
     if s_sorted.shape[-1] < k:  # student vocabulary smaller than K: missing ranks hold 0
         s_sorted = F.pad(s_sorted, (0, k - s_sorted.shape[-1]))
+    s_sorted = torch.where(t_sorted > 0, s_sorted, 0.0)  # ranks the head does not hold join the tail
     tail_gap = (t_sorted.sum(-1) - s_sorted.sum(-1)).abs()  # |r_t - r_s| = |Σs - Σt|
     return ((t_sorted - s_sorted).abs().sum(dim=-1) + tail_gap).mean()
 

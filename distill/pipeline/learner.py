@@ -44,7 +44,7 @@ class TeacherFacts:
     layer_map: dict[int, int]  # student hidden layer -> teacher hidden layer
     attention_map: dict[int, int]  # student block -> teacher block
     stats: dict[int, tuple[Tensor, Tensor]]  # teacher layer -> (mean, std) of stored hidden
-    prefix_bins: tuple[Tensor, Tensor] | None = None  # kd_mode=prefix: teacher (V_t,) and student bins, prefix_map.py
+    prefix_bins: tuple[Tensor, Tensor, Tensor] | None = None  # kd_mode=prefix: teacher (V_t,), student bins, bin sizes
 
 
 class StepView:

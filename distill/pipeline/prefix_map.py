@@ -47,6 +47,12 @@ class PrefixMap:
     student_bin: np.ndarray
     exact: np.ndarray
 
+    @property
+    def teacher_bin_size(self) -> np.ndarray:
+        """(V_s,) int64: how many teacher tokens each bin holds (a bin is named by a student id)."""
+        named = self.teacher_bin[self.teacher_bin >= 0]
+        return np.bincount(named, minlength=len(self.student_bin)).astype(np.int64)
+
     def padded(self, teacher_vocab_size: int, student_vocab_size: int) -> PrefixMap:
         """Extend both maps to the models' embedding sizes (rows past the tokenizers map to -1)."""
 

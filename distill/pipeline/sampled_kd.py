@@ -14,8 +14,11 @@ E[Σ_v w_v f(v)] = Σ_v t_T(v) f(v). With f = log t_T - log s_T (s the student a
     L = T² · Σ_v w_v (log t_T(v) - log s_T(v))
 
 is an unbiased estimate of T² · KL(t_T ‖ s_T), and, f being linear in log s, its gradient with respect to the
-student's logits is an unbiased estimate of the full KL's gradient, at every T the store holds lse for (the
-importance ratio t_T / q needs only the token's logit and lse_1, lse_T). A top-K head alone has no such
+student's logits is an unbiased estimate of the full KL's gradient. At T=1 a drawn weight is c_v / n (times r_1
+for the hybrid tail), which no stored logit enters. At another T the ratio t_T / q re-weights draws made at
+T=1: still unbiased where the logit is stored exactly, but with 3-27x the gradient variance of drawing at T,
+and biased where a drawn logit more than 25.5 nats below the max was clamped (cache/targets.py). So stage 2
+refuses T != 1 for these kinds (``terms.check_kd_targets``). A top-K head alone has no such
 property: its K+1-bin KL ignores how the student spreads the tail, and a renormalized top-K moves the head's
 targets. tests/test_sampled_kd.py checks both by Monte Carlo. A single estimate can be negative; its mean
 over positions is not, in expectation, with one tokenizer. Teacher tokens with no student token (id -1 after

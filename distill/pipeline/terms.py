@@ -27,9 +27,10 @@ import torch.nn as nn
 from torch import Tensor
 
 from distill.cache.schema import CacheError
+from distill.cache.targets import target_kind
 from distill.config import TrainConfig
 from distill.pipeline.feature_losses import (
-    attention_kl_loss,
+    attention_span_loss,
     contrastive_loss,
     importance_loss,
     layerwise_loss,
@@ -104,7 +105,7 @@ def compute_kd_prefix(view: StepView) -> dict[str, Tensor]:
         return compute_kd_tail(view)
     b, tp, sig = view.b, view.tp, view.sig
     logits = view.aligned_logits  # (N, Vs)
-    teacher_bin, student_bin = (bins.to(logits.device) for bins in view.facts.prefix_bins)
+    teacher_bin, student_bin, bin_size = (bins.to(logits.device) for bins in view.facts.prefix_bins)
     if student_bin.shape[0] < logits.shape[-1]:  # embedding rows past the tokenizer: no bin
         student_bin = torch.cat([student_bin, student_bin.new_full((logits.shape[-1] - student_bin.shape[0],), -1)])
     ids = sig.topk_ids[b, tp]  # (N, K), -1 in the unused slots of a compact head: no bin, probability 0
@@ -116,6 +117,7 @@ def compute_kd_prefix(view: StepView) -> dict[str, Tensor]:
             sig.lse[b, tp, view.facts.t_index],
             student_bin[: logits.shape[-1]],
             view.cfg.temperature,
+            bin_size,
         )
     }
 
@@ -147,15 +149,15 @@ def compute_feature(view: StepView) -> dict[str, Tensor]:
 
 
 def compute_attention(view: StepView) -> dict[str, Tensor]:
-    """Mean over mapped (student block, teacher block) pairs of the per-query KL on student key spans."""
+    """Mean over mapped (student block, teacher block) pairs of the per-query KL on student key spans (text keys)."""
     b, tp, sp = view.b, view.tp, view.sp
     key_spans = view.batch.key_spans.to(view.learner.device)
     terms = []
     for s_block, t_block in view.facts.attention_map.items():
         values, ids = view.sig.attn[t_block]
         student_rows = view.out.attentions[s_block - 1].float().mean(dim=1)[b, sp]  # (N, Ls) head-averaged
-        pooled, valid = pool_attention_to_spans(values[b, tp], ids[b, tp], key_spans[b], student_rows.shape[-1])
-        terms.append(attention_kl_loss(student_rows, pooled, valid))
+        head, rest, mapped = pool_attention_to_spans(values[b, tp], ids[b, tp], key_spans[b], student_rows.shape[-1])
+        terms.append(attention_span_loss(student_rows, head, rest, mapped))
     return {"attention": torch.stack(terms).mean()}
 
 
@@ -231,6 +233,24 @@ def check_attention_maps(cfg: TrainConfig, layout: dict[str, Any]) -> str | None
     )
 
 
+def check_kd_targets(cfg: TrainConfig, layout: dict[str, Any]) -> str | None:
+    kind = target_kind(layout)
+    if "kd" not in KD_MODES[cfg.kd_mode].signals or kind not in ("sampled", "hybrid"):
+        return None
+    if cfg.kd_mode == "uld":
+        return (
+            f"kd_mode=uld compares the teacher's top-K probabilities rank by rank, and {kind} targets hold draws, "
+            "not the top-K; use kd_mode tail or prefix, or re-cache with --targets topk"
+        )
+    if cfg.temperature == 1.0:
+        return None
+    return (
+        f"--set temperature={cfg.temperature:g} with {kind} targets: their draws are made at T=1 and re-weighted "
+        "to another T would train with several times the variance (and a bias where a drawn logit is clamped); "
+        "train at temperature=1, or re-cache with --targets topk for kd at another temperature"
+    )
+
+
 def no_check(cfg: TrainConfig, layout: dict[str, Any]) -> str | None:
     return None
 
@@ -289,6 +309,7 @@ TERMS: tuple[Term, ...] = (
         compute_kd,
         signals=lambda cfg: KD_MODES[cfg.kd_mode].signals,
         build=build_kd,
+        check=check_kd_targets,
     ),
     Term("alm", lambda cfg, w: {"alm": w["alm"]}, compute_alm, signals=lambda cfg: frozenset({"alm"})),
     Term(

@@ -4,7 +4,8 @@ Pure tensor functions, like kd_losses.py (means over valid positions or chunks, 
 exact 0 in the graph when nothing is valid). `N` = aligned positions, `Vs` = student vocabulary,
 `K` = cached top-K, `C` = chunks, `B`/`L` = rows/positions.
 
-- `kd_prefix_loss`  teacher top-K grouped into the bins of `prefix_map.py` vs the student's bins (`kd_mode=prefix`)
+- `kd_prefix_loss`  teacher top-K grouped into the bins of `prefix_map.py` vs the student's bins (`kd_mode=prefix`),
+                    against the closest teacher consistent with the head ([head-bound note] in kd_losses.py)
 - `find_chunks`     chunk boundaries where both tokenizations end (consecutive aligned positions of a row)
 - `sum_chunk_logprobs` per-chunk sums of per-position next-token log-probs (teacher's `target_logprob`, student's)
 - `alm_loss`        approximate likelihood matching: binarized KL between chunk likelihoods (Minixhofer et al., 2025)
@@ -19,10 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from distill.pipeline.kd_losses import _LOG_ZERO, _select_rows, _zero, log1mexp
+from distill.pipeline.kd_losses import _LOG_ZERO, _select_rows, _zero, head_bound_kl_rows, log1mexp
 from distill.pipeline.lm_losses import _HeadStatistics
-
-_TINY_MASS = 1e-30  # a student bin below this is scored as holding this much (log -69), never log 0 = -inf
 
 
 def kd_prefix_loss(
@@ -32,24 +31,32 @@ def kd_prefix_loss(
     teacher_lse: Tensor,
     student_bin: Tensor,
     temperature: float,
+    teacher_bin_size: Tensor | None = None,
     mask: Tensor | None = None,
 ) -> Tensor:
-    """KL over prefix bins + one tail bin × T², mean over positions ([prefix-bin note] in prefix_map.py).
+    """KL over prefix bins against the closest consistent teacher × T², mean over positions.
 
     Args:
         student_logits: (N, Vs) any float dtype.
-        teacher_bins: (N, K) int64, the bin (a student id) of each teacher top-K token, -1 = tail;
+        teacher_bins: (N, K) int64, the bin (a student id) of each teacher top-K token, -1 = none;
             several teacher tokens may share a bin (their probabilities add up).
         teacher_logits: (N, K) raw teacher logits at T=1.
         teacher_lse: (N,) logsumexp over the full teacher vocabulary of logits / T.
-        student_bin: (Vs,) int64, the bin of every student token, -1 = tail.
+        student_bin: (Vs,) int64, the bin of every student token, -1 = none.
         temperature: T, the one `teacher_lse` was stored for.
+        teacher_bin_size: (Vs,) int64, how many teacher tokens each bin holds (`PrefixMap.teacher_bin_size`);
+            a bin whose every token is in the head is compared exactly. None: every bin may hold more.
         mask: (N,) bool or None.
 
-    With t_b = Σ_{teacher head tokens in bin b} t_i, s_b = Σ_{student tokens in bin b} s_j over the bins
-    the teacher's head reaches, r_t = 1 - Σ_b t_b and r_s = the student's mass in every other bin or in
-    none: KL = Σ_b t_b (log t_b - log s_b) + r_t (log r_t - log r_s). With every token its own bin it is
-    `kd_tail_loss`; r_s is summed from the non-head bins directly ([tail-bin note] in kd_losses.py).
+    Both sides are grouped the same way: a bin's mass is that of every token whose longest shared prefix
+    is the bin ([prefix-bin note] in prefix_map.py), s_b for the student. The cache holds only the
+    teacher's head, so h_b = Σ_{head tokens in b} t_i is a lower bound of the teacher's bin mass: a bin also
+    holds the tail tokens that share its prefix. The rest r = 1 - Σ_b h_b is exact. The term is
+    `head_bound_kl_rows` on the bins the head reaches ([head-bound note] in kd_losses.py): 0 with zero
+    gradient at every student whose bin masses are those of a teacher consistent with the head, the true
+    teacher's included. A bin whose every teacher token is in the head is compared exactly, so with every
+    token its own bin this is `kd_tail_loss`. The student's mass outside those bins is summed directly
+    ([tail-bin note]).
     """
     student_logits, teacher_bins, teacher_logits, teacher_lse = _select_rows(
         mask, student_logits, teacher_bins, teacher_logits, teacher_lse
@@ -63,21 +70,26 @@ def kd_prefix_loss(
     s_bin = torch.zeros(n, vocab + 1, device=s_prob.device).scatter_add(1, s_cols, s_prob)  # (N, Vs + 1)
 
     t_logp = teacher_logits.float() / temperature - teacher_lse.float().unsqueeze(-1)  # (N, K)
-    t_cols = torch.where(teacher_bins >= 0, teacher_bins, spare).long()
-    t_bin = torch.zeros_like(s_bin).scatter_add(1, t_cols, t_logp.exp())  # (N, Vs + 1)
+    binned = teacher_bins >= 0
+    t_cols = torch.where(binned, teacher_bins, spare).long()
+    t_bin = torch.zeros_like(s_bin).scatter_add(1, t_cols, torch.where(binned, t_logp.exp(), 0.0))
     in_head = torch.zeros_like(s_bin, dtype=torch.bool).scatter_(1, t_cols, True)
     in_head[:, spare] = False
-    log_head_t = torch.where(teacher_bins >= 0, t_logp, _LOG_ZERO).logsumexp(dim=-1)  # (N,)
-    log_tail_t = log1mexp(log_head_t)
-    tail_s = torch.where(in_head, 0.0, s_bin).sum(dim=-1)  # (N,) includes the spare column
-    has_tail = tail_s > 0
-    log_tail_s = torch.where(has_tail, tail_s, 1.0).log()
+    rest_t = log1mexp(torch.where(binned, t_logp, _LOG_ZERO).logsumexp(dim=-1)).exp()  # (N,)
+    rest_s = torch.where(in_head, 0.0, s_bin).sum(dim=-1)  # (N,) includes the spare column
 
-    scored = in_head & (t_bin > 0)
-    log_s_bin = s_bin.clamp(min=_TINY_MASS).log()
-    head = torch.where(scored, t_bin * (torch.where(scored, t_bin, 1.0).log() - log_s_bin), 0.0).sum(dim=-1)
-    tail = torch.where(has_tail, log_tail_t.exp() * (log_tail_t - log_tail_s), 0.0)
-    return (head + tail).mean() * temperature**2
+    # one cell per bin: the first slot naming it carries the bin's masses, the others carry 0
+    slots = torch.arange(t_cols.shape[1], device=t_cols.device).expand_as(t_cols)
+    first = torch.full_like(s_bin, t_cols.shape[1], dtype=torch.long).scatter_reduce(1, t_cols, slots, "amin")
+    cell = binned & (first.gather(1, t_cols) == slots)  # (N, K)
+    head = torch.where(cell, t_bin.gather(1, t_cols), 0.0)
+    student = torch.where(cell, s_bin.gather(1, t_cols), 0.0)
+    exact = None
+    if teacher_bin_size is not None:
+        in_bin = torch.zeros_like(s_bin).scatter_add(1, t_cols, binned.float())  # head tokens per bin
+        size = F.pad(teacher_bin_size.to(s_bin.device).float(), (0, vocab + 1 - teacher_bin_size.shape[0]))
+        exact = cell & (in_bin.gather(1, t_cols) >= size[t_cols])
+    return head_bound_kl_rows(head, rest_t, student, rest_s, exact).mean() * temperature**2
 
 
 # --- approximate likelihood matching -----------------------------------------------------
