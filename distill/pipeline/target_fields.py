@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from distill.cache.targets import ID_BY_RANK, count_head, draw_samples, encode_targets
+from distill.pipeline.packing import segment_position_ids
 from distill.pipeline.teacher_model import compute_logits, find_logit_transforms, forward_teacher
 
 TARGET_FIELDS = ("target_count", "target_ids", "target_values", "target_max", "target_draws")
@@ -161,11 +162,12 @@ def calibrate_targets(
 ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     """The teacher's unigram rank table (a store-level array) and the fidelity of the stored targets.
 
-    One teacher pass over the calibration ``rows``: the mean T=1 distribution over their positions gives
+    One teacher pass over the calibration ``rows``, each document of a packed row on its own (position ids
+    restarting per segment, [packing note] in packing.py): the mean T=1 distribution over their positions gives
     the ranks ([target-codec note] in cache/targets.py); the [fidelity note] figures at T=1 and each stored T go
     to the manifest's ``fidelity`` (``distill cache info`` shows them).
     """
-    from distill.pipeline.fields import pad_rows  # fields imports this module
+    from distill.pipeline.fields import pad_rows, pad_segments  # fields imports this module
 
     targets = {**layout["targets"], "top_k": layout["top_k"]}
     kind = targets["kind"]
@@ -179,8 +181,10 @@ def calibrate_targets(
     for start in range(0, len(rows), batch_size):
         batch = rows[start : start + batch_size]
         ids, mask = pad_rows(batch)
+        segments = pad_segments(batch, ids.shape[1])
+        position_ids = None if segments is None else segment_position_ids(segments).to(device)
         with torch.inference_mode():
-            out = forward_teacher(model, ids.to(device), mask.to(device), False)
+            out = forward_teacher(model, ids.to(device), mask.to(device), False, None, position_ids)
             flat = out.last_hidden_state[mask.to(device).bool()]  # (P, H) real positions (the prefix's prediction)
             for a in range(0, flat.shape[0], 64):
                 logits = compute_logits(model, flat[a : a + 64], transforms).float()  # (p, V)
