@@ -10,7 +10,7 @@ and without the teacher:
   SmolLM2's tokenizer: KD with every term (kd_mode tail, as measured) against CE-only, 400 steps;
 - ``pretrained``: SmolLM2-135M-Instruct as it ships, CE fine-tuning and KD fine-tuning.
 ``distill eval`` scores each group on the held-out store (identical bytes, bootstrap intervals over
-rows). The teacher's bits per byte without its BOS is measured here directly (same tokens). Prints each
+documents). The teacher's bits per byte without its BOS is measured here directly (same tokens). Prints each
 command as it runs, then one JSON line with every figure.
 """
 
