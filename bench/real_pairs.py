@@ -13,7 +13,7 @@ and without the teacher:
   against ``--objective kd-only`` at ``kd_mode`` tail and prefix, 200 steps, seeds 0-2; each seed's runs are
   scored together (``--baseline`` CE, then ``--baseline`` tail: intervals paired by row).
 ``distill eval`` scores each group on the held-out store (identical bytes, bootstrap intervals over
-rows). The teacher's bits per byte without its BOS is measured here directly (same tokens). Prints each
+documents). The teacher's bits per byte without its BOS is measured here directly (same tokens). Prints each
 command as it runs, then one JSON line with every figure.
 """
 

@@ -385,7 +385,8 @@ def eval_(
     cache: Annotated[
         str | None,
         typer.Option(
-            help="Store to score plain model folders on (run directories use the store and rows they held out)."
+            help="Store to score plain model folders on; run directories use the store and rows they held out "
+            "(another store for a run is refused unless --split all scores every row of it)."
         ),
     ] = None,
     split: Annotated[str, typer.Option(help="eval: the rows each run held out; all: every row of the store.")] = "eval",
@@ -401,6 +402,9 @@ def eval_(
         list[str] | None,
         typer.Option(help="Also log the report table and plots to tensorboard|wandb|trackio (as for train)."),
     ] = None,
+    temperature: Annotated[
+        float, typer.Option(help="The one T of every model's kd column (a stored T; bits per byte is at T=1).")
+    ] = 1.0,
 ) -> None:
     """Tokenizer-independent quality: bits per byte of each student and of the teacher, held-out kd loss,
     top-1 agreement with the teacher, calibration (ECE), and the share of the baseline->teacher gap closed.
@@ -415,7 +419,7 @@ def eval_(
     if verify_cache not in ("auto", "deep", "quick", "off"):
         fail("--verify-cache must be auto, deep, quick or off")
     with reported_errors(usage=(ValueError, FileNotFoundError)):
-        report = run_eval(students, cache, split, baseline, out, verify_cache, parse_report_to(report_to))
+        report = run_eval(students, cache, split, baseline, out, verify_cache, parse_report_to(report_to), temperature)
     typer.echo(format_report(report))
     typer.echo(
         f"written: {out / 'report.json'}, {out / 'report.md'}, " + ", ".join(str(out / p) for p in report["plots"])

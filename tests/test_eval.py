@@ -29,6 +29,7 @@ from distill.pipeline.eval_scores import (
     percentile_interval,
     score_identical_bytes,
     score_row,
+    sum_by_document,
 )
 from distill.pipeline.evaluate import evaluate_student, read_metrics, resolve_student
 from distill.pipeline.packing import split_segments
@@ -71,6 +72,7 @@ def test_eval_writes_report_with_every_metric_and_plots(runs, tmp_path):
             assert key in s
         assert s["bpb"] > 0 and 0 <= s["top1_agreement"] <= 1 and 0 <= s["ece"] <= 1 and s["kd_loss"] > 0
     assert report["students"]["ce_only"]["gap_closed"] is None
+    assert report["kd"] == {"mode": "tail", "temperature": 1.0}  # the one T of every model, not each run's
     kd = report["students"]["kd"]
     assert kd["gap_closed"] == pytest.approx(
         gap_closed(kd["bpb"], report["students"]["ce_only"]["bpb"], report["teacher_bpb"])
@@ -236,8 +238,16 @@ def test_every_model_is_scored_on_identical_bytes_and_a_short_student_only_on_wh
         assert lo <= s["bpb"] <= hi
     lo, hi = report["teacher_bpb_ci"]
     assert lo <= report["teacher_bpb"] <= hi
-    unit = "document segment" if reader.packed else "row"
-    assert report["bootstrap"] == {"resamples": 1000, "seed": 0, "confidence": 0.95, "unit": unit}
+    documents = np.unique(reader.read_rows(reader.row_ids, ["doc_id"])["doc_id"].numpy()).size  # of first segments
+    assert report["bootstrap"] == {
+        "resamples": 1000,
+        "seed": 0,
+        "confidence": 0.95,
+        "unit": "documents",
+        "documents": documents,
+        "packed_rows_kept_whole": reader.packed,
+    }
+    assert documents < report["rows"]  # the long document spans rows: fewer units than rows
 
 
 def test_top1_agreement_leaves_out_teacher_tokens_without_a_student_token(runs, tmp_path):
@@ -364,3 +374,76 @@ def test_metrics_with_a_torn_last_line_are_read_and_a_bad_line_is_named(runs, tm
     assert result.exit_code == 2 and "Traceback" not in result.output
     assert result.output.strip().splitlines()[-1].startswith(f"error: {metrics}:2: not a JSON record")
     assert not (tmp_path / "report").exists()  # refused before any scoring
+
+
+# --- one temperature and one kd measure for every model; top-1 where the store has it; --cache -------------
+
+
+def test_a_run_and_its_weights_as_a_plain_model_read_the_same_at_the_one_temperature(runs, train_assets, tmp_path):
+    plain = tmp_path / "kd_weights"
+    shutil.copytree(runs["kd"] / "final", plain)  # the same weights, as a plain model folder
+    out = tmp_path / "report"
+    args = ["eval", str(runs["kd"]), str(plain), "--cache", str(train_assets["store"]), "--split", "all"]
+    result = CliRunner().invoke(app, [*args, "--temperature", "2", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "report.json").read_text())
+    assert report["kd"] == {"mode": "tail", "temperature": 2.0} and report["targets"] == "topk-fp16"
+    run, weights = report["students"]["kd"], report["students"]["kd_weights"]
+    assert run["trained_temperature"] == 1.0
+    for key in ("kd_loss", "top1_agreement", "bpb"):
+        assert run[key] == pytest.approx(weights[key], rel=1e-6), key
+    assert "| kd (tail, T=2) |" in (out / "report.md").read_text() and "at T = 2 for every model" in result.output
+    source = resolve_student(plain, str(train_assets["store"]), "all")
+    assert evaluate_student(source, tmp_path / "vocab", 1.0)[0]["kd_loss"] != pytest.approx(run["kd_loss"], rel=1e-3)
+    refused = CliRunner().invoke(app, [*args, "--temperature", "3", "--out", str(out)])
+    assert refused.exit_code == 2 and "temperature 3.0 is not stored" in refused.stderr
+
+
+@pytest.fixture(scope="module")
+def sampled_store(tiny_assets, tmp_path_factory) -> Path:
+    from tests.helpers import cache_args
+
+    out = tmp_path_factory.mktemp("sampled") / "store"
+    settings = dict(targets="sampled", hidden_layers="none", attention_layers="none", vocab_proj=None, max_rows=12)
+    result = CliRunner().invoke(app, ["cache-teacher", *cache_args(tiny_assets, out, **settings)])
+    assert result.exit_code == 0, result.output
+    return out
+
+
+def test_cache_scores_a_run_on_another_store_only_with_split_all_and_top1_is_na_on_sampled_targets(
+    runs, sampled_store, tmp_path
+):
+    out = tmp_path / "report"
+    refused = CliRunner().invoke(app, ["eval", str(runs["kd"]), "--cache", str(sampled_store), "--out", str(out)])
+    assert refused.exit_code == 2 and len(refused.stderr.strip().splitlines()) == 1
+    assert "--split all" in refused.stderr and not out.exists()
+    result = CliRunner().invoke(
+        app, ["eval", str(runs["kd"]), "--cache", str(sampled_store), "--split", "all", "--out", str(out)]
+    )
+    assert result.exit_code == 0, result.output
+    report = json.loads((out / "report.json").read_text())
+    assert report["store"] == str(sampled_store) and report["rows"] == len(CacheReader(str(sampled_store)).row_ids)
+    assert report["kd"] == {"mode": "sampled", "temperature": 1.0}
+    kd = report["students"]["kd"]
+    assert kd["top1_agreement"] is None and kd["top1_positions"] is None and math.isfinite(kd["kd_loss"])
+    md = (out / "report.md").read_text()
+    assert "| kd (sampled, T=1) |" in md and "| n/a |" in md and "Top-1 agreement: n/a" in md
+
+
+# --- the bootstrap resamples documents ------------------------------------------------------------
+
+
+def test_rows_of_one_document_are_resampled_together():
+    rows = np.array([[1.0, 2.0, 3.0, 4.0, 5.0]])
+    documents = np.array([7, 3, 7, 3, 9])
+    assert sum_by_document(rows, documents, 1).tolist() == [[6.0, 4.0, 5.0]]  # documents 3, 7, 9
+    assert sum_by_document(np.array([1, 1, 1, 1, 1]), documents, 0).tolist() == [2, 2, 1]
+    # two documents of ten rows each, the rows of a document alike: resampling rows counts twenty independent
+    # rows where there are two, and gives too narrow an interval
+    nll, nbytes, documents = np.array([[1.0] * 10 + [3.0] * 10]), np.ones(20, dtype=np.int64), np.repeat([0, 1], 10)
+    by_row = percentile_interval(bootstrap_bpb(nll, nbytes)[:, 0])
+    by_document = percentile_interval(
+        bootstrap_bpb(sum_by_document(nll, documents, 1), sum_by_document(nbytes, documents, 0))[:, 0]
+    )
+    assert by_document == pytest.approx((1 / math.log(2), 3 / math.log(2)))  # all of one or all of the other
+    assert by_document[1] - by_document[0] > by_row[1] - by_row[0]

@@ -281,6 +281,29 @@ def test_packed_row_teacher_fields_equal_each_document_cached_alone(tokenizers, 
         start += n
 
 
+def test_packed_calibration_of_the_targets_equals_each_document_calibrated_alone(tokenizers, single_thread):
+    from transformers import AutoModelForCausalLM
+
+    from distill.cache.targets import ID_BY_RANK, build_target_layout
+    from distill.pipeline.target_fields import calibrate_targets
+    from tests.test_teacher_logits import family_config
+
+    config, _ = family_config("llama", len(tokenizers["teacher"]))
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    packed_row, alone_rows = build_rows(tokenizers["teacher"], DOCS[:3])
+    for kind in ("topk", "sampled"):
+        layout = {"targets": build_target_layout(kind, 8, 0.8, 8), "top_k": 8, "temperatures": [1.0, 2.0]}
+        packed_arrays, packed = calibrate_targets(model, [packed_row], layout, 4, torch.device("cpu"))
+        alone_arrays, alone = calibrate_targets(model, alone_rows, layout, 4, torch.device("cpu"))
+        assert packed["positions"] == alone["positions"] == len(packed_row.input_ids)
+        figures = ["kl_head_bins", "tail_mass"] if kind == "topk" else ["ess"]
+        for name in figures:
+            for t in ("1.0", "2.0"):
+                assert packed[name][t] == pytest.approx(alone[name][t], rel=1e-3, abs=1e-9), (kind, name, t)
+        np.testing.assert_array_equal(packed_arrays[ID_BY_RANK][:20], alone_arrays[ID_BY_RANK][:20])
+
+
 # --- the store: cache-teacher --packing greedy, cache info ---------------------------------------------
 
 

@@ -15,7 +15,15 @@ from distill.cache.targets import (
     draw_samples,
     target_field_shapes,
 )
-from distill.pipeline.target_fields import compute_target_slice, fit_rank_table, kl_to_reconstruction
+from distill.pipeline.target_fields import (
+    compute_target_slice,
+    decoded_logits,
+    find_head,
+    fit_rank_table,
+    kish_ess,
+    measure_draws_ess,
+    measure_head_bins,
+)
 
 
 def test_count_head_stops_once_the_mass_is_reached() -> None:
@@ -101,15 +109,56 @@ def test_rank_table_orders_by_mean_probability_then_id() -> None:
     assert rank_of_id.tolist() == [2, 0, 3, 1]
 
 
-def test_fidelity_kl_is_zero_when_nothing_is_lost_and_grows_with_a_smaller_head() -> None:
-    logits = torch.tensor([[1.0, 0.53, -0.21, -3.04]])  # off the 0.1 grid: quantization error is real but tiny
-    full = {"kind": "topk", "value_step": 0.02, "mass": 1.0, "top_k": 4}  # codes up to 200: all in range
-    assert kl_to_reconstruction(logits, full, 1.0).item() == pytest.approx(0.0, abs=1e-4)
-    small = {**full, "mass": 0.5, "value_step": 1e-3}
-    p = logits.softmax(-1)[0]
-    tail = p[1:].sum()
-    expected = float((p[1:] * (p[1:].log() - math.log(tail / 3))).sum())  # the tail spread evenly
-    assert kl_to_reconstruction(logits, small, 1.0).item() == pytest.approx(expected, rel=1e-3)
+def test_fidelity_is_the_k_plus_1_bin_kl_of_the_decoded_head_and_the_tail_mass_by_hand() -> None:
+    logits = torch.tensor([[1.0, 0.53, -0.21, -3.04]])  # off the 0.1 grid: 0.53 is read back as 0.5
+    targets = {"kind": "topk", "value_step": 0.1, "mass": 0.8, "top_k": 4}  # p = .515 .322 .154 .009: head 2
+    head = find_head(logits, targets)
+    assert head.tolist() == [[True, True, False, False]]
+    decoded = decoded_logits(logits, targets)
+    assert decoded[0, :2].tolist() == pytest.approx([1.0, 0.5])
+    for t in (1.0, 2.0):
+        kl, tail = measure_head_bins(logits, decoded, head, t)
+        p = (logits[0] / t).softmax(-1).double()
+        q_head = torch.exp(decoded[0, :2].double() / t - (logits[0] / t).logsumexp(-1).double())
+        p_tail, q_tail = 1 - p[:2].sum(), 1 - q_head.sum()
+        expected = float((p[:2] * (p[:2] / q_head).log()).sum() + p_tail * math.log(p_tail / q_tail))
+        assert kl.item() == pytest.approx(expected, rel=1e-3) and 1e-5 < kl.item() < 1e-3  # the stored values' loss
+        assert tail.item() == pytest.approx(float(p_tail), rel=1e-5)  # what the K+1 bins cannot resolve
+    exact, on_grid = {**targets, "mass": 1.0}, torch.tensor([[1.0, 0.5, -0.2, -3.0]])  # every token, read back exactly
+    kl, tail = measure_head_bins(on_grid, decoded_logits(on_grid, exact), find_head(on_grid, exact), 4.0)
+    assert kl.item() == pytest.approx(0.0, abs=1e-6) and tail.item() == 0.0
+    fp16 = {"kind": "topk-fp16", "top_k": 3}  # the fixed top-3, fp16 logits
+    assert find_head(logits, fp16).tolist() == [[True, True, True, False]]
+    kl, _ = measure_head_bins(logits, decoded_logits(logits, fp16), find_head(logits, fp16), 1.0)
+    assert 0 <= kl.item() < 1e-6
+
+
+def test_effective_sample_size_of_weighted_draws_by_hand() -> None:
+    counts = torch.tensor([[2, 1, 0], [1, 1, 1], [0, 0, 0]])
+    log_w = torch.tensor([[0.0, math.log(2.0), 5.0], [1.0, 1.0, 1.0], [0.0, 0.0, 0.0]])
+    ess = kish_ess(log_w, counts)  # (2·1 + 1·2)² / (2·1 + 1·4) = 16 / 6; equal weights: the draws; none: 0
+    assert ess.tolist() == pytest.approx([16 / 6, 3.0, 0.0])
+    logits = torch.tensor([[2.0, 1.0, 0.0, -1.0, -2.0]] * 64)
     sampled = {"kind": "sampled", "value_step": 0.1, "samples": 8}
-    assert kl_to_reconstruction(logits, sampled, 1.0).item() == pytest.approx(0.0, abs=1e-6)
-    assert 0 < kl_to_reconstruction(logits, sampled, 2.0).item() < 1e-3  # only the quantization, in expectation
+    decoded, head = decoded_logits(logits, sampled), find_head(logits, sampled)
+    generator = torch.Generator().manual_seed(0)
+    ess = measure_draws_ess(logits.softmax(-1), decoded, head, 8, [1.0, 4.0], generator)  # (64, 2)
+    assert ess[:, 0].tolist() == pytest.approx([8.0] * 64)  # at T = 1 every draw weighs the same
+    assert (ess[:, 1] <= 8.0 + 1e-9).all() and (ess[:, 1] >= 1.0).all() and ess[:, 1].mean() < 7.0  # T = 4: fewer
+
+
+def test_info_names_an_older_stores_fidelity_figure_for_what_it_is() -> None:
+    from distill.cache.info import describe_fidelity
+
+    old = {"kind": "topk", "rows": 16, "positions": 2044, "expectation_over_draws": False}
+    old["kl_full_reconstructed"] = {"1.0": 0.7026, "2.0": 2.2135, "4.0": 0.5822}
+    (line,) = describe_fidelity(old)
+    assert "(older store)" in line and "tail spread evenly" in line and "T=1 0.7026" in line
+    assert "not the loss of the stored values" in line
+    (line,) = describe_fidelity({**old, "kind": "sampled", "expectation_over_draws": True})
+    assert "the draws' expectation" in line
+    new = {"kind": "hybrid", "rows": 16, "positions": 2044, "ess_samples": 32, "ess_positions": 2040}
+    new.update(kl_head_bins={"1.0": 3e-4}, tail_mass={"1.0": 0.115}, ess={"1.0": 32.0})
+    head, draws = describe_fidelity(new)
+    assert "T=1 3.00e-04 (0.115)" in head and "T=1 32.0" in draws and draws.startswith(" " * 10)
+    assert describe_fidelity(None) == []

@@ -107,6 +107,36 @@ def describe_targets(layout: dict[str, Any]) -> str:
     return f"targets    {kind}: " + " + ".join(parts) + f"; logits to +-{t['value_error_bound']:g} (8 bits)"
 
 
+def describe_fidelity(fidelity: dict[str, Any] | None) -> list[str]:
+    """The manifest's fidelity figures ([fidelity note] in pipeline/target_fields.py), one line per kind of figure.
+
+    Stores made before those figures hold ``kl_full_reconstructed``: KL(full ‖ a reconstruction whose tail is
+    spread evenly, or the draws' expectation), shown under that name; its ``topk`` values measure the spread."""
+    if not fidelity:
+        return []
+    temps = lambda by_t, fmt: ", ".join(f"T={float(t):g} {fmt(v)}" for t, v in by_t.items())  # noqa: E731
+    where = f"mean on {fidelity['positions']:,} calibration positions"
+    lines = []
+    if "kl_head_bins" in fidelity:
+        tail = fidelity["tail_mass"]
+        lines.append(
+            f"fidelity   K+1-bin KL(true || decoded), nats (tail mass beyond the head), {where}: "
+            + ", ".join(f"T={float(t):g} {v:.2e} ({tail[t]:.3f})" for t, v in fidelity["kl_head_bins"].items())
+        )
+    if "ess" in fidelity:
+        lines.append(
+            f"{'fidelity' if not lines else '':10s} effective sample size of the {fidelity['ess_samples']} draws "
+            f"(Kish, weights p_T / p_1), {where} with draws: " + temps(fidelity["ess"], lambda v: f"{v:.1f}")
+        )
+    if "kl_full_reconstructed" in fidelity:  # a store made before the figures above
+        how = "the draws' expectation" if fidelity.get("expectation_over_draws") else "the tail spread evenly"
+        lines.append(
+            f"fidelity   (older store) KL(full || reconstruction with {how}), nats, {where}; not the loss of the "
+            "stored values: " + temps(fidelity["kl_full_reconstructed"], lambda v: f"{v:.4f}")
+        )
+    return lines
+
+
 def format_info(info: dict[str, Any]) -> str:
     """A short human summary of ``store_info``."""
     m = info["manifest"]
@@ -128,14 +158,7 @@ def format_info(info: dict[str, Any]) -> str:
             f"padding    {100 * info['padding_share']:.1f}% of the {info['rows_committed'] * lay['seq_len']:,} stored "
             f"positions (packing {lay.get('packing', 'none')})"
         )
-    fidelity = m.get("fidelity")
-    if fidelity:
-        how = "in expectation over the draws, " if fidelity["expectation_over_draws"] else ""
-        where = f"on {fidelity['positions']:,} calibration positions"
-        lines.append(
-            f"fidelity   mean KL(full || reconstructed), nats, {how}{where}: "
-            + ", ".join(f"T={float(t):g} {v:.4f}" for t, v in fidelity["kl_full_reconstructed"].items())
-        )
+    lines += describe_fidelity(m.get("fidelity"))
     if info.get("head_mass"):
         lines.append(
             f"head mass  top-{lay['top_k']} share of the teacher's probability, mean (10th percentile): "

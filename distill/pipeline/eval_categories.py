@@ -53,13 +53,14 @@ def summarize_categories(
     seed: int = 0,
     confidence: float = 0.95,
 ) -> dict[str, dict[str, Any]]:
-    """Bits per byte of each model per category, with percentile bootstrap intervals over rows.
+    """Bits per byte of each model per category, with percentile bootstrap intervals over the R units.
 
-    nll: (M, R, C); nbytes: (R, C); names: the M model names. Returns, for the categories that hold any byte,
+    nll: (M, R, C); nbytes: (R, C), per row or per document (``distill eval``: documents, [bootstrap note] in
+    eval_scores.py); names: the M model names. Returns, for the categories that hold any byte,
     {category: {"bytes": int, "bpb": {model: float}, "bpb_ci": {model: [lo, hi] or None}}}.
     """
     rng = np.random.default_rng(seed)
-    picks = rng.integers(0, nbytes.shape[0], (resamples, nbytes.shape[0]))  # (S, R) row resamples
+    picks = rng.integers(0, nbytes.shape[0], (resamples, nbytes.shape[0]))  # (S, R) unit resamples
     tail = 100 * (1 - confidence) / 2
     out = {}
     for c, name in enumerate(CATEGORIES):

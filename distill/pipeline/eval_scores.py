@@ -17,10 +17,16 @@ is the sum over its tokens inside the range; the bytes are those of ``text[start
 where fewer than two boundaries are shared scores nothing. Adding a model to a report can
 shrink the range of the others (a few bytes per row).
 
-[bootstrap note] Intervals resample rows with replacement (fixed seed, 1,000 resamples), the
-same rows for every model in a resample, and recompute each bits per byte as a ratio of sums
+[bootstrap note] Intervals resample documents with replacement (fixed seed, 1,000 resamples), the
+same documents for every model in a resample, and recompute each bits per byte as a ratio of sums
 and gap closed from them; the interval is the 2.5th-97.5th percentile. Resamples where the
 teacher is not better than the baseline leave gap closed undefined and are left out of its interval.
+The unit is the document, not the row, because a document longer than a row spans several rows whose
+scores move together: resampling rows would count them as independent and give too narrow intervals.
+Rows are grouped by the stored ``doc_id`` (``sum_by_document``). A packed row stores only its first
+segment's document, so its later segments stay with that one (units coarser than documents, still
+independent of each other), except that a long document's last piece packed after another document
+is not joined to its earlier rows (the store does not say whose piece it is).
 """
 
 from __future__ import annotations
@@ -124,13 +130,17 @@ def build_student_spans(ids: np.ndarray, offsets: Any, prefix: list[int]) -> np.
     return np.concatenate([np.zeros((k, 2), dtype=np.int64), text])
 
 
-def teacher_scores(reader: CacheReader, rows: np.ndarray, batch_size: int = 64) -> tuple[list[str], RowScores]:
-    """Row texts and the teacher's boundaries and cumulative NLL (from the cached ``target_logprob``)."""
-    texts, scores = [], RowScores([], [])
+def teacher_scores(
+    reader: CacheReader, rows: np.ndarray, batch_size: int = 64
+) -> tuple[list[str], RowScores, np.ndarray]:
+    """Row texts, the teacher's boundaries and cumulative NLL (from the cached ``target_logprob``), and the (R,)
+    int64 stored ``doc_id`` of each row (of a packed row's segments: the row's first document, [bootstrap note])."""
+    texts, scores, documents = [], RowScores([], []), []
     for start in range(0, len(rows), batch_size):
         data = read_document_rows(
-            reader, rows[start : start + batch_size], ["target_logprob", "length", "offsets", "text"]
+            reader, rows[start : start + batch_size], ["target_logprob", "length", "offsets", "text", "doc_id"]
         )
+        documents.append(data["doc_id"].numpy())
         for i, text in enumerate(data["text"]):
             n = int(data["length"][i])
             token_nll = -data["target_logprob"][i, : max(n - 1, 0)].double().numpy()  # position q predicts q + 1
@@ -138,7 +148,7 @@ def teacher_scores(reader: CacheReader, rows: np.ndarray, batch_size: int = 64) 
             texts.append(text)
             scores.ends.append(ends)
             scores.cum_nll.append(cum)
-    return texts, scores
+    return texts, scores, np.concatenate(documents or [np.zeros(0, dtype=np.int64)]).astype(np.int64)
 
 
 def score_identical_bytes(texts: list[str], scores: list[RowScores]) -> tuple[np.ndarray, np.ndarray]:
@@ -161,15 +171,26 @@ def score_identical_bytes(texts: list[str], scores: list[RowScores]) -> tuple[np
 # --- intervals ----------------------------------------------------------------------------------
 
 
+def sum_by_document(values: np.ndarray, documents: np.ndarray, axis: int) -> np.ndarray:
+    """[bootstrap note] ``values`` per row along ``axis`` (R rows) -> summed per document (D distinct ids, sorted)."""
+    _, index = np.unique(documents, return_inverse=True)
+    moved = np.moveaxis(values, axis, 0)
+    out = np.zeros((int(index.max(initial=-1)) + 1, *moved.shape[1:]), dtype=values.dtype)
+    np.add.at(out, index, moved)
+    return np.moveaxis(out, 0, axis)
+
+
 def bootstrap_bpb(
     nll: np.ndarray, nbytes: np.ndarray, resamples: int = BOOTSTRAP_RESAMPLES, seed: int = BOOTSTRAP_SEED
 ) -> np.ndarray:
-    """[bootstrap note] (M, R) NLL per model and row, (R,) bytes -> (resamples, M) bits per byte of row resamples."""
+    """[bootstrap note] (M, U) NLL per model and unit, (U,) bytes -> (resamples, M) bits per byte of unit resamples.
+
+    The units are what is resampled: documents (``sum_by_document``) in ``distill eval``."""
     rng = np.random.default_rng(seed)
-    rows = nbytes.shape[0]
+    units = nbytes.shape[0]
     samples = np.empty((resamples, nll.shape[0]))
     for i in range(resamples):
-        pick = rng.integers(0, rows, rows)
+        pick = rng.integers(0, units, units)
         with np.errstate(invalid="ignore", divide="ignore"):
             samples[i] = nll[:, pick].sum(axis=1) / (math.log(2) * nbytes[pick].sum())
     return samples

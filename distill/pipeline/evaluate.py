@@ -6,8 +6,16 @@ For each student, on the held-out rows (those its run held out, or every row of 
 bits per byte of the row texts, held-out kd loss, top-1 agreement with the teacher at aligned
 positions, expected calibration error; the teacher's bits per byte from the cached
 ``target_logprob``; with a baseline, the share of the baseline -> teacher gap each student
-closed; 95% bootstrap intervals over rows for bits per byte and gap closed. Writes report.json,
+closed; 95% bootstrap intervals over documents for bits per byte and gap closed. Writes report.json,
 report.md and PNG plots of the runs' metrics.
+
+[eval-kd note] The kd column is one fixed measure for every model, whatever trained it: at one
+temperature (``--temperature``, default 1; a run's training T does not count), and of the kind the
+store allows: ``tail`` (the K+1-bin KL over the teacher's head tokens that have a student token of
+identical bytes plus one tail bin, kd_losses.kd_tail_loss) on top-K stores, ``sampled`` (the unbiased
+estimate of the full KL from the draws, sampled_kd.sampled_kd_loss) on sampled and hybrid stores; × T².
+Top-1 agreement needs the teacher's top-1: a ``sampled`` store holds only draws, whose most probable
+one misses it at many positions, so top-1 is not reported there (None).
 
 The scores themselves (bits per byte on identical bytes, [scored-bytes note]; bootstrap intervals,
 [bootstrap note]; calibration, gap closed) are in eval_scores.py.
@@ -21,7 +29,7 @@ with ``--split all --cache STORE``).
 Eval scores each document segment as a row of its own (``read_document_rows`` in packing.py): the teacher's
 ``target_logprob`` there already ignores the other segments, each student reads the segment alone
 (the same as reading the packed row with a block-diagonal mask), and the segment's first token
-is predicted only by a model with a prefix, as for any row. The bootstrap then resamples segments.
+is predicted only by a model with a prefix, as for any row. The bootstrap resamples documents ([bootstrap note]).
 """
 
 from __future__ import annotations
@@ -60,6 +68,7 @@ from distill.pipeline.eval_scores import (
     percentile_interval,
     score_identical_bytes,
     score_row,
+    sum_by_document,
     teacher_scores,
 )
 from distill.pipeline.kd_losses import kd_tail_loss
@@ -68,6 +77,10 @@ from distill.pipeline.sampled_kd import sampled_kd_loss
 from distill.pipeline.tokens import prefix_ids
 
 _WHOLE_ROW = 2**62  # a "context" no row reaches: the student's tokens of the whole row
+KD_MODES = {  # [eval-kd note]: the kd column's measure, by the store's kind of targets
+    "tail": "the K+1-bin KL (the teacher's head tokens with a student token, one tail bin)",
+    "sampled": "the unbiased estimate of the full KL from the stored draws",
+}
 
 
 @dataclass
@@ -78,7 +91,6 @@ class StudentSource:
     model_dir: Path
     store: str
     rows: np.ndarray
-    temperature: float
     run_dir: Path | None
     training: dict[str, Any] = dataclasses.field(default_factory=dict)  # objective, terms, final step and why
 
@@ -90,6 +102,7 @@ def describe_training(saved: dict[str, Any], final_dir: Path) -> dict[str, Any]:
     final = json.loads((final_dir / "final.json").read_text()) if (final_dir / "final.json").exists() else {}
     return {
         "objective": saved["train"].get("objective"),
+        "trained_temperature": saved["train"]["temperature"],
         "terms": active_terms(curriculum),
         "final_step": final.get("step"),
         "final_reason": final.get("reason"),
@@ -106,11 +119,16 @@ def resolve_student(path: Path, cache: str | None, split: str) -> StudentSource:
             rows = CacheReader(store).row_ids
         else:  # exactly the rows the run held out
             store, rows = saved["eval_source"], np.asarray(saved["eval_rows"], dtype=np.int64)
+            if cache is not None and _store_key(cache) != _store_key(store):
+                raise ValueError(
+                    f"--cache {cache}: {path} is scored on the rows it held out of {store}; add --split all to "
+                    f"score it on every row of {cache}"
+                )
         training = describe_training(saved, path / "final")
-        return StudentSource(path.name, path / "final", store, rows, saved["train"]["temperature"], path, training)
+        return StudentSource(path.name, path / "final", store, rows, path, training)
     if cache is None:
         raise ValueError(f"{path}: not a run directory; pass --cache STORE to score a plain model on its rows")
-    return StudentSource(path.name, path, cache, CacheReader(cache).row_ids, 4.0, None)
+    return StudentSource(path.name, path, cache, CacheReader(cache).row_ids, None)
 
 
 def _json_interval(interval: tuple[float, float]) -> list[float] | None:
@@ -119,9 +137,10 @@ def _json_interval(interval: tuple[float, float]) -> list[float] | None:
 
 @torch.no_grad()
 def evaluate_student(
-    source: StudentSource, vocab_map_dir: Path, batch_size: int = 8
+    source: StudentSource, vocab_map_dir: Path, temperature: float = 1.0, batch_size: int = 8
 ) -> tuple[dict[str, Any], RowScores]:
-    """kd, top-1 agreement and ECE of one student on its rows (fp32, no autocast), and its row scores for bpb.
+    """kd at ``temperature``, top-1 agreement and ECE of one student on its rows (fp32, no autocast), and its row
+    scores for bpb ([eval-kd note]: top-1 is None on a ``sampled`` store).
 
     vocab_map_dir: where the teacher -> student vocabulary map is kept (never a plain model folder).
     """
@@ -137,7 +156,8 @@ def evaluate_student(
     if not same:
         built = load_or_build_vocab_map(teacher_tokenizer, tokenizer, vocab_map_dir)
         vocab_map = torch.from_numpy(pad_vocab_map(built, reader.manifest["teacher"]["vocab_size"]))
-    t_index = reader.temperature_index(source.temperature)
+    t_index = reader.temperature_index(temperature)
+    has_top1 = reader.target_kind != "sampled"  # [eval-kd note]
     max_length = int(getattr(model.config, "max_position_embeddings", 2048))
     kd_sum, kd_count, agree, compared, unmapped, aligned = 0.0, 0, 0, 0, 0, 0
     confidences, corrects = [], []
@@ -177,11 +197,9 @@ def evaluate_student(
             mapped = teacher_ids
         kd_args = (student_logits, mapped, data["topk_logits"][bi, tp])
         if data["target_multiplier"] is not None:  # sampled targets: the unbiased estimate of the full KL
-            kd = sampled_kd_loss(
-                *kd_args, data["target_multiplier"][bi, tp], data["lse"][bi, tp, t_index], source.temperature
-            )
+            kd = sampled_kd_loss(*kd_args, data["target_multiplier"][bi, tp], data["lse"][bi, tp, t_index], temperature)
         else:
-            kd = kd_tail_loss(*kd_args, data["lse"][bi, tp, t_index], source.temperature)
+            kd = kd_tail_loss(*kd_args, data["lse"][bi, tp, t_index], temperature)
         kd_sum += float(kd) * len(bi)
         kd_count += len(bi)
         aligned += len(bi)
@@ -192,9 +210,9 @@ def evaluate_student(
         agree += int((student_logits.argmax(dim=-1) == mapped[:, 0])[has_token].sum())
     metrics = {
         "kd_loss": kd_sum / kd_count if kd_count else float("nan"),
-        "top1_agreement": agree / compared if compared else float("nan"),
-        "top1_positions": compared,
-        "top1_unmapped_positions": unmapped,
+        "top1_agreement": (agree / compared if compared else float("nan")) if has_top1 else None,
+        "top1_positions": compared if has_top1 else None,
+        "top1_unmapped_positions": unmapped if has_top1 else None,
         "ece": expected_calibration_error(
             np.concatenate(confidences or [np.zeros(0)]), np.concatenate(corrects or [np.zeros(0)]).astype(float)
         ),
@@ -278,6 +296,10 @@ def plot_runs(runs: dict[str, list[dict[str, Any]]], out: Path) -> list[str]:
     return made
 
 
+def _format_share(value: float | None) -> str:
+    return "n/a" if value is None else f"{100 * value:.1f}%"
+
+
 def _format_interval(interval: list[float] | None, scale: float = 1.0, digits: int = 4) -> str:
     return "" if interval is None else f" [{scale * interval[0]:.{digits}f}, {scale * interval[1]:.{digits}f}]"
 
@@ -292,15 +314,15 @@ def format_objective(student: dict[str, Any]) -> str:
 
 def format_report(report: dict[str, Any]) -> str:
     """report.md: the table a person reads first."""
-    boot = report["bootstrap"]
+    boot, kd = report["bootstrap"], report["kd"]
     lines = [
         "# distill eval",
         "",
         f"Teacher bits per byte: **{report['teacher_bpb']:.4f}**{_format_interval(report['teacher_bpb_ci'])} "
         "(from the cache's target_logprob)",
         "",
-        f"| student | objective | bits/byte [{100 * boot['confidence']:.0f}% CI] | gap closed [CI] | kd loss "
-        "| top-1 agreement | ECE |",
+        f"| student | objective | bits/byte [{100 * boot['confidence']:.0f}% CI] | gap closed [CI] "
+        f"| kd ({kd['mode']}, T={kd['temperature']:g}) | top-1 agreement | ECE |",
         "|---|---|---|---|---|---|---|",
     ]
     for name, s in report["students"].items():
@@ -312,7 +334,7 @@ def format_report(report: dict[str, Any]) -> str:
             gap = f"{100 * s['gap_closed']:.1f}%{_format_interval(s['gap_closed_ci'], 100, 1)}"
         lines.append(
             f"| {name} | {format_objective(s)} | {s['bpb']:.4f}{_format_interval(s['bpb_ci'])} | {gap} | "
-            f"{s['kd_loss']:.4f} | {100 * s['top1_agreement']:.1f}% | {s['ece']:.4f} |"
+            f"{s['kd_loss']:.4f} | {_format_share(s['top1_agreement'])} | {s['ece']:.4f} |"
         )
     if report.get("category_bpb"):
         lines += format_category_table(report["category_bpb"])
@@ -325,14 +347,24 @@ def format_report(report: dict[str, Any]) -> str:
     if report["row_selection"] == "intersection":
         held = ", ".join(f"{name} {s['rows_held_out']}" for name, s in report["students"].items())
         lines.append(f"The students held out different rows ({held}): scored on their intersection.")
+    whole = ", each with the other documents of its packed rows (the store names a row's first only)"
+    whole = whole if boot["packed_rows_kept_whole"] else ""
     lines += [
-        f"Intervals: {boot['resamples']:,} bootstrap resamples of the rows (seed {boot['seed']}), percentile.",
+        f"Intervals: percentile, {boot['resamples']:,} bootstrap resamples (seed {boot['seed']}) of the "
+        f"{boot['documents']:,} documents{whole}.",
         "Gap closed = (bpb_baseline - bpb_student) / (bpb_baseline - bpb_teacher).",
-        "Top-1 agreement leaves out aligned positions whose teacher top-1 has no student token: "
-        + ", ".join(f"{name} {s['top1_unmapped_positions']:,}" for name, s in report["students"].items())
-        + ".",
-        "Plots: " + ", ".join(f"[{p}]({p})" for p in report["plots"]),
+        f"kd: {KD_MODES[kd['mode']]} × T², at T = {kd['temperature']:g} for every model, whatever kd mode and "
+        "temperature trained it.",
     ]
+    if report["targets"] == "sampled":
+        lines.append("Top-1 agreement: n/a on a sampled store (its draws need not hold the teacher's top-1).")
+    else:
+        lines.append(
+            "Top-1 agreement leaves out aligned positions whose teacher top-1 has no student token: "
+            + ", ".join(f"{name} {s['top1_unmapped_positions']:,}" for name, s in report["students"].items())
+            + "."
+        )
+    lines.append("Plots: " + ", ".join(f"[{p}]({p})" for p in report["plots"]))
     return "\n".join(lines) + "\n"
 
 
@@ -364,11 +396,13 @@ def run_eval(
     out: Path,
     verify_cache: str = "auto",
     report_to: list[str] | None = None,
+    temperature: float = 1.0,
 ) -> dict[str, Any]:
     """Evaluate every student, write report.json / report.md / PNGs in ``out``; return the report.
 
     verify_cache: how the store is checked first, as train does (auto, deep, quick or off).
     report_to: trackers that also get the report table and plots (see tracking.py).
+    temperature: the one T of every model's kd ([eval-kd note]); bits per byte is at T = 1 whatever it is.
     """
     from distill.cache.verify import check_store
     from distill.pipeline.tracking import log_eval_report, require_trackers
@@ -384,18 +418,21 @@ def run_eval(
     check_store(store, verify_cache)
     out.mkdir(parents=True, exist_ok=True)
     reader = CacheReader(store)
-    texts, t_scores = teacher_scores(reader, rows)
+    reader.temperature_index(temperature)  # stored, or a clear error before any student is run
+    texts, t_scores, documents = teacher_scores(reader, rows)
     students, scores = {}, [t_scores]
     for s in sources:
         vocab_dir = (s.run_dir / "vocab_map") if s.run_dir is not None else (out / "vocab_map")
-        metrics, student_scores = evaluate_student(dataclasses.replace(s, rows=rows), vocab_dir)
+        metrics, student_scores = evaluate_student(dataclasses.replace(s, rows=rows), vocab_dir, temperature)
         students[s.name] = {**s.training, **metrics, "rows_held_out": len(s.rows)}
         scores.append(student_scores)
     nll, nbytes = score_identical_bytes(texts, scores)
-    categories = summarize_categories(*score_categories(texts, scores), ["teacher", *students])
+    category_nll, category_bytes = score_categories(texts, scores)
+    by_document = (sum_by_document(category_nll, documents, 1), sum_by_document(category_bytes, documents, 0))
+    categories = summarize_categories(*by_document, ["teacher", *students])  # [bootstrap note]: documents resampled
     total_bytes = int(nbytes.sum())
     bpb = [bits_per_byte(float(nll[m].sum()), total_bytes) for m in range(len(scores))]
-    samples = bootstrap_bpb(nll, nbytes)
+    samples = bootstrap_bpb(sum_by_document(nll, documents, 1), sum_by_document(nbytes, documents, 0))
     for m, (name, result) in enumerate(students.items(), start=1):
         result.update(bpb=bpb[m], bpb_ci=_json_interval(percentile_interval(samples[:, m])))
         result.update(nll_nats=float(nll[m].sum()), bytes=total_bytes, gap_closed=None, gap_closed_ci=None)
@@ -408,6 +445,7 @@ def run_eval(
             gaps[samples[:, b] <= samples[:, 0]] = np.nan  # gap_closed is undefined where the teacher is not better
             result["gap_closed_ci"] = _json_interval(percentile_interval(gaps))
     plots = plot_runs(runs, out) if runs else []
+    kd_mode = "sampled" if reader.target_kind in ("sampled", "hybrid") else "tail"  # [eval-kd note]
     report = {
         "teacher_bpb": bpb[0],
         "teacher_bpb_ci": _json_interval(percentile_interval(samples[:, 0])),
@@ -418,12 +456,16 @@ def run_eval(
         "rows_unscored": int((nbytes == 0).sum()),
         "store": store,
         "row_selection": selection,
-        "bootstrap": {
+        "bootstrap": {  # [bootstrap note]
             "resamples": BOOTSTRAP_RESAMPLES,
             "seed": BOOTSTRAP_SEED,
             "confidence": CONFIDENCE,
-            "unit": "document segment" if reader.packed else "row",  # [packed-eval note]
+            "unit": "documents",
+            "documents": int(np.unique(documents).size),
+            "packed_rows_kept_whole": reader.packed,
         },
+        "targets": reader.target_kind,
+        "kd": {"mode": kd_mode, "temperature": temperature},
         "baseline": baseline,
         "split": split,
         "students": students,

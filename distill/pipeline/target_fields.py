@@ -1,5 +1,5 @@
 """Stage 1's compact targets (``--targets topk|sampled|hybrid``): chosen and encoded from each slice of full logits,
-and calibrated once per store (the unigram rank table and the fidelity figures of the manifest).
+and calibrated once per store (the unigram rank table and the fidelity figures of the manifest, [fidelity note]).
 
 The format is in distill/cache/targets.py; stage 1 calls ``compute_target_slice`` from its logit pass, where the
 (P, V) logits and T=1 probabilities already exist, so no extra vocabulary-wide pass is made beyond the draws.
@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from distill.cache.targets import ID_BY_RANK, count_head, draw_samples, encode_targets
+from distill.pipeline.packing import segment_position_ids
 from distill.pipeline.teacher_model import compute_logits, find_logit_transforms, forward_teacher
 
 TARGET_FIELDS = ("target_count", "target_ids", "target_values", "target_max", "target_draws")
@@ -54,6 +55,17 @@ def compute_target_slice(
 
 # --- calibration: unigram ranks and fidelity ----------------------------------------------------
 
+# [fidelity note] What the manifest's ``fidelity`` measures, per stored temperature T, on the calibration
+# positions (full logits at hand). Head kinds (topk, hybrid, topk-fp16): the K+1-bin KL(true ‖ decoded) the
+# tail loss sees, the head tokens one bin each and one tail bin, true = the teacher's exact probabilities,
+# decoded = exp(ẑ / T - lse_T) from the stored (quantized or fp16) logits and the stored exact lse_T, the tail
+# bin 1 - Σ head as the loss reads it; it measures what storing loses and nothing else (the tail is exact in
+# mass, blind in spread, by design). Beside it the true tail mass 1 - Σ head: what the K+1 bins cannot
+# resolve. Sampled kinds: Kish's effective sample size of the draws at T, (Σ c w)² / Σ c w² over the drawn
+# tokens (c the draw count, w = p_T / p_1 the importance weight of a draw from the T = 1 proposal, decoded
+# logits), out of ``samples`` draws (``hybrid``: its tail draws): n at T = 1, less where p_T and p_1 differ.
+# Each figure is the mean over positions (ESS: over positions with draws).
+
 
 def fit_rank_table(unigram: torch.Tensor) -> tuple[np.ndarray, torch.Tensor]:
     """(id_by_rank (V,) int32, rank_of_id (V,) int64) from the mean T=1 probability of each id (ties: lower id)."""
@@ -69,40 +81,76 @@ def quantized_logits(logits: torch.Tensor, step: float) -> torch.Tensor:
     return row_max - step * torch.round((row_max - logits) / step).clamp(0, 255)
 
 
-def kl_to_reconstruction(logits: torch.Tensor, targets: dict[str, Any], temperature: float) -> torch.Tensor:
-    """KL(full ‖ reconstructed) at ``temperature`` of each of P positions, (P,); logits (P, V) fp32 at T=1.
+def decoded_logits(logits: torch.Tensor, targets: dict[str, Any]) -> torch.Tensor:
+    """(P, V) the logit a reader decodes for every token: 8-bit steps, or fp16 for ``topk-fp16``."""
+    if targets["kind"] == "topk-fp16":
+        return logits.half().float()
+    return quantized_logits(logits, targets["value_step"])
 
-    ``topk``: the head's decoded probabilities, the rest of the mass (1 - decoded head) spread evenly over the
-    other tokens (the K+1-bin loss cannot tell how it is spread). ``sampled`` / ``hybrid``: the reconstruction in
-    expectation over the draws, E[w_v] ([unbiased-kd note] in pipeline/sampled_kd.py), which differs from the
-    teacher only by the value quantization at T != 1; as E[w] need not sum to 1, the generalized KL
-    Σ t log(t / q) - Σ t + Σ q is used (equal to the KL when q sums to 1).
-    """
-    kind, step, t = targets["kind"], targets["value_step"], temperature
-    lse1 = logits.logsumexp(dim=-1, keepdim=True)
-    log_t = logits / t - (logits / t).logsumexp(dim=-1, keepdim=True)  # (P, V) exact teacher at T
-    zq = quantized_logits(logits, step)
-    log_tq = zq / t - (logits / t).logsumexp(dim=-1, keepdim=True)  # decoded logit, the stored lse_T
+
+def find_head(logits: torch.Tensor, targets: dict[str, Any]) -> torch.Tensor:
+    """(P, V) bool: the tokens stored exactly (the head) of each position; none for ``sampled``."""
     head = torch.zeros_like(logits, dtype=torch.bool)
-    if kind in ("topk", "hybrid"):
-        top = logits.topk(min(targets["top_k"], logits.shape[1]), dim=-1)
-        k = count_head(top.values, lse1[:, 0], targets["mass"], step)
-        keep = torch.arange(top.indices.shape[1], device=logits.device)[None, :] < k[:, None]
-        head.scatter_(1, torch.where(keep, top.indices, top.indices[:, :1]), True)
-    if kind == "topk":
-        head_mass = torch.where(head, log_tq.exp(), 0.0).sum(dim=-1, keepdim=True)
-        spread = (1.0 - head_mass).clamp(min=1e-30) / (~head).sum(dim=-1, keepdim=True).clamp(min=1)
-        log_q = torch.where(head, log_tq, spread.log())
-    else:
-        # E[w_v] = t_T(v) · exp((ẑ - z)(1/T - 1)) on sampled tokens; hybrid tails also carry r̂_1 / r_1.
-        log_q = log_t + (zq - logits) * (1.0 / t - 1.0)
-        if kind == "hybrid":
-            r_true = 1.0 - torch.where(head, (logits - lse1).exp(), 0.0).sum(dim=-1, keepdim=True)
-            r_read = 1.0 - torch.where(head, (zq - lse1).exp(), 0.0).sum(dim=-1, keepdim=True)
-            ratio = (r_read.clamp(min=1e-30) / r_true.clamp(min=1e-30)).log()
-            log_q = torch.where(head, log_tq, log_q + ratio)
-    p = log_t.exp()
-    return (p * (log_t - log_q)).sum(dim=-1) - p.sum(dim=-1) + log_q.exp().sum(dim=-1)
+    if targets["kind"] == "sampled":
+        return head
+    top = logits.topk(min(targets["top_k"], logits.shape[1]), dim=-1)
+    if targets["kind"] == "topk-fp16":
+        return head.scatter_(1, top.indices, True)
+    lse1 = logits.logsumexp(dim=-1)
+    k = count_head(top.values, lse1, targets["mass"], targets["value_step"])
+    keep = torch.arange(top.indices.shape[1], device=logits.device)[None, :] < k[:, None]
+    return head.scatter_(1, torch.where(keep, top.indices, top.indices[:, :1]), True)
+
+
+def measure_head_bins(
+    logits: torch.Tensor, decoded: torch.Tensor, head: torch.Tensor, temperature: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """[fidelity note] (K+1-bin KL(true ‖ decoded) (P,), true tail mass (P,)) at ``temperature``, fp64.
+
+    logits, decoded (P, V) fp32 at T=1 (true and as read back); head (P, V) bool the stored exact tokens.
+    Both sides share lse_T, so a head bin's log ratio is (z - ẑ) / T. In fp64: the figure is far smaller than
+    the fp32 rounding of the tail bin's 1 - Σ head (~1e-7).
+    """
+    scaled = logits.double() / temperature
+    lse = scaled.logsumexp(dim=-1, keepdim=True)  # (P, 1) lse_T
+    log_p = scaled - lse
+    kl_head = torch.where(head, log_p.exp() * (logits - decoded).double() / temperature, 0.0).sum(dim=-1)
+    log_tail_p = torch.where(head, -torch.inf, log_p).logsumexp(dim=-1)  # exact: summed from the tail itself
+    head_q = torch.where(head, (decoded.double() / temperature - lse).exp(), 0.0).sum(dim=-1)
+    tail = log_tail_p.exp()
+    kl_tail = torch.where(tail > 0, tail * (log_tail_p - torch.log1p(-head_q).clamp(min=-700)), 0.0)  # 1 - Σ head
+    return kl_head + kl_tail, tail
+
+
+def kish_ess(log_weights: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """(Σ c w)² / Σ c w² per row: Kish's effective sample size of weighted draws, (P,) fp64; 0 without draws.
+
+    log_weights (P, S) log importance weights (any scale), counts (P, S) draws of each slot (0 = unused).
+    """
+    c = counts.double()
+    log_w = torch.where(c > 0, log_weights.double(), -torch.inf)
+    w = (log_w - log_w.max(dim=-1, keepdim=True).values.nan_to_num(neginf=0.0)).exp()  # (P, S) max 1
+    total, squares = (c * w).sum(dim=-1), (c * w * w).sum(dim=-1)
+    return torch.where(squares > 0, total**2 / squares.clamp(min=1e-300), 0.0)
+
+
+def measure_draws_ess(
+    probs1: torch.Tensor,
+    decoded: torch.Tensor,
+    head: torch.Tensor,
+    samples: int,
+    temperatures: list[float],
+    generator: torch.Generator | None,
+) -> torch.Tensor:
+    """[fidelity note] (P, nT) Kish ESS of ``samples`` draws from the T=1 teacher outside ``head``, at each T.
+
+    probs1 (P, V) the T=1 probabilities, decoded (P, V) the logits as read back, head (P, V) bool. The draws are
+    made as stage 1 makes them (``draw_samples``); w ∝ exp(ẑ (1/T - 1)) for a drawn token of decoded logit ẑ.
+    """
+    exclude = torch.where(head, torch.arange(head.shape[1], device=head.device)[None, :], -1)
+    ids, draws = draw_samples(probs1, samples, exclude, generator)
+    z = decoded.gather(1, ids.clamp(min=0))  # (P, S)
+    return torch.stack([kish_ess(z * (1.0 / t - 1.0), draws) for t in temperatures], dim=-1)
 
 
 def calibrate_targets(
@@ -114,36 +162,50 @@ def calibrate_targets(
 ) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
     """The teacher's unigram rank table (a store-level array) and the fidelity of the stored targets.
 
-    One teacher pass over the calibration ``rows``: the mean T=1 distribution over their text positions gives
-    the ranks ([target-codec note] in cache/targets.py); the mean KL(full ‖ reconstructed) at T=1 and each stored
-    T goes to the manifest's ``fidelity`` (``distill cache info`` shows it).
+    One teacher pass over the calibration ``rows``, each document of a packed row on its own (position ids
+    restarting per segment, [packing note] in packing.py): the mean T=1 distribution over their positions gives
+    the ranks ([target-codec note] in cache/targets.py); the [fidelity note] figures at T=1 and each stored T go
+    to the manifest's ``fidelity`` (``distill cache info`` shows them).
     """
-    from distill.pipeline.fields import pad_rows  # fields imports this module
+    from distill.pipeline.fields import pad_rows, pad_segments  # fields imports this module
 
     targets = {**layout["targets"], "top_k": layout["top_k"]}
+    kind = targets["kind"]
     temps = sorted({1.0, *layout["temperatures"]})
     transforms = find_logit_transforms(model)
     vocab = model.get_output_embeddings().weight.shape[0]
+    generator = torch.Generator(device=device).manual_seed(0)
     unigram = torch.zeros(vocab, dtype=torch.float64)
-    kl_sums, positions = torch.zeros(len(temps), dtype=torch.float64), 0
+    sums = {name: torch.zeros(len(temps), dtype=torch.float64) for name in ("kl", "tail", "ess")}
+    positions = drawn = 0
     for start in range(0, len(rows), batch_size):
         batch = rows[start : start + batch_size]
         ids, mask = pad_rows(batch)
+        segments = pad_segments(batch, ids.shape[1])
+        position_ids = None if segments is None else segment_position_ids(segments).to(device)
         with torch.inference_mode():
-            hidden = forward_teacher(model, ids.to(device), mask.to(device), False).last_hidden_state
-            flat = hidden[mask.to(device).bool()]  # (P, H) real positions (the prefix's prediction included)
+            out = forward_teacher(model, ids.to(device), mask.to(device), False, None, position_ids)
+            flat = out.last_hidden_state[mask.to(device).bool()]  # (P, H) real positions (the prefix's prediction)
             for a in range(0, flat.shape[0], 64):
                 logits = compute_logits(model, flat[a : a + 64], transforms).float()  # (p, V)
-                unigram += torch.softmax(logits, dim=-1).sum(dim=0).double().cpu()
-                for j, t in enumerate(temps):
-                    kl_sums[j] += kl_to_reconstruction(logits, targets, t).double().sum().cpu()
+                probs1 = torch.softmax(logits, dim=-1)
+                unigram += probs1.sum(dim=0).double().cpu()
+                decoded, head = decoded_logits(logits, targets), find_head(logits, targets)
+                if kind != "sampled":
+                    for j, t in enumerate(temps):
+                        kl, tail = measure_head_bins(logits, decoded, head, t)
+                        sums["kl"][j] += kl.sum().cpu()
+                        sums["tail"][j] += tail.sum().cpu()
+                if kind in ("sampled", "hybrid"):
+                    ess = measure_draws_ess(probs1, decoded, head, targets["samples"], temps, generator)  # (p, nT)
+                    sums["ess"] += ess.sum(dim=0).cpu()
+                    drawn += int((ess[:, 0] > 0).sum())
                 positions += logits.shape[0]
     id_by_rank, _ = fit_rank_table(unigram)
-    fidelity = {
-        "kind": targets["kind"],
-        "rows": len(rows),
-        "positions": positions,
-        "kl_full_reconstructed": {str(t): float(kl_sums[j] / max(positions, 1)) for j, t in enumerate(temps)},
-        "expectation_over_draws": targets["kind"] != "topk",
-    }
+    fidelity: dict[str, Any] = {"kind": kind, "rows": len(rows), "positions": positions}
+    by_t = lambda total, n: {str(t): float(total[j] / max(n, 1)) for j, t in enumerate(temps)}  # noqa: E731
+    if kind != "sampled":
+        fidelity.update(kl_head_bins=by_t(sums["kl"], positions), tail_mass=by_t(sums["tail"], positions))
+    if kind in ("sampled", "hybrid"):
+        fidelity.update(ess=by_t(sums["ess"], drawn), ess_samples=targets["samples"], ess_positions=drawn)
     return {ID_BY_RANK: id_by_rank}, fidelity
