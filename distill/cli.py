@@ -267,16 +267,21 @@ def cache_audit(
     student: Annotated[str, typer.Option(help="Student (model folder or hub id) whose tokenizer to audit against.")],
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of a table.")] = False,
     max_rows: Annotated[int, typer.Option(help="Rows read at most, spread over the store.")] = 256,
+    score_rows: Annotated[
+        int, typer.Option(help="Rows the teacher and the student are both scored on (bits per byte); 0 skips it.")
+    ] = 32,
 ) -> None:
     """Will this pair distill well? Per category of the teacher's next token: where its top-K mass maps on the
-    student side (exact / prefix / tail), the aligned-position rate, next tokens without a student token.
+    student side (exact / prefix / tail), the aligned-position rate, next tokens without a student token; and
+    whether the teacher predicts the stored text better than the student does at all (bits per byte on identical
+    bytes, with a paired interval): if not, KD can only pull the student towards a worse model.
 
     Example: distill cache audit cache/wt103 --student HuggingFaceTB/SmolLM-135M --json
     """
     from distill.pipeline.audit import audit_store, format_audit
 
     with reported_errors():
-        report = audit_store(store, student, max_rows)
+        report = audit_store(store, student, max_rows, score_rows)
     typer.echo(json.dumps(report, indent=2) if as_json else format_audit(report))
 
 

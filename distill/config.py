@@ -279,7 +279,7 @@ class TrainConfig:
         ),
         "Eval and checkpoints": (
             "eval_every", "eval_fraction", "eval_rows", "save_every", "keep_checkpoints", "final", "patience",
-            "min_delta", "early_stop_warmup", "verify_cache",
+            "min_delta", "early_stop_warmup", "verify_cache", "preflight_rows",
         ),
         "Compute": ("precision", "device", "parallel", "student_max_length", "num_workers_prefetch", "log_every"),
     }  # fmt: skip
@@ -378,6 +378,10 @@ class TrainConfig:
     overwrite: bool = False
     """Replace the run in --out (metrics, checkpoints, final student). Without it, or --resume, a second run
     into the same --out is refused."""
+    preflight_rows: int = 16
+    """Before the first step, score the teacher and the student on this many held-out rows (bits per byte on
+    identical bytes, with a paired interval) and warn when the teacher is not clearly better, where KD can only
+    pull the student towards a worse model; 0 skips it. ``distill cache audit --student`` reports the same."""
     verify_cache: str = "auto"
     """Check the store before training: deep (re-checksum every chunk), quick (completeness and metadata),
     off, or auto (deep below 16 GiB of uncompressed rows, quick above)."""
@@ -398,6 +402,7 @@ class TrainConfig:
         checks = [
             (self.final in ("best", "last"), "--final must be best or last"),
             (0 <= self.eval_fraction < 1, "--set eval_fraction=F needs 0 <= F < 1"),
+            (self.preflight_rows >= 0, "--preflight-rows must be >= 0 (0 skips the check)"),
             (self.max_steps is None or self.max_steps >= 1, "--max-steps must be at least 1"),
             (self.epochs > 0, "--set epochs=N needs N > 0"),
             (self.batch_size >= 1, "--batch-size must be at least 1"),

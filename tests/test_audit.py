@@ -75,3 +75,28 @@ def test_audit_json_matches_direct_recounts(train_assets, single_thread):
         .invoke(app, ["cache", "audit", str(train_assets["store"]), "--student", str(train_assets["student"])])
         .stdout
     )
+
+
+def test_audit_scores_the_teacher_against_the_student(train_assets, single_thread):
+    # the teacher as its own student: both score the same bytes alike, so the teacher is not better
+    result = CliRunner().invoke(
+        app, ["cache", "audit", str(train_assets["store"]), "--student", str(train_assets["teacher"]), "--json"]
+    )
+    assert result.exit_code == 0, result.output
+    same = json.loads(result.stdout)["teacher_vs_student"]
+    assert same["rows"] > 0 and same["bytes"] > 0
+    assert same["student_bpb"] == pytest.approx(same["teacher_bpb"], abs=1e-4)
+    assert same["verdict"] != "better" and same["advantage_ci"][0] <= 0 <= same["advantage_ci"][1] + 1e-6
+    table = CliRunner().invoke(app, ["cache", "audit", str(train_assets["store"]), "--student",
+                                     str(train_assets["teacher"]), "--score-rows", "4"])  # fmt: skip
+    assert table.exit_code == 0 and "will KD pay?" in table.stdout and "better than this student" in table.stdout
+    # a random student with another tokenizer, scored on the same rows' identical bytes: a figure of its own
+    other = CliRunner().invoke(
+        app, ["cache", "audit", str(train_assets["store"]), "--student", str(train_assets["student"]), "--json"]
+    )
+    report = json.loads(other.stdout)["teacher_vs_student"]
+    assert report["teacher_bpb"] != pytest.approx(report["student_bpb"], abs=1e-3)
+    assert report["advantage"] == pytest.approx(report["student_bpb"] - report["teacher_bpb"])
+    skipped = CliRunner().invoke(app, ["cache", "audit", str(train_assets["store"]), "--student",
+                                       str(train_assets["student"]), "--json", "--score-rows", "0"])  # fmt: skip
+    assert json.loads(skipped.stdout)["teacher_vs_student"] is None

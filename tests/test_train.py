@@ -335,3 +335,18 @@ def test_train_refuses_a_store_with_a_flipped_byte(train_assets, tmp_path):
     )
     assert result.exit_code == 1  # a damaged store is a failure, not a usage error
     assert "not sound" in result.stderr and "shard 00000 chunk" in result.stderr
+
+
+def test_train_warns_before_any_step_when_the_teacher_is_not_better(train_assets, tmp_path):
+    # the teacher as the student: KD cannot pay, and train says so in one line before the first step
+    out = tmp_path / "run"
+    args = train_args(train_assets, out, student="teacher", objective="kd-only", preflight_rows=4)
+    result = run_train(args, steps=1)
+    report = json.loads((out / "preflight.json").read_text())
+    assert report["verdict"] != "better" and report["rows"] == 4
+    warning = [line for line in result.output.splitlines() if line.startswith("warning: on 4 rows")]
+    assert len(warning) == 1 and "not" in warning[0] and "--objective ce" in warning[0]
+    assert result.output.index(warning[0]) < result.output.index("step ")
+    # a student the teacher is better than gets one plain line; 0 rows skips the check
+    quiet = run_train(train_args(train_assets, tmp_path / "off", preflight_rows=0, objective="kd-only"), steps=1)
+    assert "preflight:" not in quiet.output and not (tmp_path / "off" / "preflight.json").exists()

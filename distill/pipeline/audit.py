@@ -10,7 +10,10 @@ multi-byte/CJK, special, other), over the store's positions that have a next tok
 - ``aligned_rate``: the share of teacher positions that a student position is aligned with (same text
   consumed), i.e. that get a kd target at all;
 - ``next_without_student_token``: the share whose actual next teacher token has no student token with
-  the same bytes.
+  the same bytes;
+
+and, whatever the tokenizers, ``teacher_vs_student``: both models' bits per byte on a sample of the rows and
+whether the teacher is better at all (preflight.py): KD cannot lift a student above its teacher.
 
     report = audit_store("cache/wt103", "HuggingFaceTB/SmolLM-135M")
     print(format_audit(report))
@@ -29,8 +32,10 @@ from distill.pipeline.align import align_batch, list_token_keys
 from distill.pipeline.categories import CATEGORIES, categorize_token
 from distill.pipeline.packing import read_document_rows
 from distill.pipeline.prefix_map import PrefixMap, build_prefix_map
+from distill.pipeline.preflight import compare_teacher_and_student, describe_comparison
 
 AUDIT_ROWS = 256  # rows read at most (evenly spread over the store)
+SCORE_ROWS = 32  # rows the teacher and the student are scored on (a forward pass of the student each)
 _BATCH_ROWS = 16
 
 
@@ -128,8 +133,9 @@ def describe_vocabularies(pmap: PrefixMap, teacher_size: int) -> dict[str, int]:
     }
 
 
-def audit_store(store: str, student: str, max_rows: int = AUDIT_ROWS) -> dict[str, Any]:
-    """The audit of `store` against the tokenizer of `student` (a model folder or hub id); see the module doc."""
+def audit_store(store: str, student: str, max_rows: int = AUDIT_ROWS, score_rows: int = SCORE_ROWS) -> dict[str, Any]:
+    """The audit of `store` against the tokenizer of `student` (a model folder or hub id); see the module doc.
+    With ``score_rows`` > 0 it also scores the teacher against the student itself (preflight.py)."""
     from transformers import AutoTokenizer
 
     reader = CacheReader(store)
@@ -148,6 +154,7 @@ def audit_store(store: str, student: str, max_rows: int = AUDIT_ROWS) -> dict[st
         "temperature": 1.0,
         "vocabulary": describe_vocabularies(pmap, len(teacher_tokenizer)),
         "categories": summarize(positions, categorize_vocabulary(teacher_tokenizer, teacher_size), pmap),
+        "teacher_vs_student": compare_teacher_and_student(store, student, score_rows) if score_rows > 0 else None,
     }
 
 
@@ -175,4 +182,6 @@ def format_audit(report: dict[str, Any]) -> str:
             f"{name:<12} {entry['positions']:>9,} {entry['share']:>6.3f} {text} "
             + (f"{cells[4]:>7.3f} {cells[5]:>6.3f}" if entry["positions"] else f"{'-':>7} {'-':>6}")
         )
+    if report.get("teacher_vs_student"):
+        lines.append(f"will KD pay? {describe_comparison(report['teacher_vs_student'])}")
     return "\n".join(lines)

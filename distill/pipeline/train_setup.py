@@ -9,6 +9,7 @@ store lacks) is reported here, not mid-run. What each loss term needs is the ter
 
 from __future__ import annotations
 
+import json
 import math
 import sys
 from dataclasses import dataclass
@@ -31,6 +32,7 @@ from distill.pipeline.feature_losses import build_layer_map
 from distill.pipeline.learner import Learner, TeacherFacts
 from distill.pipeline.packing import check_packed_forward
 from distill.pipeline.prefix_map import load_or_build_prefix_map
+from distill.pipeline.preflight import compare_teacher_and_student, describe_comparison
 from distill.pipeline.progress import say
 from distill.pipeline.run_dir import prepare_run_dir
 from distill.pipeline.signals import CachedTeacher, LiveTeacher, SignalSource, signal_fields
@@ -125,6 +127,17 @@ def warn_small_head(reader: CacheReader, temperature: float) -> None:
     )
 
 
+def report_preflight(cfg: TrainConfig) -> None:
+    """The teacher against the student on a few held-out rows, one line; a warning when KD may not pay."""
+    report = compare_teacher_and_student(
+        cfg.eval_cache or cfg.cache, cfg.student, cfg.preflight_rows, Path(cfg.out) / "vocab_map"
+    )
+    Path(cfg.out).mkdir(parents=True, exist_ok=True)
+    (Path(cfg.out) / "preflight.json").write_text(json.dumps(report, indent=2) + "\n")
+    prefix = "preflight" if report["verdict"] == "better" else "warning"
+    print(f"{prefix}: {describe_comparison(report)}", file=sys.stderr, flush=True)
+
+
 def setup(cfg: TrainConfig) -> Run:
     """Load and check everything before the first step; every problem is reported here, not mid-run."""
     cfg.require_io()
@@ -150,6 +163,8 @@ def setup(cfg: TrainConfig) -> Run:
             check_packed_forward(student, f"--student {cfg.student}")
         except ValueError as exc:
             raise ConfigError(str(exc)) from None
+    if world.main and need and cfg.preflight_rows and not cfg.resume and not cfg.live_teacher:
+        report_preflight(cfg)
     facts = load_teacher_facts(cfg, reader, tokenizer, student.config.num_hidden_layers, need, t_index, device)
     aux = build_modules(BuildInputs(cfg, reader.layout, student, facts.layer_map)).to(device)
     autocast_dtype = resolve_autocast(cfg.precision, device)
