@@ -65,9 +65,11 @@ class StepView:
         self.input_ids, self.mask = a.input_ids.to(device), a.attention_mask.to(device)  # (B, Ls)
         self.b, self.tp, self.sp = a.batch_idx.to(device), a.teacher_pos.to(device), a.student_pos.to(device)  # (N,)
         self.labels = F.pad(self.input_ids[:, 1:].masked_fill(self.mask[:, 1:] == 0, -100), (0, 1), value=-100)
+        self.pair_segment = None  # (N,) the document of each aligned pair in packed rows, for ALM's chunks
         if a.segment_ids is not None:  # a document's last token has no label: the next one starts another document
             segments = a.segment_ids.to(device)
             self.labels = self.labels.masked_fill(~next_in_segment(segments, self.mask.sum(dim=1)), -100)
+            self.pair_segment = segments[self.b, self.sp]
         self.logs: dict[str, Any] = {}
 
     def teacher_hidden(self, layer: int) -> Tensor:
@@ -131,6 +133,7 @@ class StepView:
             self.tp,
             self.sp,
             self.cfg.alm_temperature,
+            self.pair_segment,
         )
         self.logs["alm_chunks"] = float(chunks)
         return loss
