@@ -43,7 +43,7 @@ class TeacherFacts:
     t_index: int  # the run's temperature among the stored ones
     layer_map: dict[int, int]  # student hidden layer -> teacher hidden layer
     attention_map: dict[int, int]  # student block -> teacher block
-    stats: dict[int, tuple[Tensor, Tensor]]  # teacher layer -> (mean, std) of stored hidden
+    stats: dict[int, tuple[Tensor, Tensor, Tensor]]  # teacher layer -> stored hidden's mean, std (D,), scale ()
     prefix_bins: tuple[Tensor, Tensor] | None = None  # kd_mode=prefix: teacher (V_t,) and student bins, prefix_map.py
 
 
@@ -73,9 +73,10 @@ class StepView:
         self.logs: dict[str, Any] = {}
 
     def teacher_hidden(self, layer: int) -> Tensor:
-        """(N, D) cached teacher hidden state at aligned positions, fp32, standardized with the store's statistics."""
-        mean, std = self.facts.stats[layer]
-        return standardize_hidden(self.sig.hidden[layer][self.b, self.tp].float(), mean, std)
+        """(N, D) cached teacher hidden state at aligned positions as a target, fp32: centered and clipped per
+        dimension, one scale per layer, with the store's statistics ([target-scale note] in router.py)."""
+        mean, std, scale = self.facts.stats[layer]
+        return standardize_hidden(self.sig.hidden[layer][self.b, self.tp].float(), mean, std, scale)
 
     def student_hidden(self, layer: int) -> Tensor:
         """(N, Ds) the student's hidden state ``layer`` (index into output_hidden_states) at aligned positions."""
