@@ -128,7 +128,7 @@ class CacheConfig:
         ),
         "Stored outputs": (
             "seq_len", "packing", "targets", "top_k", "target_mass", "target_samples", "temperatures",
-            "hidden_layers", "hidden_dim", "calibration_rows",
+            "hidden_layers", "hidden_dim", "calibration_rows", "calibration_seed",
             "attention_layers", "attention_topk", "vocab_proj", "vocab_proj_temperature",
         ),
         "Store": ("out", "overwrite", "num_shards", "shard", "chunk_rows"),
@@ -184,7 +184,10 @@ class CacheConfig:
     attention_topk: int = 32
     """Keys kept per query row of the stored attention maps."""
     calibration_rows: int = 64
-    """Rows (the first of the dataset) used to fit the PCA basis and the hidden-state mean/std."""
+    """Rows used to fit the PCA basis and the hidden-state mean/std (and the compact targets' unigram ranks): a
+    random sample of all the store's rows, drawn with ``calibration_seed`` and listed in the manifest."""
+    calibration_seed: int = 0
+    """Seed of the calibration rows' sample (recorded in the manifest's ``calibration``)."""
     batch_size: int = 8
     """Rows per teacher forward pass."""
     chunk_rows: int = 32

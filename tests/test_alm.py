@@ -58,6 +58,18 @@ def test_chunks_never_cross_rows():
     assert row.tolist() == [0, 1, 1] and t_start.tolist() == [1, 2, 3] and s_end.tolist() == [5, 2, 8]
 
 
+def test_chunks_never_join_two_documents_of_a_packed_row():
+    # row 0 holds documents 0 (pairs at teacher 1, 3) and 1 (pairs at 6, 8, 9); row 1 is one document
+    b = torch.tensor([0, 0, 0, 0, 0, 1, 1])
+    tp, sp = torch.tensor([1, 3, 6, 8, 9, 2, 4]), torch.tensor([1, 2, 5, 6, 8, 1, 3])
+    segment = torch.tensor([0, 0, 1, 1, 1, 0, 0])
+    row, t_start, t_end, s_start, s_end = find_chunks(b, tp, sp, segment)
+    assert row.tolist() == [0, 0, 0, 1]
+    assert list(zip(t_start.tolist(), t_end.tolist())) == [(1, 3), (6, 8), (8, 9), (2, 4)]  # no (3, 6)
+    assert list(zip(s_start.tolist(), s_end.tolist())) == [(1, 2), (5, 6), (6, 8), (1, 3)]
+    assert find_chunks(b, tp, sp)[1].tolist() == [1, 3, 6, 8, 2]  # without segments: one chunk across documents
+
+
 def test_alm_loss_golden_and_temperature():
     teacher = torch.tensor([math.log(0.5), math.log(0.8)])
     student = torch.tensor([math.log(0.2), math.log(0.9)])

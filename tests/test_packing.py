@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from distill.pipeline.align import align_batch
+from distill.pipeline.align import AlignedBatch, align_batch
 from distill.pipeline.data import RowBuilder, plan_rows
 from distill.pipeline.packing import (
     find_segments,
@@ -18,6 +18,7 @@ from distill.pipeline.packing import (
     segment_position_ids,
     split_segments,
 )
+from distill.pipeline.xtok_losses import find_chunks
 from tests.tokenizer_utils import (
     add_bos,
     build_corpus,
@@ -130,20 +131,18 @@ def pack_by_hand(tokenizer, docs: list[str], seq_len: int) -> dict:
     }
 
 
-@pytest.mark.parametrize("same", [False, True])
-def test_packed_alignment_is_each_document_aligned_alone(tokenizers, same):
+def align_packed_and_alone(
+    tokenizers, same: bool
+) -> tuple[dict, AlignedBatch, AlignedBatch, torch.Tensor, torch.Tensor]:
+    """One packed row of four documents aligned as stage 2 aligns it, and each document aligned alone (its own row,
+    the unpacked way); plus where each document starts in the packed row, (4,) teacher and (4,) student positions."""
     teacher = tokenizers["teacher"]
     student = teacher if same else tokenizers["student"]
-    docs = DOCS[:4]
-    row = pack_by_hand(teacher, docs, 128)
+    row = pack_by_hand(teacher, DOCS[:4], 128)
     kwargs = dict(teacher_input_ids=row["input_ids"].numpy(), same_tokenizer=same)
     packed = align_batch(
         row["text"], row["offsets"], row["length"], student, 512, **kwargs, teacher_segments=row["segment_ids"]
     )
-    teacher_seg = row["segment_ids"][0]
-    student_seg = packed.segment_ids[0]
-    assert (teacher_seg[packed.teacher_pos] == student_seg[packed.student_pos]).all()  # never across documents
-    # each document alone: its own row, aligned the unpacked way; the packed pairs are those, shifted
     parts, _ = split_segments({k: v for k, v in row.items() if k != "target_logprob"}, 128)
     alone = align_batch(
         parts["text"],
@@ -154,12 +153,20 @@ def test_packed_alignment_is_each_document_aligned_alone(tokenizers, same):
         teacher_input_ids=parts["input_ids"].numpy(),
         same_tokenizer=same,
     )
-    t_starts = torch.tensor(
-        [s.token_start for s in find_segments(teacher_seg[: row["length"][0]], row["offsets"][0, : row["length"][0]])]
-    )
-    s_starts = torch.nonzero(
-        torch.diff(student_seg[: int(packed.attention_mask.sum())], prepend=torch.tensor([-1]))
-    ).flatten()
+    n = int(row["length"][0])
+    t_starts = torch.tensor([s.token_start for s in find_segments(row["segment_ids"][0, :n], row["offsets"][0, :n])])
+    student_seg = packed.segment_ids[0, : int(packed.attention_mask.sum())]
+    s_starts = torch.nonzero(torch.diff(student_seg, prepend=torch.tensor([-1]))).flatten()
+    return row, packed, alone, t_starts, s_starts
+
+
+@pytest.mark.parametrize("same", [False, True])
+def test_packed_alignment_is_each_document_aligned_alone(tokenizers, same):
+    row, packed, alone, t_starts, s_starts = align_packed_and_alone(tokenizers, same)
+    teacher_seg = row["segment_ids"][0]
+    student_seg = packed.segment_ids[0]
+    assert (teacher_seg[packed.teacher_pos] == student_seg[packed.student_pos]).all()  # never across documents
+    # the packed pairs are each document's own pairs, shifted to where it starts
     expected = sorted(
         zip(
             (t_starts[alone.batch_idx] + alone.teacher_pos).tolist(),
@@ -172,6 +179,19 @@ def test_packed_alignment_is_each_document_aligned_alone(tokenizers, same):
     n_alone = alone.attention_mask.sum(dim=1).tolist()
     joined = torch.cat([alone.input_ids[b, :n] for b, n in enumerate(n_alone)])
     assert torch.equal(packed.input_ids[0, : int(packed.attention_mask.sum())], joined)
+
+
+@pytest.mark.parametrize("same", [False, True])
+def test_alm_chunks_of_a_packed_row_are_each_documents_chunks(tokenizers, same):
+    _, packed, alone, t_starts, s_starts = align_packed_and_alone(tokenizers, same)
+    pairs = (packed.batch_idx, packed.teacher_pos, packed.student_pos)
+    _, t_start, t_end, s_start, s_end = find_chunks(*pairs, packed.segment_ids[packed.batch_idx, packed.student_pos])
+    got = sorted(zip(t_start.tolist(), t_end.tolist(), s_start.tolist(), s_end.tolist()))
+    doc, *ends = find_chunks(alone.batch_idx, alone.teacher_pos, alone.student_pos)
+    shifts = (t_starts[doc], t_starts[doc], s_starts[doc], s_starts[doc])
+    expected = sorted(zip(*((shift + end).tolist() for shift, end in zip(shifts, ends))))
+    assert got == expected and len(expected) > 20
+    assert len(find_chunks(*pairs)[0]) == len(expected) + 3  # by row only: one chunk across each of 3 boundaries
 
 
 def test_student_context_cut_keeps_whole_segments_then_cuts_one_cleanly(tokenizers):
@@ -377,7 +397,8 @@ def test_student_loss_on_a_packed_row_is_the_sum_of_its_documents_losses(
     from tests.test_train import make_config
 
     assets = {**train_assets, "store": packed_store}
-    run = setup(make_config(train_args(assets, tmp_path / "run", student=student, eval_fraction=0)))
+    args = train_args(assets, tmp_path / "run", student=student, eval_fraction=0, **{"curriculum.alm": 1.0})
+    run = setup(make_config(args))
     run.learner.eval()  # no dropout: the packed and the per-document forwards must see the same network
     reader = run.batches.source.reader
     data = reader.read_rows(reader.row_ids, ["segment_ids", "length"])
@@ -401,7 +422,8 @@ def test_student_loss_on_a_packed_row_is_the_sum_of_its_documents_losses(
     packed_labels = int((packed.aligned.attention_mask.sum(dim=1) - 1).sum()) - boundaries
     assert packed_labels == int((documents.aligned.attention_mask.sum(dim=1) - 1).sum())
     terms = [k for k in packed_logs if k.startswith("loss/") and k != "loss/total"]
-    assert {"loss/kd", "loss/lm", "loss/feature", "loss/attention", "loss/layerwise", "loss/contrastive"} <= set(terms)
+    assert {"loss/kd", "loss/lm", "loss/alm", "loss/feature", "loss/attention", "loss/layerwise"} <= set(terms)
+    assert "loss/contrastive" in terms and packed_logs["alm_chunks"] == document_logs["alm_chunks"] > 0
     for term in terms:
         assert packed_logs[term] == pytest.approx(document_logs[term], rel=1e-6, abs=1e-9), term  # measured: equal
 

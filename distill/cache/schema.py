@@ -32,8 +32,10 @@ ROOT_ARRAY_GROUPS = (STATS_GROUP, PCA_GROUP, STANDARDIZE_GROUP, TARGETS_GROUP)  
 
 # Manifest keys that describe the creation event, not the store's content: two runs of the
 # same command differ in them, so they are left out when manifests are compared.
-# ``fidelity`` is measured on the calibration rows when the store is created (a resuming process has no figure).
-VOLATILE_KEYS = ("created_at", "code_version", "fidelity")
+# ``fidelity`` and ``calibration`` (which rows, what they measured) describe the calibration pass that created the
+# store: a resuming process reads the store's statistics and runs none. Stores made before ``calibration``
+# existed lack it (their calibration rows were the first ``layout.calibration_rows``); nothing reads it to use a store.
+VOLATILE_KEYS = ("created_at", "code_version", "fidelity", "calibration")
 
 
 class CacheError(RuntimeError):

@@ -13,6 +13,7 @@ background writer, which writes and commits it while the next chunk runs through
 from __future__ import annotations
 
 import functools
+import sys
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -39,6 +40,7 @@ from distill.pipeline.data import Row, RowBuilder, RowPlan, dataset_identity, lo
 from distill.pipeline.fields import FieldSettings, blank_rows, calibrate, compute_batch_fields, field_settings
 from distill.pipeline.manifest import build_layout, build_manifest, text_digest, tokenizer_files
 from distill.pipeline.packing import check_packed_forward
+from distill.pipeline.router import describe_clip_share
 from distill.pipeline.target_fields import calibrate_targets
 from distill.pipeline.teacher_model import check_teacher_source, load_teacher, load_teacher_tokenizer, output_device
 from distill.runtime import DTYPE_NAMES, rank_device, resolve_device, resolve_dtype, torchrun_rank
@@ -68,15 +70,35 @@ def prepare_store(
         return build_manifest(cfg, model, tokenizer, files, data_id, plan, layout, dtype)
 
     def calibration_arrays(layout: dict[str, Any]) -> dict[str, np.ndarray]:
-        rows = [builder.row(i) for i in range(layout["calibration_rows"])]
-        arrays = calibrate(model, rows, layout["hidden_layers"], cfg.hidden_dim, cfg.batch_size, device)[1]
-        if target_kind(layout) != "topk-fp16":  # the rank table, and the fidelity into the manifest written next
+        row_ids = sample_calibration_rows(layout["num_rows"], layout["calibration_rows"], cfg.calibration_seed)
+        rows = [builder.row(i) for i in row_ids]
+        _, arrays, report = calibrate(model, rows, layout["hidden_layers"], cfg.hidden_dim, cfg.batch_size, device)
+        # what the pass measured goes into the manifest written next, as the fidelity does
+        wanted["calibration"] = {"seed": cfg.calibration_seed, "rows": row_ids.tolist(), **report}
+        say_calibration(wanted["calibration"])
+        if target_kind(layout) != "topk-fp16":  # the rank table, and the fidelity
             rank_arrays, wanted["fidelity"] = calibrate_targets(model, rows, layout, cfg.batch_size, device)
             arrays.update(rank_arrays)
         return arrays
 
     wanted = manifest_for(new_store_shards(cfg))  # validates the settings before anything is touched
     return open_or_create_store(cfg.out, wanted, manifest_for, files, calibration_arrays, cfg.overwrite)
+
+
+def sample_calibration_rows(num_rows: int, count: int, seed: int) -> np.ndarray:
+    """(count,) int64 row ids drawn without replacement from all ``num_rows`` rows with ``seed``, ascending: the
+    first rows of an ordered dataset are one domain (its first source, its first book), not a sample of it."""
+    rng = np.random.default_rng(seed)
+    return np.sort(rng.choice(num_rows, size=min(count, num_rows), replace=False)).astype(np.int64)
+
+
+def say_calibration(calibration: dict[str, Any]) -> None:
+    """One line on the calibration pass: its rows, and the share of each hidden layer's values stage 2 clips."""
+    shares = describe_clip_share(calibration["hidden_clip_share"])
+    line = f"cache-teacher: calibrated on {len(calibration['rows'])} rows sampled with seed {calibration['seed']}"
+    if shares:
+        line += f"; hidden values beyond ±{calibration['hidden_clip']:g} std (clipped in training): {shares}"
+    tqdm.write(line, file=sys.stderr)
 
 
 def iter_chunk_batches(builder: RowBuilder, start: int, end: int, batch_size: int) -> Iterator[list[Row]]:

@@ -23,6 +23,7 @@ from distill.cache.schema import PCA_GROUP, STANDARDIZE_GROUP, STATS_GROUP, fiel
 from distill.cache.targets import ID_BY_RANK, target_kind
 from distill.pipeline.data import Row
 from distill.pipeline.packing import next_in_segment, segment_position_ids
+from distill.pipeline.router import TARGET_CLIP, standardize_hidden
 from distill.pipeline.target_fields import TARGET_FIELDS, compute_target_slice
 from distill.pipeline.teacher_model import compute_logits, find_logit_transforms, forward_teacher
 
@@ -319,12 +320,14 @@ def calibrate(
     batch_size: int,
     device: torch.device,
     max_positions: int = 65536,
-) -> tuple[dict[str, dict[int, tuple[torch.Tensor, torch.Tensor]]], dict[str, np.ndarray]]:
+) -> tuple[dict[str, dict[int, tuple[torch.Tensor, torch.Tensor]]], dict[str, np.ndarray], dict[str, Any]]:
     """Fit each hidden layer's standardization and PCA basis (if ``hidden_dim``), see [hidden-range note].
 
-    Returns the fitted maps (``{"standardize": ..., "pca": ...}``, as FieldSettings holds them) and the store-level
+    Returns the fitted maps (``{"standardize": ..., "pca": ...}``, as FieldSettings holds them), the store-level
     arrays: standardize/hidden/<l>/mean|std (H,), pca/hidden/<l>/mean|components, and stats/hidden/<l>/mean|std:
-    per-dimension statistics of what is stored, which stage 2 uses to standardize its targets.
+    per-dimension statistics of what is stored, which stage 2 uses to make its targets; and what the manifest
+    records of the pass: ``positions`` per layer and ``hidden_clip_share``, per layer the share of stored values
+    that stage 2 clips ([target-clip note] in router.py), measured on these positions.
     """
     samples: dict[int, list[torch.Tensor]] = {layer: [] for layer in hidden_layers}
     for start in range(0, len(rows) if hidden_layers else 0, batch_size):  # no hidden layer: no teacher pass
@@ -339,6 +342,7 @@ def calibrate(
             samples[layer].append(out.hidden_states[layer][text].float().cpu())
     arrays: dict[str, np.ndarray] = {}
     fitted: dict[str, dict[int, tuple[torch.Tensor, torch.Tensor]]] = {"standardize": {}, "pca": {}}
+    report: dict[str, Any] = {"positions": {}, "hidden_clip": TARGET_CLIP, "hidden_clip_share": {}}
     for layer in hidden_layers:
         x = torch.cat(samples[layer])[:max_positions]  # (N, H)
         mean, std = x.mean(dim=0), x.std(dim=0).nan_to_num(1.0).clamp_min(1e-6)
@@ -355,9 +359,13 @@ def calibrate(
             arrays[root_array_path(PCA_GROUP, layer, "components")] = components.numpy()
             x = (x - center) @ components
         stored = x.clamp(-FP16_MAX, FP16_MAX).half().float()  # statistics of what stage 2 will read
-        arrays[root_array_path(STATS_GROUP, layer, "mean")] = stored.mean(dim=0).numpy()
-        arrays[root_array_path(STATS_GROUP, layer, "std")] = stored.std(dim=0).nan_to_num(1.0).clamp_min(1e-6).numpy()
-    return fitted, arrays
+        stored_mean, stored_std = stored.mean(dim=0), stored.std(dim=0).nan_to_num(1.0).clamp_min(1e-6)
+        arrays[root_array_path(STATS_GROUP, layer, "mean")] = stored_mean.numpy()
+        arrays[root_array_path(STATS_GROUP, layer, "std")] = stored_std.numpy()
+        unclipped = standardize_hidden(stored, stored_mean, stored_std, clip=float("inf"))  # in its dimension's stds
+        report["positions"][str(layer)] = int(stored.shape[0])
+        report["hidden_clip_share"][str(layer)] = float((unclipped.abs() > TARGET_CLIP).float().mean())
+    return fitted, arrays, report
 
 
 def text_positions(rows: list[Row], width: int) -> torch.Tensor:

@@ -43,7 +43,7 @@ class TeacherFacts:
     t_index: int  # the run's temperature among the stored ones
     layer_map: dict[int, int]  # student hidden layer -> teacher hidden layer
     attention_map: dict[int, int]  # student block -> teacher block
-    stats: dict[int, tuple[Tensor, Tensor]]  # teacher layer -> (mean, std) of stored hidden
+    stats: dict[int, tuple[Tensor, Tensor, Tensor]]  # teacher layer -> stored hidden's mean, std (D,), scale ()
     prefix_bins: tuple[Tensor, Tensor, Tensor] | None = None  # kd_mode=prefix: teacher (V_t,), student bins, bin sizes
 
 
@@ -65,15 +65,18 @@ class StepView:
         self.input_ids, self.mask = a.input_ids.to(device), a.attention_mask.to(device)  # (B, Ls)
         self.b, self.tp, self.sp = a.batch_idx.to(device), a.teacher_pos.to(device), a.student_pos.to(device)  # (N,)
         self.labels = F.pad(self.input_ids[:, 1:].masked_fill(self.mask[:, 1:] == 0, -100), (0, 1), value=-100)
+        self.pair_segment = None  # (N,) the document of each aligned pair in packed rows, for ALM's chunks
         if a.segment_ids is not None:  # a document's last token has no label: the next one starts another document
             segments = a.segment_ids.to(device)
             self.labels = self.labels.masked_fill(~next_in_segment(segments, self.mask.sum(dim=1)), -100)
+            self.pair_segment = segments[self.b, self.sp]
         self.logs: dict[str, Any] = {}
 
     def teacher_hidden(self, layer: int) -> Tensor:
-        """(N, D) cached teacher hidden state at aligned positions, fp32, standardized with the store's statistics."""
-        mean, std = self.facts.stats[layer]
-        return standardize_hidden(self.sig.hidden[layer][self.b, self.tp].float(), mean, std)
+        """(N, D) cached teacher hidden state at aligned positions as a target, fp32: centered and clipped per
+        dimension, one scale per layer, with the store's statistics ([target-scale note] in router.py)."""
+        mean, std, scale = self.facts.stats[layer]
+        return standardize_hidden(self.sig.hidden[layer][self.b, self.tp].float(), mean, std, scale)
 
     def student_hidden(self, layer: int) -> Tensor:
         """(N, Ds) the student's hidden state ``layer`` (index into output_hidden_states) at aligned positions."""
@@ -131,6 +134,7 @@ class StepView:
             self.tp,
             self.sp,
             self.cfg.alm_temperature,
+            self.pair_segment,
         )
         self.logs["alm_chunks"] = float(chunks)
         return loss

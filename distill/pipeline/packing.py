@@ -21,7 +21,8 @@ segments' texts laid end to end and ``offsets`` index that concatenation, so seg
   the student's lm labels there are ignored (``next_in_segment``);
 - alignment pairs positions whose tokens consumed the same text prefix; segments occupy disjoint
   character ranges of ``text`` and the student tokenizes each segment on its own, so a pair never spans
-  two segments (align.py), and every loss term reads aligned pairs or in-segment labels only;
+  two segments (align.py), and every loss term reads aligned pairs or in-segment labels only (ALM's chunks
+  join consecutive pairs of one segment only, ``find_chunks`` in xtok_losses.py);
 - eval scores each segment as a row of its own (``split_segments``): its first token is unpredicted
   unless its prefix predicts it, as for any row.
 """

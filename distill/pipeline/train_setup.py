@@ -34,6 +34,7 @@ from distill.pipeline.packing import check_packed_forward
 from distill.pipeline.prefix_map import load_or_build_prefix_map
 from distill.pipeline.preflight import compare_teacher_and_student, describe_comparison
 from distill.pipeline.progress import say
+from distill.pipeline.router import TARGET_CLIP, describe_clip_share, hidden_target_scale
 from distill.pipeline.run_dir import prepare_run_dir
 from distill.pipeline.signals import CachedTeacher, LiveTeacher, SignalSource, signal_fields
 from distill.pipeline.terms import BuildInputs, build_modules, check_layout, needed_signals
@@ -231,13 +232,29 @@ def load_teacher_facts(
     if "hidden" in need:
         for layer in layout["hidden_layers"]:
             mean, std = (reader.root_array(root_array_path(STATS_GROUP, layer, s)) for s in ("mean", "std"))
-            stats[layer] = (torch.from_numpy(mean).to(device), torch.from_numpy(std).to(device))
+            mean, std = torch.from_numpy(mean).to(device), torch.from_numpy(std).to(device)
+            stats[layer] = (mean, std, hidden_target_scale(std))
+        say_hidden_clip_share(reader.manifest)
     prefix_bins = None
     if not same and cfg.kd_mode == "prefix" and "kd" in need:
         pmap = load_or_build_prefix_map(teacher_tokenizer, tokenizer, Path(cfg.out) / "vocab_map")
         pmap = pmap.padded(reader.manifest["teacher"]["vocab_size"], len(tokenizer))
         prefix_bins = tuple(torch.from_numpy(a) for a in (pmap.teacher_bin, pmap.student_bin, pmap.teacher_bin_size))
     return TeacherFacts(same, vocab_map, t_index, layer_map, attention_map, stats, prefix_bins)
+
+
+def say_hidden_clip_share(manifest: dict[str, Any]) -> None:
+    """Print the share of the hidden targets' values clipped ([target-clip note] in router.py), as measured on the
+    store's calibration rows; stores made before the measure existed have none."""
+    calibration = manifest.get("calibration") or {}
+    shares = calibration.get("hidden_clip_share")
+    if shares is None:
+        say(f"hidden targets: clipped at ±{TARGET_CLIP:g} std per dimension; this store does not record how often")
+        return
+    say(
+        f"hidden targets: share clipped at ±{TARGET_CLIP:g} std per dimension on the calibration rows: "
+        + describe_clip_share(shares)
+    )
 
 
 def warn_if_rows_are_cut(reader: CacheReader, rows: np.ndarray, tokenizer: Any, max_length: int) -> None:

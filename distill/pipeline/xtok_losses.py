@@ -95,18 +95,25 @@ def kd_prefix_loss(
 # --- approximate likelihood matching -----------------------------------------------------
 
 
-def find_chunks(batch_idx: Tensor, teacher_pos: Tensor, student_pos: Tensor) -> tuple[Tensor, ...]:
-    """Chunks between consecutive aligned positions of the same row.
+def find_chunks(
+    batch_idx: Tensor, teacher_pos: Tensor, student_pos: Tensor, segment: Tensor | None = None
+) -> tuple[Tensor, ...]:
+    """Chunks between consecutive aligned positions of the same row and the same document.
 
     batch_idx, teacher_pos, student_pos: (A,) int64 aligned pairs, grouped by row and increasing within
     it (`AlignedBatch`). Pair i and i+1 of one row end at the same characters e_i < e_{i+1} on both sides,
     so teacher tokens t_i+1..t_{i+1} and student tokens s_i+1..s_{i+1} spell the same text[e_i:e_{i+1}].
+    segment: (A,) int64 the document segment of each pair in a packed row ([packing note] in packing.py),
+    None when every row is one document. Two consecutive pairs of different segments make no chunk: the text
+    between them ends one document and starts the next, which neither model reads as one stream.
     Returns (row, t_start, t_end, s_start, s_end), each (C,) int64: chunk c is predicted by teacher positions
-    t_start..t_end-1 and student positions s_start..s_end-1. The text before a row's first aligned position
-    is no chunk (a model without a BOS cannot predict its first token).
+    t_start..t_end-1 and student positions s_start..s_end-1. The text before a document's first aligned
+    position is no chunk (a model without a BOS cannot predict its first token), in a packed row as alone.
     """
-    same_row = batch_idx[1:] == batch_idx[:-1]  # (A - 1,)
-    keep = same_row.nonzero()[:, 0]
+    joined = batch_idx[1:] == batch_idx[:-1]  # (A - 1,)
+    if segment is not None:
+        joined &= segment[1:] == segment[:-1]
+    keep = joined.nonzero()[:, 0]
     return batch_idx[keep], teacher_pos[keep], teacher_pos[keep + 1], student_pos[keep], student_pos[keep + 1]
 
 
@@ -182,15 +189,17 @@ def alm_from_hidden(
     teacher_pos: Tensor,
     student_pos: Tensor,
     temperature: float = 1.0,
+    segment: Tensor | None = None,
 ) -> tuple[Tensor, int]:
     """The `alm` term of a batch: chunks between aligned positions, the teacher's likelihoods from the cache.
 
     hidden: (B, Ls, D) student last hidden state; labels: (B, Ls) next student tokens (-100: none);
     target_logprob: (B, L) cached teacher log p of its next token; batch_idx, teacher_pos, student_pos: (A,)
-    aligned pairs (`AlignedBatch`). Returns (`alm_loss` over the batch's chunks, number of chunks).
+    aligned pairs (`AlignedBatch`); segment: (A,) their document in packed rows, or None (`find_chunks`).
+    Returns (`alm_loss` over the batch's chunks, number of chunks).
     """
     bsz, length = labels.shape
-    row, t_start, t_end, s_start, s_end = find_chunks(batch_idx, teacher_pos, student_pos)
+    row, t_start, t_end, s_start, s_end = find_chunks(batch_idx, teacher_pos, student_pos, segment)
     student_logp = next_token_logprobs_from_hidden(hidden.reshape(bsz * length, -1), head, labels.reshape(-1))
     student_chunks = sum_chunk_logprobs(student_logp.reshape(bsz, length), row, s_start, s_end)
     teacher_chunks = sum_chunk_logprobs(target_logprob.float(), row, t_start, t_end)
