@@ -326,3 +326,65 @@ def test_a_full_disk_is_one_line_naming_the_path_and_a_rerun_resumes(train_asset
         assert len(lines) == 1 and "no space left on the device writing" in lines[0] and str(disk / path) in lines[0]
         again = (logs / f"{stage}-again.err").read_text()
         assert (logs / f"{stage}-again.rc").read_text().strip() == "0", again
+
+
+# --- round 3, 1: a resume checks its settings against the checkpoint's ------------------------
+
+
+def store_with_another_manifest(store: Path, dest: Path) -> Path:
+    """A copy of ``store`` whose manifest says it was made from another dataset: another store."""
+    shutil.copytree(store, dest)
+    meta = json.loads((dest / "zarr.json").read_text())
+    meta["attributes"]["distill"]["dataset"]["name"] = "another/dataset"
+    (dest / "zarr.json").write_text(json.dumps(meta))
+    return dest
+
+
+def test_a_resume_with_another_store_student_or_too_few_steps_is_refused(train_assets, base_run, tmp_path):
+    out = copy_run(base_run, tmp_path)
+    config = (out / "config.json").read_text()
+    other = store_with_another_manifest(train_assets["store"], tmp_path / "other")
+    refused = invoke("train", *run_settings({**train_assets, "store": other}, out), "--max-steps", STEPS, "--resume",
+                     "auto")  # fmt: skip
+    assert_one_line_error(refused, 2, f"--cache {other}", "another store", f"--cache {train_assets['store']}")
+    refused = invoke("train", *run_settings(train_assets, out), "--student", train_assets["student_same_tok"],
+                     "--max-steps", STEPS, "--resume", "auto")  # fmt: skip
+    assert_one_line_error(refused, 2, "--student", "step_000002 was trained with --student")
+    refused = invoke("train", *run_settings(train_assets, out), "--max-steps", 1, "--resume", "auto")
+    assert_one_line_error(refused, 2, "--max-steps 1 is below step 2", "step_000002")
+    assert "Loading" not in refused.output and "train config" in refused.stderr  # refused before the model loads
+    assert (out / "config.json").read_text() == config  # a refused resume leaves the run as it was
+
+
+def test_a_resume_names_the_settings_that_changed_and_accepts_a_copied_store(train_assets, base_run, tmp_path):
+    out = copy_run(base_run, tmp_path)
+    copy = tmp_path / "copy"
+    shutil.copytree(train_assets["store"], copy)
+    result = invoke("train", *run_settings({**train_assets, "store": copy}, out), "--set", "lr=0.001",
+                    "--max-steps", STEPS, "--resume", "auto")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    lines = [x for x in result.output.splitlines() if "with changed settings" in x]
+    assert len(lines) == 1, result.output
+    assert f"cache {train_assets['store']} -> {copy} (the same store" in lines[0] and "lr 5e-05 -> 0.001" in lines[0]
+
+
+# --- round 3, 2: one process trains into a run directory at a time ----------------------------
+
+
+def test_a_second_train_into_a_running_run_is_refused_and_a_stale_lock_taken_over(train_assets, base_run, tmp_path):
+    import os
+    import socket
+
+    from distill.pipeline.run_dir import lock_run_dir
+
+    out = copy_run(base_run, tmp_path)
+    before = {p.name for p in out.rglob("*")}, (out / "metrics.jsonl").read_text()
+    with lock_run_dir(out):  # another process training into it (flock conflicts between open files)
+        for args in (["--resume", "auto"], ["--overwrite"]):
+            refused = invoke("train", *run_settings(train_assets, out), "--max-steps", STEPS + 1, *args)
+            assert_one_line_error(refused, 2, f"--out {out} is being trained into by pid {os.getpid()}", "--out")
+    assert ({p.name for p in out.rglob("*")}, (out / "metrics.jsonl").read_text()) == before
+    dead = {"pid": 2**22 + 12345, "host": socket.gethostname()}  # a lock file left by a process that died
+    (out / ".lock").write_text(json.dumps(dead))
+    resumed = resume(train_assets, out, "auto")
+    assert resumed.exit_code == 0, resumed.output
