@@ -388,3 +388,69 @@ def test_a_second_train_into_a_running_run_is_refused_and_a_stale_lock_taken_ove
     (out / ".lock").write_text(json.dumps(dead))
     resumed = resume(train_assets, out, "auto")
     assert resumed.exit_code == 0, resumed.output
+
+
+# --- round 3, 4: a truncated zarr.json ----------------------------------------------------------
+
+
+def edit_json(path: Path, change) -> None:
+    meta = json.loads(path.read_text())
+    change(meta)
+    path.write_text(json.dumps(meta))
+
+
+@pytest.mark.parametrize("key", ["zarr.json", "shards/00000/zarr.json"])
+def test_a_truncated_zarr_json_is_one_line_naming_the_store_everywhere(train_assets, tmp_path, key):
+    from tests.helpers import cache_args
+
+    store = tmp_path / "store"
+    shutil.copytree(train_assets["store"], store)
+    text = (store / key).read_text()
+    (store / key).write_text(text[: len(text) // 2])  # a full disk or an interrupted copy
+    commands = {
+        "verify": ["cache", "verify", store],
+        "info": ["cache", "info", store],
+        "export": ["cache", "export", store, tmp_path / "out.h5"],
+        "merge": ["cache", "merge", tmp_path / "merged", store],
+        "train": ["train", *train_args({**train_assets, "store": store}, tmp_path / "run"), "--max-steps", 1],
+        "cache-teacher resume": ["cache-teacher", *cache_args(train_assets, store)],
+    }
+    for name, args in commands.items():
+        line = assert_one_line_error(invoke(*args), 1, str(store), key, "not valid JSON", "restore it")
+        assert "bug" not in line, name
+    assert not (tmp_path / "out.h5").exists() and not (tmp_path / "merged").exists()
+    assert (store / key).read_text() == text[: len(text) // 2]  # left as it was for the user to restore
+
+
+# --- round 3, 5: merge and export refuse a damaged store -----------------------------------------
+
+
+def damage_chunk_file(store: Path) -> None:
+    (store / "shards" / "00000" / "topk_logits" / "c" / "1" / "0" / "0").unlink()
+
+
+def damage_tokenizer_hash(store: Path) -> None:
+    edit_json(store / "zarr.json", lambda m: m["attributes"]["distill"]["tokenizer"].update(sha256="0" * 64))
+
+
+def damage_row_count(store: Path) -> None:
+    edit_json(store / "shards" / "00000" / "zarr.json", lambda m: m["attributes"]["shard"].update(rows=3))
+
+
+@pytest.mark.parametrize(
+    "damage, problem",
+    [
+        (damage_chunk_file, "shard 00000 chunk 1: the data file of topk_logits is missing"),
+        (damage_tokenizer_hash, "teacher_tokenizer: the files do not match the manifest's tokenizer.sha256"),
+        (damage_row_count, "shard 00000: the record says rows = 3"),
+    ],
+)
+def test_merge_and_export_refuse_a_damaged_store(train_assets, tmp_path, damage, problem):
+    store = tmp_path / "store"
+    shutil.copytree(train_assets["store"], store)
+    damage(store)
+    merged = invoke("cache", "merge", tmp_path / "merged", store)
+    assert_one_line_error(merged, 1, f"{store}: the store is not sound", problem, "--repair")
+    exported = invoke("cache", "export", store, tmp_path / "out.h5")
+    assert_one_line_error(exported, 1, f"{store}: the store is not sound", problem)
+    assert not (tmp_path / "merged").exists() and not (tmp_path / "out.h5").exists()

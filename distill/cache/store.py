@@ -33,6 +33,7 @@ from distill.cache.schema import (
     TOKENIZER_GROUP,
     CacheError,
     FieldSpec,
+    StoreDamaged,
     build_field_specs,
     check_schema,
     describe_manifest_difference,
@@ -80,6 +81,17 @@ def open_root(url: str, mode: str = "r") -> zarr.Group:
         raise CacheError(
             f"{url}: no cache store there — check the path, or create one with `distill cache-teacher`"
         ) from None
+    except json.JSONDecodeError:
+        raise damaged_metadata(url, "zarr.json", "the store's manifest") from None
+
+
+def damaged_metadata(url: str, key: str, what: str) -> StoreDamaged:
+    """A ``zarr.json`` that is not JSON (truncated by a full disk or an interrupted copy), as one line that names
+    it and says what to do."""
+    return StoreDamaged(
+        f"{url}: {key} ({what}) is not valid JSON — the store is damaged (a truncated write or copy): restore it "
+        "from a good copy, or re-create it with `distill cache-teacher ... --overwrite`"
+    )
 
 
 def store_exists(url: str) -> bool:
@@ -227,6 +239,9 @@ def shard_records(root: zarr.Group, manifest: dict[str, Any]) -> list[dict[str, 
             record = dict(root[shard_name(index)].attrs[SHARD_ATTR])
         except KeyError:
             record = {"status": "missing", "rows": end - start, "checksums": [], "tokens": 0}
+        except json.JSONDecodeError:
+            where = str(root.store).removeprefix("file://")
+            raise damaged_metadata(where, f"{shard_name(index)}/zarr.json", f"shard {index}'s record") from None
         record.update(index=index, row_start=start, row_end=end)
         records.append(record)
     return records
