@@ -454,3 +454,21 @@ def test_merge_and_export_refuse_a_damaged_store(train_assets, tmp_path, damage,
     exported = invoke("cache", "export", store, tmp_path / "out.h5")
     assert_one_line_error(exported, 1, f"{store}: the store is not sound", problem)
     assert not (tmp_path / "merged").exists() and not (tmp_path / "out.h5").exists()
+
+
+# --- round 3, 6: a full disk while cache-teacher writes the teacher tokenizer --------------------
+
+
+def test_a_write_error_of_the_rust_tokenizer_is_the_full_disk_line(tiny_assets, tmp_path, monkeypatch):
+    from transformers import PreTrainedTokenizerBase
+
+    from tests.helpers import cache_args
+
+    def full(self, *args, **kwargs):  # what tokenizers (Rust) raises on a full disk or a file-size limit
+        raise Exception("File too large (os error 27)")
+
+    monkeypatch.setattr(PreTrainedTokenizerBase, "save_pretrained", full)
+    result = invoke("cache-teacher", *cache_args(tiny_assets, tmp_path / "store"))
+    line = assert_one_line_error(result, 1, "no space left on the device writing", "File too large", "re-run")
+    assert "bug" not in line
+    assert not (tmp_path / "store").exists()
