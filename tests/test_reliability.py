@@ -472,3 +472,48 @@ def test_a_write_error_of_the_rust_tokenizer_is_the_full_disk_line(tiny_assets, 
     line = assert_one_line_error(result, 1, "no space left on the device writing", "File too large", "re-run")
     assert "bug" not in line
     assert not (tmp_path / "store").exists()
+
+
+# --- round 3, 8: an unwritable tensorboard folder -----------------------------------------------
+
+TRACKER_SCRIPT = """
+import sys
+from pathlib import Path
+import typer
+from distill.cli import reported_errors
+from distill.pipeline.tracking import open_trackers
+try:
+    with reported_errors():
+        open_trackers(["tensorboard"], Path(sys.argv[1]), {"lr": 1e-4})
+except typer.Exit as exc:
+    sys.exit(exc.exit_code)
+"""
+
+
+def test_an_unwritable_tensorboard_folder_is_one_line_without_a_thread_traceback(tmp_path):
+    import os
+    import subprocess
+    import sys
+    import tempfile
+
+    from tests.helpers import REPO, subprocess_env
+
+    pytest.importorskip("tensorboard")
+    command = [sys.executable, "-c", TRACKER_SCRIPT]
+    if os.geteuid() == 0:  # root writes anywhere: run as nobody
+        if shutil.which("setpriv") is None:
+            pytest.skip("needs setpriv (util-linux) to run as another user")
+        command = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", *command]
+    run_dir = Path(tempfile.mkdtemp(prefix="distill-tb-"))  # tmp_path's parents are closed to other users
+    try:
+        run_dir.chmod(0o755)
+        (run_dir / "tensorboard").mkdir(mode=0o555)
+        (run_dir / "tensorboard").chmod(0o555)
+        proc = subprocess.run([*command, str(run_dir)], env=subprocess_env(), cwd=REPO, capture_output=True, text=True)
+    finally:
+        shutil.rmtree(run_dir)
+    assert proc.returncode == 1, proc.stderr
+    assert "Traceback" not in proc.stderr and "Exception in thread" not in proc.stderr, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: Permission denied"), proc.stderr
+    assert str(run_dir / "tensorboard") in lines[0]
