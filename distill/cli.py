@@ -221,6 +221,8 @@ def cache_teacher(sources: ConfigSources) -> None:
     with reported_errors(usage=(DataError,), failure=(NonFiniteTeacherOutput, ShardBusy)):
         cfg = sources.load()
         cfg.require_io()
+        for warning in cfg.ignored_settings():
+            typer.echo(f"warning: {warning}", err=True)
         print_config("cache-teacher", cfg)
         try:
             with stop_on_signals():

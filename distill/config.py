@@ -252,6 +252,17 @@ class CacheConfig:
         if self.shard is not None:
             parse_shard(self.shard)
 
+    def ignored_settings(self) -> list[str]:
+        """A warning for each target setting given away from its default that the chosen --targets ignores."""
+        uses = {"target_mass": ("topk", "hybrid"), "target_samples": ("sampled", "hybrid")}
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        return [
+            f"--{name.replace('_', '-')} {getattr(self, name)} is ignored by --targets {self.targets} (it applies to "
+            f"--targets {' and '.join(kinds)})"
+            for name, kinds in uses.items()
+            if self.targets not in kinds and getattr(self, name) != defaults[name]
+        ]
+
     def require_io(self) -> None:
         """Check the three settings without which nothing can run, and that --out is not a file (before the
         teacher loads)."""

@@ -133,3 +133,18 @@ def test_an_unknown_flag_or_a_missing_argument_is_one_line():
         lines = result.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], result.stderr
         assert f"{' '.join(args[:-1]) if args[0] == 'train' else 'cache export'} --help" in lines[0]
+
+
+def test_a_target_setting_the_chosen_kind_ignores_is_warned(tmp_path):
+    def warnings(*args: str) -> list[str]:
+        command = ["cache-teacher", "--teacher", str(tmp_path / "none"), "--dataset", "x", "--out", str(tmp_path / "o")]
+        result = CliRunner().invoke(app, [*command, *args])
+        assert result.exit_code == 2 and "--teacher" in result.stderr  # stops at the missing teacher, after the warning
+        return [line for line in result.stderr.splitlines() if line.startswith("warning:")]
+
+    assert warnings("--targets", "topk-fp16", "--target-mass", "0.5") == [
+        "warning: --target-mass 0.5 is ignored by --targets topk-fp16 (it applies to --targets topk and hybrid)"
+    ]
+    assert "--target-samples 8 is ignored by --targets topk" in warnings("--target-samples", "8")[0]
+    assert warnings("--targets", "hybrid", "--target-mass", "0.5", "--target-samples", "8") == []
+    assert warnings("--targets", "topk-fp16") == []  # defaults are not warned about
