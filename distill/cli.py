@@ -232,12 +232,15 @@ def cache_teacher(sources: ConfigSources) -> None:
         except OSError as exc:  # zarr's writes do not name the file: name the store
             exc.filename = exc.filename or cfg.out
             raise
+    from distill.cache.store import find_manifest
+
     filled = ", ".join(str(i) for i in summary["filled_shards"]) or "none"
+    blank = ((find_manifest(cfg.out) or {}).get("dataset") or {}).get("empty_documents", 0)
     typer.echo(
         f"cached {summary['rows']} rows, {summary['tokens']:,} tokens in {summary['seconds']:.1f}s "
         f"({summary['tokens_per_s']:,.0f} tok/s); filled shards: {filled}; {summary['skipped_chunks']} chunks were "
-        f"already committed; non-finite rows skipped: {len(summary['nonfinite_rows'])}. "
-        f"Inspect: distill cache info {cfg.out}"
+        f"already committed; non-finite rows skipped: {len(summary['nonfinite_rows'])}; blank documents skipped: "
+        f"{blank}. Inspect: distill cache info {cfg.out}"
     )
     for index, holder in summary["busy_shards"].items():
         typer.echo(

@@ -517,3 +517,17 @@ def test_an_unwritable_tensorboard_folder_is_one_line_without_a_thread_traceback
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: Permission denied"), proc.stderr
     assert str(run_dir / "tensorboard") in lines[0]
+
+
+# --- round 3, doubtful: blank documents are counted where the user sees them --------------------
+
+
+def test_cache_teacher_says_how_many_blank_documents_it_skipped(tiny_assets, tmp_path):
+    from tests.helpers import cache_args
+
+    data = tmp_path / "data.jsonl"
+    texts = ["A first document.", "", "   \n", "A second one."]
+    data.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    result = invoke("cache-teacher", *cache_args({**tiny_assets, "data": data}, tmp_path / "store"))
+    assert result.exit_code == 0, result.output
+    assert "blank documents skipped: 2." in result.stdout
