@@ -531,3 +531,24 @@ def test_cache_teacher_says_how_many_blank_documents_it_skipped(tiny_assets, tmp
     result = invoke("cache-teacher", *cache_args({**tiny_assets, "data": data}, tmp_path / "store"))
     assert result.exit_code == 0, result.output
     assert "blank documents skipped: 2." in result.stdout
+
+
+def test_without_flock_the_lock_record_decides(tmp_path, monkeypatch):
+    import os
+    import socket
+
+    from distill.config import ConfigError
+    from distill.pipeline import run_dir as run_dir_module
+
+    monkeypatch.setattr(run_dir_module, "take_flock", lambda fd: False)  # a file system without flock
+    out = tmp_path / "run"
+    out.mkdir()
+    host = socket.gethostname()
+    (out / ".lock").write_text(json.dumps({"pid": os.getppid(), "host": host}))  # a live process
+    with pytest.raises(ConfigError, match=f"pid {os.getppid()} on host {host}.*if that process is gone, delete"):
+        with run_dir_module.lock_run_dir(out):
+            pass
+    (out / ".lock").write_text(json.dumps({"pid": 2**22 + 12345, "host": host}))  # a dead one: taken over
+    with run_dir_module.lock_run_dir(out):
+        assert json.loads((out / ".lock").read_text())["pid"] == os.getpid()
+    assert (out / ".lock").read_text() == ""  # released: the next run finds no holder

@@ -110,31 +110,56 @@ LOCK = ".lock"
 
 @contextlib.contextmanager
 def lock_run_dir(run_dir: Path) -> Iterator[None]:
-    """Hold RUN_DIR/.lock (flock, released by the kernel when the process dies, so a stale lock of a dead process
-    is simply taken over) while the body runs; refuse in one line when another process holds it. The file records
-    the holder's pid and host for that line."""
+    """Hold RUN_DIR/.lock while the body runs; refuse in one line when another process holds it.
+
+    The lock is an flock, which the kernel releases when its process dies, so the lock of a dead process is simply
+    taken over. The file records the holder's pid and host for the refusal. Where the file system has no flock
+    (some network file systems), that record alone decides: a live process on this host, or any on another host,
+    holds the directory."""
     require_dir(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     path = run_dir / LOCK
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except OSError as exc:
-        os.close(fd)
-        if exc.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-            raise
+        locked = take_flock(fd)
         holder = read_lock_holder(path)
-        raise ConfigError(
-            f"--out {run_dir} is being trained into by pid {holder.get('pid', '?')} on host {holder.get('host', '?')} "
-            f"(lock {path}) — wait for that run to end or stop it, or choose another --out"
-        ) from None
-    try:
+        if locked is None or (not locked and holder_lives(holder)):
+            raise ConfigError(
+                f"--out {run_dir} is being trained into by pid {holder.get('pid', '?')} on host "
+                f"{holder.get('host', '?')} (lock {path}) — wait for that run to end or stop it, or choose another "
+                "--out" + ("" if locked is None else f"; if that process is gone, delete {path}")
+            )
         os.ftruncate(fd, 0)
         os.write(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname()}).encode())
         yield
+        if not locked:
+            os.ftruncate(fd, 0)
     finally:
-        fcntl.flock(fd, fcntl.LOCK_UN)
-        os.close(fd)
+        os.close(fd)  # releases the flock
+
+
+def take_flock(fd: int) -> bool | None:
+    """True: this process holds the flock; None: another one does; False: the file system has no flock."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        return None if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES) else False
+    return True
+
+
+def holder_lives(holder: dict[str, Any]) -> bool:
+    """Whether the process a lock record names may still run (another host: it cannot be told, so yes)."""
+    if not holder:
+        return False
+    if holder.get("host") != socket.gethostname():
+        return True
+    try:
+        os.kill(int(holder["pid"]), 0)
+    except (ProcessLookupError, KeyError, ValueError, TypeError):
+        return False
+    except PermissionError:
+        return True
+    return int(holder["pid"]) != os.getpid()
 
 
 def read_lock_holder(path: Path) -> dict[str, Any]:
