@@ -37,6 +37,45 @@ cache_app = typer.Typer(no_args_is_help=True, help="Inspect and manage cache sto
 app.add_typer(cache_app, name="cache")
 
 
+def show_types_as_words() -> None:
+    """typer (>= 0.20) shows a parameter without a metavar by its Python type (``<list[Path]>``, ``<bool>``); show
+    it the way the generated flags are (TEXT, INT, PATH..., nothing for an on/off flag), in every command's help."""
+    import re
+
+    import typer.core
+
+    base = getattr(typer.core, "_TyperParameter", None)
+    if base is None or getattr(base.display_type, "as_words", False):
+        return
+    python_type = base.display_type
+    words = {"str": "TEXT", "int": "INT", "float": "FLOAT", "Path": "PATH", "bool": ""}
+
+    def display_type(self: Any, ctx: click.Context) -> str:
+        label = python_type(self, ctx).strip("<>")
+        listed = re.fullmatch(r"list\[(\w+)\]", label)
+        return words.get(listed.group(1), "TEXT") + "..." if listed else words.get(label, label.upper())
+
+    display_type.as_words = True  # type: ignore[attr-defined]
+    base.display_type = display_type
+
+
+def usage_errors_in_one_line() -> None:
+    """An unknown flag or a missing argument: one ``error:`` line, as every other error, not typer's boxed panel."""
+    import typer.rich_utils
+
+    def one_line(exc: click.ClickException) -> None:
+        if type(exc).__name__ == "NoArgsIsHelpError":  # the help was printed
+            return
+        ctx = getattr(exc, "ctx", None)
+        where = f" — see `{ctx.command_path} --help`" if ctx is not None else ""
+        typer.echo(f"error: {exc.format_message()}{where}", err=True)
+
+    typer.rich_utils.rich_format_error = one_line
+
+
+show_types_as_words()
+usage_errors_in_one_line()
+
 DEBUG_ENV = "DISTILL_DEBUG"
 DEBUG = {"on": False}
 USAGE, FAILURE = 2, 1
@@ -182,6 +221,8 @@ def cache_teacher(sources: ConfigSources) -> None:
     with reported_errors(usage=(DataError,), failure=(NonFiniteTeacherOutput, ShardBusy)):
         cfg = sources.load()
         cfg.require_io()
+        for warning in cfg.ignored_settings():
+            typer.echo(f"warning: {warning}", err=True)
         print_config("cache-teacher", cfg)
         try:
             with stop_on_signals():
@@ -191,12 +232,15 @@ def cache_teacher(sources: ConfigSources) -> None:
         except OSError as exc:  # zarr's writes do not name the file: name the store
             exc.filename = exc.filename or cfg.out
             raise
+    from distill.cache.store import find_manifest
+
     filled = ", ".join(str(i) for i in summary["filled_shards"]) or "none"
+    blank = ((find_manifest(cfg.out) or {}).get("dataset") or {}).get("empty_documents", 0)
     typer.echo(
         f"cached {summary['rows']} rows, {summary['tokens']:,} tokens in {summary['seconds']:.1f}s "
         f"({summary['tokens_per_s']:,.0f} tok/s); filled shards: {filled}; {summary['skipped_chunks']} chunks were "
-        f"already committed; non-finite rows skipped: {len(summary['nonfinite_rows'])}. "
-        f"Inspect: distill cache info {cfg.out}"
+        f"already committed; non-finite rows skipped: {len(summary['nonfinite_rows'])}; blank documents skipped: "
+        f"{blank}. Inspect: distill cache info {cfg.out}"
     )
     for index, holder in summary["busy_shards"].items():
         typer.echo(
@@ -247,7 +291,7 @@ def train(sources: ConfigSources) -> None:
 
 @cache_app.command("info")
 def cache_info(
-    store: Annotated[str, typer.Argument(help="Store path or fsspec URL.")],
+    store: Annotated[str, typer.Argument(metavar="STORE", help="Store path or fsspec URL.")],
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of a table.")] = False,
 ) -> None:
     """What a store holds: manifest, rows, tokens, shards and their status, bytes per field and per token.
@@ -263,12 +307,17 @@ def cache_info(
 
 @cache_app.command("audit")
 def cache_audit(
-    store: Annotated[str, typer.Argument(help="Store path or fsspec URL.")],
-    student: Annotated[str, typer.Option(help="Student (model folder or hub id) whose tokenizer to audit against.")],
+    store: Annotated[str, typer.Argument(metavar="STORE", help="Store path or fsspec URL.")],
+    student: Annotated[
+        str, typer.Option(metavar="TEXT", help="Student (model folder or hub id) whose tokenizer to audit against.")
+    ],
     as_json: Annotated[bool, typer.Option("--json", help="Print one JSON object instead of a table.")] = False,
-    max_rows: Annotated[int, typer.Option(help="Rows read at most, spread over the store.")] = 256,
+    max_rows: Annotated[int, typer.Option(metavar="INT", help="Rows read at most, spread over the store.")] = 256,
     score_rows: Annotated[
-        int, typer.Option(help="Rows the teacher and the student are both scored on (bits per byte); 0 skips it.")
+        int,
+        typer.Option(
+            metavar="INT", help="Rows the teacher and the student are both scored on (bits per byte); 0 skips it."
+        ),
     ] = 32,
 ) -> None:
     """Will this pair distill well? Per category of the teacher's next token: where its top-K mass maps on the
@@ -287,7 +336,7 @@ def cache_audit(
 
 @cache_app.command("verify")
 def cache_verify(
-    store: Annotated[str, typer.Argument(help="Store path or fsspec URL.")],
+    store: Annotated[str, typer.Argument(metavar="STORE", help="Store path or fsspec URL.")],
     quick: Annotated[bool, typer.Option("--quick", help="Check manifest, records and arrays, not chunk data.")] = False,
     repair: Annotated[
         bool,
@@ -323,8 +372,10 @@ def cache_verify(
 
 @cache_app.command("merge")
 def cache_merge(
-    out: Annotated[str, typer.Argument(help="New store to write: a path or fsspec URL.")],
-    stores: Annotated[list[str], typer.Argument(help="Stores with equal manifests and disjoint complete shards.")],
+    out: Annotated[str, typer.Argument(metavar="OUT", help="New store to write: a path or fsspec URL.")],
+    stores: Annotated[
+        list[str], typer.Argument(metavar="STORES...", help="Stores with equal manifests and disjoint complete shards.")
+    ],
 ) -> None:
     """Merge stores filled apart (each with its own --shard i/n) into one store holding the union.
 
@@ -350,10 +401,12 @@ def cache_merge(
 
 @cache_app.command("export")
 def cache_export(
-    store: Annotated[str, typer.Argument(help="Complete store: a path or fsspec URL.")],
-    file: Annotated[str, typer.Argument(help="HDF5 file to write: a path or fsspec URL.")],
-    format_: Annotated[str, typer.Option("--format", help="File format (hdf5).")] = "hdf5",
-    compression: Annotated[str, typer.Option(help="gzip (any HDF5 reader), lzf (h5py only, faster) or none.")] = "gzip",
+    store: Annotated[str, typer.Argument(metavar="STORE", help="Complete store: a path or fsspec URL.")],
+    file: Annotated[str, typer.Argument(metavar="FILE", help="HDF5 file to write: a path or fsspec URL.")],
+    format_: Annotated[str, typer.Option("--format", metavar="TEXT", help="File format (hdf5).")] = "hdf5",
+    compression: Annotated[
+        str, typer.Option(metavar="TEXT", help="gzip (any HDF5 reader), lzf (h5py only, faster) or none.")
+    ] = "gzip",
 ) -> None:
     """Write a complete store to one portable file (every chunk's checksum is checked on the way).
 
@@ -370,8 +423,10 @@ def cache_export(
 
 @cache_app.command("import")
 def cache_import(
-    file: Annotated[str, typer.Argument(help="HDF5 file written by `distill cache export`: a path or fsspec URL.")],
-    store: Annotated[str, typer.Argument(help="New store to create: a path or fsspec URL.")],
+    file: Annotated[
+        str, typer.Argument(metavar="FILE", help="HDF5 file written by `distill cache export`: a path or fsspec URL.")
+    ],
+    store: Annotated[str, typer.Argument(metavar="STORE", help="New store to create: a path or fsspec URL.")],
 ) -> None:
     """Create a store from a file written by `distill cache export`: the same manifest, records and arrays.
 
@@ -386,29 +441,43 @@ def cache_import(
 
 @app.command("eval")
 def eval_(
-    students: Annotated[list[Path], typer.Argument(help="Run directories (of distill train) or HF model folders.")],
+    students: Annotated[
+        list[Path],
+        typer.Argument(metavar="STUDENTS...", help="Run directories (of distill train) or HF model folders."),
+    ],
     cache: Annotated[
         str | None,
         typer.Option(
+            metavar="TEXT",
             help="Store to score plain model folders on; run directories use the store and rows they held out "
-            "(another store for a run is refused unless --split all scores every row of it)."
+            "(another store for a run is refused unless --split all scores every row of it).",
         ),
     ] = None,
-    split: Annotated[str, typer.Option(help="eval: the rows each run held out; all: every row of the store.")] = "eval",
+    split: Annotated[
+        str, typer.Option(metavar="TEXT", help="eval: the rows each run held out; all: every row of the store.")
+    ] = "eval",
     baseline: Annotated[
         str | None,
-        typer.Option(help="Name (folder name) of the baseline student, e.g. ce_only, for the share of the gap closed."),
+        typer.Option(
+            metavar="TEXT",
+            help="Name (folder name) of the baseline student, e.g. ce_only, for the share of the gap closed.",
+        ),
     ] = None,
-    out: Annotated[Path, typer.Option(help="Folder for report.json, report.md and PNG plots.")] = Path("report"),
+    out: Annotated[Path, typer.Option(metavar="PATH", help="Folder for report.json, report.md and PNG plots.")] = Path(
+        "report"
+    ),
     verify_cache: Annotated[
-        str, typer.Option(help="Check the store first, as train does: auto, deep, quick or off.")
+        str, typer.Option(metavar="TEXT", help="Check the store first, as train does: auto, deep, quick or off.")
     ] = "auto",
     report_to: Annotated[
         list[str] | None,
-        typer.Option(help="Also log the report table and plots to tensorboard|wandb|trackio (as for train)."),
+        typer.Option(
+            metavar="TEXT,...", help="Also log the report table and plots to tensorboard|wandb|trackio (as for train)."
+        ),
     ] = None,
     temperature: Annotated[
-        float, typer.Option(help="The one T of every model's kd column (a stored T; bits per byte is at T=1).")
+        float,
+        typer.Option(metavar="FLOAT", help="The one T of every model's kd column (a stored T; bits per byte is at T=1)."),
     ] = 1.0,
 ) -> None:
     """Tokenizer-independent quality: bits per byte of each student and of the teacher, held-out kd loss,
@@ -433,8 +502,8 @@ def eval_(
 
 @app.command("demo")
 def demo(
-    out: Annotated[Path, typer.Option(help="Folder for everything the demo makes.")] = Path("demo_out"),
-    seed: Annotated[int, typer.Option(help="Seed of the corpus, the models and training.")] = 0,
+    out: Annotated[Path, typer.Option(metavar="PATH", help="Folder for everything the demo makes.")] = Path("demo_out"),
+    seed: Annotated[int, typer.Option(metavar="INT", help="Seed of the corpus, the models and training.")] = 0,
 ) -> None:
     """Run the whole mission offline on a CPU in a few minutes: generated corpus, two local tokenizers, a tiny
     Qwen3-MoE teacher pretrained briefly, cache-teacher, train (KD) and train (CE-only) on the same rows, eval.

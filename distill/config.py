@@ -255,11 +255,25 @@ class CacheConfig:
         if self.shard is not None:
             parse_shard(self.shard)
 
+    def ignored_settings(self) -> list[str]:
+        """A warning for each target setting given away from its default that the chosen --targets ignores."""
+        uses = {"target_mass": ("topk", "hybrid"), "target_samples": ("sampled", "hybrid")}
+        defaults = {f.name: f.default for f in dataclasses.fields(self)}
+        return [
+            f"--{name.replace('_', '-')} {getattr(self, name)} is ignored by --targets {self.targets} (it applies to "
+            f"--targets {' and '.join(kinds)})"
+            for name, kinds in uses.items()
+            if self.targets not in kinds and getattr(self, name) != defaults[name]
+        ]
+
     def require_io(self) -> None:
-        """Check the three settings without which nothing can run."""
+        """Check the three settings without which nothing can run, and that --out is not a file (before the
+        teacher loads)."""
         for name in ("teacher", "dataset", "out"):
             if not getattr(self, name):
                 raise ConfigError(f"--{name} is required")
+        if local_path(self.out) is not None and local_path(self.out).is_file():
+            raise ConfigError(f"--out {self.out}: a file, not a store folder — choose another --out")
 
 
 @dataclass
@@ -436,9 +450,26 @@ class TrainConfig:
                 raise ConfigError(message)
 
     def require_io(self) -> None:
+        """The settings without which nothing can run, and the local paths they name, checked before anything
+        loads (and before the resolved config is printed)."""
         for name in ("cache", "student", "out"):
             if not getattr(self, name):
                 raise ConfigError(f"--{name} is required")
+        for flag, store in (("--cache", self.cache), ("--eval-cache", self.eval_cache)):
+            path = local_path(store) if store else None
+            if path is not None and not path.is_dir():
+                problem = "a file, not a store folder" if path.exists() else "no such folder"
+                raise ConfigError(f"{flag} {store}: {problem} — check the path, or create the store with "
+                                  "`distill cache-teacher`")  # fmt: skip
+        if Path(self.out).is_file():
+            raise ConfigError(f"--out {self.out}: a file, not a directory — choose another --out")
+
+
+def local_path(url: str) -> Path | None:
+    """The path of a plain path or ``file://`` URL; None for a remote URL (s3://, memory://...)."""
+    if url.startswith("file://"):
+        return Path(url.removeprefix("file://"))
+    return None if "://" in url else Path(url)
 
 
 REPORT_TO_CHOICES = ("tensorboard", "wandb", "trackio")

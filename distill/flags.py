@@ -3,8 +3,8 @@
 A field of a stage's config (``CacheConfig``, ``TrainConfig``) is its own flag: the name ``seq_len`` gives
 ``--seq-len``, the field's type gives the value's form (``INT``, ``FLOAT,...`` for a list), its default is shown,
 and the docstring under the field is the help text. The config's ``HELP_GROUPS`` sorts the flags into the panels
-of ``--help``. Nested settings (``curriculum``) have no flag of their own; ``--set curriculum.kd=0.5`` reaches them,
-and any other key too.
+of ``--help``. A nested setting (``curriculum.kd``) is a flag too, ``--curriculum.kd``, listed in a panel of its
+group; ``--set curriculum.kd=0.5`` reaches it as well, and any other key too.
 
     @app.command("cache-teacher")
     @config_flags(CacheConfig)
@@ -123,25 +123,38 @@ def flag_fields(cls: type) -> list[dataclasses.Field]:
     return sorted(flat, key=lambda f: declared.index(f.name) if f.name in declared else len(declared))
 
 
-def build_flag(cls: type, f: dataclasses.Field) -> inspect.Parameter:
-    """The typer parameter of one field. Every flag defaults to None (not given), so that the config file's
-    value stands unless the flag is given."""
+def nested_fields(cls: type) -> list[tuple[str, type, dataclasses.Field]]:
+    """(group, its dataclass, field) of every setting of a nested group (``curriculum.kd``)."""
+    hints = typing.get_type_hints(cls)
+    groups = [(f.name, hints[f.name]) for f in dataclasses.fields(cls) if dataclasses.is_dataclass(hints[f.name])]
+    return [(name, sub, f) for name, sub in groups for f in dataclasses.fields(sub)]
+
+
+NESTED = "__"  # the parameter name of --curriculum.kd: curriculum__kd
+
+
+def build_flag(cls: type, f: dataclasses.Field, group: str | None = None) -> inspect.Parameter:
+    """The typer parameter of one field (of ``group``, a nested setting, when given). Every flag defaults to None
+    (not given), so that the config file's value stands unless the flag is given."""
     hint = typing.get_type_hints(cls)[f.name]
+    name = flag_name(f.name) if group is None else f"--{group}.{f.name.replace('_', '-')}"
+    panel = flag_groups(cls).get(f.name, OTHER_GROUP) if group is None else f"{group.capitalize()} (--set {group}.KEY)"
     common = dict(
         help=format_help(read_field_docs(cls).get(f.name, ""), format_default(f)),
-        rich_help_panel=flag_groups(cls).get(f.name, OTHER_GROUP),
+        rich_help_panel=panel,
         show_default=False,
     )
     if split_optional(hint) == [bool]:
-        option = typer.Option(f"{flag_name(f.name)}/--no-{flag_name(f.name)[2:]}", **common)
+        option = typer.Option(f"{name}/--no-{name[2:]}", **common)
         kind: Any = bool | None
     elif list_item_type(hint) is not None:
-        option = typer.Option(flag_name(f.name), metavar=value_form(hint), **common)
+        option = typer.Option(name, metavar=value_form(hint), **common)
         kind = list[str] | None
     else:
-        option = typer.Option(flag_name(f.name), metavar=value_form(hint), **common)
+        option = typer.Option(name, metavar=value_form(hint), **common)
         kind = str | None
-    return inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=Annotated[kind, option])
+    param = f.name if group is None else f"{group}{NESTED}{f.name}"
+    return inspect.Parameter(param, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=Annotated[kind, option])
 
 
 def parse_flag(name: str, raw: Any, hint: Any) -> Any:
@@ -172,8 +185,18 @@ class ConfigSources:
     def load(self) -> Any:
         """The validated config; ConfigError names the flag, key or file that is wrong."""
         hints = typing.get_type_hints(self.cls)
-        given = {k: parse_flag(k, v, hints[k]) for k, v in self.flags.items()}
-        return load_config(self.cls, self.file, merge_set_overrides(given, self.sets))
+        given = {k: parse_flag(k, v, hints[k]) for k, v in self.flags.items() if NESTED not in k}
+        overrides = merge_set_overrides(given, self.sets)
+        for key, raw in self.flags.items():
+            group, _, name = key.partition(NESTED)
+            if not name or raw is None:
+                continue
+            value = parse_flag(f"{group}.{name}", raw, typing.get_type_hints(hints[group])[name])
+            target = overrides.setdefault(group, {})
+            if target.get(name) is not None and target[name] != value:
+                raise ConfigError(f"{group}.{name} is given twice, as a flag and as --set, with different values")
+            target[name] = value
+        return load_config(self.cls, self.file, overrides)
 
 
 def config_flags(cls: type[C]) -> Callable[[Callable[[ConfigSources], None]], Callable[..., None]]:
@@ -196,6 +219,7 @@ def config_flags(cls: type[C]) -> Callable[[Callable[[ConfigSources], None]], Ca
                 "set_", inspect.Parameter.KEYWORD_ONLY, default=None, annotation=Annotated[list[str] | None, set_option]
             ),
             *(build_flag(cls, f) for f in flag_fields(cls)),
+            *(build_flag(sub, f, group) for group, sub, f in nested_fields(cls)),
         ]
         run.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
         run.__annotations__ = {p.name: p.annotation for p in params}

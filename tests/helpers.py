@@ -142,6 +142,50 @@ def spawn(command: list[str], threads: int | None = 1, **popen: Any) -> subproce
     return subprocess.Popen(command, **{**options, **popen})
 
 
+def descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (from /proc), children first."""
+    import contextlib
+
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            with contextlib.suppress(OSError, IndexError, ValueError):
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+                children.setdefault(ppid, []).append(int(entry.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def kill_tree(proc: subprocess.Popen) -> None:
+    """SIGKILL ``proc`` (started with ``start_new_session=True``), its process group and every process below it
+    (torchrun's workers are not all in its group), then reap it: nothing is left running."""
+    import contextlib
+    import signal
+
+    pids = [proc.pid, *descendants(proc.pid)]
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.kill(pid, signal.SIGKILL)
+    proc.communicate(timeout=60)
+
+
+def communicate_or_kill(proc: subprocess.Popen, timeout: float) -> tuple[str, str]:
+    """``proc.communicate(timeout)``; past the timeout the whole tree is killed and the test fails saying so."""
+    import pytest
+
+    try:
+        return proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        kill_tree(proc)
+        pytest.fail(f"{' '.join(map(str, proc.args))[:200]}: still running after {timeout:.0f}s; killed with its tree")
+
+
 # --- reading results -----------------------------------------------------------------------
 
 

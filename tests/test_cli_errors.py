@@ -179,8 +179,19 @@ CASES = {
     "train store missing": (
         lambda a, t: ["train", *train_args({**a, "store": t / "nope"}, t / "r")],
         2,
+        "--cache",
+    ),
+    "train store is a file": (
+        lambda a, t: ["train", *train_args({**a, "store": write(t / "f", "x")}, t / "r")],
+        2,
+        "a file, not a store folder",
+    ),
+    "train store is not a store": (
+        lambda a, t: ["train", *train_args({**a, "store": write(t / "empty" / "x", "x").parent}, t / "r")],
+        2,
         "no cache store",
     ),
+    "cache-teacher --out is a file": (lambda a, t: ["cache-teacher", *cache_args(a, write(t / "f", "x"))], 2, "a file"),
     # --- cache management
     "cache info missing store": (lambda a, t: ["cache", "info", t / "nope"], 2, "no cache store"),
     "cache verify missing store": (lambda a, t: ["cache", "verify", t / "nope"], 2, "no cache store"),
@@ -227,6 +238,11 @@ def test_bad_input_is_one_line_without_traceback(train_assets, tmp_path, name):
     assert len(errors) == 1 and needle in errors[0], result.stderr
     if name.startswith("cache import"):
         assert not (tmp_path / "s").exists()  # no half-made store left behind
+    if name in EARLY:  # found before anything loads: the error is not buried under the printed config
+        assert " config:" not in result.stderr, result.stderr
+
+
+EARLY = ("train store missing", "train store is a file", "train --out is a file", "cache-teacher --out is a file")
 
 
 def test_debug_shows_the_traceback(train_assets, tmp_path):
@@ -236,8 +252,9 @@ def test_debug_shows_the_traceback(train_assets, tmp_path):
 
 
 def test_set_works_for_keys_that_also_have_a_flag(train_assets, tmp_path):
-    # the config is printed before the store is opened: a missing store stops the run right after
-    assets = {**train_assets, "store": tmp_path / "nope"}
+    # the config is printed before the store is opened: a folder that holds no store stops the run right after
+    (tmp_path / "empty").mkdir()
+    assets = {**train_assets, "store": tmp_path / "empty"}
     result = CliRunner().invoke(
         app,
         [

@@ -97,3 +97,54 @@ def test_a_bad_flag_value_names_the_flag(name, raw, message):
 def test_a_key_given_as_flag_and_set_must_agree():
     with pytest.raises(ConfigError, match="seq_len is given twice"):
         ConfigSources(CacheConfig, None, {"seq_len": "64"}, ["seq_len=32"]).load()
+
+
+def test_nested_settings_are_flags_listed_in_train_help():
+    from distill.config import CurriculumConfig
+
+    text = help_text("train")
+    for f in dataclasses.fields(CurriculumConfig):
+        assert f"--curriculum.{f.name.replace('_', '-')} " in text, f.name
+    assert "Curriculum (--set curriculum.KEY)" in text
+    assert "--curriculum.kd FLOAT Weight of the teacher top-K KD term" in text and "[default: 0.7]" in text
+    assert "--curriculum.layerwise-ramp FLOAT,..." in text and "[default: 0.4,0.7]" in text
+    cfg = config_from_args(TrainConfig, ["--curriculum.kd", "0.25", "--curriculum.layerwise-ramp", "0.5,0.6"])
+    assert cfg.curriculum.kd == 0.25 and cfg.curriculum.layerwise_ramp == (0.5, 0.6)
+    with pytest.raises(ConfigError, match="curriculum.kd is given twice"):
+        ConfigSources(TrainConfig, None, {"curriculum__kd": "0.25"}, ["curriculum.kd=0.5"]).load()
+    with pytest.raises(ConfigError, match="--curriculum.kd abc: expected a number"):
+        ConfigSources(TrainConfig, None, {"curriculum__kd": "abc"}, []).load()
+
+
+@pytest.mark.parametrize(
+    "command", ["train", "cache-teacher", "eval", "demo", "cache info", "cache audit", "cache verify", "cache merge",
+                "cache export", "cache import"],
+)  # fmt: skip
+def test_every_help_shows_types_as_words(command):
+    result = CliRunner().invoke(app, [*command.split(), "--help"], env={"TERMINAL_WIDTH": "200"})
+    assert result.exit_code == 0, result.output
+    assert "<" not in result.output, result.output  # typer's <list[Path]>, <str>, <bool>
+
+
+def test_an_unknown_flag_or_a_missing_argument_is_one_line():
+    for args, needle in ((["train", "--nope"], "No such option: --nope"), (["cache", "export"], "Missing argument")):
+        result = CliRunner().invoke(app, args)
+        assert result.exit_code == 2, result.output
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], result.stderr
+        assert f"{' '.join(args[:-1]) if args[0] == 'train' else 'cache export'} --help" in lines[0]
+
+
+def test_a_target_setting_the_chosen_kind_ignores_is_warned(tmp_path):
+    def warnings(*args: str) -> list[str]:
+        command = ["cache-teacher", "--teacher", str(tmp_path / "none"), "--dataset", "x", "--out", str(tmp_path / "o")]
+        result = CliRunner().invoke(app, [*command, *args])
+        assert result.exit_code == 2 and "--teacher" in result.stderr  # stops at the missing teacher, after the warning
+        return [line for line in result.stderr.splitlines() if line.startswith("warning:")]
+
+    assert warnings("--targets", "topk-fp16", "--target-mass", "0.5") == [
+        "warning: --target-mass 0.5 is ignored by --targets topk-fp16 (it applies to --targets topk and hybrid)"
+    ]
+    assert "--target-samples 8 is ignored by --targets topk" in warnings("--target-samples", "8")[0]
+    assert warnings("--targets", "hybrid", "--target-mass", "0.5", "--target-samples", "8") == []
+    assert warnings("--targets", "topk-fp16") == []  # defaults are not warned about

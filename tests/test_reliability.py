@@ -326,3 +326,229 @@ def test_a_full_disk_is_one_line_naming_the_path_and_a_rerun_resumes(train_asset
         assert len(lines) == 1 and "no space left on the device writing" in lines[0] and str(disk / path) in lines[0]
         again = (logs / f"{stage}-again.err").read_text()
         assert (logs / f"{stage}-again.rc").read_text().strip() == "0", again
+
+
+# --- round 3, 1: a resume checks its settings against the checkpoint's ------------------------
+
+
+def store_with_another_manifest(store: Path, dest: Path) -> Path:
+    """A copy of ``store`` whose manifest says it was made from another dataset: another store."""
+    shutil.copytree(store, dest)
+    meta = json.loads((dest / "zarr.json").read_text())
+    meta["attributes"]["distill"]["dataset"]["name"] = "another/dataset"
+    (dest / "zarr.json").write_text(json.dumps(meta))
+    return dest
+
+
+def test_a_resume_with_another_store_student_or_too_few_steps_is_refused(train_assets, base_run, tmp_path):
+    out = copy_run(base_run, tmp_path)
+    config = (out / "config.json").read_text()
+    other = store_with_another_manifest(train_assets["store"], tmp_path / "other")
+    refused = invoke("train", *run_settings({**train_assets, "store": other}, out), "--max-steps", STEPS, "--resume",
+                     "auto")  # fmt: skip
+    assert_one_line_error(refused, 2, f"--cache {other}", "another store", f"--cache {train_assets['store']}")
+    refused = invoke("train", *run_settings(train_assets, out), "--student", train_assets["student_same_tok"],
+                     "--max-steps", STEPS, "--resume", "auto")  # fmt: skip
+    assert_one_line_error(refused, 2, "--student", "step_000002 was trained with --student")
+    refused = invoke("train", *run_settings(train_assets, out), "--max-steps", 1, "--resume", "auto")
+    assert_one_line_error(refused, 2, "--max-steps 1 is below step 2", "step_000002")
+    assert "Loading" not in refused.output and "train config" in refused.stderr  # refused before the model loads
+    assert (out / "config.json").read_text() == config  # a refused resume leaves the run as it was
+
+
+def test_a_resume_names_the_settings_that_changed_and_accepts_a_copied_store(train_assets, base_run, tmp_path):
+    out = copy_run(base_run, tmp_path)
+    copy = tmp_path / "copy"
+    shutil.copytree(train_assets["store"], copy)
+    result = invoke("train", *run_settings({**train_assets, "store": copy}, out), "--set", "lr=0.001",
+                    "--max-steps", STEPS, "--resume", "auto")  # fmt: skip
+    assert result.exit_code == 0, result.output
+    lines = [x for x in result.output.splitlines() if "with changed settings" in x]
+    assert len(lines) == 1, result.output
+    assert f"cache {train_assets['store']} -> {copy} (the same store" in lines[0] and "lr 5e-05 -> 0.001" in lines[0]
+
+
+# --- round 3, 2: one process trains into a run directory at a time ----------------------------
+
+
+def test_a_second_train_into_a_running_run_is_refused_and_a_stale_lock_taken_over(train_assets, base_run, tmp_path):
+    import os
+    import socket
+
+    from distill.pipeline.run_dir import lock_run_dir
+
+    out = copy_run(base_run, tmp_path)
+    before = {p.name for p in out.rglob("*")}, (out / "metrics.jsonl").read_text()
+    with lock_run_dir(out):  # another process training into it (flock conflicts between open files)
+        for args in (["--resume", "auto"], ["--overwrite"]):
+            refused = invoke("train", *run_settings(train_assets, out), "--max-steps", STEPS + 1, *args)
+            assert_one_line_error(refused, 2, f"--out {out} is being trained into by pid {os.getpid()}", "--out")
+    assert ({p.name for p in out.rglob("*")}, (out / "metrics.jsonl").read_text()) == before
+    dead = {"pid": 2**22 + 12345, "host": socket.gethostname()}  # a lock file left by a process that died
+    (out / ".lock").write_text(json.dumps(dead))
+    resumed = resume(train_assets, out, "auto")
+    assert resumed.exit_code == 0, resumed.output
+
+
+# --- round 3, 4: a truncated zarr.json ----------------------------------------------------------
+
+
+def edit_json(path: Path, change) -> None:
+    meta = json.loads(path.read_text())
+    change(meta)
+    path.write_text(json.dumps(meta))
+
+
+@pytest.mark.parametrize("key", ["zarr.json", "shards/00000/zarr.json"])
+def test_a_truncated_zarr_json_is_one_line_naming_the_store_everywhere(train_assets, tmp_path, key):
+    from tests.helpers import cache_args
+
+    store = tmp_path / "store"
+    shutil.copytree(train_assets["store"], store)
+    text = (store / key).read_text()
+    (store / key).write_text(text[: len(text) // 2])  # a full disk or an interrupted copy
+    commands = {
+        "verify": ["cache", "verify", store],
+        "info": ["cache", "info", store],
+        "export": ["cache", "export", store, tmp_path / "out.h5"],
+        "merge": ["cache", "merge", tmp_path / "merged", store],
+        "train": ["train", *train_args({**train_assets, "store": store}, tmp_path / "run"), "--max-steps", 1],
+        "cache-teacher resume": ["cache-teacher", *cache_args(train_assets, store)],
+    }
+    for name, args in commands.items():
+        line = assert_one_line_error(invoke(*args), 1, str(store), key, "not valid JSON", "restore it")
+        assert "bug" not in line, name
+    assert not (tmp_path / "out.h5").exists() and not (tmp_path / "merged").exists()
+    assert (store / key).read_text() == text[: len(text) // 2]  # left as it was for the user to restore
+
+
+# --- round 3, 5: merge and export refuse a damaged store -----------------------------------------
+
+
+def damage_chunk_file(store: Path) -> None:
+    (store / "shards" / "00000" / "topk_logits" / "c" / "1" / "0" / "0").unlink()
+
+
+def damage_tokenizer_hash(store: Path) -> None:
+    edit_json(store / "zarr.json", lambda m: m["attributes"]["distill"]["tokenizer"].update(sha256="0" * 64))
+
+
+def damage_row_count(store: Path) -> None:
+    edit_json(store / "shards" / "00000" / "zarr.json", lambda m: m["attributes"]["shard"].update(rows=3))
+
+
+@pytest.mark.parametrize(
+    "damage, problem",
+    [
+        (damage_chunk_file, "shard 00000 chunk 1: the data file of topk_logits is missing"),
+        (damage_tokenizer_hash, "teacher_tokenizer: the files do not match the manifest's tokenizer.sha256"),
+        (damage_row_count, "shard 00000: the record says rows = 3"),
+    ],
+)
+def test_merge_and_export_refuse_a_damaged_store(train_assets, tmp_path, damage, problem):
+    store = tmp_path / "store"
+    shutil.copytree(train_assets["store"], store)
+    damage(store)
+    merged = invoke("cache", "merge", tmp_path / "merged", store)
+    assert_one_line_error(merged, 1, f"{store}: the store is not sound", problem, "--repair")
+    exported = invoke("cache", "export", store, tmp_path / "out.h5")
+    assert_one_line_error(exported, 1, f"{store}: the store is not sound", problem)
+    assert not (tmp_path / "merged").exists() and not (tmp_path / "out.h5").exists()
+
+
+# --- round 3, 6: a full disk while cache-teacher writes the teacher tokenizer --------------------
+
+
+def test_a_write_error_of_the_rust_tokenizer_is_the_full_disk_line(tiny_assets, tmp_path, monkeypatch):
+    from transformers import PreTrainedTokenizerBase
+
+    from tests.helpers import cache_args
+
+    def full(self, *args, **kwargs):  # what tokenizers (Rust) raises on a full disk or a file-size limit
+        raise Exception("File too large (os error 27)")
+
+    monkeypatch.setattr(PreTrainedTokenizerBase, "save_pretrained", full)
+    result = invoke("cache-teacher", *cache_args(tiny_assets, tmp_path / "store"))
+    line = assert_one_line_error(result, 1, "no space left on the device writing", "File too large", "re-run")
+    assert "bug" not in line
+    assert not (tmp_path / "store").exists()
+
+
+# --- round 3, 8: an unwritable tensorboard folder -----------------------------------------------
+
+TRACKER_SCRIPT = """
+import sys
+from pathlib import Path
+import typer
+from distill.cli import reported_errors
+from distill.pipeline.tracking import open_trackers
+try:
+    with reported_errors():
+        open_trackers(["tensorboard"], Path(sys.argv[1]), {"lr": 1e-4})
+except typer.Exit as exc:
+    sys.exit(exc.exit_code)
+"""
+
+
+def test_an_unwritable_tensorboard_folder_is_one_line_without_a_thread_traceback(tmp_path):
+    import os
+    import subprocess
+    import sys
+    import tempfile
+
+    from tests.helpers import REPO, subprocess_env
+
+    pytest.importorskip("tensorboard")
+    command = [sys.executable, "-c", TRACKER_SCRIPT]
+    if os.geteuid() == 0:  # root writes anywhere: run as nobody
+        if shutil.which("setpriv") is None:
+            pytest.skip("needs setpriv (util-linux) to run as another user")
+        command = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", *command]
+    run_dir = Path(tempfile.mkdtemp(prefix="distill-tb-"))  # tmp_path's parents are closed to other users
+    try:
+        run_dir.chmod(0o755)
+        (run_dir / "tensorboard").mkdir(mode=0o555)
+        (run_dir / "tensorboard").chmod(0o555)
+        proc = subprocess.run([*command, str(run_dir)], env=subprocess_env(), cwd=REPO, capture_output=True, text=True)
+    finally:
+        shutil.rmtree(run_dir)
+    assert proc.returncode == 1, proc.stderr
+    assert "Traceback" not in proc.stderr and "Exception in thread" not in proc.stderr, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: Permission denied"), proc.stderr
+    assert str(run_dir / "tensorboard") in lines[0]
+
+
+# --- round 3, doubtful: blank documents are counted where the user sees them --------------------
+
+
+def test_cache_teacher_says_how_many_blank_documents_it_skipped(tiny_assets, tmp_path):
+    from tests.helpers import cache_args
+
+    data = tmp_path / "data.jsonl"
+    texts = ["A first document.", "", "   \n", "A second one."]
+    data.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    result = invoke("cache-teacher", *cache_args({**tiny_assets, "data": data}, tmp_path / "store"))
+    assert result.exit_code == 0, result.output
+    assert "blank documents skipped: 2." in result.stdout
+
+
+def test_without_flock_the_lock_record_decides(tmp_path, monkeypatch):
+    import os
+    import socket
+
+    from distill.config import ConfigError
+    from distill.pipeline import run_dir as run_dir_module
+
+    monkeypatch.setattr(run_dir_module, "take_flock", lambda fd: False)  # a file system without flock
+    out = tmp_path / "run"
+    out.mkdir()
+    host = socket.gethostname()
+    (out / ".lock").write_text(json.dumps({"pid": os.getppid(), "host": host}))  # a live process
+    with pytest.raises(ConfigError, match=f"pid {os.getppid()} on host {host}.*if that process is gone, delete"):
+        with run_dir_module.lock_run_dir(out):
+            pass
+    (out / ".lock").write_text(json.dumps({"pid": 2**22 + 12345, "host": host}))  # a dead one: taken over
+    with run_dir_module.lock_run_dir(out):
+        assert json.loads((out / ".lock").read_text())["pid"] == os.getpid()
+    assert (out / ".lock").read_text() == ""  # released: the next run finds no holder

@@ -3,10 +3,7 @@ the same global batch; a killed run resumed with --resume auto ends with the sam
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import signal
 import subprocess
 import sys
 import time
@@ -16,9 +13,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.helpers import read_metrics, spawn, train_args
+from tests.helpers import communicate_or_kill, descendants, kill_tree, read_metrics, spawn, train_args
 
 STEPS = 12
+# layerwise and contrastive start at steps 6 and 8: the run is killed (and resumed) from a checkpoint saved before
+# their modules had any optimizer state
+LATE_TERMS = {"curriculum.layerwise_ramp": "[0.5,0.6]", "curriculum.contrastive_ramp": "[0.7,0.8]"}
 
 
 def command(args: list[str], ranks: int) -> list[str]:
@@ -37,19 +37,36 @@ def command(args: list[str], ranks: int) -> list[str]:
     ]
 
 
+LAUNCHED: list[subprocess.Popen] = []
+
+
 def launch(args: list[str], ranks: int) -> subprocess.Popen:
-    return spawn(command(args, ranks), start_new_session=True)
+    proc = spawn(command(args, ranks), start_new_session=True)  # its own process group, killed as one
+    LAUNCHED.append(proc)
+    return proc
 
 
-def finish(proc: subprocess.Popen) -> str:
-    out, err = proc.communicate(timeout=400)
+def finish(proc: subprocess.Popen, timeout: float = 400) -> str:
+    out, err = communicate_or_kill(proc, timeout)
     assert proc.returncode == 0, err[-3000:]
     return out
 
 
+@pytest.fixture(autouse=True)
+def nothing_left_running():
+    """Whatever a test launched and did not see end (a failure, a timeout) is killed with its tree after it."""
+    yield
+    while LAUNCHED:
+        proc = LAUNCHED.pop()
+        if proc.poll() is None:
+            kill_tree(proc)
+
+
 def run_args(assets: dict, out: Path, grad_accum: int, parallel: str = "ddp") -> list[str]:
     return [
-        *train_args(assets, out, grad_accum=grad_accum, save_every=2, num_workers_prefetch=0, parallel=parallel),
+        *train_args(
+            assets, out, grad_accum=grad_accum, save_every=2, num_workers_prefetch=0, parallel=parallel, **LATE_TERMS
+        ),
         "--max-steps",
         str(STEPS),
         "--log-every",
@@ -57,22 +74,6 @@ def run_args(assets: dict, out: Path, grad_accum: int, parallel: str = "ddp") ->
         "--eval-every",
         "3",
     ]
-
-
-def descendants(pid: int) -> list[int]:
-    """Every process below ``pid`` (from /proc), children first."""
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            with contextlib.suppress(OSError, IndexError, ValueError):
-                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-                children.setdefault(ppid, []).append(int(entry.name))
-    found, todo = [], [pid]
-    while todo:
-        for child in children.get(todo.pop(), []):
-            found.append(child)
-            todo.append(child)
-    return found
 
 
 def curve(out: Path) -> list[float]:
@@ -122,11 +123,28 @@ def test_a_killed_run_resumes_to_the_same_weights(train_assets, parallel_run, tm
         if latest.exists():  # a periodic checkpoint (every 2 steps) is complete
             break
         time.sleep(0.05)
-    for pid in [proc.pid, *descendants(proc.pid)]:  # torchrun's workers are not all in its process group
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-    proc.communicate(timeout=60)
+    kill_tree(proc)
     assert not (out / "final").exists(), "the run finished before it could be killed"
+    assert json.loads((out / "checkpoints" / latest.read_text() / "meta.json").read_text())["step"] < 6
     finish(launch([*run_args(train_assets, out, grad_accum=2, parallel=parallel), "--resume", "auto"], ranks=2))
     wa, wb = weights(out), weights(uninterrupted)
     assert max((wa[k] - wb[k]).abs().max().item() for k in wa) <= 1e-6
+
+
+def test_a_launch_past_its_timeout_is_killed_with_every_process_below_it(tmp_path):
+    """A stand-in for a hung torchrun: a parent whose child left its process group; nothing survives the timeout."""
+    script = (
+        "import os, subprocess, sys, time; subprocess.Popen(['sleep', '300'], start_new_session=True); time.sleep(300)"
+    )
+    proc = spawn([sys.executable, "-c", script], start_new_session=True)
+    deadline = time.time() + 30
+    while not descendants(proc.pid) and time.time() < deadline:
+        time.sleep(0.05)
+    below = descendants(proc.pid)
+    assert below
+    with pytest.raises(pytest.fail.Exception, match="still running after 1s"):
+        communicate_or_kill(proc, timeout=1)
+    time.sleep(0.2)
+    for pid in [proc.pid, *below]:
+        state = Path(f"/proc/{pid}/stat")
+        assert not state.exists() or state.read_text().rsplit(")", 1)[1].split()[0] == "Z", f"pid {pid} still runs"

@@ -46,7 +46,7 @@ from distill.cache.store import (
     shard_records,
     store_exists,
 )
-from distill.cache.verify import committed_chunk_indices
+from distill.cache.verify import committed_chunk_indices, require_sound_store
 
 HDF5_FORMAT = "distill-cache-hdf5"
 HDF5_COMPRESSIONS = ("gzip", "lzf", "none")
@@ -70,6 +70,7 @@ def export_hdf5(url: str, path: str, compression: str = "gzip") -> dict[str, Any
             f"{url}: shard(s) {', '.join(incomplete[:5])} not complete; export needs a complete store: finish it by "
             "re-running the same `distill cache-teacher` command"
         )
+    require_sound_store(url, deep=False)  # a false tokenizer hash or a missing chunk file is refused, not written out
     specs = build_field_specs(manifest["layout"])
     codec = None if compression == "none" else compression
     with writable_local_file(path) as local, h5py.File(local, "w") as f:

@@ -31,6 +31,7 @@ from distill.cache.store import (
     store_exists,
     store_fs,
 )
+from distill.cache.verify import require_sound_store
 
 COPY_WORKERS = 16
 
@@ -45,11 +46,17 @@ def merge_stores(out: str, sources: list[str], workers: int = COPY_WORKERS) -> d
     so that re-running cache-teacher on ``out`` finishes it). Bytes are copied as stored; each shard's
     record is read before its data and written after it, so a store still being filled copies safely.
     With one source this is a verbatim copy (to an object store, say).
+
+    [merge-verify note] Each source is verified first (quick: manifest, tokenizer hash, records against the layout,
+    every committed chunk's files), so that a damaged store is refused rather than copied into one that looks
+    complete; the bytes of the chunks are not re-checksummed here (``distill cache verify OUT`` does).
     """
     if not sources:
         raise CacheError("merge needs at least one store: distill cache merge OUT STORE1 STORE2 ...")
     if store_exists(out) or read_creation_marker(out) is not None:
         raise CacheError(f"{out} exists; merge writes a new store: choose another OUT")
+    for src in sources:  # damage is refused, never copied ([merge-verify note])
+        require_sound_store(src, deep=False, allow_unfilled=True)
     roots = [open_root(src) for src in sources]
     manifests = [load_manifest(root, src) for root, src in zip(roots, sources)]
     check_mergeable(sources, roots, manifests)

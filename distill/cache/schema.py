@@ -42,6 +42,10 @@ class CacheError(RuntimeError):
     """A store cannot be used as asked; the message says what is wrong and what to do."""
 
 
+class StoreDamaged(CacheError):
+    """A store's data differs from what was committed (a failure, not a usage error)."""
+
+
 @dataclass(frozen=True)
 class FieldSpec:
     """One per-row array: ``dtype`` and the shape of one row (the row axis comes first on disk)."""

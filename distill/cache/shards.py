@@ -28,6 +28,7 @@ import zarr
 
 from distill.cache.schema import (
     CacheError,
+    StoreDamaged,
     shard_name,
 )
 from distill.cache.store import SHARD_ATTR, store_fs
@@ -96,10 +97,6 @@ def open_shard_writer(root: zarr.Group, index: int) -> ShardWriter:
 
 
 # --- missing chunk files (see [missing-chunk note]) ----------------------------------------
-
-
-class StoreDamaged(CacheError):
-    """A store's data differs from what was committed (a failure, not a usage error)."""
 
 
 def chunk_file(array: zarr.Array, chunk: int) -> str:

@@ -17,6 +17,7 @@ the shard claims that let many processes share one store are in ``claims.py`` ([
 from __future__ import annotations
 
 import json
+import time
 import warnings
 from collections.abc import Iterable
 from typing import Any
@@ -33,6 +34,7 @@ from distill.cache.schema import (
     TOKENIZER_GROUP,
     CacheError,
     FieldSpec,
+    StoreDamaged,
     build_field_specs,
     check_schema,
     describe_manifest_difference,
@@ -80,6 +82,17 @@ def open_root(url: str, mode: str = "r") -> zarr.Group:
         raise CacheError(
             f"{url}: no cache store there — check the path, or create one with `distill cache-teacher`"
         ) from None
+    except json.JSONDecodeError:
+        raise damaged_metadata(url, "zarr.json", "the store's manifest") from None
+
+
+def damaged_metadata(url: str, key: str, what: str) -> StoreDamaged:
+    """A ``zarr.json`` that is not JSON (truncated by a full disk or an interrupted copy), as one line that names
+    it and says what to do."""
+    return StoreDamaged(
+        f"{url}: {key} ({what}) is not valid JSON — the store is damaged (a truncated write or copy): restore it "
+        "from a good copy, or re-create it with `distill cache-teacher ... --overwrite`"
+    )
 
 
 def store_exists(url: str) -> bool:
@@ -224,12 +237,27 @@ def shard_records(root: zarr.Group, manifest: dict[str, Any]) -> list[dict[str, 
     records = []
     for index, (start, end) in enumerate(manifest["layout"]["shard_rows"]):
         try:
-            record = dict(root[shard_name(index)].attrs[SHARD_ATTR])
+            record = read_shard_record(root, index)
         except KeyError:
             record = {"status": "missing", "rows": end - start, "checksums": [], "tokens": 0}
         record.update(index=index, row_start=start, row_end=end)
         records.append(record)
     return records
+
+
+RECORD_READ_TRIES = 20  # x 0.05 s: the time another process may take to rewrite a record in place
+
+
+def read_shard_record(root: zarr.Group, index: int) -> dict[str, Any]:
+    """Shard ``index``'s commit record. Its zarr.json is rewritten in place at every commit of the process filling
+    it: a read that finds it cut short tries again, and only one that stays so reports a damaged store."""
+    for _ in range(RECORD_READ_TRIES):
+        try:
+            return dict(root[shard_name(index)].attrs[SHARD_ATTR])
+        except json.JSONDecodeError:
+            time.sleep(0.05)
+    where = str(root.store).removeprefix("file://")
+    raise damaged_metadata(where, f"{shard_name(index)}/zarr.json", f"shard {index}'s record")
 
 
 def read_manifest(url: str) -> dict[str, Any]:

@@ -51,6 +51,7 @@ class Problem:
     what: str
     shard: int | None = None
     chunk: int | None = None
+    unfilled: bool = False  # a shard not (yet) filled: a gap that cache-teacher fills, not damage
 
     def __str__(self) -> str:
         return f"{self.where}: {self.what}"
@@ -132,13 +133,15 @@ def check_chunk_files(url: str, root: zarr.Group, record: dict[str, Any], specs:
     ]
 
 
-def require_sound_store(url: str, deep: bool = True) -> None:
-    """Raise CacheError (one line) unless the store verifies sound; for stage 2 setup."""
+def require_sound_store(url: str, deep: bool = True, allow_unfilled: bool = False) -> None:
+    """Raise StoreDamaged (one line) unless the store verifies sound; for stage 2 setup, export and merge
+    (``allow_unfilled``: shards not yet filled are no damage, as merge takes each shard from where it is)."""
     report = verify_store(url, deep=deep)
-    if report.sound:
+    problems = [p for p in report.problems if not (allow_unfilled and p.unfilled)]
+    if not problems:
         return
-    shown = "; ".join(str(p) for p in report.problems[:3])
-    more = f"; and {len(report.problems) - 3} more" if len(report.problems) > 3 else ""
+    shown = "; ".join(str(p) for p in problems[:3])
+    more = f"; and {len(problems) - 3} more" if len(problems) > 3 else ""
     raise StoreDamaged(
         f"{url}: the store is not sound ({shown}{more}); see `distill cache verify {url}`; `distill cache verify "
         "--repair` then the same `distill cache-teacher` command recomputes bad chunks"
@@ -237,7 +240,7 @@ def check_shard_record(record: dict[str, Any], chunk_rows: int) -> list[Problem]
     index = record["index"]
     where = f"shard {index:05d}"
     if record["status"] == "missing":
-        return [Problem(where, "missing (no shard group or no commit record)", index)]
+        return [Problem(where, "missing (no shard group or no commit record)", index, unfilled=True)]
     rows = record["row_end"] - record["row_start"]
     num_chunks = -(-rows // chunk_rows)
     problems = [
@@ -255,6 +258,7 @@ def check_shard_record(record: dict[str, Any], chunk_rows: int) -> list[Problem]
                 f"incomplete ({record['status']}, {committed}/{num_chunks} chunks committed); finish it by "
                 "re-running the same `distill cache-teacher` command",
                 index,
+                unfilled=True,
             )
         )
     return problems

@@ -129,8 +129,11 @@ def load_full_state(
     """Load full state dicts (every rank passes the same) into the learner and the optimizer; FSDP2 keeps each
     rank's shard."""
     if is_sharded(model):
-        options = StateDictOptions(full_state_dict=True)
-        set_model_state_dict(model, model_state, options=options)
+        set_model_state_dict(model, model_state, options=StateDictOptions(full_state_dict=True))
+        # strict=False: a parameter whose term had not started when the checkpoint was saved has no optimizer state
+        # yet, exactly as in the run that saved it (AdamW creates it at its first gradient); every state the
+        # checkpoint holds is still loaded
+        options = StateDictOptions(full_state_dict=True, strict=False)
         set_optimizer_state_dict(model, optimizer, optimizer_state, options=options)
         return
     unwrap(model).load_state_dict(model_state)

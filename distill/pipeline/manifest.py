@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import re
 import time
 from pathlib import Path
 from tempfile import TemporaryDirectory
@@ -26,7 +28,10 @@ from distill.runtime import DTYPE_NAMES
 def tokenizer_files(tokenizer: Any) -> dict[str, bytes]:
     """The tokenizer's files as ``save_pretrained`` writes them."""
     with TemporaryDirectory() as tmp:
-        tokenizer.save_pretrained(tmp)
+        try:
+            tokenizer.save_pretrained(tmp)
+        except Exception as exc:  # tokenizers (Rust) reports a write error as "... (os error 28)", not an OSError
+            raise rust_os_error(exc, tmp) or exc from None
         return {p.name: p.read_bytes() for p in sorted(Path(tmp).iterdir()) if p.is_file()}
 
 
@@ -85,6 +90,15 @@ def build_manifest(
         n: {"dtype": f.dtype, "row_shape": list(f.row_shape)} for n, f in build_field_specs(layout).items()
     }
     return json.loads(json.dumps(manifest))  # exactly what the store will hold (tuples become lists)
+
+
+def rust_os_error(exc: BaseException, path: str) -> OSError | None:
+    """The OSError behind a Rust library's "... (os error N)" message, naming ``path``; None for anything else."""
+    found = re.search(r"\(os error (\d+)\)", str(exc))
+    if isinstance(exc, OSError) or found is None:
+        return exc if isinstance(exc, OSError) else None
+    number = int(found.group(1))
+    return OSError(number, os.strerror(number), path)
 
 
 def describe_input(tokenizer: Any) -> dict[str, Any]:

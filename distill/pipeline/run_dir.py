@@ -1,5 +1,7 @@
-"""The run directory of ``distill train``: refusing to overwrite a run, config.json, metrics.jsonl, final.json.
+"""The run directory of ``distill train``: its lock, refusing to overwrite a run or to resume it with another store
+or model, config.json, metrics.jsonl, final.json.
 
+RUN_DIR/.lock            pid and host of the process training into it (held with flock while it runs)
 RUN_DIR/config.json      the resolved config and what eval needs to score the same rows
 RUN_DIR/metrics.jsonl    one JSON record per log step and per eval
 RUN_DIR/checkpoints/     see checkpoint.py
@@ -8,13 +10,20 @@ RUN_DIR/final/           the student chosen by ``choose_final`` (final.json says
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import fcntl
 import json
 import math
+import os
+import socket
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+from distill.cache.schema import manifest_identity
 from distill.config import ConfigError, TrainConfig, config_to_dict
-from distill.pipeline.checkpoint import load_best_meta
+from distill.pipeline.checkpoint import load_best_meta, resume_candidates
 
 
 def choose_final(cfg: TrainConfig, run_dir: Path, step: int, best: float, last_eval: float | None) -> dict[str, Any]:
@@ -62,13 +71,17 @@ def trim_metrics(path: Path, step: int) -> None:
 RUN_OUTPUTS = ("metrics.jsonl", "checkpoints", "final", "config.json")
 
 
+def require_dir(run_dir: Path) -> None:
+    if run_dir.exists() and not run_dir.is_dir():
+        raise ConfigError(f"--out {run_dir}: a file, not a directory — choose another --out")
+
+
 def prepare_run_dir(cfg: TrainConfig, delete: bool = True) -> None:
     """Refuse to start a second run into a run directory that holds one, unless told to resume or replace it."""
     import shutil
 
     run_dir = Path(cfg.out)
-    if run_dir.exists() and not run_dir.is_dir():
-        raise ConfigError(f"--out {run_dir}: a file, not a directory — choose another --out")
+    require_dir(run_dir)
     found = [name for name in RUN_OUTPUTS if (run_dir / name).exists()]
     if not found or cfg.resume is not None:
         return
@@ -88,3 +101,148 @@ def write_record(metrics: Any, record: dict[str, Any], trackers: Any) -> None:
         metrics.write(json.dumps(record) + "\n")
         metrics.flush()
     trackers.log({k: v for k, v in record.items() if k not in ("split", "step")}, record["step"])
+
+
+# --- the lock: one process trains into a run directory at a time -----------------------------
+
+LOCK = ".lock"
+
+
+@contextlib.contextmanager
+def lock_run_dir(run_dir: Path) -> Iterator[None]:
+    """Hold RUN_DIR/.lock while the body runs; refuse in one line when another process holds it.
+
+    The lock is an flock, which the kernel releases when its process dies, so the lock of a dead process is simply
+    taken over. The file records the holder's pid and host for the refusal. Where the file system has no flock
+    (some network file systems), that record alone decides: a live process on this host, or any on another host,
+    holds the directory."""
+    require_dir(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path = run_dir / LOCK
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        locked = take_flock(fd)
+        holder = read_lock_holder(path)
+        if locked is None or (not locked and holder_lives(holder)):
+            raise ConfigError(
+                f"--out {run_dir} is being trained into by pid {holder.get('pid', '?')} on host "
+                f"{holder.get('host', '?')} (lock {path}) — wait for that run to end or stop it, or choose another "
+                "--out" + ("" if locked is None else f"; if that process is gone, delete {path}")
+            )
+        os.ftruncate(fd, 0)
+        os.write(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname()}).encode())
+        yield
+        if not locked:
+            os.ftruncate(fd, 0)
+    finally:
+        os.close(fd)  # releases the flock
+
+
+def take_flock(fd: int) -> bool | None:
+    """True: this process holds the flock; None: another one does; False: the file system has no flock."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError as exc:
+        return None if exc.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES) else False
+    return True
+
+
+def holder_lives(holder: dict[str, Any]) -> bool:
+    """Whether the process a lock record names may still run (another host: it cannot be told, so yes)."""
+    if not holder:
+        return False
+    if holder.get("host") != socket.gethostname():
+        return True
+    try:
+        os.kill(int(holder["pid"]), 0)
+    except (ProcessLookupError, KeyError, ValueError, TypeError):
+        return False
+    except PermissionError:
+        return True
+    return int(holder["pid"]) != os.getpid()
+
+
+def read_lock_holder(path: Path) -> dict[str, Any]:
+    try:
+        holder = json.loads(path.read_text())
+    except (OSError, ValueError):  # written a moment ago, not yet filled in
+        return {}
+    return holder if isinstance(holder, dict) else {}
+
+
+# --- resuming: the same store and model, other settings named --------------------------------
+
+REFUSED_CHANGES = {"student": "--student"}  # the store (--cache) is compared by content: check_store_unchanged
+NOT_COMPARED = ("resume", "overwrite", "out", "cache")
+
+
+def check_resume_settings(cfg: TrainConfig, manifest: dict[str, Any], say: Any) -> None:
+    """Before anything is loaded: the checkpoint ``--resume`` names must have been made with this store and this
+    student, and at a step not past --max-steps; every other setting that changed is named in one line."""
+    found = peek_resume_meta(cfg)
+    if found is None:
+        return
+    ckpt, meta = found
+    saved = flatten(meta["config"])
+    for key, flag in REFUSED_CHANGES.items():
+        if saved.get(key) != getattr(cfg, key):
+            raise ConfigError(
+                f"{flag} {getattr(cfg, key)}: {ckpt} was trained with {flag} {saved.get(key)} — resume with the same "
+                f"{flag}, or start a new run (another --out, or --overwrite)"
+            )
+    check_store_unchanged(cfg, saved.get("cache"), manifest, ckpt)
+    if cfg.max_steps is not None and cfg.max_steps < meta["step"]:
+        raise ConfigError(
+            f"--max-steps {cfg.max_steps} is below step {meta['step']}, which {ckpt} has reached — pass --max-steps "
+            f"{meta['step']} or more, or start a new run"
+        )
+    now = flatten(config_to_dict(cfg))
+    changed = [f"{k} {saved.get(k)} -> {now[k]}" for k in now if k not in NOT_COMPARED and saved.get(k) != now[k]]
+    if saved.get("cache") != cfg.cache:
+        changed.insert(0, f"cache {saved.get('cache')} -> {cfg.cache} (the same store: equal manifests)")
+    if changed:
+        say(f"resuming {ckpt} with changed settings: {'; '.join(changed)}")
+
+
+def check_store_unchanged(cfg: TrainConfig, saved_cache: Any, manifest: dict[str, Any], ckpt: Path) -> None:
+    """The same --cache, or another path to a store with the same manifest (moved or copied): config.json of the
+    checkpoint's run holds the manifest it trained on."""
+    if saved_cache == cfg.cache:
+        return
+    config = ckpt.parent.parent / "config.json"
+    try:
+        trained_on = json.loads(config.read_text()).get("cache_manifest")
+    except (OSError, ValueError, AttributeError):
+        trained_on = None
+    if not isinstance(trained_on, dict) or store_identity(trained_on) != store_identity(manifest):
+        raise ConfigError(
+            f"--cache {cfg.cache}: {ckpt} was trained on another store ({saved_cache}) — resume with --cache "
+            f"{saved_cache}, or start a new run (another --out, or --overwrite)"
+        )
+
+
+def store_identity(manifest: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in manifest_identity(manifest).items() if k != "shards"}
+
+
+def peek_resume_meta(cfg: TrainConfig) -> tuple[Path, dict[str, Any]] | None:
+    """meta.json of the checkpoint a resume would load first (JSON only, cheap), if one holds the run's config."""
+    for path in resume_candidates(Path(cfg.out), cfg.resume):
+        try:
+            meta = json.loads((path / "meta.json").read_text())
+        except (OSError, ValueError):
+            continue
+        if isinstance(meta, dict) and isinstance(meta.get("config"), dict) and isinstance(meta.get("step"), int):
+            return path, meta
+    return None
+
+
+def flatten(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """``{"curriculum": {"kd": 1}}`` -> ``{"curriculum.kd": 1}``; lists become tuples-free JSON values."""
+    flat: dict[str, Any] = {}
+    for key, value in config.items():
+        if isinstance(value, dict):
+            flat |= flatten(value, f"{prefix}{key}.")
+        else:
+            flat[prefix + key] = json.loads(json.dumps(value, default=str))
+    return flat

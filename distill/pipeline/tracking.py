@@ -27,6 +27,7 @@ import importlib.util
 import json
 import os
 import secrets
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -104,7 +105,9 @@ class TensorBoardTracker:
         from torch.utils.tensorboard.summary import hparams
 
         purge_step = 0 if resume_step is None else resume_step + 1
-        self.writer = SummaryWriter(str(run_dir / "tensorboard"), purge_step=purge_step)
+        log_dir = run_dir / "tensorboard"
+        require_writable(log_dir)  # its writer thread would print a traceback of its own
+        self.writer = SummaryWriter(str(log_dir), purge_step=purge_step)
         if resume_step is None:  # step 0 survives a resume's purge: written once
             self.writer.add_text("params", "    " + json.dumps(params, indent=2).replace("\n", "\n    "), 0)
             flat = flatten_params(params)
@@ -129,6 +132,17 @@ class TensorBoardTracker:
 
     def close(self) -> None:
         self.writer.close()
+
+
+def require_writable(folder: Path) -> None:
+    """Create ``folder`` and write a probe file in it, in this thread: an OSError naming ``folder`` when it cannot
+    be written, before a tracker's writer thread meets the problem."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as exc:
+        raise OSError(exc.errno, exc.strerror or str(exc), str(folder)) from None
 
 
 class WandbTracker:

@@ -14,10 +14,12 @@ held-out rows and a checkpoint.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import signal
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -49,9 +51,10 @@ from distill.pipeline.distributed import (
     sum_over_ranks,
 )
 from distill.pipeline.progress import StopSignal, ThroughputWindow, format_line, say
-from distill.pipeline.run_dir import choose_final, trim_metrics, write_record, write_run_config
+from distill.pipeline.run_dir import choose_final, lock_run_dir, trim_metrics, write_record, write_run_config
 from distill.pipeline.tracking import describe_cache, open_trackers
 from distill.pipeline.train_setup import Run, setup
+from distill.runtime import is_main_process
 
 # --- the step -------------------------------------------------------------------------------
 
@@ -170,6 +173,11 @@ def load_loop_state(run: Run, opt: Optimization) -> tuple[LoopState, bool]:
         torch.manual_seed(run.cfg.seed)
         return LoopState(), False
     ckpt, tensors, meta = found
+    if meta["step"] > run.total_steps:
+        raise CheckpointError(
+            f"{ckpt}: at step {meta['step']}, past this run's {run.total_steps} steps — pass --max-steps "
+            f"{meta['step']} or more, or start a new run"
+        )
     model_state = {**prefixed("student.", tensors["student"]), **prefixed("aux.", tensors["modules"])}
     try:
         load_full_state(run.model, opt.optimizer, model_state, tensors["optimizer"])
@@ -328,5 +336,6 @@ def fit(run: Run) -> dict[str, Any]:
 
 
 def run(cfg: TrainConfig) -> dict[str, Any]:
-    """``distill train``: setup, then fit."""
-    return fit(setup(cfg))
+    """``distill train``: setup, then fit, holding the run directory's lock (rank 0) throughout."""
+    with lock_run_dir(Path(cfg.out)) if is_main_process() else contextlib.nullcontext():
+        return fit(setup(cfg))

@@ -35,7 +35,7 @@ from distill.pipeline.prefix_map import load_or_build_prefix_map
 from distill.pipeline.preflight import compare_teacher_and_student, describe_comparison
 from distill.pipeline.progress import say
 from distill.pipeline.router import TARGET_CLIP, describe_clip_share, hidden_target_scale
-from distill.pipeline.run_dir import prepare_run_dir
+from distill.pipeline.run_dir import check_resume_settings, prepare_run_dir
 from distill.pipeline.signals import CachedTeacher, LiveTeacher, SignalSource, signal_fields
 from distill.pipeline.terms import BuildInputs, build_modules, check_layout, needed_signals
 from distill.pipeline.tokens import check_tokenizer
@@ -149,6 +149,8 @@ def setup(cfg: TrainConfig) -> Run:
     for url in filter(None, (cfg.cache, cfg.eval_cache)):
         check_store(url, cfg.verify_cache)
     reader = CacheReader(cfg.cache)
+    if cfg.resume is not None:  # before the model loads: the same store and student, other changes named
+        check_resume_settings(cfg, reader.manifest, say)
     eval_reader = CacheReader(cfg.eval_cache) if cfg.eval_cache else None
     need = needed_signals(cfg)
     fields = signal_fields(reader.layout, need)
