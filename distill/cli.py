@@ -477,7 +477,9 @@ def eval_(
     ] = None,
     temperature: Annotated[
         float,
-        typer.Option(metavar="FLOAT", help="The one T of every model's kd column (a stored T; bits per byte is at T=1)."),
+        typer.Option(
+            metavar="FLOAT", help="The one T of every model's kd column (a stored T; bits per byte is at T=1)."
+        ),
     ] = 1.0,
 ) -> None:
     """Tokenizer-independent quality: bits per byte of each student and of the teacher, held-out kd loss,
