@@ -12,8 +12,9 @@ and without the teacher:
 - ``kd-modes``: the scratch student (one init per seed) on stores made with today's defaults, CE-only
   against ``--objective kd-only`` at ``kd_mode`` tail and prefix, 200 steps, seeds 0-2; each seed's runs are
   scored together (``--baseline`` CE, then ``--baseline`` tail: intervals paired by row);
-- ``pretrained-cut``: SmolLM2-135M-Instruct with only some of its 30 blocks kept (``CUT_KEEP``, the way
-  pruned students are made), a pretrained student the teacher is clearly better than; CE fine-tuning against
+- ``pretrained-cut``: SmolLM2-135M-Instruct with only some of its 30 blocks kept (``CUT_KEEP`` in
+  tests/real/assets.py, the way pruned students are made), a pretrained student the teacher is clearly better
+  than; CE fine-tuning against
   KD fine-tuning at the defaults (``CUT_PLAN``: a fine-tuning learning rate), seeds 0-2, on default stores.
 ``distill eval`` scores each group on the held-out store (identical bytes, bootstrap intervals over
 documents). The teacher's bits per byte without its BOS is measured here directly (same tokens). Prints each
@@ -42,7 +43,6 @@ SCRATCH = {"steps": 400, "batch_size": 4, "grad_accum": 2, "lr": 2e-3, "eval_eve
 PRETRAINED = {"steps": 20, "batch_size": 2, "grad_accum": 2, "lr": 5e-5, "eval_every": 20}
 KD_MODES_PLAN = {"steps": 200, "batch_size": 4, "grad_accum": 1, "lr": 2e-3, "eval_every": 200}
 KD_MODES_SEEDS = (0, 1, 2)
-CUT_KEEP = (0, 1, 2, 3, 4, 5, 6, 7, 28, 29)  # SmolLM2's blocks kept: the first eight and the last two
 CUT_PLAN = {"steps": 48, "batch_size": 4, "grad_accum": 1, "lr": 1e-4, "eval_every": 48}
 
 
@@ -132,30 +132,12 @@ def teacher_bpb_without_bos(assets: dict[str, Path], store: Path) -> dict[str, f
     return {"with_bos": with_bos * scale, "without_bos": without_bos * scale, "bytes": scored_bytes}
 
 
-def build_cut_student(assets: dict[str, Path], out: Path, keep: tuple[int, ...] = CUT_KEEP) -> Path:
-    """SmolLM2-135M-Instruct with only the blocks ``keep`` (in order), saved as a model folder."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    if (out / "config.json").is_file():
-        return out
-    model = AutoModelForCausalLM.from_pretrained(assets["smollm2"], dtype=torch.float32)
-    blocks = model.model.layers
-    model.model.layers = torch.nn.ModuleList([blocks[i] for i in keep])
-    for index, block in enumerate(model.model.layers):
-        block.self_attn.layer_idx = index
-    model.config.num_hidden_layers = len(keep)
-    if getattr(model.config, "layer_types", None):
-        model.config.layer_types = [model.config.layer_types[i] for i in keep]
-    model.save_pretrained(out)
-    AutoTokenizer.from_pretrained(assets["smollm2"]).save_pretrained(out)
-    return out
-
-
 def compare_pretrained_cut(assets: dict[str, Path], work: Path) -> dict[str, object]:
     """CE against KD fine-tuning of the cut SmolLM2, per seed, on stores made with the defaults."""
     stores = build_stores(assets, work, settings=[])
-    student = build_cut_student(assets, work / "students" / "smollm2-cut")
+    from tests.real.assets import build_cut_smollm2
+
+    student = build_cut_smollm2(assets["smollm2"], work / "students" / "smollm2-cut")
     per_seed: dict[str, object] = {}
     for seed in KD_MODES_SEEDS:
         ce = train(f"cut-{seed}-ce", student, stores, work, CUT_PLAN, f"seed={seed}", CE_ONLY)

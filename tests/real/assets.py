@@ -238,6 +238,30 @@ def fetch_all(root: Path | None = None) -> dict[str, Path]:
     }
 
 
+CUT_KEEP = (0, 1, 2, 3, 4, 5, 6, 7, 28, 29)  # SmolLM2's blocks kept in ``build_cut_smollm2``: first 8, last 2
+
+
+def build_cut_smollm2(smollm2: Path, out: Path, keep: tuple[int, ...] = CUT_KEEP) -> Path:
+    """SmolLM2-135M with only the blocks ``keep`` (in order), saved as a model folder in ``out``: a pretrained
+    student weaker than Gemma 3 270M on the pydoc text, made the way pruned students are (layers dropped)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if (out / "config.json").is_file():
+        return out
+    model = AutoModelForCausalLM.from_pretrained(smollm2, dtype=torch.float32)
+    blocks = model.model.layers
+    model.model.layers = torch.nn.ModuleList([blocks[i] for i in keep])
+    for index, block in enumerate(model.model.layers):
+        block.self_attn.layer_idx = index
+    model.config.num_hidden_layers = len(keep)
+    if getattr(model.config, "layer_types", None):
+        model.config.layer_types = [model.config.layer_types[i] for i in keep]
+    model.save_pretrained(out)
+    AutoTokenizer.from_pretrained(smollm2).save_pretrained(out)
+    return out
+
+
 def generate_greedy(model_dir: Path, prompt: str, new_tokens: int = 8) -> str:
     """Greedy continuation of ``prompt`` by the model in ``model_dir`` (its tokenizer's own special tokens)."""
     import torch
