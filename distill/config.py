@@ -296,8 +296,8 @@ class TrainConfig:
             "min_lr_ratio", "clip", "seed",
         ),
         "Eval and checkpoints": (
-            "eval_every", "eval_fraction", "eval_rows", "save_every", "keep_checkpoints", "final", "patience",
-            "min_delta", "early_stop_warmup", "verify_cache", "preflight_rows",
+            "eval_every", "eval_fraction", "eval_rows", "save_every", "checkpoint_last", "keep_checkpoints", "final",
+            "patience", "min_delta", "early_stop_warmup", "verify_cache", "preflight_rows",
         ),
         "Compute": ("precision", "device", "parallel", "student_max_length", "num_workers_prefetch", "log_every"),
     }  # fmt: skip
@@ -383,6 +383,10 @@ class TrainConfig:
     """Optimizer steps between evals (and checkpoints)."""
     save_every: int | None = None
     """Optimizer steps between checkpoints (default: eval_every)."""
+    checkpoint_last: bool = False
+    """Also checkpoint the last step, so that the finished run can be continued with --resume auto (more steps, or
+    an on-policy round: ``distill rollout`` from the run with --final last, ``cache-teacher``, then ``train`` again
+    with the rollout store added). Off: the last step is only in final/."""
     keep_checkpoints: int = 2
     """Periodic checkpoints kept on disk (older ones are deleted; checkpoints/best is kept apart)."""
     final: str = "best"
