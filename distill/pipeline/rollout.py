@@ -231,20 +231,23 @@ def run(cfg: RolloutConfig) -> dict[str, Any]:
     path = Path(cfg.out)
     path.parent.mkdir(parents=True, exist_ok=True)
     done = read_written(path, provenance)
-    prompts = choose_prompts(texts, cfg.num_prompts, cfg.prompt_chars, cfg.seed)
-    missing = [i for i in range(len(prompts)) if i not in done]
+    # whole batches are sampled, the last one too, so that a prompt's batch (and so its sample) never depends on N
+    batches = -(-cfg.num_prompts // cfg.batch_size)
+    prompts = choose_prompts(texts, batches * cfg.batch_size, cfg.prompt_chars, cfg.seed)
+    wanted = min(cfg.num_prompts, len(prompts))
+    missing = [i for i in range(wanted) if i not in done]
     todo = sorted({i - i % cfg.batch_size for i in missing})  # the batches (by first prompt) to sample again
     written = 0
     if todo:
         model, tokenizer = load_student(model_dir, resolve_device(cfg.device))
-        bar = tqdm(total=len(prompts), initial=len(prompts) - len(missing), unit="prompt", desc="rollout")
+        bar = tqdm(total=wanted, initial=wanted - len(missing), unit="prompt", desc="rollout")
         with path.open("a") as handle:
             for start in todo:
                 batch = prompts[start : start + cfg.batch_size]
                 continuations = sample_batch(model, tokenizer, [p for _, p in batch], cfg, batch_seed(cfg.seed, start))
                 for offset, ((doc, prompt), continuation) in enumerate(zip(batch, continuations)):
                     index = start + offset
-                    if index in done:
+                    if index in done or index >= wanted:
                         continue
                     record = {
                         "text": prompt + continuation,
@@ -259,4 +262,5 @@ def run(cfg: RolloutConfig) -> dict[str, Any]:
                 handle.flush()
                 os.fsync(handle.fileno())
         bar.close()
-    return {"written": written, "kept": len(done), "prompts": len(prompts), "path": str(path), "student": student}
+    kept = sum(1 for i in done if i < wanted)
+    return {"written": written, "kept": kept, "prompts": wanted, "path": str(path), "student": student}
