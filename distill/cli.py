@@ -23,7 +23,7 @@ from typing import Annotated, Any
 import click
 import typer
 
-from distill.config import CacheConfig, ConfigError, TrainConfig, config_to_dict
+from distill.config import CacheConfig, ConfigError, RolloutConfig, TrainConfig, config_to_dict
 from distill.flags import ConfigSources, config_flags
 
 app = typer.Typer(
@@ -286,6 +286,37 @@ def train(sources: ConfigSources) -> None:
     typer.echo(
         f"trained {summary['steps']} steps ({summary['stop_reason']}); best eval loss "
         f"{summary['best_eval']:.4g}; student saved in {summary['final']} (step {chosen['step']}: {chosen['reason']})"
+    )
+
+
+@app.command("rollout")
+@config_flags(RolloutConfig)
+def rollout(sources: ConfigSources) -> None:
+    """The student writes continuations of prompts (a JSONL file) for the teacher to score: on-policy data.
+
+    Example:
+
+        distill rollout --student runs/smol --dataset data/train.jsonl --out rollouts/r1.jsonl
+        --num-prompts 1024 --prompt-chars 256 --max-new-tokens 128 --temperature 1 --top-p 0.95
+
+    Then: distill cache-teacher --dataset rollouts/r1.jsonl --out cache/r1 ... and
+    distill train --cache cache/wt103 --cache cache/r1 --cache-weights 0.7,0.3 --resume auto ...
+    Re-running the same command appends only the prompts the file lacks.
+    """
+    from distill.pipeline.data import DataError
+    from distill.pipeline.rollout import run
+
+    with reported_errors(usage=(DataError, FileNotFoundError)):
+        cfg = sources.load()
+        cfg.require_io()
+        print_config("rollout", cfg)
+        summary = run(cfg)
+    student = summary["student"]
+    who = student["path"] + (f" (step {student['step']})" if student["step"] is not None else "")
+    typer.echo(
+        f"rollout: {summary['written']} prompts written, {summary['kept']} kept from a previous run, "
+        f"{summary['prompts']} in {summary['path']}; student {who}. Score them: distill cache-teacher --dataset "
+        f"{summary['path']} ..."
     )
 
 

@@ -284,7 +284,8 @@ class TrainConfig:
 
     HELP_GROUPS: ClassVar[dict[str, tuple[str, ...]]] = {
         "Inputs and outputs": (
-            "cache", "student", "out", "eval_cache", "live_teacher", "resume", "overwrite", "report_to"
+            "cache", "cache_weights", "continuation_only", "student", "out", "eval_cache", "live_teacher", "resume",
+            "overwrite", "report_to",
         ),
         "Objective": (
             "objective", "temperature", "kd_mode", "alm_temperature", "router_top_k", "balance_coef", "importance_coef",
@@ -295,14 +296,23 @@ class TrainConfig:
             "min_lr_ratio", "clip", "seed",
         ),
         "Eval and checkpoints": (
-            "eval_every", "eval_fraction", "eval_rows", "save_every", "keep_checkpoints", "final", "patience",
-            "min_delta", "early_stop_warmup", "verify_cache", "preflight_rows",
+            "eval_every", "eval_fraction", "eval_rows", "save_every", "checkpoint_last", "keep_checkpoints", "final",
+            "patience", "min_delta", "early_stop_warmup", "verify_cache", "preflight_rows",
         ),
         "Compute": ("precision", "device", "parallel", "student_max_length", "num_workers_prefetch", "log_every"),
     }  # fmt: skip
 
-    cache: str = ""
-    """The teacher-output store (path or fsspec URL) made by ``distill cache-teacher``."""
+    cache: str | list[str] = ""
+    """The teacher-output store (path or fsspec URL) made by ``distill cache-teacher``. Repeat the flag (``--cache A
+    --cache B``) to train on several stores of one teacher, mixed by ``cache_weights``; the first one is the primary
+    store (held-out rows, the run's identity on resume). One store is kept as a plain string."""
+    cache_weights: list[float] | None = None
+    """With several --cache: each store's share of the rows of every batch, in --cache order (normalized to sum to
+    1; each batch holds them to within one row, the run exactly). Default: equal shares."""
+    continuation_only: bool = True
+    """Rows of a rollout store (``distill rollout`` -> ``distill cache-teacher``) take loss terms on their
+    continuation only: the prompt's positions are context, with no kd, lm or other target. Stores without prompt
+    boundaries are unaffected. ``--no-continuation-only`` trains on the prompts too."""
     student: str = ""
     """Student model: hub id or local directory (``AutoModelForCausalLM`` + its tokenizer)."""
     out: str = ""
@@ -373,6 +383,10 @@ class TrainConfig:
     """Optimizer steps between evals (and checkpoints)."""
     save_every: int | None = None
     """Optimizer steps between checkpoints (default: eval_every)."""
+    checkpoint_last: bool = False
+    """Also checkpoint the last step, so that the finished run can be continued with --resume auto (more steps, or
+    an on-policy round: ``distill rollout`` from the run with --final last, ``cache-teacher``, then ``train`` again
+    with the rollout store added). Off: the last step is only in final/."""
     keep_checkpoints: int = 2
     """Periodic checkpoints kept on disk (older ones are deleted; checkpoints/best is kept apart)."""
     final: str = "best"
@@ -410,6 +424,7 @@ class TrainConfig:
     ``pip install 'distill[wandb]'``. See pipeline/tracking.py."""
 
     def __post_init__(self) -> None:
+        self._normalize_caches()
         if isinstance(self.curriculum, dict):
             self.curriculum = CurriculumConfig(**self.curriculum)
         self.report_to = parse_report_to(self.report_to)
@@ -455,7 +470,7 @@ class TrainConfig:
         for name in ("cache", "student", "out"):
             if not getattr(self, name):
                 raise ConfigError(f"--{name} is required")
-        for flag, store in (("--cache", self.cache), ("--eval-cache", self.eval_cache)):
+        for flag, store in (*(("--cache", c) for c in self.stores), ("--eval-cache", self.eval_cache)):
             path = local_path(store) if store else None
             if path is not None and not path.is_dir():
                 problem = "a file, not a store folder" if path.exists() else "no such folder"
@@ -463,6 +478,104 @@ class TrainConfig:
                                   "`distill cache-teacher`")  # fmt: skip
         if Path(self.out).is_file():
             raise ConfigError(f"--out {self.out}: a file, not a directory — choose another --out")
+
+    @property
+    def stores(self) -> list[str]:
+        """Every --cache, the primary store first."""
+        return [self.cache] if isinstance(self.cache, str) else list(self.cache)
+
+    @property
+    def store_weights(self) -> list[float]:
+        """Each store's share of every batch, summing to 1."""
+        weights = self.cache_weights or [1.0] * len(self.stores)
+        return [w / sum(weights) for w in weights]
+
+    def _normalize_caches(self) -> None:
+        """One store stays a plain string (config.json and resume as before); several are a list, each once."""
+        stores = [self.cache] if isinstance(self.cache, str) else [str(c) for c in self.cache]
+        stores = [c for c in stores if c]
+        if len(set(stores)) < len(stores):
+            raise ConfigError(f"--cache names a store twice ({', '.join(stores)}) — give each store once")
+        self.cache = stores[0] if len(stores) == 1 else (stores or "")
+        if self.cache_weights is None:
+            return
+        self.cache_weights = [float(w) for w in self.cache_weights]
+        if len(self.cache_weights) != max(1, len(stores)):
+            raise ConfigError(
+                f"--cache-weights {','.join(f'{w:g}' for w in self.cache_weights)}: one weight per --cache "
+                f"({len(stores)} given)"
+            )
+        if not all(w > 0 for w in self.cache_weights):
+            raise ConfigError("--cache-weights must all be > 0 (leave a store out instead of weighting it 0)")
+
+
+@dataclass
+class RolloutConfig:
+    """Settings of ``distill rollout``: the student writes continuations of prompts, the teacher scores them later
+    (``distill cache-teacher`` on the file). Each field is a flag, a ``--set`` key and a config-file key."""
+
+    HELP_GROUPS: ClassVar[dict[str, tuple[str, ...]]] = {
+        "Student, prompts and output": (
+            "student", "dataset", "dataset_config", "split", "text_field", "out", "num_prompts", "prompt_chars"
+        ),
+        "Sampling": ("max_new_tokens", "temperature", "top_p", "seed"),
+        "Compute": ("batch_size", "device"),
+    }  # fmt: skip
+
+    student: str = ""
+    """The student: a run directory of ``distill train`` (its final/ writes; the run and final/'s step are recorded)
+    or a model folder / hub id."""
+    dataset: str = ""
+    """Where the prompts come from: a dataset as for cache-teacher (hub id, folder, .jsonl/.json/.parquet/.txt files)
+    or a store made by cache-teacher (the text of its rows' first documents)."""
+    out: str = ""
+    """The JSONL file to write (appended to when it exists: only the prompts it lacks are written)."""
+    dataset_config: str | None = None
+    """The dataset's configuration name (the second argument of ``load_dataset``)."""
+    split: str = "train"
+    """The dataset split the prompts come from."""
+    text_field: str = "text"
+    """The column holding the documents' text."""
+    num_prompts: int = 256
+    """Prompts to write: the first N documents of a seeded shuffle (``seed``) that hold at least one character; a
+    larger N on a re-run appends the next ones."""
+    prompt_chars: int = 256
+    """Characters of a document that make its prompt, cut back to the last whitespace before this length (if any),
+    so that a prompt ends between words."""
+    max_new_tokens: int = 128
+    """Student tokens sampled per prompt at most (sampling stops earlier at the student's end-of-text token)."""
+    temperature: float = 1.0
+    """Sampling temperature; 0 = greedy."""
+    top_p: float = 1.0
+    """Nucleus sampling: keep the smallest set of tokens holding this much probability (1 = the whole vocabulary)."""
+    seed: int = 0
+    """Seed of the prompts' choice and of the sampling: batch k is sampled with seed (seed, k), so two runs, or a
+    resumed and an uninterrupted run, write identical files."""
+    batch_size: int = 16
+    """Prompts sampled together (a batch is also the unit of resuming: a batch cut short is sampled again whole)."""
+    device: str = "auto"
+    """auto (cuda if available, else cpu) | cpu | cuda | cuda:N."""
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.num_prompts >= 1, "--num-prompts must be at least 1"),
+            (self.prompt_chars >= 1, "--prompt-chars must be at least 1"),
+            (self.max_new_tokens >= 1, "--max-new-tokens must be at least 1"),
+            (self.temperature >= 0, "--temperature must be >= 0 (0 is greedy)"),
+            (0 < self.top_p <= 1, "--top-p must be in (0, 1]"),
+            (self.batch_size >= 1, "--batch-size must be at least 1"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ConfigError(message)
+
+    def require_io(self) -> None:
+        """The three settings without which nothing can run; --out must not be a folder."""
+        for name in ("student", "dataset", "out"):
+            if not getattr(self, name):
+                raise ConfigError(f"--{name} is required")
+        if Path(self.out).is_dir():
+            raise ConfigError(f"--out {self.out}: a folder, not a file — pass a .jsonl file path")
 
 
 def local_path(url: str) -> Path | None:

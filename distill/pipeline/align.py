@@ -35,6 +35,7 @@ character ranges and no aligned pair spans two documents.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -341,6 +342,8 @@ class AlignedBatch:
     segment_ids: (B, L_s) int64 document segment of each student position for packed rows ([packing
         note]; the student runs them with `segment_position_ids` and no 2D mask), None when every row is
         one document.
+    target_mask: (B, L_s) bool, False where a student position may carry no target (its next token is
+        still prompt: `restrict_to_continuation`), None when every position may.
     """
 
     input_ids: torch.Tensor
@@ -353,6 +356,7 @@ class AlignedBatch:
     num_prefix: int
     text_end: torch.Tensor
     segment_ids: torch.Tensor | None = None
+    target_mask: torch.Tensor | None = None
 
 
 def _pad_id(tokenizer: Any) -> int:
@@ -473,4 +477,64 @@ def align_batch(
         num_prefix=len(prefix),
         text_end=text_end,
         segment_ids=segment_ids,
+    )
+
+
+# --- continuation-only rows -------------------------------------------------------------------
+
+
+def segment_boundaries(spans: np.ndarray, segments: np.ndarray, context: Sequence[int]) -> tuple[np.ndarray, ...]:
+    """Per document segment of a row: the character where it starts in the row's text and where its prompt ends.
+
+    spans: (n, 2) the row's real spans; segments: (n,) the segment of each position (zeros for one document);
+    context: the prompt characters at the start of each segment ([prompt-context note] in data.py)."""
+    count = max(int(segments.max(initial=0)) + 1, len(context))
+    ends = np.array([spans[segments == k, 1].max(initial=0) for k in range(count)], dtype=np.int64)
+    starts = np.concatenate([[0], np.maximum.accumulate(ends)[:-1]]).astype(np.int64)
+    prompt = np.zeros(count, dtype=np.int64)
+    prompt[: len(context)] = np.asarray(context, dtype=np.int64)
+    return starts, starts + prompt
+
+
+def restrict_to_continuation(
+    aligned: AlignedBatch,
+    teacher_offsets: Any,
+    teacher_lengths: Any,
+    teacher_segments: Any,
+    context_chars: Sequence[Sequence[int]],
+) -> AlignedBatch:
+    """The batch with targets on the continuations only: a pair, or a student label, whose position has consumed
+    less than its document's prompt predicts prompt text, which the teacher was given, not the student's own
+    writing ([prompt-context note] in data.py). Such positions stay in the input as context.
+
+    A position counts as continuation when the text it consumed reaches the prompt's end: the position that has
+    read exactly the prompt predicts the first continuation token. Prefix tokens (span (0, 0)) consumed nothing of
+    their segment. Returns the pairs that are kept and ``target_mask`` (B, L_s) for the student's labels.
+    """
+    offsets = _to_numpy(teacher_offsets)
+    lengths = _to_numpy(teacher_lengths).astype(np.int64).reshape(-1)
+    segments = None if teacher_segments is None else _to_numpy(teacher_segments)
+    batch_idx, teacher_pos = aligned.batch_idx.numpy(), aligned.teacher_pos.numpy()
+    keep = np.ones(len(batch_idx), dtype=bool)
+    target_mask = torch.ones(aligned.attention_mask.shape, dtype=torch.bool)
+    for b, context in enumerate(context_chars):
+        n = int(lengths[b])
+        spans = offsets[b, :n].reshape(-1, 2).astype(np.int64)
+        seg = np.zeros(n, dtype=np.int64) if segments is None else segments[b, :n].astype(np.int64)
+        starts, bounds = segment_boundaries(spans, seg, context)
+        pairs = np.flatnonzero(batch_idx == b)
+        keep[pairs] = spans[teacher_pos[pairs], 1] >= bounds[seg[teacher_pos[pairs]]]
+        student = aligned.student_offsets[b].astype(np.int64)
+        m = len(student)
+        s_seg = np.zeros(m, dtype=np.int64) if aligned.segment_ids is None else aligned.segment_ids[b, :m].numpy()
+        s_seg = np.minimum(s_seg, len(starts) - 1)
+        consumed = np.maximum(student[:, 1], starts[s_seg])
+        target_mask[b, :m] = torch.from_numpy(consumed >= bounds[s_seg])
+    kept = torch.from_numpy(keep)
+    return dataclasses.replace(
+        aligned,
+        batch_idx=aligned.batch_idx[kept],
+        teacher_pos=aligned.teacher_pos[kept],
+        student_pos=aligned.student_pos[kept],
+        target_mask=target_mask,
     )

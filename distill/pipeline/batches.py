@@ -18,7 +18,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from distill.pipeline.align import AlignedBatch, align_batch, teacher_to_student_span
+from distill.pipeline.align import AlignedBatch, align_batch, restrict_to_continuation, teacher_to_student_span
+from distill.pipeline.mixing import MixedRowOrder, RowOrder
 from distill.pipeline.signals import SignalSource, TeacherSignal
 from distill.runtime import World
 
@@ -41,6 +42,8 @@ class Batcher:
     """Student tokens per row at most (longer rows are cut)."""
     same_tokenizer: bool
     """Teacher and student share the tokenizer: the identity alignment."""
+    continuation_only: bool = False
+    """Rows with prompt boundaries (rollout stores) get targets on their continuations only."""
 
     def prepare_batch(self, rows: np.ndarray) -> Batch:
         """CPU work, done ahead of the step on a thread (``BatchStream``)."""
@@ -59,6 +62,8 @@ class Batcher:
             same_tokenizer=self.same_tokenizer,
             teacher_segments=sig.segment_ids,
         )
+        if self.continuation_only and sig.context_chars is not None:  # [prompt-context note] in data.py
+            aligned = restrict_to_continuation(aligned, sig.offsets, sig.length, sig.segment_ids, sig.context_chars)
         key_spans = None
         if sig.attn:
             spans = [
@@ -77,63 +82,50 @@ class Batcher:
 class BatchStream:
     """Deterministic row order (a permutation per epoch from the seed) with a resumable cursor; reads ahead.
 
+    ``rows``: one store's row ids, or a ``MixedRowOrder`` over several stores (mixing.py), whose cursor is a dict.
     Under torchrun rank r takes micro-batches r, r + W, ... of the one global order, so W ranks with
     ``grad_accum`` A see the micro-batches one process with A x W sees."""
 
     def __init__(
         self,
         prepare: Callable[[np.ndarray], Batch],
-        rows: np.ndarray,
+        rows: np.ndarray | MixedRowOrder,
         seed: int,
         batch_size: int,
         world: World | None = None,
         prefetch: int = 2,
-        cursor: tuple[int, int] = (0, 0),
+        cursor: Any = (0, 0),
     ) -> None:
-        self.prepare, self.rows, self.seed, self.batch_size = prepare, rows, seed, batch_size
+        self.prepare, self.batch_size = prepare, batch_size
+        self.rows = rows if isinstance(rows, MixedRowOrder) else RowOrder(rows, [seed], cursor)
         self.world = world or World()
         self.prefetch = prefetch
-        self.epoch, self.index = cursor
-        self._consumed = (self.epoch, self.index)
-        self.order = self._order(self.epoch)
+        self._consumed = self.rows.cursor
         self.pool = ThreadPoolExecutor(max_workers=1) if prefetch > 0 else None
-        self.ahead: list[tuple[Future, tuple[int, int]]] = []
-
-    def _order(self, epoch: int) -> np.ndarray:
-        return np.random.default_rng([self.seed, epoch]).permutation(self.rows)
+        self.ahead: list[tuple[Future, Any]] = []
 
     def _take_rows(self) -> np.ndarray:
         mine = None
         for r in range(self.world.size):
-            rows = self._take_global_rows()
+            rows = np.asarray(self.rows.take(self.batch_size), dtype=np.int64)
             if r == self.world.rank:
                 mine = rows
         return mine
 
-    def _take_global_rows(self) -> np.ndarray:
-        rows: list[int] = []
-        while len(rows) < self.batch_size:
-            if self.index >= len(self.order):
-                self.epoch, self.index = self.epoch + 1, 0
-                self.order = self._order(self.epoch)
-            take = min(self.batch_size - len(rows), len(self.order) - self.index)
-            rows.extend(self.order[self.index : self.index + take].tolist())
-            self.index += take
-        return np.asarray(rows, dtype=np.int64)
-
     @property
-    def cursor(self) -> tuple[int, int]:
-        """Position after the batches consumed so far (read-ahead batches are not counted)."""
+    def cursor(self) -> Any:
+        """Position after the batches consumed so far (read-ahead batches are not counted): (epoch, index) of one
+        store, a dict for several (``MixedRowOrder.cursor``)."""
         return self._consumed
 
     def next(self) -> Batch:
         if self.pool is None:
             batch = self.prepare(self._take_rows())
-            self._consumed = (self.epoch, self.index)
+            self._consumed = self.rows.cursor
             return batch
         while len(self.ahead) < 1 + self.prefetch:
             rows = self._take_rows()
-            self.ahead.append((self.pool.submit(self.prepare, rows), (self.epoch, self.index)))
+            self.ahead.append((self.pool.submit(self.prepare, rows), self.rows.cursor))
         future, cursor = self.ahead.pop(0)
         self._consumed = cursor
         return future.result()

@@ -85,8 +85,9 @@ def describe_load_failure(source: str, exc: BaseException) -> str:
 
 
 def dataset_identity(ds: datasets.Dataset, source: str, config: str | None, split: str, text_field: str) -> dict:
-    """What identifies the data a store was made from (recorded in the manifest)."""
-    return {
+    """What identifies the data a store was made from (recorded in the manifest); for a file of ``distill rollout``,
+    also who wrote its text and how (``rollout``, [prompt-context note])."""
+    identity = {
         "name": source,
         "config": config,
         "split": split,
@@ -94,6 +95,31 @@ def dataset_identity(ds: datasets.Dataset, source: str, config: str | None, spli
         "fingerprint": getattr(ds, "_fingerprint", None),
         "num_documents": len(ds),
     }
+    if ROLLOUT_COLUMN in ds.column_names:
+        identity["rollout"] = read_rollout_provenance(ds, source)
+    return identity
+
+
+PROMPT_COLUMN = "prompt_chars"
+"""[prompt-context note] A dataset with this integer column (a ``distill rollout`` file has it) marks the first
+``prompt_chars`` characters of each document as its prompt: context only. Each piece of a document records how many of
+its characters are prompt (``RowPlan.context_chars``), the manifest keeps them per row (``dataset.rollout.
+context_chars``: one list per row, one count per document segment), and stage 2 gives those positions no target
+(``continuation_only``, batches.py)."""
+ROLLOUT_COLUMN = "rollout"
+
+
+def read_rollout_provenance(ds: datasets.Dataset, source: str) -> dict[str, Any]:
+    """The ``rollout`` record every line of a rollout file carries; a file mixing several is refused."""
+    import json
+
+    seen = {json.dumps(r, sort_keys=True) for r in ds[ROLLOUT_COLUMN]}
+    if len(seen) != 1:
+        raise DataError(
+            f"dataset {source!r} mixes rollouts of {len(seen)} students or sampling settings — cache each "
+            "`distill rollout` file into its own store and pass them all to train (--cache A --cache B)"
+        )
+    return json.loads(seen.pop())
 
 
 @dataclass
@@ -112,6 +138,9 @@ class RowPlan:
     empty_documents: int
     prefix: tuple[int, ...] = ()
     row_pieces: np.ndarray | None = None
+    context_chars: np.ndarray | None = None
+    """(P,) characters at the start of each piece that are its document's prompt ([prompt-context note]); None for a
+    dataset without prompts."""
 
     def __len__(self) -> int:
         return len(self.doc_index) if self.row_pieces is None else len(self.row_pieces) - 1
@@ -145,7 +174,14 @@ class RowPlan:
             self.empty_documents,
             self.prefix,
             None if self.row_pieces is None else self.row_pieces[: max_rows + 1],
+            None if self.context_chars is None else self.context_chars[:pieces],
         )
+
+    def row_context(self) -> list[list[int]] | None:
+        """Per row, the prompt characters at the start of each of its pieces, in order ([prompt-context note])."""
+        if self.context_chars is None:
+            return None
+        return [[int(self.context_chars[p]) for p in self.pieces(r)] for r in range(len(self))]
 
     def digest(self) -> str:
         h = hashlib.sha256()
@@ -172,6 +208,7 @@ def pack_plan(plan: RowPlan, seq_len: int) -> RowPlan:
         plan.empty_documents,
         plan.prefix,
         row_pieces,
+        None if plan.context_chars is None else plan.context_chars[order],
     )
 
 
@@ -213,10 +250,12 @@ def plan_rows(
     prefix = check_tokenizer(tokenizer).prefix
     if seq_len <= len(prefix):
         raise ConfigError(f"--seq-len {seq_len} leaves no room for text after the teacher's {len(prefix)} prefix ids")
-    doc_index, token_start, token_end = [], [], []
+    doc_index, token_start, token_end, context = [], [], [], []
+    prompted = PROMPT_COLUMN in dataset.column_names
     empty = 0
     for first in range(0, len(dataset), batch_docs):
-        texts = [t or "" for t in dataset[first : first + batch_docs][text_field]]
+        docs = dataset[first : first + batch_docs]
+        texts = [t or "" for t in docs[text_field]]
         for i, (ids, offsets) in enumerate(encode_texts(tokenizer, texts)):
             if len(ids) == 0 or not texts[i].strip():  # nothing to learn from whitespace alone
                 empty += 1
@@ -226,12 +265,17 @@ def plan_rows(
                 doc_index.append(first + i)
                 token_start.append(a)
                 token_end.append(b)
+                if prompted:  # [prompt-context note]: the piece's text is text[start:end] (RowBuilder.piece)
+                    start = 0 if a == 0 else int(offsets[a, 0])
+                    end = len(texts[i]) if b == len(ids) else int(offsets[b, 0])
+                    context.append(min(max(int(docs[PROMPT_COLUMN][i] or 0) - start, 0), end - start))
     if not doc_index:
         raise DataError(
             f"no text to cache: all {len(dataset)} documents are empty or whitespace — check --text-field and the data"
         )
     as_array = lambda x: np.asarray(x, dtype=np.int64)  # noqa: E731
     plan = RowPlan(as_array(doc_index), as_array(token_start), as_array(token_end), empty, prefix)
+    plan.context_chars = as_array(context) if prompted else None
     return pack_plan(plan, seq_len) if packing == "greedy" else plan
 
 

@@ -65,6 +65,8 @@ class StepView:
         self.input_ids, self.mask = a.input_ids.to(device), a.attention_mask.to(device)  # (B, Ls)
         self.b, self.tp, self.sp = a.batch_idx.to(device), a.teacher_pos.to(device), a.student_pos.to(device)  # (N,)
         self.labels = F.pad(self.input_ids[:, 1:].masked_fill(self.mask[:, 1:] == 0, -100), (0, 1), value=-100)
+        if a.target_mask is not None:  # a rollout row's prompt is context only ([prompt-context note] in data.py)
+            self.labels = self.labels.masked_fill(~a.target_mask.to(device), -100)
         self.pair_segment = None  # (N,) the document of each aligned pair in packed rows, for ALM's chunks
         if a.segment_ids is not None:  # a document's last token has no label: the next one starts another document
             segments = a.segment_ids.to(device)

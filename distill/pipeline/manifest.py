@@ -82,7 +82,7 @@ def build_manifest(
             "pad_token_id": tokenizer.pad_token_id,
         },
         "input": describe_input(tokenizer),
-        "dataset": {**data_id, "empty_documents": plan.empty_documents},
+        "dataset": {**data_id, "empty_documents": plan.empty_documents, **describe_prompts(data_id, plan)},
         "layout": layout,
         "on_nonfinite": cfg.on_nonfinite,
     }
@@ -90,6 +90,15 @@ def build_manifest(
         n: {"dtype": f.dtype, "row_shape": list(f.row_shape)} for n, f in build_field_specs(layout).items()
     }
     return json.loads(json.dumps(manifest))  # exactly what the store will hold (tuples become lists)
+
+
+def describe_prompts(data_id: dict, plan: RowPlan) -> dict[str, Any]:
+    """``rollout``: who wrote a rollout file's text and how, and each row's prompt characters per document segment
+    ([prompt-context note] in data.py); nothing for a dataset without prompts."""
+    context = plan.row_context()
+    if context is None:
+        return {}
+    return {"rollout": {**(data_id.get("rollout") or {}), "context_chars": context}}
 
 
 def rust_os_error(exc: BaseException, path: str) -> OSError | None:

@@ -172,13 +172,14 @@ def read_lock_holder(path: Path) -> dict[str, Any]:
 
 # --- resuming: the same store and model, other settings named --------------------------------
 
-REFUSED_CHANGES = {"student": "--student"}  # the store (--cache) is compared by content: check_store_unchanged
-NOT_COMPARED = ("resume", "overwrite", "out", "cache")
+REFUSED_CHANGES = {"student": "--student"}  # the stores (--cache) are compared by content: check_stores_kept
+NOT_COMPARED = ("resume", "overwrite", "out", "cache", "cache_weights")
 
 
-def check_resume_settings(cfg: TrainConfig, manifest: dict[str, Any], say: Any) -> None:
-    """Before anything is loaded: the checkpoint ``--resume`` names must have been made with this store and this
-    student, and at a step not past --max-steps; every other setting that changed is named in one line."""
+def check_resume_settings(cfg: TrainConfig, manifests: list[dict[str, Any]], say: Any) -> None:
+    """Before anything is loaded: the checkpoint ``--resume`` names must have been made with these stores (more may
+    be added after them: a rollout store, for one) and this student, at a step not past --max-steps; the stores
+    added are named in one line, every other setting that changed in another."""
     found = peek_resume_meta(cfg)
     if found is None:
         return
@@ -190,7 +191,8 @@ def check_resume_settings(cfg: TrainConfig, manifest: dict[str, Any], say: Any) 
                 f"{flag} {getattr(cfg, key)}: {ckpt} was trained with {flag} {saved.get(key)} — resume with the same "
                 f"{flag}, or start a new run (another --out, or --overwrite)"
             )
-    check_store_unchanged(cfg, saved.get("cache"), manifest, ckpt)
+    saved_stores = store_list(saved.get("cache"))
+    check_stores_kept(cfg, saved_stores, manifests, ckpt)
     if cfg.max_steps is not None and cfg.max_steps < meta["step"]:
         raise ConfigError(
             f"--max-steps {cfg.max_steps} is below step {meta['step']}, which {ckpt} has reached — pass --max-steps "
@@ -198,27 +200,64 @@ def check_resume_settings(cfg: TrainConfig, manifest: dict[str, Any], say: Any) 
         )
     now = flatten(config_to_dict(cfg))
     changed = [f"{k} {saved.get(k)} -> {now[k]}" for k in now if k not in NOT_COMPARED and saved.get(k) != now[k]]
-    if saved.get("cache") != cfg.cache:
-        changed.insert(0, f"cache {saved.get('cache')} -> {cfg.cache} (the same store: equal manifests)")
+    moved = [(old, new) for old, new in zip(saved_stores, cfg.stores) if old != new]
+    changed[:0] = [f"cache {old} -> {new} (the same store: equal manifests)" for old, new in moved]
+    if len(cfg.stores) > len(saved_stores):
+        say(describe_added_stores(ckpt, cfg, len(saved_stores), manifests))
+    elif len(saved_stores) > 1 and saved.get("cache_weights") != now.get("cache_weights"):
+        changed.append(f"cache_weights {saved.get('cache_weights')} -> {now.get('cache_weights')}")
     if changed:
         say(f"resuming {ckpt} with changed settings: {'; '.join(changed)}")
 
 
-def check_store_unchanged(cfg: TrainConfig, saved_cache: Any, manifest: dict[str, Any], ckpt: Path) -> None:
-    """The same --cache, or another path to a store with the same manifest (moved or copied): config.json of the
-    checkpoint's run holds the manifest it trained on."""
-    if saved_cache == cfg.cache:
-        return
+def store_list(cache: Any) -> list[str]:
+    """A saved ``cache`` setting (one store as a string, several as a list) as a list."""
+    return [cache] if isinstance(cache, str) else [str(c) for c in cache or []]
+
+
+def describe_added_stores(ckpt: Path, cfg: TrainConfig, kept: int, manifests: list[dict[str, Any]]) -> str:
+    """One line: the stores a resume adds (who wrote a rollout store's text) and every store's share of a batch."""
+    from distill.pipeline.mixing import describe_rollout
+
+    added = []
+    for url, manifest in zip(cfg.stores[kept:], manifests[kept:]):
+        rollout = (manifest.get("dataset") or {}).get("rollout")
+        added.append(url + (f" ({describe_rollout(rollout)})" if rollout else ""))
+    shares = ", ".join(f"{url} {w:.0%}" for url, w in zip(cfg.stores, cfg.store_weights))
+    return f"resuming {ckpt} with {len(added)} store(s) added: {'; '.join(added)}; share of every batch: {shares}"
+
+
+def check_stores_kept(cfg: TrainConfig, saved_stores: list[str], manifests: list[dict[str, Any]], ckpt: Path) -> None:
+    """Every store the checkpoint trained on is still there, first and in its place: the same --cache, or another
+    path to a store with the same manifest (moved or copied; config.json of the checkpoint's run holds the manifests
+    it trained on). Stores may be added after them, not removed or swapped."""
+    if len(cfg.stores) < len(saved_stores):
+        raise ConfigError(
+            f"--cache {', '.join(cfg.stores)}: {ckpt} was trained on {len(saved_stores)} stores "
+            f"({', '.join(saved_stores)}) — pass them all, in that order, first; a resume may add stores, not drop them"
+        )
+    trained_on = trained_manifests(ckpt)
+    for index, (saved_cache, url) in enumerate(zip(saved_stores, cfg.stores)):
+        if saved_cache == url:
+            continue
+        before = trained_on[index] if index < len(trained_on) else None
+        if not isinstance(before, dict) or store_identity(before) != store_identity(manifests[index]):
+            raise ConfigError(
+                f"--cache {url}: {ckpt} was trained on another store ({saved_cache}) — resume with --cache "
+                f"{saved_cache}, or start a new run (another --out, or --overwrite)"
+            )
+
+
+def trained_manifests(ckpt: Path) -> list[Any]:
+    """The manifests of the stores the checkpoint's run trained on, in --cache order (config.json)."""
     config = ckpt.parent.parent / "config.json"
     try:
-        trained_on = json.loads(config.read_text()).get("cache_manifest")
-    except (OSError, ValueError, AttributeError):
-        trained_on = None
-    if not isinstance(trained_on, dict) or store_identity(trained_on) != store_identity(manifest):
-        raise ConfigError(
-            f"--cache {cfg.cache}: {ckpt} was trained on another store ({saved_cache}) — resume with --cache "
-            f"{saved_cache}, or start a new run (another --out, or --overwrite)"
-        )
+        saved = json.loads(config.read_text())
+    except (OSError, ValueError):
+        return []
+    if not isinstance(saved, dict):
+        return []
+    return saved.get("cache_manifests") or [saved.get("cache_manifest")]
 
 
 def store_identity(manifest: dict[str, Any]) -> dict[str, Any]:

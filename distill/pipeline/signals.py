@@ -32,6 +32,8 @@ class TeacherSignal:
     target_logprob (B, L) fp32;
     vocab_proj (B, L, H) fp16; hidden {layer: (B, L, D) fp16}; attn {layer: ((B, L, Ka) fp16, (B, L, Ka) int64)};
     segment_ids (B, L) int64 in packed stores ([packing note] in packing.py), else None.
+    context_chars: per row, the prompt characters at the start of each document segment, in rollout stores
+    ([prompt-context note] in data.py), else None.
     Fields that no enabled loss term needs are None / empty.
     """
 
@@ -49,6 +51,7 @@ class TeacherSignal:
     hidden: dict[int, torch.Tensor] | None = None
     attn: dict[int, tuple[torch.Tensor, torch.Tensor]] | None = None
     segment_ids: torch.Tensor | None = None
+    context_chars: list[list[int]] | None = None
 
     def to(self, device: torch.device) -> TeacherSignal:
         move = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
@@ -67,7 +70,21 @@ class TeacherSignal:
             hidden={k: move(v) for k, v in (self.hidden or {}).items()},
             attn={k: (move(v), move(i)) for k, (v, i) in (self.attn or {}).items()},
             segment_ids=self.segment_ids,
+            context_chars=self.context_chars,
         )
+
+
+def read_row_context(manifest: dict[str, Any]) -> list[list[int]] | None:
+    """Per row of a store, the prompt characters of each document segment ([prompt-context note] in data.py);
+    None for a store made from text without prompts."""
+    return ((manifest.get("dataset") or {}).get("rollout") or {}).get("context_chars")
+
+
+def attach_context(sig: TeacherSignal, context: list[list[int]] | None) -> TeacherSignal:
+    """The signal with its rows' prompt boundaries (by ``row_id``), when the store has them."""
+    if context is not None:
+        sig.context_chars = [context[int(r)] for r in sig.row_id.tolist()]
+    return sig
 
 
 def signal_fields(layout: dict[str, Any], need: set[str]) -> list[str]:
@@ -129,7 +146,8 @@ class CachedTeacher:
     def read(self, rows: np.ndarray) -> TeacherSignal:
         """A packed store's rows also bring their ``segment_ids`` ([packing note] in packing.py)."""
         packed = ["segment_ids"] if self.reader.packed else []
-        return signal_from_arrays(self.reader.read_rows(rows, [*self.fields, *packed]))
+        sig = signal_from_arrays(self.reader.read_rows(rows, [*self.fields, *packed]))
+        return attach_context(sig, read_row_context(self.reader.manifest))
 
 
 class LiveTeacher:
@@ -179,4 +197,4 @@ class LiveTeacher:
             stored = {n: to_output(n, [arrays[n]], np.arange(len(rows))) for n in names}
             data.update(decode_stored_targets(stored, self.reader.layout, self.reader.rank_table()))
         data.update({k: v for k, v in base.items()})
-        return signal_from_arrays(data)
+        return attach_context(signal_from_arrays(data), read_row_context(self.reader.manifest))

@@ -50,6 +50,7 @@ from distill.pipeline.distributed import (
     share_from_main,
     sum_over_ranks,
 )
+from distill.pipeline.mixing import MixedRowOrder
 from distill.pipeline.progress import StopSignal, ThroughputWindow, format_line, say
 from distill.pipeline.run_dir import choose_final, lock_run_dir, trim_metrics, write_record, write_run_config
 from distill.pipeline.tracking import describe_cache, open_trackers
@@ -159,7 +160,7 @@ class LoopState:
     """Where the loop is: saved in every checkpoint's meta.json, so that a resumed run replays nothing."""
 
     step: int = 0
-    cursor: tuple[int, int] = (0, 0)  # (epoch, index) of the row order after the batches consumed
+    cursor: Any = (0, 0)  # (epoch, index) of the row order after the batches consumed; a dict for several stores
     best: float = math.inf  # the best eval loss by early stopping's rule (improvement > min_delta)
     bad_evals: int = 0
     best_kept: float = math.inf  # the eval loss of checkpoints/best
@@ -190,7 +191,8 @@ def load_loop_state(run: Run, opt: Optimization) -> tuple[LoopState, bool]:
             "with the --student and --set values it was made with, or start again with --overwrite"
         ) from None
     best = meta["best_eval"]
-    state = LoopState(meta["step"], tuple(meta["cursor"]), best, meta["bad_evals"], meta.get("best_kept", best))
+    cursor = meta["cursor"] if isinstance(meta["cursor"], dict) else tuple(meta["cursor"])
+    state = LoopState(meta["step"], cursor, best, meta["bad_evals"], meta.get("best_kept", best))
     say(f"resumed from {ckpt} at step {state.step}")
     return state, True
 
@@ -220,7 +222,7 @@ def save_loop_state(run: Run, opt: Optimization, state: LoopState, reason: str) 
         }
         meta = {
             "step": state.step,
-            "cursor": list(state.cursor),
+            "cursor": state.cursor if isinstance(state.cursor, dict) else list(state.cursor),
             "best_eval": state.best,
             "bad_evals": state.bad_evals,
             "best_kept": state.best_kept,
@@ -244,17 +246,21 @@ def fit(run: Run) -> dict[str, Any]:
     main, sharded = world.main, is_sharded(run.model)
     if main:
         extra = {"total_steps": run.total_steps, "world_size": world.size, "eval_rows": run.eval_rows.tolist()}
-        extra |= {"eval_source": cfg.eval_cache or cfg.cache, "cache_manifest": run.manifest}
+        extra |= {"eval_source": cfg.eval_cache or cfg.stores[0], "cache_manifest": run.manifest}
+        if run.manifests is not None:
+            extra["cache_manifests"] = run.manifests
         write_run_config(run_dir, cfg, learner.facts, extra)
         if cfg.resume is not None:
             trim_metrics(run_dir / "metrics.jsonl", state.step)
     metrics = (run_dir / "metrics.jsonl").open("a") if main else None
     run_params = {"train": config_to_dict(cfg), "cache": describe_cache(run.manifest), "steps": run.total_steps}
     trackers = open_trackers(cfg.report_to if main else [], run_dir, run_params, state.step if resumed else None)
+    rows = run.train_rows
+    if run.mixed_rows is not None:  # several stores, drawn by weight ([mix note] in mixing.py)
+        rows = MixedRowOrder(run.mixed_rows.rows, run.mixed_rows.weights, cfg.seed, state.cursor)
     stream = BatchStream(
-        run.batches.prepare_batch, run.train_rows, cfg.seed, cfg.batch_size, world, cfg.num_workers_prefetch,
-        state.cursor,
-    )  # fmt: skip
+        run.batches.prepare_batch, rows, cfg.seed, cfg.batch_size, world, cfg.num_workers_prefetch, state.cursor
+    )
     save_every = cfg.save_every or cfg.eval_every
     stop_reason, window, last_eval = "max_steps", ThroughputWindow(), None
     learner.train()
@@ -305,9 +311,9 @@ def fit(run: Run) -> dict[str, Any]:
                         if main:
                             save_best(run_dir, learner.student, run.tokenizer, learner.aux, step, state.best_kept,
                                       gathered)  # fmt: skip
-            if step % save_every == 0 and not last_step:
+            if (step % save_every == 0 and not last_step) or (last_step and cfg.checkpoint_last):
                 with window.pause():
-                    save_loop_state(run, opt, state, "periodic")
+                    save_loop_state(run, opt, state, "last step" if last_step else "periodic")
             if any_rank(stop.received is not None, world):
                 stop.received = share_from_main(stop.received or int(signal.SIGTERM), world)
                 save_loop_state(run, opt, state, f"signal {stop.received}")

@@ -30,6 +30,7 @@ from distill.pipeline.batches import Batcher
 from distill.pipeline.distributed import init_world, wrap_for_ranks
 from distill.pipeline.feature_losses import build_layer_map
 from distill.pipeline.learner import Learner, TeacherFacts
+from distill.pipeline.mixing import MixedTeacher, check_stores_agree, describe_rollout
 from distill.pipeline.packing import check_packed_forward
 from distill.pipeline.prefix_map import load_or_build_prefix_map
 from distill.pipeline.preflight import compare_teacher_and_student, describe_comparison
@@ -57,11 +58,21 @@ class Run:
     train_rows: np.ndarray
     eval_rows: np.ndarray
     total_steps: int
-    manifest: dict[str, Any]  # the training store's
+    manifest: dict[str, Any]  # the primary training store's
+    manifests: list[dict[str, Any]] | None = None  # with several --cache: every store's, in --cache order
+    mixed_rows: MixedRows | None = None  # with several --cache: what the stream draws from ([mix note] in mixing.py)
 
     @property
     def run_dir(self) -> Path:
         return Path(self.cfg.out)
+
+
+@dataclass
+class MixedRows:
+    """Each store's training rows (its own ids) and its share of every batch."""
+
+    rows: list[np.ndarray]
+    weights: list[float]
 
 
 def load_student(cfg: TrainConfig, need_attention: bool, device: torch.device) -> tuple[Any, Any]:
@@ -146,16 +157,18 @@ def setup(cfg: TrainConfig) -> Run:
     world = init_world(cfg.device)
     device = rank_device(resolve_device(cfg.device))  # under torchrun a bare cuda is this rank's GPU
     prepare_run_dir(cfg, delete=world.main)  # every rank refuses alike; only rank 0 deletes
-    for url in filter(None, (cfg.cache, cfg.eval_cache)):
+    for url in filter(None, (*cfg.stores, cfg.eval_cache)):
         check_store(url, cfg.verify_cache)
-    reader = CacheReader(cfg.cache)
-    if cfg.resume is not None:  # before the model loads: the same store and student, other changes named
-        check_resume_settings(cfg, reader.manifest, say)
+    readers = [CacheReader(url) for url in cfg.stores]
+    reader = readers[0]  # the primary store: held-out rows, the teacher's facts
+    if cfg.resume is not None:  # before the model loads: the same store(s) and student, other changes named
+        check_resume_settings(cfg, [r.manifest for r in readers], say)
     eval_reader = CacheReader(cfg.eval_cache) if cfg.eval_cache else None
     need = needed_signals(cfg)
     fields = signal_fields(reader.layout, need)
-    for store in filter(None, (reader, eval_reader)):
+    for store in filter(None, (*readers, eval_reader)):
         store.require_fields(fields, "needed by the enabled loss terms")
+    check_stores_agree(readers, need)
     t_index = reader.temperature_index(cfg.temperature) if "kd" in need else 0
     if "kd" in need and cfg.kd_mode in ("tail", "prefix") and world.main:
         warn_small_head(reader, cfg.temperature)
@@ -179,7 +192,12 @@ def setup(cfg: TrainConfig) -> Run:
     train_rows, eval_rows = split_rows(reader, eval_reader, cfg.eval_fraction)
     if cfg.eval_rows is not None:
         eval_rows = eval_rows[: cfg.eval_rows]
-    steps_per_epoch = max(1, len(train_rows) // (cfg.batch_size * cfg.grad_accum * world.size))
+    mixed = None
+    if len(readers) > 1:  # every row of an added store trains; store 0 keeps its held-out rows
+        mixed = MixedRows([train_rows, *(r.row_ids for r in readers[1:])], cfg.store_weights)
+        say(describe_mix(readers, mixed, cfg.continuation_only))
+    rows_per_epoch = sum(len(r) for r in mixed.rows) if mixed else len(train_rows)
+    steps_per_epoch = max(1, rows_per_epoch // (cfg.batch_size * cfg.grad_accum * world.size))
     total = cfg.max_steps or max(1, math.ceil(cfg.epochs * steps_per_epoch))
     max_length = cfg.student_max_length or int(getattr(student.config, "max_position_embeddings", 2048))
     if world.main:
@@ -189,20 +207,36 @@ def setup(cfg: TrainConfig) -> Run:
     if cfg.live_teacher:
         source = LiveTeacher(cfg.live_teacher, reader, device, fields)
         eval_source = source.on(eval_reader or reader)
-    same = facts.same_tokenizer
+    if mixed is not None:
+        live = source if isinstance(source, LiveTeacher) else None
+        source = MixedTeacher([source, *(live.on(r) if live else CachedTeacher(r, fields) for r in readers[1:])])
+    same, only = facts.same_tokenizer, cfg.continuation_only
     return Run(
         cfg=cfg,
         world=world,
         learner=learner,
         model=wrap_for_ranks(learner, world, cfg.parallel),
         tokenizer=tokenizer,
-        batches=Batcher(source, tokenizer, max_length, same),
-        eval_batches=Batcher(eval_source, tokenizer, max_length, same),
+        batches=Batcher(source, tokenizer, max_length, same, only),
+        eval_batches=Batcher(eval_source, tokenizer, max_length, same, only),
         train_rows=train_rows,
         eval_rows=eval_rows,
         total_steps=total,
         manifest=reader.manifest,
+        manifests=[r.manifest for r in readers] if mixed else None,
+        mixed_rows=mixed,
     )
+
+
+def describe_mix(readers: list[CacheReader], mixed: MixedRows, continuation_only: bool) -> str:
+    """One line: each store, its share of every batch, its training rows, and who wrote a rollout store's text."""
+    parts = []
+    for reader, rows, weight in zip(readers, mixed.rows, mixed.weights):
+        rollout = (reader.manifest.get("dataset") or {}).get("rollout")
+        origin = f", {describe_rollout(rollout)}" if rollout else ""
+        origin += ", continuation only" if rollout and continuation_only else ""
+        parts.append(f"{reader.url} {weight:.0%} ({len(rows):,} rows{origin})")
+    return "training on several stores, share of every batch: " + "; ".join(parts)
 
 
 def load_teacher_facts(
