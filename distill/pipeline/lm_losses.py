@@ -6,6 +6,8 @@ when nothing is valid).
 - `lm_loss`          next-token cross-entropy on the student's own tokens
 - `lm_and_kd_from_hidden` lm, lm_unaligned and the tail kd from the last hidden state, in slices
                      ([sliced-logits note] at `_HeadStatistics`)
+- `_BinStatistics`   the same pass reduced to the student's mass in prefix bins, for the prefix kd of
+                     xtok_losses.lm_and_kd_prefix_from_hidden ([bin-sums note])
 """
 
 from __future__ import annotations
@@ -235,18 +237,29 @@ class _HeadStatistics(torch.autograd.Function):
                         accumulate=True,
                     )
                 dz.scatter_add_(1, labels[start:end, None], g_label[start:end, None])
-                dz_c = dz.to(compute_dtype)
-                if need_h:
-                    grad_h[start:end] = (dz_c @ w).to(h.dtype)
-                if need_w and compute_dtype == torch.float32:
-                    grad_w.addmm_(dz_c.t(), hs)
-                elif need_w:
-                    grad_w.add_((dz_c.t() @ hs).float())
-                if need_b:
-                    grad_b.add_(dz.sum(0))
+                _add_slice_grads(dz, hs, w, grad_h, grad_w, grad_b, start, end)
         grad_w = grad_w.to(weight.dtype) if need_w else None
         grad_b = grad_b.to(bias.dtype) if need_b else None
         return grad_h, grad_w, grad_b, None, None, None, None, None, None
+
+
+def _add_slice_grads(
+    dz: Tensor, hs: Tensor, w: Tensor, grad_h: Tensor | None, grad_w: Tensor | None, grad_b: Tensor | None,
+    start: int, end: int,
+) -> None:  # fmt: skip
+    """Add a slice's logits gradient dz (n, V) fp32 to those of its rows h[start:end], the weight and the bias.
+
+    hs (n, D) and w (V, D) are the slice's rows and the weight in the products' dtype; fp32 accumulators,
+    None where not needed."""
+    dz_c = dz.to(w.dtype)
+    if grad_h is not None:
+        grad_h[start:end] = (dz_c @ w).to(grad_h.dtype)
+    if grad_w is not None and w.dtype == torch.float32:
+        grad_w.addmm_(dz_c.t(), hs)
+    elif grad_w is not None:
+        grad_w.add_((dz_c.t() @ hs).float())
+    if grad_b is not None:
+        grad_b.add_(dz.sum(0))
 
 
 def _head_cells(local: Tensor, ids: Tensor) -> tuple[Tensor, Tensor]:
@@ -288,15 +301,16 @@ class _BinStatistics(torch.autograd.Function):
     e = exp(z - max) in place, lse1 from its row sums, the rest from the same sums with the cells' columns
     zeroed. At another T, the rest is exp(logsumexp(z / T over the other columns) - lse_t) with the cells'
     columns masked to -inf, and lse_t = logaddexp(that, the entries' own logsumexp): sums of positives.
-    Backward: with g_c the gradient of cell c (the rest one more
-    cell) and ḡ = Σ_c s_c g_c, dL/dz_j = (1/T) · p_j · (g_{cell(j)} - ḡ), so every column gets
-    p_j (g_rest - ḡ) / T in one pass over the slice (at T = 1 the same exponential as lm's softmax) and
-    the E entries a correction p_j (g_c - g_rest) / T, added in place.
+    Backward recomputes each slice's logits; with g_c the gradient of cell c (the rest one more cell) and
+    ḡ = Σ_c s_c g_c, dL/dz_j = (1/T) · p_j · (g_{cell(j)} - ḡ), so every column gets p_j (g_rest - ḡ) / T
+    in one pass over the slice (at T = 1 the same exponential as lm's softmax) and the E entries a
+    correction p_j (g_c - g_rest) / T, added in place.
     """
 
     @staticmethod
-    def forward(ctx, h, weight, bias, labels, kd_rows, entry_slot, entry_col, n_cells, temperature, slice_size,
-                compute_dtype):  # fmt: skip
+    def forward(
+        ctx, h, weight, bias, labels, kd_rows, entry_slot, entry_col, n_cells, temperature, slice_size, compute_dtype
+    ):
         n_rows = h.shape[0]
         lse1 = h.new_empty(n_rows, dtype=torch.float32)
         z_label = h.new_empty(n_rows, dtype=torch.float32)
@@ -305,8 +319,8 @@ class _BinStatistics(torch.autograd.Function):
         s_rest = h.new_empty(kd_rows.numel(), dtype=torch.float32)
         w, b = _cast(weight, compute_dtype), _cast(bias, compute_dtype)
         with torch.autocast(h.device.type, enabled=False):
-            for start, end, pick, local, entries, e_row in _bin_slices(n_rows, slice_size, kd_rows, entry_slot,
-                                                                         n_cells):  # fmt: skip
+            slices = _bin_slices(n_rows, slice_size, kd_rows, entry_slot, n_cells)
+            for start, end, pick, local, entries, e_row in slices:
                 z = F.linear(h[start:end].to(compute_dtype), w, b).float()  # (n, V)
                 z_label[start:end] = z.gather(1, labels[start:end, None])[:, 0]
                 if local is None:
@@ -348,8 +362,8 @@ class _BinStatistics(torch.autograd.Function):
         g_entry = (g_cells.reshape(-1)[entry_slot] - g_rest[entry_slot // n_cells]) / temperature  # (E,)
         w, b = _cast(weight, compute_dtype), _cast(bias, compute_dtype)
         with torch.autocast(h.device.type, enabled=False):
-            for start, end, pick, local, entries, e_row in _bin_slices(h.shape[0], slice_size, kd_rows, entry_slot,
-                                                                         n_cells):  # fmt: skip
+            slices = _bin_slices(h.shape[0], slice_size, kd_rows, entry_slot, n_cells)
+            for start, end, pick, local, entries, e_row in slices:
                 hs = h[start:end].to(compute_dtype)
                 z = F.linear(hs, w, b).float()  # (n, V)
                 coef = g_lse1[start:end].clone()  # (n,) the factor of softmax(z) (lm) ...
@@ -370,15 +384,7 @@ class _BinStatistics(torch.autograd.Function):
                         del kd
                     dz.index_put_((e_row, cols), p_e * g_entry[entries], accumulate=True)
                 dz.scatter_add_(1, labels[start:end, None], g_label[start:end, None])
-                dz_c = dz.to(compute_dtype)
-                if need_h:
-                    grad_h[start:end] = (dz_c @ w).to(h.dtype)
-                if need_w and compute_dtype == torch.float32:
-                    grad_w.addmm_(dz_c.t(), hs)
-                elif need_w:
-                    grad_w.add_((dz_c.t() @ hs).float())
-                if need_b:
-                    grad_b.add_(dz.sum(0))
+                _add_slice_grads(dz, hs, w, grad_h, grad_w, grad_b, start, end)
         grad_w = grad_w.to(weight.dtype) if need_w else None
         grad_b = grad_b.to(bias.dtype) if need_b else None
         return grad_h, grad_w, grad_b, None, None, None, None, None, None, None, None
