@@ -1,13 +1,13 @@
 """Stage 2 throughput: training from the cache against CE only and against the live teacher.
 
-    .venv/bin/python bench/stage2.py            # about 2 minutes on 2 CPU cores
+    .venv/bin/python bench/stage2.py            # about 5 minutes on 2 CPU cores (--extras: 7)
     .venv/bin/python bench/stage2.py --quick    # smoke test (< 30 s), figures not meaningful
     .venv/bin/python bench/stage2.py --reference --device cuda   # the reference pair's sizes, on a GPU
     .venv/bin/python bench/stage2.py --tokenizers real   # the real Qwen3 and SmolLM2 tokenizers, real text
 
 The reference pair (bench.common: the teacher's published shape, SmolLM-135M's config) with
 every width divided by 4 and both vocabularies whole (teacher 151,936, student 49,152), so that
-a run takes about 2 minutes on 2 CPU cores; the sizes are printed and in the JSON under "sizes".
+a variant takes about a minute on 2 CPU cores; the sizes are printed and in the JSON under "sizes".
 By default the two tokenizers are small BPEs trained on the demo corpus (student 1.04 tokens per
 teacher token); ``--tokenizers real`` uses the reference pair's real ones (the Qwen3 tokenizer,
 SmolLM2's) on real English text (CPython's pydoc topics), from the real test tier's cache
