@@ -157,3 +157,97 @@ def test_kd_prefix_loss_masked_and_empty():
         mask=torch.zeros(2, dtype=torch.bool),
     )  # fmt: skip
     assert loss.item() == 0.0 and loss.requires_grad
+
+
+# --- the fused pass: lm_and_kd_prefix_from_hidden against kd_prefix_loss through autograd ---------------
+
+
+def _fused_prefix_case(bias: bool, seed: int = 0, temperature: float = 2.0):
+    """A batch of 40 rows with every corner: unlabeled rows, rows without kd (not in kd_pos, out of order),
+    teacher slots without a bin (-1: unmapped or unused), several teacher tokens per bin, exact bins, student
+    tokens without a bin and embedding rows past the student's tokenizer (student_bin shorter than the layer)."""
+    gen = torch.Generator().manual_seed(seed)
+    rows, dim, vocab, k, n_kd = 40, 8, 30, 6, 25
+    hidden = torch.randn(rows, dim, generator=gen, requires_grad=True)
+    head = torch.nn.Linear(dim, vocab, bias=bias)
+    with torch.no_grad():
+        head.weight.copy_(torch.randn(vocab, dim, generator=gen))
+        if bias:
+            head.bias.copy_(torch.randn(vocab, generator=gen))
+    labels = torch.randint(0, vocab, (rows,), generator=gen)
+    labels[::7] = -100
+    kd_pos = torch.randperm(rows, generator=gen)[:n_kd]
+    student_bin = torch.randint(-1, 12, (vocab - 3,), generator=gen)  # 3 embedding rows past the tokenizer
+    teacher_bins = torch.randint(-1, 14, (n_kd, k), generator=gen)  # bins 12, 13: no student token has them
+    teacher_full = 3 * torch.randn(n_kd, 50, generator=gen)  # a teacher vocabulary of 50, its head the first K
+    teacher_logits = teacher_full[:, :k]
+    lse = (teacher_full / temperature).logsumexp(-1)
+    bin_size = torch.randint(1, 3, (14,), generator=gen)  # bins of size 1 are exact once in the head
+    return hidden, head, labels, kd_pos, teacher_bins, teacher_logits, lse, student_bin, temperature, bin_size
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("slice_size", [7, 256])
+@pytest.mark.parametrize("temperature", [1.0, 2.0])  # T = 1 shares lm's softmax ([bin-sums note])
+def test_fused_prefix_kd_equals_kd_prefix_loss_with_gradients(bias, slice_size, temperature):
+    from distill.pipeline.lm_losses import lm_loss
+    from distill.pipeline.xtok_losses import lm_and_kd_prefix_from_hidden
+
+    hidden, head, labels, kd_pos, bins, t_logits, lse, student_bin, t, size = _fused_prefix_case(bias, 0, temperature)
+    unaligned = torch.ones_like(labels, dtype=torch.bool)
+    unaligned[kd_pos] = False
+    lm, lm_unaligned, kd = lm_and_kd_prefix_from_hidden(
+        hidden, head, labels, unaligned, kd_pos, bins, t_logits, lse, student_bin, t, size, slice_size=slice_size
+    )
+    params = [hidden, head.weight, *([head.bias] if bias else [])]
+    got = torch.autograd.grad(lm + 0.5 * lm_unaligned + 3 * kd, params)
+
+    logits = head(hidden)  # (40, 30) the unfused reference, through autograd
+    padded_bin = F.pad(student_bin, (0, 3), value=-1)
+    want_kd = kd_prefix_loss(logits[kd_pos], bins, t_logits, lse, padded_bin, t, size)
+    ce = F.cross_entropy(logits, labels.clamp(min=0), reduction="none") * (labels != -100)
+    want_unaligned = (ce * unaligned).sum() / (labels != -100).sum()
+    want = torch.autograd.grad(lm_loss(logits, labels) + 0.5 * want_unaligned + 3 * want_kd, params)
+    assert kd.item() > 0.1  # not a vacuous comparison
+    assert kd.item() == pytest.approx(want_kd.item(), rel=1e-5)
+    assert lm.item() == pytest.approx(lm_loss(logits, labels).item(), rel=1e-6)
+    assert lm_unaligned.item() == pytest.approx(want_unaligned.item(), rel=1e-6)
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, rtol=1e-5, atol=1e-6)  # gradients up to ~0.1: fp32 rounding
+
+
+def test_fused_prefix_cells_hold_exact_bins_and_shared_bins():
+    """prefix_cells groups a row's slots by bin: the masses add up, one cell per bin, exact where the head holds all."""
+    from distill.pipeline.xtok_losses import prefix_cells
+
+    bins = torch.tensor([[3, -1, 3, 5]])
+    logits = torch.log(torch.tensor([[0.4, 0.1, 0.2, 0.1]]))
+    cells, head, rest, exact = prefix_cells(bins, logits, torch.zeros(1), 1.0, torch.tensor([0, 0, 0, 2, 0, 1]))
+    by_bin = {int(c): (float(h), bool(e)) for c, h, e in zip(cells[0], head[0], exact[0], strict=True) if c >= 0}
+    assert by_bin.keys() == {3, 5}
+    assert by_bin[3][0] == pytest.approx(0.6) and by_bin[3][1]  # both of bin 3's teacher tokens are in the head
+    assert by_bin[5][0] == pytest.approx(0.1) and by_bin[5][1]
+    assert rest.item() == pytest.approx(0.3)  # 1 - 0.7: the unbinned slot's 0.1 is rest too
+
+
+def test_fused_prefix_kd_without_aligned_rows_is_zero_in_graph():
+    from distill.pipeline.xtok_losses import lm_and_kd_prefix_from_hidden
+
+    hidden, head, labels, _, bins, t_logits, lse, student_bin, t, size = _fused_prefix_case(bias=False)
+    none = torch.zeros(0, dtype=torch.long)
+    lm, _, kd = lm_and_kd_prefix_from_hidden(hidden, head, labels, None, none, bins[:0], t_logits[:0], lse[:0],
+                                             student_bin, t, size)  # fmt: skip
+    assert kd.item() == 0.0 and kd.requires_grad and lm.item() > 0
+
+
+def test_fused_prefix_kd_under_bf16_autocast_is_close_to_fp32():
+    from distill.pipeline.xtok_losses import lm_and_kd_prefix_from_hidden
+
+    hidden, head, labels, kd_pos, *teacher = _fused_prefix_case(bias=True)
+    ref = lm_and_kd_prefix_from_hidden(hidden, head, labels, None, kd_pos, *teacher, slice_size=7)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        got = lm_and_kd_prefix_from_hidden(hidden, head, labels, None, kd_pos, *teacher, slice_size=7)
+    assert got[2].dtype == torch.float32
+    assert got[2].item() == pytest.approx(ref[2].item(), rel=5e-2)
+    (g,) = torch.autograd.grad(got[0] + got[2], hidden)
+    assert torch.isfinite(g).all()

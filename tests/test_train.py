@@ -350,3 +350,41 @@ def test_train_warns_before_any_step_when_the_teacher_is_not_better(train_assets
     # a student the teacher is better than gets one plain line; 0 rows skips the check
     quiet = run_train(train_args(train_assets, tmp_path / "off", preflight_rows=0, objective="kd-only"), steps=1)
     assert "preflight:" not in quiet.output and not (tmp_path / "off" / "preflight.json").exists()
+
+
+def test_prefix_kd_of_a_training_step_equals_kd_prefix_loss_on_the_aligned_logits(train_assets, tmp_path, monkeypatch):
+    """The learner's fused prefix kd ([bin-sums note]) is kd_prefix_loss on the aligned positions' full logits."""
+    import torch.nn.functional as F
+
+    from distill.config import CurriculumConfig, TrainConfig
+    from distill.pipeline import learner as learner_module
+    from distill.pipeline.curriculum import weights_at
+    from distill.pipeline.train_setup import setup
+    from distill.pipeline.xtok_losses import kd_prefix_loss
+
+    views = []
+
+    class RecordedView(learner_module.StepView):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            views.append(self)
+
+    monkeypatch.setattr(learner_module, "StepView", RecordedView)
+    cfg = TrainConfig(
+        cache=str(train_assets["store"]), student=str(train_assets["student"]), out=str(tmp_path / "run"),
+        batch_size=2, grad_accum=1, max_steps=1, eval_fraction=0.0, num_workers_prefetch=0, device="cpu",
+        curriculum=CurriculumConfig(disabled=("feature", "attention", "layerwise", "contrastive")),
+    )  # fmt: skip
+    assert cfg.kd_mode == "prefix"
+    run = setup(cfg)
+    _, logs = run.learner(run.batches.prepare_batch(run.train_rows[:2]), weights_at(0, 1, cfg.curriculum))
+    (view,) = views
+    assert view.prefix_fused
+    bins, t_logits, lse, student_bin, t, size = view.prefix_inputs()
+    logits = view.aligned_logits  # (N, Vs) the full logits, which the training step never made
+    student_bin = F.pad(student_bin, (0, logits.shape[-1] - student_bin.shape[0]), value=-1)
+    want = kd_prefix_loss(logits, bins, t_logits, lse, student_bin, t, size)
+    assert (bins >= 0).any(), "no teacher token of the batch has a bin"
+    assert float(want.detach()) > 0
+    # the KL is a sum of O(0.1) terms that nearly cancel here (small heads): fp32 rounding of those terms
+    assert logs["loss/kd"] == pytest.approx(float(want.detach()), abs=1e-6)

@@ -29,7 +29,7 @@ from distill.pipeline.packing import next_in_segment, segment_position_ids
 from distill.pipeline.router import standardize_hidden
 from distill.pipeline.signals import TeacherSignal
 from distill.pipeline.terms import KD_MODES, part_weights, run_terms
-from distill.pipeline.xtok_losses import alm_from_hidden
+from distill.pipeline.xtok_losses import alm_from_hidden, lm_and_kd_prefix_from_hidden
 
 # --- what the terms read --------------------------------------------------------------------
 
@@ -93,6 +93,21 @@ class StepView:
         return ids, self.sig.topk_logits[self.b, self.tp], self.sig.lse[self.b, self.tp, self.facts.t_index]
 
     @property
+    def prefix_fused(self) -> bool:
+        """kd_mode=prefix across two tokenizers with a top-K head: computed in the output-layer pass ([bin-sums note]).
+        Sampled targets keep the exact-map estimate (terms.compute_kd_prefix)."""
+        return self.cfg.kd_mode == "prefix" and self.facts.prefix_bins is not None and self.kd_multiplier is None
+
+    def prefix_inputs(self) -> tuple[Tensor, Tensor, Tensor, Tensor, float, Tensor]:
+        """kd_mode=prefix's inputs at the N aligned positions: the bins of the teacher's head (N, K) (student ids,
+        -1: none or an unused slot), its logits (N, K), lse (N,), the student's bins (Vs,), T and the bin sizes."""
+        teacher_bin, student_bin, bin_size = self.facts.prefix_bins
+        ids = self.sig.topk_ids[self.b, self.tp]  # (N, K) teacher vocabulary, -1 in unused slots
+        bins = torch.where(ids >= 0, teacher_bin[ids.clamp(min=0)], -1)
+        lse = self.sig.lse[self.b, self.tp, self.facts.t_index]
+        return bins, self.sig.topk_logits[self.b, self.tp], lse, student_bin, self.cfg.temperature, bin_size
+
+    @property
     def kd_multiplier(self) -> Tensor | None:
         """(N, K) the sampled targets' multiplier ([unbiased-kd note] in sampled_kd.py); None for a top-K head."""
         mult = self.sig.target_multiplier
@@ -100,7 +115,7 @@ class StepView:
 
     @cached_property
     def head(self) -> dict[str, Tensor | None]:
-        """lm, lm_unaligned and (tail mode) kd in one slice-by-slice pass over the output layer
+        """lm, lm_unaligned and (tail and prefix modes) kd in one slice-by-slice pass over the output layer
         ([sliced-logits note] in lm_losses.py): the full (B, Ls, Vs) logits are never held."""
         hidden = self.out.last_hidden_state  # (B, Ls, D)
         bsz, length = self.input_ids.shape
@@ -109,19 +124,21 @@ class StepView:
         if "kd" in self.on and not self.facts.same_tokenizer and self.cfg.kd_mode != "alm":
             unaligned = torch.ones_like(self.labels, dtype=torch.bool)
             unaligned[self.b, self.sp] = False
-        mode = self.cfg.kd_mode
-        same_bins = mode == "prefix" and self.facts.prefix_bins is None  # one tokenizer: every bin one token
-        fused_kd = "kd" in self.on and (KD_MODES[mode].fused or same_bins)
-        lm, lm_unaligned, kd = lm_and_kd_from_hidden(
-            hidden.reshape(bsz * length, -1),
-            self.learner.student.get_output_embeddings(),
-            self.labels.reshape(-1),
-            None if unaligned is None else unaligned.reshape(-1),
-            self.b * length + self.sp,
-            *(self.kd_inputs() if fused_kd else (None, None, None)),
-            self.cfg.temperature,
-            kd_multiplier=self.kd_multiplier if fused_kd else None,
-        )
+        kd_on = "kd" in self.on
+        flat = hidden.reshape(bsz * length, -1), self.learner.student.get_output_embeddings()
+        rows = self.labels.reshape(-1), None if unaligned is None else unaligned.reshape(-1), self.b * length + self.sp
+        if kd_on and self.prefix_fused:
+            lm, lm_unaligned, kd = lm_and_kd_prefix_from_hidden(*flat, *rows, *self.prefix_inputs())
+        else:
+            # tail; prefix with one tokenizer (every bin one token) or sampled targets: compute_kd_prefix
+            fused_kd = kd_on and KD_MODES[self.cfg.kd_mode].fused
+            lm, lm_unaligned, kd = lm_and_kd_from_hidden(
+                *flat,
+                *rows,
+                *(self.kd_inputs() if fused_kd else (None, None, None)),
+                self.cfg.temperature,
+                kd_multiplier=self.kd_multiplier if fused_kd else None,
+            )
         return {"lm": lm, "lm_unaligned": lm_unaligned, "kd": kd}
 
     @cached_property

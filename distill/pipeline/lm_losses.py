@@ -6,6 +6,8 @@ when nothing is valid).
 - `lm_loss`          next-token cross-entropy on the student's own tokens
 - `lm_and_kd_from_hidden` lm, lm_unaligned and the tail kd from the last hidden state, in slices
                      ([sliced-logits note] at `_HeadStatistics`)
+- `_BinStatistics`   the same pass reduced to the student's mass in prefix bins, for the prefix kd of
+                     xtok_losses.lm_and_kd_prefix_from_hidden ([bin-sums note])
 """
 
 from __future__ import annotations
@@ -77,35 +79,19 @@ def lm_and_kd_from_hidden(
     when every position is aligned (one tokenizer).
     """
     do_kd = kd_ids is not None and kd_pos.numel() > 0
-    if do_kd and kd_pos.unique().numel() != kd_pos.numel():
-        raise ValueError("kd_pos must not repeat a row (each position has one teacher target)")
-    device_type = hidden.device.type
-    autocast = torch.is_autocast_enabled(device_type)
-    if not autocast and hidden.dtype != head.weight.dtype:
-        raise ValueError(f"hidden is {hidden.dtype} but the output layer is {head.weight.dtype} (and no autocast)")
-    compute_dtype = torch.get_autocast_dtype(device_type) if autocast else head.weight.dtype
-    valid = labels != -100
-    # Rows that are scored at all: padding without a kd target costs nothing.
-    keep = valid.clone()
-    if do_kd:
-        keep[kd_pos] = True
-    rows = keep.nonzero()[:, 0]
-    new_index = torch.cumsum(keep, 0) - 1  # old row -> row among the kept ones
+    rows, kd_rows, compute_dtype = select_scored_rows(hidden, head, labels, kd_pos if do_kd else None)
     lse1, z_label, lse_t, lse_rest, z_ids = _HeadStatistics.apply(
         hidden[rows],
         head.weight,
         getattr(head, "bias", None),
         labels[rows].clamp(min=0),
-        new_index[kd_pos] if do_kd else None,
+        kd_rows,
         kd_ids.long() if do_kd else None,
         temperature,
         slice_size,
         compute_dtype,
     )
-    count = valid.sum().clamp(min=1)
-    ce = (lse1 - z_label) * valid[rows]  # (P',) per-position cross-entropy, 0 where unscored
-    lm = ce.sum() / count
-    lm_unaligned = (ce * unaligned[rows]).sum() / count if unaligned is not None else None
+    lm, lm_unaligned = lm_from_statistics(lse1, z_label, labels, unaligned, rows)
     if not do_kd:
         return lm, lm_unaligned, None
     s_logp = z_ids / temperature - lse_t.unsqueeze(-1)  # (N, K) student log-probs at T of the mapped ids
@@ -115,6 +101,43 @@ def lm_and_kd_from_hidden(
     else:
         rows = _kd_tail_rows(s_logp, log_tail_s, kd_ids, kd_logits, kd_lse, temperature)
     return lm, lm_unaligned, rows.mean() * temperature**2
+
+
+def select_scored_rows(
+    hidden: Tensor, head: torch.nn.Module, labels: Tensor, kd_pos: Tensor | None
+) -> tuple[Tensor, Tensor | None, torch.dtype]:
+    """The rows of ``hidden`` a sliced pass scores, where the kd rows are among them, and the products' dtype.
+
+    hidden (P, D); labels (P,), -100 = no label; kd_pos (N,) distinct rows with a teacher target, or None.
+    Returns ``rows`` (P',) the rows with a label or a target (padding without a target costs nothing),
+    ``kd_rows`` (N,) the kd rows' indices among ``rows`` (None without kd) and the dtype of the products
+    (the autocast dtype under autocast, else the output layer's).
+    """
+    if kd_pos is not None and kd_pos.unique().numel() != kd_pos.numel():
+        raise ValueError("kd_pos must not repeat a row (each position has one teacher target)")
+    device_type = hidden.device.type
+    autocast = torch.is_autocast_enabled(device_type)
+    if not autocast and hidden.dtype != head.weight.dtype:
+        raise ValueError(f"hidden is {hidden.dtype} but the output layer is {head.weight.dtype} (and no autocast)")
+    compute_dtype = torch.get_autocast_dtype(device_type) if autocast else head.weight.dtype
+    keep = labels != -100
+    if kd_pos is not None:
+        keep = keep.clone()
+        keep[kd_pos] = True
+    rows = keep.nonzero()[:, 0]
+    new_index = torch.cumsum(keep, 0) - 1  # old row -> row among the kept ones
+    return rows, None if kd_pos is None else new_index[kd_pos], compute_dtype
+
+
+def lm_from_statistics(
+    lse1: Tensor, z_label: Tensor, labels: Tensor, unaligned: Tensor | None, rows: Tensor
+) -> tuple[Tensor, Tensor | None]:
+    """``lm`` and ``lm_unaligned`` ([unaligned-lm note]) from the scored rows' logsumexp and label logit (P',)."""
+    valid = labels != -100
+    count = valid.sum().clamp(min=1)
+    ce = (lse1 - z_label) * valid[rows]  # (P',) per-position cross-entropy, 0 where unscored
+    lm_unaligned = (ce * unaligned[rows]).sum() / count if unaligned is not None else None
+    return ce.sum() / count, lm_unaligned
 
 
 class _HeadStatistics(torch.autograd.Function):
@@ -214,18 +237,29 @@ class _HeadStatistics(torch.autograd.Function):
                         accumulate=True,
                     )
                 dz.scatter_add_(1, labels[start:end, None], g_label[start:end, None])
-                dz_c = dz.to(compute_dtype)
-                if need_h:
-                    grad_h[start:end] = (dz_c @ w).to(h.dtype)
-                if need_w and compute_dtype == torch.float32:
-                    grad_w.addmm_(dz_c.t(), hs)
-                elif need_w:
-                    grad_w.add_((dz_c.t() @ hs).float())
-                if need_b:
-                    grad_b.add_(dz.sum(0))
+                _add_slice_grads(dz, hs, w, grad_h, grad_w, grad_b, start, end)
         grad_w = grad_w.to(weight.dtype) if need_w else None
         grad_b = grad_b.to(bias.dtype) if need_b else None
         return grad_h, grad_w, grad_b, None, None, None, None, None, None
+
+
+def _add_slice_grads(
+    dz: Tensor, hs: Tensor, w: Tensor, grad_h: Tensor | None, grad_w: Tensor | None, grad_b: Tensor | None,
+    start: int, end: int,
+) -> None:  # fmt: skip
+    """Add a slice's logits gradient dz (n, V) fp32 to those of its rows h[start:end], the weight and the bias.
+
+    hs (n, D) and w (V, D) are the slice's rows and the weight in the products' dtype; fp32 accumulators,
+    None where not needed."""
+    dz_c = dz.to(w.dtype)
+    if grad_h is not None:
+        grad_h[start:end] = (dz_c @ w).to(grad_h.dtype)
+    if grad_w is not None and w.dtype == torch.float32:
+        grad_w.addmm_(dz_c.t(), hs)
+    elif grad_w is not None:
+        grad_w.add_((dz_c.t() @ hs).float())
+    if grad_b is not None:
+        grad_b.add_(dz.sum(0))
 
 
 def _head_cells(local: Tensor, ids: Tensor) -> tuple[Tensor, Tensor]:
@@ -247,3 +281,129 @@ def _head_slices(n_rows: int, slice_size: int, kd_rows: Tensor | None):
             continue
         pick = ((kd_rows >= start) & (kd_rows < end)).nonzero()[:, 0]
         yield start, end, pick, (kd_rows[pick] - start if pick.numel() else None)
+
+
+class _BinStatistics(torch.autograd.Function):
+    """The output layer's logits reduced, slice by slice, to lm's statistics and the student's mass in bins.
+
+    Forward: for rows h (P, D) and the output layer (W, b), logits z = h Wᵀ + b, per slice of rows:
+    ``lse1`` = logsumexp(z) (P,) and ``z_label`` (P,) as in ``_HeadStatistics``, and for the N kd rows
+    (``kd_rows``) the student's probabilities at T, p = softmax(z / T), summed over cells: ``s_cells`` (N, M)
+    the mass of each cell, ``s_rest`` (N,) the mass of every column in none of the row's cells. A cell is a
+    set of columns (a prefix bin's student tokens), given as one entry per (cell, column) pair: ``entry_slot``
+    (E,) the cell's flat index row * M + slot, ``entry_col`` (E,) the column; a column is in at most one cell
+    of a row, and a cell without entries has mass 0.
+
+    [bin-sums note] This is ``_HeadStatistics`` with each head id widened to its bin's columns, and no
+    (P, V) tensor ever exists ([sliced-logits note]). Forward: the cells' masses are sums over their entries,
+    gathered from the slice's logits; the rest is summed directly over the other columns, never 1 - Σ s_c
+    ([tail-bin note] in kd_losses.py). At T = 1 (the default) lse_t is lse1 and one exponential serves both:
+    e = exp(z - max) in place, lse1 from its row sums, the rest from the same sums with the cells' columns
+    zeroed. At another T, the rest is exp(logsumexp(z / T over the other columns) - lse_t) with the cells'
+    columns masked to -inf, and lse_t = logaddexp(that, the entries' own logsumexp): sums of positives.
+    Backward recomputes each slice's logits; with g_c the gradient of cell c (the rest one more cell) and
+    ḡ = Σ_c s_c g_c, dL/dz_j = (1/T) · p_j · (g_{cell(j)} - ḡ), so every column gets p_j (g_rest - ḡ) / T
+    in one pass over the slice (at T = 1 the same exponential as lm's softmax) and the E entries a
+    correction p_j (g_c - g_rest) / T, added in place.
+    """
+
+    @staticmethod
+    def forward(
+        ctx, h, weight, bias, labels, kd_rows, entry_slot, entry_col, n_cells, temperature, slice_size, compute_dtype
+    ):
+        n_rows = h.shape[0]
+        lse1 = h.new_empty(n_rows, dtype=torch.float32)
+        z_label = h.new_empty(n_rows, dtype=torch.float32)
+        lse_t = h.new_empty(kd_rows.numel(), dtype=torch.float32)
+        s_cells = h.new_zeros(kd_rows.numel() * n_cells, dtype=torch.float32)
+        s_rest = h.new_empty(kd_rows.numel(), dtype=torch.float32)
+        w, b = _cast(weight, compute_dtype), _cast(bias, compute_dtype)
+        with torch.autocast(h.device.type, enabled=False):
+            slices = _bin_slices(n_rows, slice_size, kd_rows, entry_slot, n_cells)
+            for start, end, pick, local, entries, e_row in slices:
+                z = F.linear(h[start:end].to(compute_dtype), w, b).float()  # (n, V)
+                z_label[start:end] = z.gather(1, labels[start:end, None])[:, 0]
+                if local is None:
+                    lse1[start:end] = torch.logsumexp(z, dim=-1)
+                    continue
+                cols = entry_col[entries]
+                if temperature == 1:  # one exponential for lse1 and the rest: [bin-sums note]
+                    z_e = z[e_row, cols]  # (E_s,) the cells' columns
+                    top = z.amax(dim=-1, keepdim=True)
+                    total = z.sub_(top).exp_().sum(dim=-1)  # (n,)
+                    lse1[start:end] = top[:, 0] + total.log()
+                    lse_local = lse1[start:end][local]
+                    rest = z.index_put_((e_row, cols), z.new_tensor(0.0)).sum(dim=-1)[local] / total[local]
+                else:
+                    lse1[start:end] = torch.logsumexp(z, dim=-1)
+                    z_e = z.div_(temperature)[e_row, cols]
+                    z.index_put_((e_row, cols), z.new_tensor(-math.inf))
+                    lse_rest = torch.logsumexp(z, dim=-1)[local]  # (k,) over the columns in no cell
+                    lse_local = torch.logaddexp(lse_rest, _row_logsumexp(z_e, e_row, local, end - start))
+                    rest = (lse_rest - lse_local).exp()
+                lse_t[pick] = lse_local
+                row_lse = z.new_zeros(end - start).index_copy_(0, local, lse_local)  # (n,) lse_t by slice row
+                s_cells.index_add_(0, entry_slot[entries], (z_e - row_lse[e_row]).exp())
+                s_rest[pick] = rest
+        s_cells = s_cells.view(kd_rows.numel(), n_cells)
+        ctx.save_for_backward(h, weight, bias, labels, kd_rows, entry_slot, entry_col, lse1, lse_t, s_cells, s_rest)
+        ctx.settings = (n_cells, temperature, slice_size, compute_dtype)
+        return lse1, z_label, s_cells, s_rest
+
+    @staticmethod
+    def backward(ctx, g_lse1, g_label, g_cells, g_rest):
+        h, weight, bias, labels, kd_rows, entry_slot, entry_col, lse1, lse_t, s_cells, s_rest = ctx.saved_tensors
+        n_cells, temperature, slice_size, compute_dtype = ctx.settings
+        need_h, need_w, need_b = ctx.needs_input_grad[:3]
+        grad_h = torch.zeros_like(h) if need_h else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+        grad_b = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) if need_b else None
+        g_mean = (s_cells * g_cells).sum(-1) + s_rest * g_rest  # (N,) ḡ = Σ_c s_c g_c, the rest included
+        g_entry = (g_cells.reshape(-1)[entry_slot] - g_rest[entry_slot // n_cells]) / temperature  # (E,)
+        w, b = _cast(weight, compute_dtype), _cast(bias, compute_dtype)
+        with torch.autocast(h.device.type, enabled=False):
+            slices = _bin_slices(h.shape[0], slice_size, kd_rows, entry_slot, n_cells)
+            for start, end, pick, local, entries, e_row in slices:
+                hs = h[start:end].to(compute_dtype)
+                z = F.linear(hs, w, b).float()  # (n, V)
+                coef = g_lse1[start:end].clone()  # (n,) the factor of softmax(z) (lm) ...
+                if local is not None:  # ... and of softmax(z / T) on every column: [bin-sums note]
+                    n = end - start
+                    row_lse = z.new_zeros(n).index_copy_(0, local, lse_t[pick])
+                    kd_coef = z.new_zeros(n).index_copy_(0, local, (g_rest[pick] - g_mean[pick]) / temperature)
+                    cols = entry_col[entries]
+                    p_e = (z[e_row, cols] / temperature - row_lse[e_row]).exp()  # (E_s,) before z is overwritten
+                    if temperature == 1:
+                        coef.add_(kd_coef)  # lse_t = lse1: one exponential serves lm and kd
+                    else:
+                        kd = torch.div(z, temperature).sub_(row_lse[:, None]).exp_().mul_(kd_coef[:, None])
+                dz = z.sub_(lse1[start:end, None]).exp_().mul_(coef[:, None])
+                if local is not None:
+                    if temperature != 1:
+                        dz.add_(kd)
+                        del kd
+                    dz.index_put_((e_row, cols), p_e * g_entry[entries], accumulate=True)
+                dz.scatter_add_(1, labels[start:end, None], g_label[start:end, None])
+                _add_slice_grads(dz, hs, w, grad_h, grad_w, grad_b, start, end)
+        grad_w = grad_w.to(weight.dtype) if need_w else None
+        grad_b = grad_b.to(bias.dtype) if need_b else None
+        return grad_h, grad_w, grad_b, None, None, None, None, None, None, None, None
+
+
+def _bin_slices(n_rows: int, slice_size: int, kd_rows: Tensor, entry_slot: Tensor, n_cells: int):
+    """``_head_slices`` plus, per slice, the entries of its kd rows and each entry's row in the slice."""
+    entry_row = kd_rows[entry_slot // n_cells]  # (E,) the scored row of each entry
+    for start, end, pick, local in _head_slices(n_rows, slice_size, kd_rows):
+        if local is None:
+            yield start, end, pick, None, None, None
+            continue
+        entries = ((entry_row >= start) & (entry_row < end)).nonzero()[:, 0]
+        yield start, end, pick, local, entries, entry_row[entries] - start
+
+
+def _row_logsumexp(values: Tensor, row: Tensor, local: Tensor, n: int) -> Tensor:
+    """logsumexp of ``values`` (E,) grouped by ``row`` (E,) in 0..n-1, at the rows ``local`` (k,); -inf where none."""
+    top = values.new_full((n,), -math.inf).scatter_reduce(0, row, values, "amax")
+    safe = torch.where(torch.isfinite(top), top, 0.0)
+    total = values.new_zeros(n).index_add_(0, row, (values - safe[row]).exp())
+    return (safe + total.log())[local]

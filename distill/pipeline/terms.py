@@ -47,7 +47,6 @@ from distill.pipeline.router import (
     expert_usage,
 )
 from distill.pipeline.sampled_kd import sampled_kd_loss
-from distill.pipeline.xtok_losses import kd_prefix_loss
 
 if TYPE_CHECKING:
     from distill.pipeline.learner import StepView
@@ -103,23 +102,7 @@ def compute_kd_prefix(view: StepView) -> dict[str, Tensor]:
     (``compute_kd_tail``): binning draws would need their own importance weights per bin."""
     if view.facts.prefix_bins is None or view.kd_multiplier is not None:
         return compute_kd_tail(view)
-    b, tp, sig = view.b, view.tp, view.sig
-    logits = view.aligned_logits  # (N, Vs)
-    teacher_bin, student_bin, bin_size = (bins.to(logits.device) for bins in view.facts.prefix_bins)
-    if student_bin.shape[0] < logits.shape[-1]:  # embedding rows past the tokenizer: no bin
-        student_bin = torch.cat([student_bin, student_bin.new_full((logits.shape[-1] - student_bin.shape[0],), -1)])
-    ids = sig.topk_ids[b, tp]  # (N, K), -1 in the unused slots of a compact head: no bin, probability 0
-    return {
-        "kd": kd_prefix_loss(
-            logits,
-            torch.where(ids >= 0, teacher_bin[ids.clamp(min=0)], -1),
-            sig.topk_logits[b, tp],
-            sig.lse[b, tp, view.facts.t_index],
-            student_bin[: logits.shape[-1]],
-            view.cfg.temperature,
-            bin_size,
-        )
-    }
+    return {"kd": view.head["kd"]}  # fused into the output-layer pass (StepView.prefix_fused)
 
 
 def compute_kd_alm(view: StepView) -> dict[str, Tensor]:
@@ -269,7 +252,7 @@ KD_MODES: dict[str, KdMode] = {
     "tail": KdMode(frozenset({"kd"}), compute_kd_tail, fused=True),
     "projector": KdMode(frozenset({"projector"}), compute_kd_projector, parts=("kd", "projector_anchor")),
     "uld": KdMode(frozenset({"kd"}), compute_kd_uld),
-    "prefix": KdMode(frozenset({"kd"}), compute_kd_prefix),
+    "prefix": KdMode(frozenset({"kd"}), compute_kd_prefix, fused=True),
     "alm": KdMode(frozenset({"alm"}), compute_kd_alm),
 }
 

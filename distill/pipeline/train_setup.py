@@ -275,7 +275,8 @@ def load_teacher_facts(
     if not same and cfg.kd_mode == "prefix" and "kd" in need:
         pmap = load_or_build_prefix_map(teacher_tokenizer, tokenizer, Path(cfg.out) / "vocab_map")
         pmap = pmap.padded(reader.manifest["teacher"]["vocab_size"], len(tokenizer))
-        prefix_bins = tuple(torch.from_numpy(a) for a in (pmap.teacher_bin, pmap.student_bin, pmap.teacher_bin_size))
+        arrays = (pmap.teacher_bin, pmap.student_bin, pmap.teacher_bin_size)
+        prefix_bins = tuple(torch.from_numpy(a).to(device) for a in arrays)
     return TeacherFacts(same, vocab_map, t_index, layer_map, attention_map, stats, prefix_bins)
 
 

@@ -6,6 +6,8 @@ exact 0 in the graph when nothing is valid). `N` = aligned positions, `Vs` = stu
 
 - `kd_prefix_loss`  teacher top-K grouped into the bins of `prefix_map.py` vs the student's bins (`kd_mode=prefix`),
                     against the closest teacher consistent with the head ([head-bound note] in kd_losses.py)
+- `lm_and_kd_prefix_from_hidden` lm, lm_unaligned and the same prefix kd from the last hidden state, in slices
+                    ([bin-sums note] in lm_losses.py); `prefix_cells` its teacher side
 - `find_chunks`     chunk boundaries where both tokenizations end (consecutive aligned positions of a row)
 - `sum_chunk_logprobs` per-chunk sums of per-position next-token log-probs (teacher's `target_logprob`, student's)
 - `alm_loss`        approximate likelihood matching: binarized KL between chunk likelihoods (Minixhofer et al., 2025)
@@ -21,7 +23,13 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from distill.pipeline.kd_losses import _LOG_ZERO, _select_rows, _zero, head_bound_kl_rows, log1mexp
-from distill.pipeline.lm_losses import _HeadStatistics
+from distill.pipeline.lm_losses import (
+    _BinStatistics,
+    _HeadStatistics,
+    lm_and_kd_from_hidden,
+    lm_from_statistics,
+    select_scored_rows,
+)
 
 
 def kd_prefix_loss(
@@ -90,6 +98,117 @@ def kd_prefix_loss(
         size = F.pad(teacher_bin_size.to(s_bin.device).float(), (0, vocab + 1 - teacher_bin_size.shape[0]))
         exact = cell & (in_bin.gather(1, t_cols) >= size[t_cols])
     return head_bound_kl_rows(head, rest_t, student, rest_s, exact).mean() * temperature**2
+
+
+def prefix_cells(
+    teacher_bins: Tensor,
+    teacher_logits: Tensor,
+    teacher_lse: Tensor,
+    temperature: float,
+    teacher_bin_size: Tensor | None = None,
+) -> tuple[Tensor, Tensor, Tensor, Tensor | None]:
+    """The teacher side of ``kd_prefix_loss``: one cell per distinct bin of each row, from the (N, K) head alone.
+
+    Args as ``kd_prefix_loss`` (teacher_bins (N, K) student ids naming bins, -1 = none).
+    Returns ``cells`` (N, K) the bin of each cell, -1 in the slots without one (a bin's cell is the first
+    slot of its group after sorting the row by bin), ``head`` (N, K) its teacher lower bound (0 off cells),
+    ``rest`` (N,) the teacher's exact rest 1 - Σ head and ``exact`` (N, K) bool, the cells whose every teacher
+    token is in the head (None without ``teacher_bin_size``). No tensor of the student's vocabulary width.
+    """
+    t_logp = teacher_logits.float() / temperature - teacher_lse.float().unsqueeze(-1)  # (N, K)
+    binned = teacher_bins >= 0
+    none = torch.iinfo(torch.int64).max  # sorts after every bin
+    bins, order = torch.where(binned, teacher_bins.long(), none).sort(dim=-1)  # (N, K) each bin's slots together
+    named = bins != none
+    first = F.pad(bins[:, 1:] != bins[:, :-1], (1, 0), value=True)  # the first slot of each group
+    group = first.long().cumsum(-1) - 1  # (N, K) the group of each slot, 0..K-1
+    t_prob = torch.where(binned, t_logp.exp(), 0.0).gather(1, order)
+    cell = first & named
+    cells = torch.where(cell, bins, -1)
+    head = torch.where(cell, torch.zeros_like(t_prob).scatter_add(1, group, t_prob).gather(1, group), 0.0)
+    rest = log1mexp(torch.where(binned, t_logp, _LOG_ZERO).logsumexp(dim=-1)).exp()  # (N,)
+    if teacher_bin_size is None:
+        return cells, head, rest, None
+    in_bin = torch.zeros_like(t_prob).scatter_add(1, group, named.float()).gather(1, group)  # head tokens per bin
+    size = teacher_bin_size.to(cells.device)
+    known = (cells >= 0) & (cells < size.shape[0])  # a bin past the map's size holds no teacher token
+    bin_size = torch.where(known, size[cells.clamp(0, size.shape[0] - 1)], 0)
+    return cells, head, rest, cell & (in_bin >= bin_size)
+
+
+def lm_and_kd_prefix_from_hidden(
+    hidden: Tensor,
+    head: torch.nn.Module,
+    labels: Tensor,
+    unaligned: Tensor | None,
+    kd_pos: Tensor,
+    teacher_bins: Tensor,
+    teacher_logits: Tensor,
+    teacher_lse: Tensor,
+    student_bin: Tensor,
+    temperature: float,
+    teacher_bin_size: Tensor | None = None,
+    slice_size: int = 256,
+) -> tuple[Tensor, Tensor | None, Tensor]:
+    """``lm``, ``lm_unaligned`` and the prefix ``kd`` from the student's last hidden state, in one sliced pass.
+
+    Args:
+        hidden, head, labels, unaligned, kd_pos, slice_size: as ``lm_and_kd_from_hidden`` in lm_losses.py.
+        teacher_bins, teacher_logits, teacher_lse, temperature, teacher_bin_size: the ``kd_prefix_loss``
+            inputs of the N kd rows.
+        student_bin: (Vs',) the bin of every student token, -1 = none; padded with -1 (or cut) to the output
+            layer's width.
+
+    ``kd`` equals ``kd_prefix_loss`` on the logits of the kd rows; only (N, K) statistics reach autograd
+    (the student's mass in each cell and outside them, [bin-sums note] in lm_losses.py).
+    """
+    if kd_pos.numel() == 0:  # no aligned position: kd is an in-graph 0, as kd_prefix_loss's
+        no_kd = (None, None, None, 1.0, slice_size)
+        lm, lm_unaligned, _ = lm_and_kd_from_hidden(hidden, head, labels, unaligned, kd_pos, *no_kd)
+        return lm, lm_unaligned, _zero(hidden)
+    rows, kd_rows, compute_dtype = select_scored_rows(hidden, head, labels, kd_pos)
+    cells, bounds, rest, exact = prefix_cells(teacher_bins, teacher_logits, teacher_lse, temperature, teacher_bin_size)
+    columns = fit_student_bins(student_bin.to(hidden.device), head.weight.shape[0])
+    entry_slot, entry_col = list_bin_columns(cells, columns)
+    lse1, z_label, s_cells, s_rest = _BinStatistics.apply(
+        hidden[rows],
+        head.weight,
+        getattr(head, "bias", None),
+        labels[rows].clamp(min=0),
+        kd_rows,
+        entry_slot,
+        entry_col,
+        cells.shape[1],
+        temperature,
+        slice_size,
+        compute_dtype,
+    )
+    lm, lm_unaligned = lm_from_statistics(lse1, z_label, labels, unaligned, rows)
+    return lm, lm_unaligned, head_bound_kl_rows(bounds, rest, s_cells, s_rest, exact).mean() * temperature**2
+
+
+def list_bin_columns(cells: Tensor, columns: Tensor) -> tuple[Tensor, Tensor]:
+    """Every student column of every cell: (E,) the cell's flat slot (row * M + slot of ``cells`` (N, M)) and
+    (E,) the column. ``columns`` (V,) is the bin of each column (-1: none); a cell whose bin no column has
+    gets no entry (mass 0), nor does a slot without a cell (-1)."""
+    vocab = columns.shape[0]
+    binned = columns >= 0
+    by_bin = torch.argsort(torch.where(binned, columns, vocab), stable=True)  # (V,) columns grouped by bin
+    count = torch.bincount(columns[binned], minlength=vocab)[:vocab]  # (V,) columns per bin (bins are column ids)
+    first = torch.cumsum(count, 0) - count
+    slot = (cells.reshape(-1) >= 0).nonzero()[:, 0]
+    bins = cells.reshape(-1)[slot]
+    known = bins < vocab
+    bins = torch.where(known, bins, 0)
+    size = torch.where(known, count[bins], 0)  # (cells,)
+    offset = torch.arange(int(size.sum()), device=cells.device) - (torch.cumsum(size, 0) - size).repeat_interleave(size)
+    return slot.repeat_interleave(size), by_bin[first[bins].repeat_interleave(size) + offset]
+
+
+def fit_student_bins(student_bin: Tensor, vocab: int) -> Tensor:
+    """(vocab,) int64 the bins of the output layer's columns: embedding rows past the tokenizer have none (-1)."""
+    student_bin = student_bin.long()[:vocab]
+    return F.pad(student_bin, (0, vocab - student_bin.shape[0]), value=-1)
 
 
 # --- approximate likelihood matching -----------------------------------------------------
