@@ -2,7 +2,7 @@
 
 - Gemma 3 270M is not clearly better than SmolLM2-135M on the pydoc text: ``train``'s preflight says so in
   one line before the first step (``real_run``'s log), and ``cache audit --student`` reports the same.
-- SmolLM2-135M cut to 10 of its 30 blocks (``build_cut_smollm2``, how pruned students are made) is a
+- SmolLM2-135M cut to 20 of its 30 blocks (``build_cut_smollm2``, how pruned students are made) is a
   pretrained student the teacher is clearly better than; fine-tuned on the same rows for the same steps at
   the defaults, KD ends below CE-only in bits per byte (the sign, on a fixed seed; docs/real-pairs.md has the
   seeds and intervals).
