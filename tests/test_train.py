@@ -101,16 +101,16 @@ def test_terms_at_zero_weight_are_not_computed(train_assets, tmp_path, monkeypat
         "contrastive_loss",
         "load_balance_loss",
         "importance_loss",
-        "lm_and_kd_from_hidden",
+        "lm_and_kd_prefix_from_hidden",
     ):
-        module = learner_mod if name == "lm_and_kd_from_hidden" else terms_mod
+        module = learner_mod if name == "lm_and_kd_prefix_from_hidden" else terms_mod
         original = getattr(module, name)
         monkeypatch.setattr(module, name, lambda *a, _f=original, _n=name, **k: (calls.append(_n), _f(*a, **k))[1])
     batch = run.batches.prepare_batch(run.train_rows[:2])
     early = weights_at(5, 100, cfg.curriculum)
     assert all(early[t] == 0 for t in ("feature", "attention", "layerwise", "contrastive"))
     _, logs = run.learner(batch, early)
-    assert set(calls) == {"lm_and_kd_from_hidden"} and "loss/kd" in logs
+    assert set(calls) == {"lm_and_kd_prefix_from_hidden"} and "loss/kd" in logs  # the default kd mode, fused
     assert "loss/feature" not in logs and logs["loss/total"] == pytest.approx(
         0.7 * logs["loss/kd"] + 0.3 * logs["loss/lm"] + 0.7 * logs["loss/lm_unaligned"], rel=1e-6
     )
