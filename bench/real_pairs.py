@@ -41,9 +41,9 @@ CE_ONLY = "objective=ce"
 STORE_SETTINGS = ["--packing", "none", "--targets", "topk-fp16", "--top-k", "256"]
 SCRATCH = {"steps": 400, "batch_size": 4, "grad_accum": 2, "lr": 2e-3, "eval_every": 50}
 PRETRAINED = {"steps": 20, "batch_size": 2, "grad_accum": 2, "lr": 5e-5, "eval_every": 20}
-KD_MODES_PLAN = {"steps": 200, "batch_size": 4, "grad_accum": 1, "lr": 2e-3, "eval_every": 200}
+KD_MODES_PLAN = {"steps": 200, "batch_size": 2, "grad_accum": 1, "lr": 2e-3, "eval_every": 200}
 KD_MODES_SEEDS = (0, 1, 2)
-CUT_PLAN = {"steps": 48, "batch_size": 4, "grad_accum": 1, "lr": 1e-4, "eval_every": 48}
+CUT_PLAN = {"steps": 40, "batch_size": 2, "grad_accum": 1, "lr": 1e-4, "eval_every": 40}
 
 
 def distill(*args: str) -> None:
