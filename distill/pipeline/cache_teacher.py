@@ -18,6 +18,7 @@ import functools
 import sys
 import time
 from collections.abc import Collection, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -152,7 +153,7 @@ def run(cfg: CacheConfig) -> dict[str, Any]:
     mine = shards_to_fill(cfg, len(records))
     queue_ = [i for i in mine if records[i]["status"] != "complete" or records[i].get("redo")]
     planned = {i: count_tokens(plan, chunks_to_fill(records[i], layout["chunk_rows"])) for i in queue_}
-    kept, kept_bad = keep_own_rows(calibration, records, queue_, layout["chunk_rows"])
+    calibrated = CalibratedRows.of(manifest, cfg.batch_size, calibration, records, queue_, layout["chunk_rows"])
     summary: dict[str, Any] = {
         "rows": 0,
         "tokens": 0,
@@ -196,7 +197,7 @@ def run(cfg: CacheConfig) -> dict[str, Any]:
                 if claim.lost:  # taken over by another process (see [claim note])
                     break
                 arrays, bad_rows = compute_chunk(
-                    model, builder, settings, device, cfg, plan, dtype, start, end, bar, kept, kept_bad
+                    model, builder, settings, device, cfg, plan, dtype, start, end, bar, calibrated
                 )
                 summary["nonfinite_rows"] += bad_rows
                 summary["rows"] += end - start
@@ -229,16 +230,51 @@ def check_one_process_per_device_map(cfg: CacheConfig) -> None:
         )
 
 
-def keep_own_rows(
-    calibration: Calibration | None, records: list[dict[str, Any]], shards: list[int], chunk_rows: int
-) -> tuple[dict[int, dict[str, np.ndarray]], set[int]]:
-    """The calibration rows' stored fields (row id -> fields) in the chunks this process is to fill, and those of
-    them whose teacher output is not finite. The others are left to the processes that fill their shards."""
-    if calibration is None:
-        return {}, set()
-    own = {i for s in shards for _, start, end in chunks_to_fill(records[s], chunk_rows) for i in range(start, end)}
-    kept = {i: fields for i, fields in calibration.fields.items() if i in own}
-    return kept, {i for i in calibration.bad_rows if i in kept}
+@dataclass
+class CalibratedRows:
+    """The store's calibration rows, which are always stored as their calibration batch computes them.
+
+    Under several intra-op threads a row's values may differ in the last bit with the shape of its batch, so a
+    chunk recomputed after a crash (or filled by another process) gets a calibration row from the same batch of
+    calibration rows as the pass that created the store, and every other row from the same fill batch: a resumed
+    store is byte for byte the uninterrupted one ([calibration note] in calibration.py)."""
+
+    batches: list[list[int]]  # row ids of each calibration batch, as calibrate_rows made them
+    kept: dict[int, dict[str, np.ndarray]]  # row id -> its stored fields, computed and not yet handed out
+    bad: set[int]  # kept rows whose teacher output is not finite
+
+    @classmethod
+    def of(
+        cls,
+        manifest: dict[str, Any],
+        batch_size: int,
+        calibration: Calibration | None,
+        records: list[dict[str, Any]],
+        shards: list[int],
+        chunk_rows: int,
+    ) -> CalibratedRows:
+        """From the manifest's calibration rows (none in stores made before it listed them) and, in the process
+        that created the store, the calibration's fields of the rows in the chunks it is to fill."""
+        ids = [int(i) for i in manifest.get("calibration", {}).get("rows", [])]
+        batches = [ids[a : a + batch_size] for a in range(0, len(ids), batch_size)]
+        if calibration is None:
+            return cls(batches, {}, set())
+        own = {i for s in shards for _, start, end in chunks_to_fill(records[s], chunk_rows) for i in range(start, end)}
+        kept = {i: fields for i, fields in calibration.fields.items() if i in own}
+        return cls(batches, kept, {i for i in calibration.bad_rows if i in kept})
+
+    def rows(self) -> set[int]:
+        return {i for batch in self.batches for i in batch}
+
+    def take(self, row_id: int, compute: Any) -> dict[str, np.ndarray]:
+        """Row ``row_id``'s fields: kept, or computed with its calibration batch by ``compute(row ids)`` (which
+        returns compute_batch_fields's output), the batch's other rows kept for later."""
+        if row_id not in self.kept:
+            batch = next(batch for batch in self.batches if row_id in batch)
+            arrays, bad = compute(batch)
+            self.kept.update({i: {k: v[j : j + 1] for k, v in arrays.items()} for j, i in enumerate(batch)})
+            self.bad.update(batch[j] for j in bad)
+        return self.kept.pop(row_id)
 
 
 def compute_chunk(
@@ -252,23 +288,25 @@ def compute_chunk(
     start: int,
     end: int,
     bar: Any,
-    kept: dict[int, dict[str, np.ndarray]],
-    kept_bad: set[int],
+    calibrated: CalibratedRows,
 ) -> tuple[dict[str, np.ndarray], list[int]]:
     """The fields of rows ``start:end`` and the rows whose teacher output is not finite (blanked).
 
-    Rows in ``kept`` (the calibration's, [calibration note] in calibration.py) are taken from it, not run again."""
-    parts, row_ids = [], []
-    bad_rows = [i for i in range(start, end) if i in kept_bad]
-    for batch in iter_chunk_batches(builder, start, end, cfg.batch_size, skip=kept):
+    The calibration rows come from ``calibrated`` (kept from the calibration pass, not run again), the others are
+    run ``cfg.batch_size`` at a time."""
+    parts, row_ids, bad_rows = [], [], []
+    skip = calibrated.rows()
+    for batch in iter_chunk_batches(builder, start, end, cfg.batch_size, skip=skip):
         fields, bad = compute_batch_fields(model, batch, settings, device)
         bad_rows += [batch[i].row_id for i in bad]
         parts.append(fields)
         row_ids += [r.row_id for r in batch]
         bar.update(sum(len(r.input_ids) for r in batch))
-    for i in [i for i in range(start, end) if i in kept]:
-        parts.append(kept.pop(i))  # stored as it is, and freed
+    compute = lambda ids: compute_batch_fields(model, [builder.row(i) for i in ids], settings, device)  # noqa: E731
+    for i in [i for i in range(start, end) if i in skip]:
+        parts.append(calibrated.take(i, compute))  # stored as it is, and freed
         row_ids.append(i)
+        bad_rows += [i] if i in calibrated.bad else []
         bar.update(int(parts[-1]["length"][0]))
     order = np.argsort(row_ids, kind="stable")  # row order
     arrays = {k: np.concatenate([p[k] for p in parts])[order] for k in parts[0]}

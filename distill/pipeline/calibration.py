@@ -15,11 +15,13 @@ batches: the logit fields and attention as stored, the targets chosen but not ye
 each T=1 slice of logits also feeds the rank table and the fidelity (``TargetCalibration``), the text positions'
 hidden states the statistics. Once all are seen, the fitted arrays give the store's ``field_settings`` and each
 kept batch is finished with them (``finish_fields``): the same arithmetic, on the same device, as the fill loop
-applies to a row it runs itself, and a row's fields do not depend on its batch (``compute_logit_fields``), so the
-kept rows are stored as they are. Memory: the calibration rows' outputs are held on the CPU until the fit, the
-raw hidden states in the teacher's dtype (rows x seq_len x hidden x stored layers: 64 x 512 x 640 x 4 x 4 B =
-335 MB for Gemma 3 270M in fp32, as much as the statistics' samples took before), then their stored fields
-until the fill loop writes them.
+applies to a row it runs itself, so the kept rows are stored as they are. A row's draws do not depend on its batch
+(``compute_logit_fields``), but under several intra-op threads its values may in the last bit: a calibration row
+that must be computed again (a resume, another process's shard) is computed with its calibration batch
+(``CalibratedRows`` in cache_teacher.py), so a resumed store is the uninterrupted one byte for byte.
+Memory: the calibration rows' outputs are held on the CPU until the fit, the raw hidden states in the teacher's
+dtype (rows x seq_len x hidden x stored layers: 64 x 512 x 640 x 4 x 4 B = 335 MB for Gemma 3 270M in fp32, as
+much as the statistics' samples took before), then their stored fields until the fill loop writes them.
 """
 
 from __future__ import annotations
