@@ -538,8 +538,9 @@ def demo(
     out: Annotated[Path, typer.Option(metavar="PATH", help="Folder for everything the demo makes.")] = Path("demo_out"),
     seed: Annotated[int, typer.Option(metavar="INT", help="Seed of the corpus, the models and training.")] = 0,
 ) -> None:
-    """Run the whole mission offline on a CPU in a few minutes: generated corpus, two local tokenizers, a tiny
-    Qwen3-MoE teacher pretrained briefly, cache-teacher, train (KD) and train (CE-only) on the same rows, eval.
+    """Run the whole mission offline on a CPU (about 75 s of CPU time, README): generated corpus, two local
+    tokenizers, a tiny Qwen3-MoE teacher pretrained briefly, cache-teacher, train (KD) and train (CE-only) on the
+    same rows, eval.
     Finished stages are reused when run again; the report lands in OUT/report.
 
     Example: distill demo --out demo_out

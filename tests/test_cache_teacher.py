@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
 import torch
+import zarr
 from typer.testing import CliRunner
 
 from distill.cache.reader import CacheReader
 from distill.cli import app
-from tests.helpers import cache_args
+from tests.helpers import assert_stores_equal, cache_args
 
 TEMPS = [1.0, 2.0, 4.0]
 
@@ -221,3 +223,78 @@ def test_hidden_states_beyond_fp16_range_are_stored_finite_and_recoverable(tiny_
         std = torch.from_numpy(reader.root_array(f"standardize/hidden/{layer}/std"))
         recovered = stored[0, : len(ids)].float() * std + mean
         torch.testing.assert_close(recovered, raw[layer][0], rtol=2e-3, atol=2e-3 * float(std.max()))
+
+
+@pytest.mark.parametrize("kind", ["topk", "hybrid"])
+def test_each_row_runs_through_the_teacher_once_and_is_stored_as_computed_alone(
+    tiny_assets, tmp_path, monkeypatch, kind, single_thread
+):
+    """[calibration note] in calibration.py: the calibration pass's rows are stored from that pass, not run again,
+    and every stored row equals ``compute_batch_fields`` run on its own, in other batches (here 3 rows, not the
+    store's 4), with the store's fitted statistics, PCA basis and rank table: packed rows, hidden states, attention,
+    vocab_proj and the compact targets (``hybrid``: with draws, seeded per row), byte for byte. With one thread: under
+    several, a row's values may differ in the last bit with its batch's shape (test_cache_resume.py's kill test
+    runs with them: the rows a resume recomputes are batched as before, see CalibratedRows in cache_teacher.py)."""
+    import numpy as np
+
+    from distill.config import CacheConfig
+    from distill.pipeline import fields
+    from distill.pipeline.data import Row
+    from distill.pipeline.teacher_model import load_teacher
+
+    forwarded = []
+    real_forward = fields.forward_teacher
+
+    def counting_forward(model, input_ids, *args, **kwargs):
+        forwarded.extend(input_ids.shape[:1])
+        return real_forward(model, input_ids, *args, **kwargs)
+
+    monkeypatch.setattr(fields, "forward_teacher", counting_forward)
+    out = tmp_path / kind
+    args = cache_args(tiny_assets, out, targets=kind, target_samples=8, hidden_dim=8, calibration_rows=8)
+    result = CliRunner().invoke(app, ["cache-teacher", *args])
+    assert result.exit_code == 0, result.output
+    reader = CacheReader(str(out))
+    assert sum(forwarded) == reader.num_rows and reader.num_rows > 8  # one teacher pass per row, calibration included
+    assert reader.layout["packing"] == "greedy" and "pca/hidden/1/components" in reader.root
+
+    stored = reader.read_rows(reader.row_ids)
+    rows = [
+        Row(
+            int(stored["row_id"][i]),
+            int(stored["doc_id"][i]),
+            stored["input_ids"][i, :n].numpy(),
+            stored["offsets"][i, :n].numpy(),
+            stored["text"][i],
+            stored["segment_ids"][i, :n].numpy(),
+        )
+        for i, n in enumerate(stored["length"].tolist())
+    ]
+    model = load_teacher(CacheConfig(teacher=str(tiny_assets["teacher"])), torch.device("cpu"), torch.float32, True)
+    settings = fields.field_settings(reader.layout, reader.root, torch.device("cpu"))
+    parts = [
+        fields.compute_batch_fields(model, rows[a : a + 3], settings, torch.device("cpu"))
+        for a in range(0, len(rows), 3)
+    ]
+    assert all(bad == [] for _, bad in parts)
+    for name in reader.fields:
+        alone = np.concatenate([part[name] for part, _ in parts])
+        if name == "text":
+            assert alone.tolist() == stored["text"]
+        else:
+            assert np.array_equal(alone, stored[name].numpy().astype(alone.dtype), equal_nan=True), name
+    calibrated = reader.manifest["calibration"]["rows"]
+    assert reader.manifest["fidelity"]["rows"] == len(calibrated) == 8
+
+    # A crash after the first chunk: the rerun computes the calibration rows past it with their calibration batch
+    # (not kept: a resume runs no calibration pass), so the store is the uninterrupted one, byte for byte.
+    resumed = tmp_path / f"{kind}-resumed"
+    shutil.copytree(out, resumed)
+    group = zarr.open_group(str(resumed / "shards" / "00000"), mode="a")
+    record = dict(group.attrs["shard"])
+    group.attrs["shard"] = {**record, "status": "partial", "checksums": record["checksums"][:1]}
+    forwarded.clear()
+    args = cache_args(tiny_assets, resumed, targets=kind, target_samples=8, hidden_dim=8, calibration_rows=8)
+    assert CliRunner().invoke(app, ["cache-teacher", *args]).exit_code == 0
+    assert_stores_equal(resumed, out)
+    assert max(calibrated) >= 8 and sum(forwarded) >= reader.num_rows - 8

@@ -34,5 +34,5 @@ def test_full_demo_kd_beats_ce_only(tmp_path: Path, seed: int):
     assert result.exit_code == 0, result.output
     report = json.loads((tmp_path / "report" / "report.json").read_text())
     kd, ce = report["students"]["kd"], report["students"]["ce_only"]
-    assert kd["bpb"] < ce["bpb"]
-    assert sum(report["stage_seconds"].values()) < 600
+    assert kd["bpb"] < ce["bpb"] and kd["gap_closed_ci"][0] > 0.2  # clearly: the interval's low end, not just > 0
+    assert sum(report["stage_seconds"].values()) < 600  # ~80 s of CPU (README); room for a busy machine

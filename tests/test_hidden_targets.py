@@ -11,8 +11,8 @@ import pytest
 import torch
 
 from distill.pipeline.cache_teacher import sample_calibration_rows
+from distill.pipeline.calibration import calibrate_rows
 from distill.pipeline.data import Row
-from distill.pipeline.fields import calibrate
 from distill.pipeline.router import TARGET_CLIP, hidden_target_scale, standardize_hidden
 from distill.pipeline.train_setup import say_hidden_clip_share
 
@@ -45,26 +45,41 @@ def calibration_rows() -> list[Row]:
     return [Row(r, r, ids[r], spans, "x" * LENGTH) for r in range(ROWS)]
 
 
+def hidden_layout(layers: list[int]) -> dict:
+    """A store layout with hidden layers only (the fixed top-K targets need no rank table)."""
+    return dict(
+        seq_len=LENGTH,
+        top_k=4,
+        temperatures=[1.0],
+        vocab_proj_temperature=1.0,
+        hidden_layers=layers,
+        attention_layers=[],
+        attention_topk=1,
+        vocab_proj=False,
+    )
+
+
 def test_one_massive_activation_is_the_clip_share_measured_at_calibration(single_thread):
     # Embedding dimension 0 is ~0 at every position but one, where it is 1e4: over N positions its std is
     # ~1e4 / sqrt(N), so that one value lies sqrt(N) ~ 16 > 10 stds out, and is the only value clipped in
     # layer 0 (the embeddings, hidden_states[0]): share = 1 / (N x H).
     n = ROWS * LENGTH
     model, rows = tiny_llama(1e4), calibration_rows()
-    fitted, arrays, report = calibrate(model, rows, [0, 1], None, 4, torch.device("cpu"))
+    calibration = calibrate_rows(model, rows, hidden_layout([0, 1]), None, 4, torch.device("cpu"))
+    arrays, report = calibration.arrays, calibration.report
     assert report["positions"] == {"0": n, "1": n} and report["hidden_clip"] == TARGET_CLIP
     assert report["hidden_clip_share"]["0"] == pytest.approx(1 / (n * HIDDEN), rel=1e-6)
     # the share is what stage 2 clips: the stored values (standardized, fp16) through its targets
     with torch.no_grad():
         raw = model.model.embed_tokens(torch.from_numpy(np.stack([r.input_ids for r in rows]))).reshape(n, HIDDEN)
-    mean, std = fitted["standardize"][0]
+    mean, std = (torch.from_numpy(arrays[f"standardize/hidden/0/{name}"]) for name in ("mean", "std"))
     stored = ((raw - mean) / std).half().float()
     stats = [torch.from_numpy(arrays[f"stats/hidden/0/{name}"]) for name in ("mean", "std")]
     targets = standardize_hidden(stored, *stats, hidden_target_scale(stats[1]))
     unclipped = standardize_hidden(stored, *stats, hidden_target_scale(stats[1]), clip=math.inf)
     clipped = (targets != unclipped).nonzero().tolist()
     assert clipped == [[3 * LENGTH + 7, 0]]  # the spike, and nothing else
-    quiet = calibrate(tiny_llama(0.0), rows, [0], None, 4, torch.device("cpu"))[2]
+    quiet = calibrate_rows(tiny_llama(0.0), rows, hidden_layout([0]), None, 4, torch.device("cpu")).report
     assert quiet["hidden_clip_share"]["0"] == 0.0
 
 

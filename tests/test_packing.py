@@ -305,7 +305,7 @@ def test_packed_calibration_of_the_targets_equals_each_document_calibrated_alone
     from transformers import AutoModelForCausalLM
 
     from distill.cache.targets import ID_BY_RANK, build_target_layout
-    from distill.pipeline.target_fields import calibrate_targets
+    from distill.pipeline.calibration import calibrate_rows
     from tests.test_teacher_logits import family_config
 
     config, _ = family_config("llama", len(tokenizers["teacher"]))
@@ -313,9 +313,15 @@ def test_packed_calibration_of_the_targets_equals_each_document_calibrated_alone
     model = AutoModelForCausalLM.from_config(config).eval()
     packed_row, alone_rows = build_rows(tokenizers["teacher"], DOCS[:3])
     for kind in ("topk", "sampled"):
-        layout = {"targets": build_target_layout(kind, 8, 0.8, 8), "top_k": 8, "temperatures": [1.0, 2.0]}
-        packed_arrays, packed = calibrate_targets(model, [packed_row], layout, 4, torch.device("cpu"))
-        alone_arrays, alone = calibrate_targets(model, alone_rows, layout, 4, torch.device("cpu"))
+        layout = {
+            **dict(seq_len=256, top_k=8, temperatures=[1.0, 2.0], vocab_proj_temperature=1.0, vocab_proj=False),
+            **dict(hidden_layers=[], attention_layers=[], attention_topk=1, packing="greedy"),
+            "targets": build_target_layout(kind, 8, 0.8, 8),
+        }
+        packed_calibration = calibrate_rows(model, [packed_row], layout, None, 4, torch.device("cpu"))
+        alone_calibration = calibrate_rows(model, alone_rows, layout, None, 4, torch.device("cpu"))
+        packed_arrays, packed = packed_calibration.arrays, packed_calibration.fidelity
+        alone_arrays, alone = alone_calibration.arrays, alone_calibration.fidelity
         assert packed["positions"] == alone["positions"] == len(packed_row.input_ids)
         figures = ["kl_head_bins", "tail_mass"] if kind == "topk" else ["ess"]
         for name in figures:

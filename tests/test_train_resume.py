@@ -95,7 +95,7 @@ def test_sigkill_resumes_from_the_last_periodic_checkpoint_and_matches(train_ass
     assert_same_weights(out, uninterrupted)
 
 
-def test_a_thousand_steps_print_few_lines_and_nothing_per_eval_batch(train_assets, tmp_path):
+def test_a_thousand_steps_print_few_lines_and_nothing_per_eval_batch(train_assets, tmp_path, single_thread):
     off = {f"curriculum.{t}": 0 for t in ("feature", "attention", "layerwise", "contrastive")}
     args = train_args(train_assets, tmp_path / "long", batch_size=1, grad_accum=1, eval_rows=6, **off)
     result = run_train(args, steps=1000, log_every=100, eval_every=250)

@@ -4,10 +4,12 @@
         --dataset-config wikitext-103-raw-v1 --split train --out cache/wt103 --seq-len 512
 
 Flow: load teacher + tokenizer (teacher_model.py) -> load dataset -> cut documents into rows (data.py)
--> (new store) calibration pass for the PCA basis and hidden-state statistics (fields.py), manifest
-(manifest.py), create the store (cache/writer.py) -> for each shard this process owns, for each chunk not
-yet committed: teacher forward in batches, compute the fields (fields.py), hand the chunk to a
-background writer, which writes and commits it while the next chunk runs through the teacher.
+-> (new store) calibration pass over a sample of the rows: hidden-state statistics and PCA basis, the targets'
+rank table and fidelity, and those rows' own fields, kept for the fill (calibration.py), manifest (manifest.py),
+create the store (cache/writer.py) -> for each shard this process owns, for each chunk not yet committed:
+teacher forward in batches over the rows the calibration did not keep, compute the fields (fields.py), hand the
+chunk to a background writer, which writes and commits it while the next chunk runs through the teacher. Each
+row runs through the teacher once.
 """
 
 from __future__ import annotations
@@ -15,7 +17,8 @@ from __future__ import annotations
 import functools
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -25,7 +28,6 @@ from tqdm.auto import tqdm
 from distill.cache.claims import ShardBusy, ShardClaim
 from distill.cache.shards import open_shard_writer
 from distill.cache.store import open_root, shard_records
-from distill.cache.targets import target_kind
 from distill.cache.writer import (
     BackgroundWriter,
     chunks_to_fill,
@@ -36,12 +38,12 @@ from distill.cache.writer import (
     shards_to_fill,
 )
 from distill.config import CacheConfig, ConfigError
+from distill.pipeline.calibration import Calibration, calibrate_rows
 from distill.pipeline.data import Row, RowBuilder, RowPlan, dataset_identity, load_text_dataset, plan_rows
-from distill.pipeline.fields import FieldSettings, blank_rows, calibrate, compute_batch_fields, field_settings
+from distill.pipeline.fields import FieldSettings, blank_rows, compute_batch_fields, field_settings
 from distill.pipeline.manifest import build_layout, build_manifest, text_digest, tokenizer_files
 from distill.pipeline.packing import check_packed_forward
 from distill.pipeline.router import describe_clip_share
-from distill.pipeline.target_fields import calibrate_targets
 from distill.pipeline.teacher_model import check_teacher_source, load_teacher, load_teacher_tokenizer, output_device
 from distill.runtime import DTYPE_NAMES, rank_device, resolve_device, resolve_dtype, torchrun_rank
 
@@ -59,8 +61,11 @@ def prepare_store(
     dtype: torch.dtype,
     device: torch.device,
     builder: RowBuilder,
-) -> tuple[Any, dict[str, Any]]:
-    """Open the store to resume it, or create it after the calibration pass (see cache/writer.py)."""
+) -> tuple[Any, dict[str, Any], Calibration | None]:
+    """Open the store to resume it, or create it after the calibration pass (see cache/writer.py).
+
+    Also returns the calibration, with its rows' stored fields ([calibration note] in calibration.py), when this
+    process created the store; None when it opened one (a store is calibrated once, when it is created)."""
     files = tokenizer_files(tokenizer)
     data_id = dataset_identity(dataset, cfg.dataset, cfg.dataset_config, cfg.split, cfg.text_field)
     data_id["text_sha256"] = text_digest(dataset, cfg.text_field)
@@ -72,17 +77,19 @@ def prepare_store(
     def calibration_arrays(layout: dict[str, Any]) -> dict[str, np.ndarray]:
         row_ids = sample_calibration_rows(layout["num_rows"], layout["calibration_rows"], cfg.calibration_seed)
         rows = [builder.row(i) for i in row_ids]
-        _, arrays, report = calibrate(model, rows, layout["hidden_layers"], cfg.hidden_dim, cfg.batch_size, device)
-        # what the pass measured goes into the manifest written next, as the fidelity does
-        wanted["calibration"] = {"seed": cfg.calibration_seed, "rows": row_ids.tolist(), **report}
+        calibration = calibrate_rows(model, rows, layout, cfg.hidden_dim, cfg.batch_size, device)
+        # what the pass measured goes into the manifest written next
+        wanted["calibration"] = {"seed": cfg.calibration_seed, "rows": row_ids.tolist(), **calibration.report}
+        if calibration.fidelity is not None:
+            wanted["fidelity"] = calibration.fidelity
         say_calibration(wanted["calibration"])
-        if target_kind(layout) != "topk-fp16":  # the rank table, and the fidelity
-            rank_arrays, wanted["fidelity"] = calibrate_targets(model, rows, layout, cfg.batch_size, device)
-            arrays.update(rank_arrays)
-        return arrays
+        created.append(calibration)
+        return calibration.arrays
 
+    created: list[Calibration] = []
     wanted = manifest_for(new_store_shards(cfg))  # validates the settings before anything is touched
-    return open_or_create_store(cfg.out, wanted, manifest_for, files, calibration_arrays, cfg.overwrite)
+    root, manifest = open_or_create_store(cfg.out, wanted, manifest_for, files, calibration_arrays, cfg.overwrite)
+    return root, manifest, created[0] if created else None
 
 
 def sample_calibration_rows(num_rows: int, count: int, seed: int) -> np.ndarray:
@@ -101,9 +108,13 @@ def say_calibration(calibration: dict[str, Any]) -> None:
     tqdm.write(line, file=sys.stderr)
 
 
-def iter_chunk_batches(builder: RowBuilder, start: int, end: int, batch_size: int) -> Iterator[list[Row]]:
-    for a in range(start, end, batch_size):
-        yield [builder.row(i) for i in range(a, min(a + batch_size, end))]
+def iter_chunk_batches(
+    builder: RowBuilder, start: int, end: int, batch_size: int, skip: Collection[int] = ()
+) -> Iterator[list[Row]]:
+    """Rows ``start:end`` but those in ``skip``, ``batch_size`` at a time."""
+    row_ids = [i for i in range(start, end) if i not in skip]
+    for a in range(0, len(row_ids), batch_size):
+        yield [builder.row(i) for i in row_ids[a : a + batch_size]]
 
 
 def count_tokens(plan: RowPlan, todo: list[tuple[int, int, int]]) -> int:
@@ -134,13 +145,15 @@ def run(cfg: CacheConfig) -> dict[str, Any]:
             raise ConfigError(str(exc)) from None
     plan = plan_rows(dataset, cfg.text_field, tokenizer, cfg.seq_len, packing=cfg.packing).truncated(cfg.max_rows)
     builder = RowBuilder(dataset, cfg.text_field, tokenizer, plan)
-    root, manifest = prepare_store(cfg, model, tokenizer, dataset, plan, dtype, device, builder)
+    started = time.perf_counter()  # a new store's calibration is part of the work: its rows are stored
+    root, manifest, calibration = prepare_store(cfg, model, tokenizer, dataset, plan, dtype, device, builder)
     layout = manifest["layout"]
     settings = field_settings(layout, root, device)
     records = shard_records(root, manifest)
     mine = shards_to_fill(cfg, len(records))
     queue_ = [i for i in mine if records[i]["status"] != "complete" or records[i].get("redo")]
     planned = {i: count_tokens(plan, chunks_to_fill(records[i], layout["chunk_rows"])) for i in queue_}
+    calibrated = CalibratedRows.of(manifest, cfg.batch_size, calibration, records, queue_, layout["chunk_rows"])
     summary: dict[str, Any] = {
         "rows": 0,
         "tokens": 0,
@@ -149,7 +162,6 @@ def run(cfg: CacheConfig) -> dict[str, Any]:
         "filled_shards": [],
         "busy_shards": {},
     }
-    started = time.perf_counter()
     writer_thread = BackgroundWriter()
     bar = tqdm(
         total=sum(planned.values()),
@@ -184,7 +196,9 @@ def run(cfg: CacheConfig) -> dict[str, Any]:
             for chunk, start, end in todo:
                 if claim.lost:  # taken over by another process (see [claim note])
                     break
-                arrays, bad_rows = compute_chunk(model, builder, settings, device, cfg, plan, dtype, start, end, bar)
+                arrays, bad_rows = compute_chunk(
+                    model, builder, settings, device, cfg, plan, dtype, start, end, bar, calibrated
+                )
                 summary["nonfinite_rows"] += bad_rows
                 summary["rows"] += end - start
                 summary["tokens"] += count_tokens(plan, [(chunk, start, end)])
@@ -216,6 +230,53 @@ def check_one_process_per_device_map(cfg: CacheConfig) -> None:
         )
 
 
+@dataclass
+class CalibratedRows:
+    """The store's calibration rows, which are always stored as their calibration batch computes them.
+
+    Under several intra-op threads a row's values may differ in the last bit with the shape of its batch, so a
+    chunk recomputed after a crash (or filled by another process) gets a calibration row from the same batch of
+    calibration rows as the pass that created the store, and every other row from the same fill batch: a resumed
+    store is byte for byte the uninterrupted one ([calibration note] in calibration.py)."""
+
+    batches: list[list[int]]  # row ids of each calibration batch, as calibrate_rows made them
+    kept: dict[int, dict[str, np.ndarray]]  # row id -> its stored fields, computed and not yet handed out
+    bad: set[int]  # kept rows whose teacher output is not finite
+
+    @classmethod
+    def of(
+        cls,
+        manifest: dict[str, Any],
+        batch_size: int,
+        calibration: Calibration | None,
+        records: list[dict[str, Any]],
+        shards: list[int],
+        chunk_rows: int,
+    ) -> CalibratedRows:
+        """From the manifest's calibration rows (none in stores made before it listed them) and, in the process
+        that created the store, the calibration's fields of the rows in the chunks it is to fill."""
+        ids = [int(i) for i in manifest.get("calibration", {}).get("rows", [])]
+        batches = [ids[a : a + batch_size] for a in range(0, len(ids), batch_size)]
+        if calibration is None:
+            return cls(batches, {}, set())
+        own = {i for s in shards for _, start, end in chunks_to_fill(records[s], chunk_rows) for i in range(start, end)}
+        kept = {i: fields for i, fields in calibration.fields.items() if i in own}
+        return cls(batches, kept, {i for i in calibration.bad_rows if i in kept})
+
+    def rows(self) -> set[int]:
+        return {i for batch in self.batches for i in batch}
+
+    def take(self, row_id: int, compute: Any) -> dict[str, np.ndarray]:
+        """Row ``row_id``'s fields: kept, or computed with its calibration batch by ``compute(row ids)`` (which
+        returns compute_batch_fields's output), the batch's other rows kept for later."""
+        if row_id not in self.kept:
+            batch = next(batch for batch in self.batches if row_id in batch)
+            arrays, bad = compute(batch)
+            self.kept.update({i: {k: v[j : j + 1] for k, v in arrays.items()} for j, i in enumerate(batch)})
+            self.bad.update(batch[j] for j in bad)
+        return self.kept.pop(row_id)
+
+
 def compute_chunk(
     model: Any,
     builder: RowBuilder,
@@ -227,15 +288,29 @@ def compute_chunk(
     start: int,
     end: int,
     bar: Any,
+    calibrated: CalibratedRows,
 ) -> tuple[dict[str, np.ndarray], list[int]]:
-    """The fields of rows ``start:end`` and the rows whose teacher output is not finite (blanked)."""
-    parts, bad_rows = [], []
-    for batch in iter_chunk_batches(builder, start, end, cfg.batch_size):
+    """The fields of rows ``start:end`` and the rows whose teacher output is not finite (blanked).
+
+    The calibration rows come from ``calibrated`` (kept from the calibration pass, not run again), the others are
+    run ``cfg.batch_size`` at a time."""
+    parts, row_ids, bad_rows = [], [], []
+    skip = calibrated.rows()
+    for batch in iter_chunk_batches(builder, start, end, cfg.batch_size, skip=skip):
         fields, bad = compute_batch_fields(model, batch, settings, device)
         bad_rows += [batch[i].row_id for i in bad]
         parts.append(fields)
+        row_ids += [r.row_id for r in batch]
         bar.update(sum(len(r.input_ids) for r in batch))
-    arrays = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+    compute = lambda ids: compute_batch_fields(model, [builder.row(i) for i in ids], settings, device)  # noqa: E731
+    for i in [i for i in range(start, end) if i in skip]:
+        parts.append(calibrated.take(i, compute))  # stored as it is, and freed
+        row_ids.append(i)
+        bad_rows += [i] if i in calibrated.bad else []
+        bar.update(int(parts[-1]["length"][0]))
+    order = np.argsort(row_ids, kind="stable")  # row order
+    arrays = {k: np.concatenate([p[k] for p in parts])[order] for k in parts[0]}
+    bad_rows.sort()
     if bad_rows and cfg.on_nonfinite == "error":
         raise NonFiniteTeacherOutput(
             f"teacher output is not finite for row {bad_rows[0]} (document "

@@ -1,17 +1,18 @@
-"""The teacher's stored fields: what stage 1 computes for a batch of rows, and its calibration.
+"""The teacher's stored fields: what stage 1 computes for a batch of rows.
 
     s = field_settings(layout, root, device)                  # from a store's layout (or the live teacher's)
-    arrays, bad_rows = compute_batch_fields(model, rows, s, device)
+    arrays, bad_rows = compute_batch_fields(model, rows, s, device)   # = finish_fields(*run_teacher(...))
 
 Logit fields (top-K logits and ids, per-temperature logsumexp, target log-prob, vocab_proj) come from
 the output head applied in position slices ([logit-pass note]); hidden states are standardized per
 dimension and optionally PCA-reduced ([hidden-range note]); attention maps are kept as each query's
-top-k keys of the head average. Stage 2's live teacher computes the same fields with these functions.
+top-k keys of the head average. Stage 2's live teacher computes the same fields with these functions; a new
+store's calibration (pipeline/calibration.py) runs ``run_teacher`` and ``finish_fields`` apart, fitting in between.
 """
 
 from __future__ import annotations
 
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,15 +20,15 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from distill.cache.schema import PCA_GROUP, STANDARDIZE_GROUP, STATS_GROUP, field_dtype, root_array_path
+from distill.cache.schema import PCA_GROUP, STANDARDIZE_GROUP, field_dtype, root_array_path
 from distill.cache.targets import ID_BY_RANK, target_kind
 from distill.pipeline.data import Row
 from distill.pipeline.packing import next_in_segment, segment_position_ids
-from distill.pipeline.router import TARGET_CLIP, standardize_hidden
-from distill.pipeline.target_fields import TARGET_FIELDS, compute_target_slice
+from distill.pipeline.target_fields import TARGET_FIELDS, choose_target_slice, encode_target_choice
 from distill.pipeline.teacher_model import compute_logits, find_logit_transforms, forward_teacher
 
 LOGIT_CHUNK = 256  # positions per lm_head/softmax slice: bounds the (P, vocab) fp32 buffer
+CHOICE = "choice/"  # prefix of the targets' choice before encoding (compute_logit_fields, encode_choice)
 
 
 @dataclass
@@ -59,21 +60,26 @@ def compute_logit_fields(
     lengths: torch.Tensor,
     s: FieldSettings,
     fields: Collection[str] | None = None,
-    seed: int = 0,
+    seeds: list[int] | None = None,
+    observe: Callable[[torch.Tensor, torch.Tensor], None] | None = None,
 ) -> dict[str, torch.Tensor]:
-    """Top-K logits, per-temperature logsumexp, target log-prob and vocab_proj, position slice by position slice.
+    """Top-K logits, per-temperature logsumexp, target log-prob, vocab_proj and the targets' choice, row by row.
 
-    final_hidden (B, L, H) -> topk (B, L, K), lse (B, L, nT), target_logprob (B, L), vocab_proj (B, L, H);
-    only the ``fields`` asked (a subset of LOGIT_FIELDS; default all). Softmax arithmetic in fp32.
+    final_hidden (B, L, H) -> topk (B, L, K), lse (B, L, nT), target_logprob (B, L), vocab_proj (B, L, H), and for
+    the compact targets their choice before encoding, ``choice/<name>`` (B, L, ...) (``encode_choice`` encodes it);
+    only the ``fields`` asked (a subset of LOGIT_FIELDS; default all). Softmax arithmetic in fp32. Row b's first
+    ``lengths[b]`` positions are computed (the others stay 0), in slices from the row's start, its draws from a
+    generator seeded with ``seeds[b]`` (the row id; default b): a row's fields are the same whichever batch
+    computes it. ``observe(logits, probs1)`` sees each slice's (P, V) logits at T=1 and their softmax
+    (a new store's calibration, pipeline/calibration.py).
 
     [logit-pass note] Past the lm_head, the vocabulary-wide passes are the cost, so each slice makes as
     few as it can: one top-K (its first value is the row max), then one softmax per temperature needed,
     which gives the logsumexp exactly (to fp32 rounding): lse_T = max / T - log p_T[argmax], since
     p_T[argmax] = 1 / sum_v exp((z_v - max) / T); target_logprob reuses T = 1 and vocab_proj reuses the
-    probabilities at T*; the compact targets (``target_*``, pipeline/target_fields.py) reuse the top-K and T = 1
-    (their draws come from a generator seeded with ``seed``, so a recomputed chunk is the same). The (P, V)
-    buffers are allocated once per call and written with out= (on CPU a fresh 150 MB tensor costs more in
-    page faults than the softmax over it). vocab_proj multiplies in the teacher's dtype when it is bf16, like
+    probabilities at T*; the compact targets (``target_*``, pipeline/target_fields.py) reuse the top-K and T = 1.
+    The (P, V) buffers are allocated once per call and written with out= (on CPU a fresh 150 MB tensor costs more
+    in page faults than the softmax over it). vocab_proj multiplies in the teacher's dtype when it is bf16, like
     its lm_head: on a bf16 GPU an fp32 (P, V) @ (V, H) product is many times slower than the lm_head itself,
     and its bf16 rounding is the teacher's own.
     """
@@ -92,41 +98,49 @@ def compute_logit_fields(
     if "vocab_proj" in want and s.vocab_proj_temperature not in temps:
         temps.append(s.vocab_proj_temperature)
     targets = s.targets if want & set(TARGET_FIELDS) else None
-    if targets is not None and 1.0 not in temps:
+    if (targets is not None or observe is not None) and 1.0 not in temps:
         temps.append(1.0)
     head = targets is not None and targets["kind"] != "sampled"
     k = s.top_k if want & {"topk_logits", "topk_ids"} or head else 1
-    target_parts: list[dict[str, torch.Tensor]] = []
-    generator = torch.Generator(device=device).manual_seed(seed) if targets is not None else None
-    topk_logits = torch.empty(n, k, device=device)
-    topk_ids = torch.empty(n, k, dtype=torch.long, device=device)
-    lse = torch.empty(n, len(temps), device=device)
-    target = torch.empty(n, device=device)
-    proj = torch.empty(n, h, device=device) if "vocab_proj" in want else None
-    chunk = min(LOGIT_CHUNK, n)
+    choice: dict[str, torch.Tensor] = {}  # name -> (n, ...), allocated at the first slice
+    topk_logits = torch.zeros(n, k, device=device)
+    topk_ids = torch.zeros(n, k, dtype=torch.long, device=device)
+    lse = torch.zeros(n, len(temps), device=device)
+    target = torch.zeros(n, device=device)
+    proj = torch.zeros(n, h, device=device) if "vocab_proj" in want else None
+    row_lengths = lengths.tolist()
+    chunk = min(LOGIT_CHUNK, max([1, *row_lengths]))
     logits_buf = torch.empty(chunk, vocab, device=device)  # (P, V) fp32, reused by every slice
     scaled_buf = torch.empty_like(logits_buf) if any(t != 1.0 for t in temps) else None
     probs_buf = torch.empty_like(logits_buf) if temps else None
     transforms = find_logit_transforms(model)
-    for start in range(0, n, chunk):
-        x = flat[start : start + chunk]
-        p, rows = x.shape[0], slice(start, start + x.shape[0])
-        logits = compute_logits(model, x, transforms, out=logits_buf[:p])  # see [logit-postprocess note]
-        torch.topk(logits, k, dim=-1, out=(topk_logits[rows], topk_ids[rows]))  # descending
-        argmax = topk_ids[rows, :1]
-        for j, t in enumerate(temps):
-            scaled = logits if t == 1.0 else torch.mul(logits, 1.0 / t, out=scaled_buf[:p])
-            probs = torch.softmax(scaled, dim=-1, out=probs_buf[:p])
-            lse[rows, j] = scaled.gather(1, argmax)[:, 0] - probs.gather(1, argmax)[:, 0].log()
-            if t == 1.0 and "target_logprob" in want:
-                target[rows] = logits.gather(1, next_ids[rows, None])[:, 0] - lse[rows, j]
-            if t == s.vocab_proj_temperature and proj is not None:
-                proj[rows] = probs.to(proj_dtype) @ embedding
-            if t == 1.0 and targets is not None:
-                top = (topk_logits[rows], topk_ids[rows])
-                target_parts.append(
-                    compute_target_slice(logits, probs, lse[rows, j], *top, targets, s.rank_of_id, generator)
-                )
+    for r, row_length in enumerate(row_lengths):
+        seed = r if seeds is None else seeds[r]
+        generator = torch.Generator(device=device).manual_seed(seed) if targets is not None else None
+        for start in range(r * length, r * length + row_length, chunk):
+            x = flat[start : min(start + chunk, r * length + row_length)]
+            p, rows = x.shape[0], slice(start, start + x.shape[0])
+            logits = compute_logits(model, x, transforms, out=logits_buf[:p])  # see [logit-postprocess note]
+            torch.topk(logits, k, dim=-1, out=(topk_logits[rows], topk_ids[rows]))  # descending
+            argmax = topk_ids[rows, :1]
+            for j, t in enumerate(temps):
+                scaled = logits if t == 1.0 else torch.mul(logits, 1.0 / t, out=scaled_buf[:p])
+                probs = torch.softmax(scaled, dim=-1, out=probs_buf[:p])
+                lse[rows, j] = scaled.gather(1, argmax)[:, 0] - probs.gather(1, argmax)[:, 0].log()
+                if t == 1.0 and "target_logprob" in want:
+                    target[rows] = logits.gather(1, next_ids[rows, None])[:, 0] - lse[rows, j]
+                if t == s.vocab_proj_temperature and proj is not None:
+                    proj[rows] = probs.to(proj_dtype) @ embedding
+                if t == 1.0 and targets is not None:
+                    top = (topk_logits[rows], topk_ids[rows])
+                    part = choose_target_slice(logits, probs, lse[rows, j], *top, targets, generator)
+                    for name, value in part.items():
+                        if name not in choice:
+                            fill = -1 if name == "ids" else 0  # padding positions: no target
+                            choice[name] = torch.full((n, *value.shape[1:]), fill, dtype=value.dtype, device=device)
+                        choice[name][rows] = value
+                if t == 1.0 and observe is not None:
+                    observe(logits, probs)
     out: dict[str, torch.Tensor] = {}
     if "topk_logits" in want:
         out["topk_logits"] = topk_logits.reshape(b, length, k)
@@ -140,11 +154,17 @@ def compute_logit_fields(
         out["target_logprob"] = torch.where(has_next, target.reshape(b, length), float("nan"))
     if proj is not None:
         out["vocab_proj"] = proj.reshape(b, length, h)
-    for name in target_parts[0] if target_parts else ():
-        if name in want:
-            value = torch.cat([part[name] for part in target_parts])
-            out[name] = value.reshape(b, length, *value.shape[1:])
+    for name, value in choice.items():
+        out[f"{CHOICE}{name}"] = value.reshape(b, length, *value.shape[1:])
     return out
+
+
+def encode_choice(computed: dict[str, torch.Tensor], s: FieldSettings) -> None:
+    """Replace the targets' ``choice/<name>`` in ``computed`` by the stored ``target_*`` arrays (the store's ranks)."""
+    choice = {name[len(CHOICE) :]: computed.pop(name) for name in list(computed) if name.startswith(CHOICE)}
+    if choice:
+        assert s.targets is not None and s.rank_of_id is not None, "the targets are encoded with the store's ranks"
+        computed.update(encode_target_choice(choice, s.targets, s.rank_of_id))
 
 
 FP16_MAX = 65504.0
@@ -217,6 +237,23 @@ def compute_batch_fields(
     ``fields``: compute only these of the teacher's fields (default all; the row fields input_ids, offsets,
     length, row_id, doc_id and text always come back): the live teacher and the benchmarks skip the rest.
     """
+    computed, valid = run_teacher(model, rows, s, device, fields)
+    return finish_fields(computed, rows, valid, s)
+
+
+def run_teacher(
+    model: Any,
+    rows: list[Row],
+    s: FieldSettings,
+    device: torch.device,
+    fields: Collection[str] | None = None,
+    observe: Callable[[torch.Tensor, torch.Tensor], None] | None = None,
+) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """One teacher forward of ``rows``: its fields as ``finish_fields`` takes them, and valid (B, W) bool.
+
+    The logit and attention fields are computed (the targets as their choice, ``compute_logit_fields``, which
+    passes ``observe`` on), the hidden states of the stored layers come back raw (B, W, H) in the teacher's dtype.
+    """
     ids, mask = pad_rows(rows)
     ids, mask = ids.to(device), mask.to(device)
     segments = pad_segments(rows, ids.shape[1])
@@ -230,20 +267,32 @@ def compute_batch_fields(
     computed: dict[str, torch.Tensor] = {}
     with torch.inference_mode():
         out = forward_teacher(model, ids, mask, bool(attention_layers), attention_layers, positions)
-        if logit_fields:
-            seed = rows[0].row_id
-            computed.update(compute_logit_fields(model, out.last_hidden_state, ids, lengths, s, logit_fields, seed))
+        if logit_fields or observe is not None:
+            seeds = [int(r.row_id) for r in rows]
+            last = out.last_hidden_state
+            computed.update(compute_logit_fields(model, last, ids, lengths, s, logit_fields, seeds, observe))
         if segments is not None and "target_logprob" in computed:  # no next token across a document boundary
             computed["target_logprob"].masked_fill_(~next_in_segment(segments, lengths), float("nan"))
         for layer in hidden_layers:
-            computed[f"hidden/{layer}"] = reduce_hidden(out.hidden_states[layer], layer, s)
+            computed[f"hidden/{layer}"] = out.hidden_states[layer]
         for layer in attention_layers:
             computed[f"attn/{layer}"], computed[f"attn_ids/{layer}"] = attention_topk(
                 out.attentions[layer - 1], s.attention_topk
             )
-    valid = mask.bool()
-    bad = find_nonfinite_rows(computed, valid)
-    return pad_fields(computed, rows, valid, s), bad
+    return computed, mask.bool()
+
+
+def finish_fields(
+    computed: dict[str, torch.Tensor], rows: list[Row], valid: torch.Tensor, s: FieldSettings
+) -> tuple[dict[str, np.ndarray], list[int]]:
+    """``run_teacher``'s output as stored: hidden states reduced ([hidden-range note]), targets encoded, padded to
+    seq_len in the storage dtypes (``pad_fields``); plus the rows whose values are not finite."""
+    with torch.inference_mode():
+        for name in [name for name in computed if name.startswith("hidden/")]:
+            computed[name] = reduce_hidden(computed[name], int(name.split("/")[1]), s)
+        encode_choice(computed, s)
+        bad = find_nonfinite_rows(computed, valid)
+        return pad_fields(computed, rows, valid, s), bad
 
 
 def find_nonfinite_rows(fields: dict[str, torch.Tensor], valid: torch.Tensor) -> list[int]:
@@ -312,62 +361,6 @@ def blank_rows(chunk: dict[str, np.ndarray], bad: list[int]) -> None:
 # whose hidden state is orders of magnitude larger than any text token's, and it is never aligned.
 
 
-def calibrate(
-    model: Any,
-    rows: list[Row],
-    hidden_layers: list[int],
-    hidden_dim: int | None,
-    batch_size: int,
-    device: torch.device,
-    max_positions: int = 65536,
-) -> tuple[dict[str, dict[int, tuple[torch.Tensor, torch.Tensor]]], dict[str, np.ndarray], dict[str, Any]]:
-    """Fit each hidden layer's standardization and PCA basis (if ``hidden_dim``), see [hidden-range note].
-
-    Returns the fitted maps (``{"standardize": ..., "pca": ...}``, as FieldSettings holds them), the store-level
-    arrays: standardize/hidden/<l>/mean|std (H,), pca/hidden/<l>/mean|components, and stats/hidden/<l>/mean|std:
-    per-dimension statistics of what is stored, which stage 2 uses to make its targets; and what the manifest
-    records of the pass: ``positions`` per layer and ``hidden_clip_share``, per layer the share of stored values
-    that stage 2 clips ([target-clip note] in router.py), measured on these positions.
-    """
-    samples: dict[int, list[torch.Tensor]] = {layer: [] for layer in hidden_layers}
-    for start in range(0, len(rows) if hidden_layers else 0, batch_size):  # no hidden layer: no teacher pass
-        batch = rows[start : start + batch_size]
-        ids, mask = pad_rows(batch)
-        segments = pad_segments(batch, ids.shape[1])
-        positions = None if segments is None else segment_position_ids(segments).to(device)
-        with torch.inference_mode():
-            out = forward_teacher(model, ids.to(device), mask.to(device), False, None, positions)
-        text = text_positions(batch, ids.shape[1]).to(device)
-        for layer in hidden_layers:
-            samples[layer].append(out.hidden_states[layer][text].float().cpu())
-    arrays: dict[str, np.ndarray] = {}
-    fitted: dict[str, dict[int, tuple[torch.Tensor, torch.Tensor]]] = {"standardize": {}, "pca": {}}
-    report: dict[str, Any] = {"positions": {}, "hidden_clip": TARGET_CLIP, "hidden_clip_share": {}}
-    for layer in hidden_layers:
-        x = torch.cat(samples[layer])[:max_positions]  # (N, H)
-        mean, std = x.mean(dim=0), x.std(dim=0).nan_to_num(1.0).clamp_min(1e-6)
-        fitted["standardize"][layer] = (mean, std)
-        arrays[root_array_path(STANDARDIZE_GROUP, layer, "mean")] = mean.numpy()
-        arrays[root_array_path(STANDARDIZE_GROUP, layer, "std")] = std.numpy()
-        x = (x - mean) / std
-        if hidden_dim is not None and hidden_dim < x.shape[1]:
-            center = x.mean(dim=0)
-            _, _, vh = torch.linalg.svd(x - center, full_matrices=False)
-            components = vh[:hidden_dim].T.contiguous()  # (H, D)
-            fitted["pca"][layer] = (center, components)
-            arrays[root_array_path(PCA_GROUP, layer, "mean")] = center.numpy()
-            arrays[root_array_path(PCA_GROUP, layer, "components")] = components.numpy()
-            x = (x - center) @ components
-        stored = x.clamp(-FP16_MAX, FP16_MAX).half().float()  # statistics of what stage 2 will read
-        stored_mean, stored_std = stored.mean(dim=0), stored.std(dim=0).nan_to_num(1.0).clamp_min(1e-6)
-        arrays[root_array_path(STATS_GROUP, layer, "mean")] = stored_mean.numpy()
-        arrays[root_array_path(STATS_GROUP, layer, "std")] = stored_std.numpy()
-        unclipped = standardize_hidden(stored, stored_mean, stored_std, clip=float("inf"))  # in its dimension's stds
-        report["positions"][str(layer)] = int(stored.shape[0])
-        report["hidden_clip_share"][str(layer)] = float((unclipped.abs() > TARGET_CLIP).float().mean())
-    return fitted, arrays, report
-
-
 def text_positions(rows: list[Row], width: int) -> torch.Tensor:
     """(B, width) bool: the positions of text tokens, without padding and prefix tokens (span (0, 0))."""
     text = torch.zeros(len(rows), width, dtype=torch.bool)
@@ -377,7 +370,11 @@ def text_positions(rows: list[Row], width: int) -> torch.Tensor:
 
 
 def field_settings(layout: dict[str, Any], root: Any, device: torch.device) -> FieldSettings:
-    """What to compute per row, from a store's layout and its fitted reductions (the live teacher uses it too)."""
+    """What to compute per row, from a store's layout and its fitted reductions (the live teacher uses it too).
+
+    ``root``: the store's zarr group, or any mapping of its store-level arrays (a new store's calibration: those
+    it fitted; None before it has any: no reductions, no rank table)."""
+    root = {} if root is None else root
     return FieldSettings(
         seq_len=layout["seq_len"],
         top_k=layout["top_k"],
@@ -397,7 +394,7 @@ def field_settings(layout: dict[str, Any], root: Any, device: torch.device) -> F
 
 def load_rank_of_id(root: Any, layout: dict[str, Any], device: torch.device) -> torch.Tensor | None:
     """(V,) int64 rank of each teacher id, the inverse of the store's ``targets/id_by_rank`` (compact kinds)."""
-    if target_kind(layout) == "topk-fp16":
+    if target_kind(layout) == "topk-fp16" or ID_BY_RANK not in root:
         return None
     id_by_rank = torch.from_numpy(np.asarray(root[ID_BY_RANK][:]).astype(np.int64))
     rank_of_id = torch.empty_like(id_by_rank)

@@ -58,7 +58,7 @@ class RouterOutput:
 # element can cost is bounded, so the feature, layerwise and attention-alignment terms stay O(1). The clip
 # is kept (a robust loss such as Huber instead would change every hidden term's goldens and scale) and
 # measured: stage 1 counts the share of values it clips on the calibration rows, per layer, and records it
-# in the manifest (``calibration.hidden_clip_share``, fields.py ``calibrate``); ``distill train`` prints it.
+# in the manifest (``calibration.hidden_clip_share``, calibration.py ``fit_hidden_layer``); ``distill train`` prints it.
 # A share far above a Gaussian's says that a layer's massive activations are a real part of its targets, flattened.
 TARGET_CLIP = 10.0
 TARGET_EPS = 1e-5  # added to each dimension's std: a constant dimension clips to ~0, never divides by 0

@@ -1,8 +1,11 @@
 """Stage 1's compact targets (``--targets topk|sampled|hybrid``): chosen and encoded from each slice of full logits,
 and calibrated once per store (the unigram rank table and the fidelity figures of the manifest, [fidelity note]).
 
-The format is in distill/cache/targets.py; stage 1 calls ``compute_target_slice`` from its logit pass, where the
-(P, V) logits and T=1 probabilities already exist, so no extra vocabulary-wide pass is made beyond the draws.
+The format is in distill/cache/targets.py; stage 1 calls ``choose_target_slice`` from its logit pass, where the
+(P, V) logits and T=1 probabilities already exist, so no extra vocabulary-wide pass is made beyond the draws, and
+encodes the choice with the store's rank table (``encode_target_choice``). A new store's calibration rows are
+chosen before that table exists: ``TargetCalibration`` observes the same slices and fits it, then their choice is
+encoded ([calibration note] in pipeline/calibration.py).
 """
 
 from __future__ import annotations
@@ -13,23 +16,21 @@ import numpy as np
 import torch
 
 from distill.cache.targets import ID_BY_RANK, count_head, draw_samples, encode_targets
-from distill.pipeline.packing import segment_position_ids
-from distill.pipeline.teacher_model import compute_logits, find_logit_transforms, forward_teacher
 
 TARGET_FIELDS = ("target_count", "target_ids", "target_values", "target_max", "target_draws")
 
 
-def compute_target_slice(
+def choose_target_slice(
     logits: torch.Tensor,
     probs1: torch.Tensor,
     lse1: torch.Tensor,
     top_logits: torch.Tensor,
     top_ids: torch.Tensor,
     targets: dict[str, Any],
-    rank_of_id: torch.Tensor,
     generator: torch.Generator | None,
 ) -> dict[str, torch.Tensor]:
-    """The stored target arrays of P positions.
+    """The targets of P positions before encoding: ``ids`` (P, S) int64 (-1 = unused), ``logits`` (P, S) fp32 at
+    T=1, ``draws`` (P, S) int64 (0 = exact), ``row_max`` (P,), as ``encode_targets`` takes them.
 
     logits (P, V) fp32 at T=1, probs1 (P, V) their softmax, lse1 (P,), top_logits / top_ids (P, K) descending
     (K = layout.top_k for the head kinds, >= 1 otherwise); targets: the layout's ``targets`` entry.
@@ -46,11 +47,34 @@ def compute_target_slice(
         parts_ids.append(ids)
         parts_draws.append(draws)
     ids, draws = torch.cat(parts_ids, dim=1), torch.cat(parts_draws, dim=1)
-    values = logits.gather(1, ids.clamp(min=0))
-    out = encode_targets(ids, values, draws, top_logits[:, 0], rank_of_id, step)
-    if kind == "topk":
+    return {"ids": ids, "logits": logits.gather(1, ids.clamp(min=0)), "draws": draws, "row_max": top_logits[:, 0]}
+
+
+def encode_target_choice(
+    choice: dict[str, torch.Tensor], targets: dict[str, Any], rank_of_id: torch.Tensor
+) -> dict[str, torch.Tensor]:
+    """``choose_target_slice``'s output (any leading shape) -> the stored target arrays (``target_*``)."""
+    lead = choice["row_max"].shape
+    flat = {name: value.reshape(lead.numel(), *value.shape[len(lead) :]) for name, value in choice.items()}
+    out = encode_targets(flat["ids"], flat["logits"], flat["draws"], flat["row_max"], rank_of_id, targets["value_step"])
+    if targets["kind"] == "topk":
         del out["target_draws"]
-    return out
+    return {name: value.reshape(*lead, *value.shape[1:]) for name, value in out.items()}
+
+
+def compute_target_slice(
+    logits: torch.Tensor,
+    probs1: torch.Tensor,
+    lse1: torch.Tensor,
+    top_logits: torch.Tensor,
+    top_ids: torch.Tensor,
+    targets: dict[str, Any],
+    rank_of_id: torch.Tensor,
+    generator: torch.Generator | None,
+) -> dict[str, torch.Tensor]:
+    """The stored target arrays of P positions: ``choose_target_slice`` then ``encode_target_choice``."""
+    choice = choose_target_slice(logits, probs1, lse1, top_logits, top_ids, targets, generator)
+    return encode_target_choice(choice, targets, rank_of_id)
 
 
 # --- calibration: unigram ranks and fidelity ----------------------------------------------------
@@ -153,59 +177,47 @@ def measure_draws_ess(
     return torch.stack([kish_ess(z * (1.0 / t - 1.0), draws) for t in temperatures], dim=-1)
 
 
-def calibrate_targets(
-    model: Any,
-    rows: list,
-    layout: dict[str, Any],
-    batch_size: int,
-    device: torch.device,
-) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
-    """The teacher's unigram rank table (a store-level array) and the fidelity of the stored targets.
+class TargetCalibration:
+    """The rank table and the fidelity of a new store's targets, summed slice by slice over the calibration
+    positions while their fields are computed (``observe`` is ``compute_logit_fields``'s hook): the mean T=1
+    distribution over the positions gives the ranks ([target-codec note] in cache/targets.py); the [fidelity note]
+    figures at T=1 and each stored T go to the manifest's ``fidelity`` (``distill cache info`` shows them)."""
 
-    One teacher pass over the calibration ``rows``, each document of a packed row on its own (position ids
-    restarting per segment, [packing note] in packing.py): the mean T=1 distribution over their positions gives
-    the ranks ([target-codec note] in cache/targets.py); the [fidelity note] figures at T=1 and each stored T go
-    to the manifest's ``fidelity`` (``distill cache info`` shows them).
-    """
-    from distill.pipeline.fields import pad_rows, pad_segments  # fields imports this module
+    def __init__(self, layout: dict[str, Any], vocab: int, device: torch.device) -> None:
+        self.targets = {**layout["targets"], "top_k": layout["top_k"]}
+        self.temps = sorted({1.0, *layout["temperatures"]})
+        self.generator = torch.Generator(device=device).manual_seed(0)  # the fidelity's own draws ([fidelity note])
+        self.unigram = torch.zeros(vocab, dtype=torch.float64)
+        self.sums = {name: torch.zeros(len(self.temps), dtype=torch.float64) for name in ("kl", "tail", "ess")}
+        self.positions = self.drawn = 0
 
-    targets = {**layout["targets"], "top_k": layout["top_k"]}
-    kind = targets["kind"]
-    temps = sorted({1.0, *layout["temperatures"]})
-    transforms = find_logit_transforms(model)
-    vocab = model.get_output_embeddings().weight.shape[0]
-    generator = torch.Generator(device=device).manual_seed(0)
-    unigram = torch.zeros(vocab, dtype=torch.float64)
-    sums = {name: torch.zeros(len(temps), dtype=torch.float64) for name in ("kl", "tail", "ess")}
-    positions = drawn = 0
-    for start in range(0, len(rows), batch_size):
-        batch = rows[start : start + batch_size]
-        ids, mask = pad_rows(batch)
-        segments = pad_segments(batch, ids.shape[1])
-        position_ids = None if segments is None else segment_position_ids(segments).to(device)
-        with torch.inference_mode():
-            out = forward_teacher(model, ids.to(device), mask.to(device), False, None, position_ids)
-            flat = out.last_hidden_state[mask.to(device).bool()]  # (P, H) real positions (the prefix's prediction)
-            for a in range(0, flat.shape[0], 64):
-                logits = compute_logits(model, flat[a : a + 64], transforms).float()  # (p, V)
-                probs1 = torch.softmax(logits, dim=-1)
-                unigram += probs1.sum(dim=0).double().cpu()
-                decoded, head = decoded_logits(logits, targets), find_head(logits, targets)
-                if kind != "sampled":
-                    for j, t in enumerate(temps):
-                        kl, tail = measure_head_bins(logits, decoded, head, t)
-                        sums["kl"][j] += kl.sum().cpu()
-                        sums["tail"][j] += tail.sum().cpu()
-                if kind in ("sampled", "hybrid"):
-                    ess = measure_draws_ess(probs1, decoded, head, targets["samples"], temps, generator)  # (p, nT)
-                    sums["ess"] += ess.sum(dim=0).cpu()
-                    drawn += int((ess[:, 0] > 0).sum())
-                positions += logits.shape[0]
-    id_by_rank, _ = fit_rank_table(unigram)
-    fidelity: dict[str, Any] = {"kind": kind, "rows": len(rows), "positions": positions}
-    by_t = lambda total, n: {str(t): float(total[j] / max(n, 1)) for j, t in enumerate(temps)}  # noqa: E731
-    if kind != "sampled":
-        fidelity.update(kl_head_bins=by_t(sums["kl"], positions), tail_mass=by_t(sums["tail"], positions))
-    if kind in ("sampled", "hybrid"):
-        fidelity.update(ess=by_t(sums["ess"], drawn), ess_samples=targets["samples"], ess_positions=drawn)
-    return {ID_BY_RANK: id_by_rank}, fidelity
+    def observe(self, logits: torch.Tensor, probs1: torch.Tensor) -> None:
+        """logits (P, V) fp32 at T=1 of P real positions, probs1 (P, V) their softmax."""
+        kind = self.targets["kind"]
+        self.unigram += probs1.sum(dim=0).double().cpu()
+        for a in range(0, logits.shape[0], 64):  # bounds the (64, V) fp64 buffers of the figures
+            part, part_probs = logits[a : a + 64], probs1[a : a + 64]
+            decoded, head = decoded_logits(part, self.targets), find_head(part, self.targets)
+            if kind != "sampled":
+                for j, t in enumerate(self.temps):
+                    kl, tail = measure_head_bins(part, decoded, head, t)
+                    self.sums["kl"][j] += kl.sum().cpu()
+                    self.sums["tail"][j] += tail.sum().cpu()
+            if kind in ("sampled", "hybrid"):
+                samples = self.targets["samples"]
+                ess = measure_draws_ess(part_probs, decoded, head, samples, self.temps, self.generator)  # (p, nT)
+                self.sums["ess"] += ess.sum(dim=0).cpu()
+                self.drawn += int((ess[:, 0] > 0).sum())
+        self.positions += logits.shape[0]
+
+    def finish(self, rows: int) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        """The store-level rank table ``{targets/id_by_rank: (V,) int32}`` and the manifest's ``fidelity``."""
+        kind, temps, sums, positions, drawn = self.targets["kind"], self.temps, self.sums, self.positions, self.drawn
+        id_by_rank, _ = fit_rank_table(self.unigram)
+        fidelity: dict[str, Any] = {"kind": kind, "rows": rows, "positions": positions}
+        by_t = lambda total, n: {str(t): float(total[j] / max(n, 1)) for j, t in enumerate(temps)}  # noqa: E731
+        if kind != "sampled":
+            fidelity.update(kl_head_bins=by_t(sums["kl"], positions), tail_mass=by_t(sums["tail"], positions))
+        if kind in ("sampled", "hybrid"):
+            fidelity.update(ess=by_t(sums["ess"], drawn), ess_samples=self.targets["samples"], ess_positions=drawn)
+        return {ID_BY_RANK: id_by_rank}, fidelity
