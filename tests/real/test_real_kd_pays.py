@@ -18,7 +18,7 @@ from tests.real.conftest import run_cli
 
 pytestmark = pytest.mark.real
 
-CUT_STEPS = 16
+CUT_STEPS = 40  # as bench/real_pairs.py CUT_PLAN: 2 rows a step, lr 1e-4
 
 
 def test_preflight_says_gemma_is_not_clearly_better_than_smollm2(real_run):
