@@ -554,6 +554,9 @@ def demo(
 
 
 def main() -> None:
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # no bar per model load or checkpoint save: distill prints its own progress
     try:
         app()
     except KeyboardInterrupt:

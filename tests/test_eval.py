@@ -447,3 +447,26 @@ def test_rows_of_one_document_are_resampled_together():
     )
     assert by_document == pytest.approx((1 / math.log(2), 3 / math.log(2)))  # all of one or all of the other
     assert by_document[1] - by_document[0] > by_row[1] - by_row[0]
+
+
+def test_plot_lines_differ_in_colour_and_equal_curves_stay_visible():
+    from distill.pipeline.evaluate import line_style
+
+    styles = [line_style(i) for i in range(11)]  # the curriculum plot's 11 weights
+    assert len({tuple(s["color"]) for s in styles}) == 11
+    # kd and lm_unaligned follow one weight: neighbours in sorted order are drawn with different dashes
+    assert all(a["linestyle"] != b["linestyle"] for a, b in zip(styles, styles[1:]))
+
+
+def test_the_cli_prints_no_transformers_progress_bar_per_model_load(train_assets, tmp_path):
+    import subprocess
+    import sys
+
+    from tests.helpers import subprocess_env
+
+    command = [sys.executable, "-m", "distill.cli", "eval", str(train_assets["student"]), "--cache",
+               str(train_assets["store"]), "--split", "all", "--out", str(tmp_path / "report")]  # fmt: skip
+    proc = subprocess.run(command, env=subprocess_env(), capture_output=True, text=True, check=False)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "bits/byte" in proc.stdout or "bpb" in proc.stdout.lower()
+    assert "Loading weights" not in proc.stdout + proc.stderr

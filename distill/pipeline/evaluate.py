@@ -250,6 +250,17 @@ def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
     return records
 
 
+LINE_STYLES = ("-", "--", "-.", ":")
+
+
+def line_style(index: int) -> dict[str, Any]:
+    """Colour and dash of a plot's ``index``-th line: 20 colours (tab20) and 4 dashes, so up to 20 lines differ in
+    colour and two lines with equal values (kd and lm_unaligned follow one curriculum weight) both stay visible."""
+    import matplotlib
+
+    return {"color": matplotlib.colormaps["tab20"](index % 20), "linestyle": LINE_STYLES[index % len(LINE_STYLES)]}
+
+
 def plot_runs(runs: dict[str, list[dict[str, Any]]], out: Path) -> list[str]:
     """loss_terms.png, curriculum.png, eval.png from the runs' metrics records."""
     import matplotlib
@@ -266,11 +277,12 @@ def plot_runs(runs: dict[str, list[dict[str, Any]]], out: Path) -> list[str]:
         for ax, (name, records) in zip(axes[0], runs.items()):
             train = [r for r in records if r.get("split") == "train"]
             keys = sorted({k for r in train for k in r if k.startswith(prefix)})
-            for key in keys:
+            for index, key in enumerate(keys):
                 ax.plot(
                     [r["step"] for r in train if key in r],
                     [r[key] for r in train if key in r],
                     label=key[len(prefix) :],
+                    **line_style(index),
                 )
             ax.set(title=f"{title}: {name}", xlabel="optimizer step", ylabel=ylabel)
             if kind == "loss_terms":
