@@ -470,3 +470,21 @@ def test_the_cli_prints_no_transformers_progress_bar_per_model_load(train_assets
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "bits/byte" in proc.stdout or "bpb" in proc.stdout.lower()
     assert "Loading weights" not in proc.stdout + proc.stderr
+
+
+def test_a_run_scored_on_a_store_of_other_targets_is_warned(runs, train_assets, tmp_path):
+    from tests.helpers import cache_args
+
+    store = tmp_path / "sampled"
+    made = CliRunner().invoke(app, ["cache-teacher", *cache_args(train_assets, store, targets="sampled")])
+    assert made.exit_code == 0, made.output
+    result = CliRunner().invoke(
+        app, ["eval", str(runs["kd"]), "--cache", str(store), "--split", "all", "--out", str(tmp_path / "report")]
+    )
+    assert result.exit_code == 0, result.output
+    warning = [line for line in result.output.splitlines() if line.startswith("warning: kd was trained on")]
+    assert len(warning) == 1 and "topk-fp16 targets" in warning[0] and "sampled targets" in warning[0]
+    report = json.loads((tmp_path / "report" / "report.json").read_text())
+    assert report["students"]["kd"]["trained_targets"] == "topk-fp16" and report["targets"] == "sampled"
+    same = CliRunner().invoke(app, ["eval", str(runs["kd"]), "--out", str(tmp_path / "same")])
+    assert same.exit_code == 0 and "warning: kd was trained on" not in same.output

@@ -37,6 +37,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import sys
 from dataclasses import dataclass
 from functools import reduce
 from pathlib import Path
@@ -46,6 +47,7 @@ import numpy as np
 import torch
 
 from distill.cache.reader import CacheReader
+from distill.cache.targets import target_kind
 from distill.config import ConfigError, CurriculumConfig
 from distill.pipeline.align import (
     align_batch,
@@ -79,7 +81,8 @@ from distill.pipeline.tokens import prefix_ids
 _WHOLE_ROW = 2**62  # a "context" no row reaches: the student's tokens of the whole row
 KD_MODES = {  # [eval-kd note]: the kd column's measure, by the store's kind of targets
     "tail": "the K+1-bin KL (the teacher's head tokens with a student token, one tail bin)",
-    "sampled": "the unbiased estimate of the full KL from the stored draws",
+    "sampled": "the unbiased estimate of the full KL from the stored draws (noisy: a mean of estimates, it can read "
+    "below 0 where the student gives the drawn tokens more than the teacher)",
 }
 
 
@@ -103,6 +106,7 @@ def describe_training(saved: dict[str, Any], final_dir: Path) -> dict[str, Any]:
     return {
         "objective": saved["train"].get("objective"),
         "trained_temperature": saved["train"]["temperature"],
+        "trained_targets": target_kind(saved["cache_manifest"]["layout"]) if "cache_manifest" in saved else None,
         "terms": active_terms(curriculum),
         "final_step": final.get("step"),
         "final_reason": final.get("reason"),
@@ -129,6 +133,19 @@ def resolve_student(path: Path, cache: str | None, split: str) -> StudentSource:
     if cache is None:
         raise ValueError(f"{path}: not a run directory; pass --cache STORE to score a plain model on its rows")
     return StudentSource(path.name, path, cache, CacheReader(cache).row_ids, None)
+
+
+def warn_other_targets(sources: list[StudentSource], kind: str) -> None:
+    """One line per run trained on another kind of teacher targets than the store it is scored on holds."""
+    for source in sources:
+        trained = source.training.get("trained_targets")
+        if trained is not None and trained != kind:
+            print(
+                f"warning: {source.name} was trained on {trained} targets and is scored on a store of {kind} targets: "
+                "its kd column measures another target than it trained on (bits per byte are unaffected)",
+                file=sys.stderr,
+                flush=True,
+            )
 
 
 def _json_interval(interval: tuple[float, float]) -> list[float] | None:
@@ -427,6 +444,7 @@ def run_eval(
         raise ValueError(f"--baseline {baseline}: not among the students {names}")
     runs = {s.name: read_metrics(s.run_dir) for s in sources if s.run_dir is not None}  # before the long part
     store, rows, selection = select_rows(sources)
+    warn_other_targets(sources, CacheReader(store).target_kind)
     check_store(store, verify_cache)
     out.mkdir(parents=True, exist_ok=True)
     reader = CacheReader(store)
