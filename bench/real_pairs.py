@@ -11,7 +11,7 @@ and without the teacher:
 - ``pretrained``: SmolLM2-135M-Instruct as it ships, CE fine-tuning and KD fine-tuning;
 - ``kd-modes``: the scratch student (one init per seed) on stores made with today's defaults, CE-only
   against ``--objective kd-only`` at ``kd_mode`` tail and prefix, 200 steps, seeds 0-2; each seed's runs are
-  scored together (``--baseline`` CE, then ``--baseline`` tail: intervals paired by row);
+  scored together (``--baseline`` CE, then ``--baseline`` tail: paired intervals over documents);
 - ``pretrained-cut``: SmolLM2-135M-Instruct with only some of its 30 blocks kept (``CUT_KEEP`` in
   tests/real/assets.py, the way pruned students are made), a pretrained student the teacher is clearly better
   than; CE fine-tuning against
