@@ -12,6 +12,8 @@ and without the teacher:
 - ``kd-modes``: the scratch student (one init per seed) on stores made with today's defaults, CE-only
   against ``--objective kd-only`` at ``kd_mode`` tail and prefix, 200 steps, seeds 0-2; each seed's runs are
   scored together (``--baseline`` CE, then ``--baseline`` tail: paired intervals over documents);
+- ``default-terms``: the same scratch students and plan, the default objective (every curriculum term)
+  against the kd-only prefix run and CE-only of ``kd-modes`` (reused), seeds 0-2;
 - ``pretrained-cut``: SmolLM2-135M-Instruct with only some of its 30 blocks kept (``CUT_KEEP`` in
   tests/real/assets.py, the way pruned students are made), a pretrained student the teacher is clearly better
   than; CE fine-tuning against
@@ -165,21 +167,47 @@ def compare_kd_modes(assets: dict[str, Path], work: Path) -> dict[str, object]:
     return per_seed
 
 
+def compare_default_terms(assets: dict[str, Path], work: Path) -> dict[str, object]:
+    """The default objective (every curriculum term) against ``--objective kd-only`` and CE-only on the
+    scratch student, per seed; reuses the kd-modes runs (same init, stores and plan)."""
+    stores = build_stores(assets, work, settings=[])
+    per_seed: dict[str, object] = {}
+    for seed in KD_MODES_SEEDS:
+        student = build_scratch_student(assets, work / "students" / f"scratch-{seed}", seed=seed)
+        runs = {
+            name: train(f"kd-modes-{seed}-{name}", student, stores, work, KD_MODES_PLAN, f"seed={seed}", *sets)
+            for name, sets in (("ce", [CE_ONLY]), ("prefix", ["objective=kd-only", "kd_mode=prefix"]),
+                               ("default", []))
+        }  # fmt: skip
+        runs_list = list(runs.values())
+        per_seed[str(seed)] = {
+            "vs_ce": evaluate(f"default-terms-{seed}", runs_list, runs["ce"].name, stores, work),
+            "vs_kd_only": evaluate(
+                f"default-terms-{seed}-vs-kd-only", runs_list[1:], runs["prefix"].name, stores, work
+            ),
+        }
+    return per_seed
+
+
+COMPARISONS = {
+    "kd-modes": compare_kd_modes,
+    "pretrained-cut": compare_pretrained_cut,
+    "default-terms": compare_default_terms,
+}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work", type=Path, required=True, help="folder for stores, runs and reports (resumable)")
-    parser.add_argument(
-        "--only", choices=["scratch", "pretrained", "teacher", "kd-modes", "pretrained-cut"], default=None
-    )
+    parser.add_argument("--only", choices=["scratch", "pretrained", "teacher", *COMPARISONS], default=None)
     args = parser.parse_args()
     from tests.real.assets import fetch_all
 
     started = time.perf_counter()
     assets = fetch_all()
     results: dict[str, object] = {}
-    if args.only in ("kd-modes", "pretrained-cut"):
-        compare = compare_kd_modes if args.only == "kd-modes" else compare_pretrained_cut
-        results[args.only] = compare(assets, args.work)
+    if args.only in COMPARISONS:
+        results[args.only] = COMPARISONS[args.only](assets, args.work)
         results["seconds"] = round(time.perf_counter() - started, 1)
         print(json.dumps(results))
         return
