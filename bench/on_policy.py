@@ -3,6 +3,7 @@ student and the same teacher compute, through the real CLI (issue 26, item 4).
 
     python bench/on_policy.py --work /tmp/on-policy                 # the real pair (Gemma 3 270M -> scratch student)
     python bench/on_policy.py --work /tmp/on-policy --rounds 2
+    python bench/on_policy.py --work /tmp/on-policy --lite           # the real pair, smaller plan (LITE)
     python bench/on_policy.py --work /tmp/on-policy-smoke --smoke   # tiny generated models, a minute on a CPU
 
 The train documents are split in two: ``base`` (cached once, store A) and ``prompts`` (where each round's
@@ -40,6 +41,11 @@ REAL = {
     "seq_len": 128, "base_rows": 192, "start_steps": 200, "round_steps": 100, "batch_size": 4, "grad_accum": 2,
     "lr": 2e-3, "prompts": 256, "prompt_chars": 200, "max_new_tokens": 64, "eval_prompts": 64, "base_share": 0.5,
 }  # fmt: skip
+LITE = {
+    **REAL, "start_steps": 200, "round_steps": 100, "batch_size": 2, "grad_accum": 1, "prompts": 128,
+    "eval_prompts": 48,
+}  # fmt: skip
+"""``--lite``: the real pair at a quarter of the training and half the prompts (about 40 minutes on 2 CPU cores)."""
 SMOKE = {
     "seq_len": 32, "base_rows": 48, "start_steps": 4, "round_steps": 2, "batch_size": 2, "grad_accum": 1,
     "lr": 1e-3, "prompts": 6, "prompt_chars": 30, "max_new_tokens": 8, "eval_prompts": 4, "base_share": 0.5,
@@ -179,8 +185,9 @@ def main() -> None:
     parser.add_argument("--work", type=Path, required=True, help="folder for data, stores, runs and reports")
     parser.add_argument("--rounds", type=int, default=1, help="on-policy rounds (1 or 2)")
     parser.add_argument("--smoke", action="store_true", help="tiny generated models and sizes: checks the script runs")
+    parser.add_argument("--lite", action="store_true", help="the real pair with the smaller plan LITE")
     args = parser.parse_args()
-    started, plan = time.perf_counter(), SMOKE if args.smoke else REAL
+    started, plan = time.perf_counter(), SMOKE if args.smoke else LITE if args.lite else REAL
     assets = smoke_assets(args.work) if args.smoke else real_assets(args.work)
     base_docs, prompt_docs = split_documents(assets["train"], args.work, plan)
     base = cache(assets, base_docs, args.work / "stores" / "base", plan, args.smoke, "--max-rows", plan["base_rows"])

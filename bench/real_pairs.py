@@ -14,6 +14,9 @@ and without the teacher:
   scored together (``--baseline`` CE, then ``--baseline`` tail: paired intervals over documents);
 - ``default-terms``: the same scratch students and plan, the default objective (every curriculum term)
   against the kd-only prefix run and CE-only of ``kd-modes`` (reused), seeds 0-2;
+- ``cut-objectives``: on the cut SmolLM2 below, ``--objective kd-only`` against the defaults (the
+  ``pretrained-cut`` KD runs, reused), seeds 0-2: whether a fine-tuning preset without the representation
+  terms would win;
 - ``pretrained-cut``: SmolLM2-135M-Instruct with only some of its 30 blocks kept (``CUT_KEEP`` in
   tests/real/assets.py, the way pruned students are made), a pretrained student the teacher is clearly better
   than; CE fine-tuning against
@@ -189,10 +192,26 @@ def compare_default_terms(assets: dict[str, Path], work: Path) -> dict[str, obje
     return per_seed
 
 
+def compare_cut_objectives(assets: dict[str, Path], work: Path) -> dict[str, object]:
+    """The candidate fine-tuning preset: ``--objective kd-only`` (kd + lm) against the defaults (every term) on
+    the cut SmolLM2, same plan and seeds as ``pretrained-cut`` (whose runs are reused)."""
+    stores = build_stores(assets, work, settings=[])
+    from tests.real.assets import build_cut_smollm2
+
+    student = build_cut_smollm2(assets["smollm2"], work / "students" / "smollm2-cut")
+    per_seed: dict[str, object] = {}
+    for seed in KD_MODES_SEEDS:
+        full = train(f"cut-{seed}-kd", student, stores, work, CUT_PLAN, f"seed={seed}")
+        kd_only = train(f"cut-{seed}-kd-only", student, stores, work, CUT_PLAN, f"seed={seed}", "objective=kd-only")
+        per_seed[str(seed)] = evaluate(f"cut-{seed}-objectives", [full, kd_only], full.name, stores, work)
+    return per_seed
+
+
 COMPARISONS = {
     "kd-modes": compare_kd_modes,
     "pretrained-cut": compare_pretrained_cut,
     "default-terms": compare_default_terms,
+    "cut-objectives": compare_cut_objectives,
 }
 
 

@@ -109,15 +109,22 @@ def test_rank_table_orders_by_mean_probability_then_id() -> None:
     assert rank_of_id.tolist() == [2, 0, 3, 1]
 
 
+def head_figures(logits: torch.Tensor, targets: dict, t: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """The [fidelity note] figures of ``logits`` (P, V) as ``TargetCalibration`` measures them."""
+    ids, keep = find_head(logits, targets)
+    decoded = decoded_logits(logits.gather(1, ids), targets, logits.max(dim=-1, keepdim=True).values)
+    return measure_head_bins(logits, ids, keep, decoded, t)
+
+
 def test_fidelity_is_the_k_plus_1_bin_kl_of_the_decoded_head_and_the_tail_mass_by_hand() -> None:
     logits = torch.tensor([[1.0, 0.53, -0.21, -3.04]])  # off the 0.1 grid: 0.53 is read back as 0.5
     targets = {"kind": "topk", "value_step": 0.1, "mass": 0.8, "top_k": 4}  # p = .515 .322 .154 .009: head 2
-    head = find_head(logits, targets)
-    assert head.tolist() == [[True, True, False, False]]
-    decoded = decoded_logits(logits, targets)
+    ids, keep = find_head(logits, targets)
+    assert ids[keep].tolist() == [0, 1]
+    decoded = decoded_logits(logits, targets, logits.max(dim=-1, keepdim=True).values)
     assert decoded[0, :2].tolist() == pytest.approx([1.0, 0.5])
     for t in (1.0, 2.0):
-        kl, tail = measure_head_bins(logits, decoded, head, t)
+        kl, tail = head_figures(logits, targets, t)
         p = (logits[0] / t).softmax(-1).double()
         q_head = torch.exp(decoded[0, :2].double() / t - (logits[0] / t).logsumexp(-1).double())
         p_tail, q_tail = 1 - p[:2].sum(), 1 - q_head.sum()
@@ -125,12 +132,38 @@ def test_fidelity_is_the_k_plus_1_bin_kl_of_the_decoded_head_and_the_tail_mass_b
         assert kl.item() == pytest.approx(expected, rel=1e-3) and 1e-5 < kl.item() < 1e-3  # the stored values' loss
         assert tail.item() == pytest.approx(float(p_tail), rel=1e-5)  # what the K+1 bins cannot resolve
     exact, on_grid = {**targets, "mass": 1.0}, torch.tensor([[1.0, 0.5, -0.2, -3.0]])  # every token, read back exactly
-    kl, tail = measure_head_bins(on_grid, decoded_logits(on_grid, exact), find_head(on_grid, exact), 4.0)
+    kl, tail = head_figures(on_grid, exact, 4.0)
     assert kl.item() == pytest.approx(0.0, abs=1e-6) and tail.item() == 0.0
     fp16 = {"kind": "topk-fp16", "top_k": 3}  # the fixed top-3, fp16 logits
-    assert find_head(logits, fp16).tolist() == [[True, True, True, False]]
-    kl, _ = measure_head_bins(logits, decoded_logits(logits, fp16), find_head(logits, fp16), 1.0)
+    ids, keep = find_head(logits, fp16)
+    assert ids[keep].tolist() == [0, 1, 2]
+    kl, _ = head_figures(logits, fp16, 1.0)
     assert 0 <= kl.item() < 1e-6
+
+
+def test_fidelity_matches_the_full_vocabulary_formula_in_fp64() -> None:
+    """The one-pass figures equal the definition computed over every token in fp64, on a real-sized row."""
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(6, 5000, generator=generator) * 3.0
+    logits[:, :40] += 8.0  # a peaked head, a long tail
+    for kind, targets in {
+        "topk": {"kind": "topk", "value_step": 0.1, "mass": 0.9, "top_k": 64},
+        "topk-fp16": {"kind": "topk-fp16", "top_k": 32},
+    }.items():
+        ids, keep = find_head(logits, targets)
+        head = torch.zeros_like(logits, dtype=torch.bool).scatter_(1, torch.where(keep, ids, ids[:, :1]), True)
+        decoded = decoded_logits(logits, targets, logits.max(dim=-1, keepdim=True).values).double()
+        for t in (1.0, 2.0, 4.0):
+            scaled = logits.double() / t
+            log_p = scaled - scaled.logsumexp(dim=-1, keepdim=True)
+            p_head = torch.where(head, log_p.exp(), 0.0)
+            q_head = torch.where(head, (decoded / t - scaled.logsumexp(dim=-1, keepdim=True)).exp(), 0.0)
+            tail, q_tail = 1 - p_head.sum(-1), 1 - q_head.sum(-1)
+            ratio = torch.where(head, (logits.double() - decoded) / t, 0.0)
+            expected = (p_head * ratio).sum(-1) + tail * (tail / q_tail).log()
+            kl, measured_tail = head_figures(logits, targets, t)
+            assert torch.allclose(measured_tail, tail, rtol=1e-5, atol=1e-9), kind
+            assert torch.allclose(kl, expected, rtol=1e-3, atol=1e-8), (kind, t, kl, expected)
 
 
 def test_effective_sample_size_of_weighted_draws_by_hand() -> None:
@@ -140,9 +173,9 @@ def test_effective_sample_size_of_weighted_draws_by_hand() -> None:
     assert ess.tolist() == pytest.approx([16 / 6, 3.0, 0.0])
     logits = torch.tensor([[2.0, 1.0, 0.0, -1.0, -2.0]] * 64)
     sampled = {"kind": "sampled", "value_step": 0.1, "samples": 8}
-    decoded, head = decoded_logits(logits, sampled), find_head(logits, sampled)
+    ids, keep = find_head(logits, sampled)
     generator = torch.Generator().manual_seed(0)
-    ess = measure_draws_ess(logits.softmax(-1), decoded, head, 8, [1.0, 4.0], generator)  # (64, 2)
+    ess = measure_draws_ess(logits, logits.softmax(-1), torch.where(keep, ids, -1), sampled, [1.0, 4.0], generator)
     assert ess[:, 0].tolist() == pytest.approx([8.0] * 64)  # at T = 1 every draw weighs the same
     assert (ess[:, 1] <= 8.0 + 1e-9).all() and (ess[:, 1] >= 1.0).all() and ess[:, 1].mean() < 7.0  # T = 4: fewer
 
@@ -162,3 +195,21 @@ def test_info_names_an_older_stores_fidelity_figure_for_what_it_is() -> None:
     head, draws = describe_fidelity(new)
     assert "T=1 3.00e-04 (0.115)" in head and "T=1 32.0" in draws and draws.startswith(" " * 10)
     assert describe_fidelity(None) == []
+
+
+def test_calibration_measures_fidelity_on_a_stride_of_positions_and_ranks_on_all() -> None:
+    from distill.pipeline.target_fields import FIDELITY_POSITIONS, TargetCalibration
+
+    layout = {"targets": {"kind": "topk", "value_step": 0.1, "mass": 0.9}, "top_k": 8, "temperatures": [1.0]}
+    total = 3 * FIDELITY_POSITIONS  # stride 3: every third position over the calls, wherever a call ends
+    calibration = TargetCalibration(layout, 50, torch.device("cpu"), total)
+    logits = torch.randn(total, 50, generator=torch.Generator().manual_seed(0))
+    for a, b in ((0, 1000), (1000, 1001), (1001, total)):
+        calibration.observe(logits[a:b], logits[a:b].softmax(-1))
+    _, fidelity = calibration.finish(rows=1)
+    assert fidelity["positions"] == FIDELITY_POSITIONS
+    ids, keep = find_head(logits[::3], layout["targets"] | {"top_k": 8})
+    decoded = decoded_logits(logits[::3].gather(1, ids), layout["targets"], logits[::3].max(-1, keepdim=True).values)
+    kl, _ = measure_head_bins(logits[::3], ids, keep, decoded, 1.0)
+    assert fidelity["kl_head_bins"]["1.0"] == pytest.approx(float(kl.mean()), rel=1e-6)
+    assert torch.allclose(calibration.unigram, logits.softmax(-1).sum(0).double(), rtol=1e-5)

@@ -63,7 +63,8 @@ def calibrate_rows(
     unfitted = field_settings(layout, None, device)
     targets = None
     if unfitted.targets is not None:
-        targets = TargetCalibration(layout, model.get_output_embeddings().weight.shape[0], device)
+        vocab, positions = model.get_output_embeddings().weight.shape[0], sum(len(row.input_ids) for row in rows)
+        targets = TargetCalibration(layout, vocab, device, positions)
     kept = []  # (rows, run_teacher's output on the CPU, valid (B, W), text positions (B, W))
     for start in range(0, len(rows), batch_size):
         batch = rows[start : start + batch_size]

@@ -88,7 +88,13 @@ def compute_target_slice(
 # resolve. Sampled kinds: Kish's effective sample size of the draws at T, (Σ c w)² / Σ c w² over the drawn
 # tokens (c the draw count, w = p_T / p_1 the importance weight of a draw from the T = 1 proposal, decoded
 # logits), out of ``samples`` draws (``hybrid``: its tail draws): n at T = 1, less where p_T and p_1 differ.
-# Each figure is the mean over positions (ESS: over positions with draws).
+# Each figure is the mean over positions (ESS: over positions with draws), measured on every stride-th
+# calibration position, the stride chosen so that about ``FIDELITY_POSITIONS`` are measured: the figures cost
+# a few vocabulary-wide passes per position and temperature, more than the teacher's own lm_head, and a mean
+# over ~1,000 positions is as telling as one over 30,000. The rank table sums every position.
+
+
+FIDELITY_POSITIONS = 1024
 
 
 def fit_rank_table(unigram: torch.Tensor) -> tuple[np.ndarray, torch.Tensor]:
@@ -99,48 +105,56 @@ def fit_rank_table(unigram: torch.Tensor) -> tuple[np.ndarray, torch.Tensor]:
     return order.numpy().astype(np.int32), rank_of_id
 
 
-def quantized_logits(logits: torch.Tensor, step: float) -> torch.Tensor:
-    """What a decoder reads back for every token of (P, V) logits: max - step · code, codes clamped to 8 bits."""
-    row_max = logits.max(dim=-1, keepdim=True).values
+def quantized_logits(logits: torch.Tensor, step: float, row_max: torch.Tensor) -> torch.Tensor:
+    """What a decoder reads back for (P, N) logits of positions whose max logit is row_max (P, 1): max - step ·
+    code, codes clamped to 8 bits."""
     return row_max - step * torch.round((row_max - logits) / step).clamp(0, 255)
 
 
-def decoded_logits(logits: torch.Tensor, targets: dict[str, Any]) -> torch.Tensor:
-    """(P, V) the logit a reader decodes for every token: 8-bit steps, or fp16 for ``topk-fp16``."""
+def decoded_logits(logits: torch.Tensor, targets: dict[str, Any], row_max: torch.Tensor) -> torch.Tensor:
+    """(P, N) the logit a reader decodes for each of (P, N) stored logits: 8-bit steps below the position's
+    row_max (P, 1), or fp16 for ``topk-fp16``."""
     if targets["kind"] == "topk-fp16":
         return logits.half().float()
-    return quantized_logits(logits, targets["value_step"])
+    return quantized_logits(logits, targets["value_step"], row_max)
 
 
-def find_head(logits: torch.Tensor, targets: dict[str, Any]) -> torch.Tensor:
-    """(P, V) bool: the tokens stored exactly (the head) of each position; none for ``sampled``."""
-    head = torch.zeros_like(logits, dtype=torch.bool)
+def find_head(logits: torch.Tensor, targets: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The tokens stored exactly (the head) of each of P positions: (ids (P, K) int64 distinct, descending by
+    logit; keep (P, K) bool, the head's slots), as ``choose_target_slice`` picks them; K = 0 for ``sampled``."""
     if targets["kind"] == "sampled":
-        return head
+        empty = logits.new_zeros((logits.shape[0], 0), dtype=torch.long)
+        return empty, empty.bool()
     top = logits.topk(min(targets["top_k"], logits.shape[1]), dim=-1)
     if targets["kind"] == "topk-fp16":
-        return head.scatter_(1, top.indices, True)
-    lse1 = logits.logsumexp(dim=-1)
-    k = count_head(top.values, lse1, targets["mass"], targets["value_step"])
-    keep = torch.arange(top.indices.shape[1], device=logits.device)[None, :] < k[:, None]
-    return head.scatter_(1, torch.where(keep, top.indices, top.indices[:, :1]), True)
+        return top.indices, torch.ones_like(top.indices, dtype=torch.bool)
+    k = count_head(top.values, logits.logsumexp(dim=-1), targets["mass"], targets["value_step"])
+    return top.indices, torch.arange(top.indices.shape[1], device=logits.device)[None, :] < k[:, None]
 
 
 def measure_head_bins(
-    logits: torch.Tensor, decoded: torch.Tensor, head: torch.Tensor, temperature: float
+    logits: torch.Tensor, head_ids: torch.Tensor, keep: torch.Tensor, decoded_head: torch.Tensor, temperature: float
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """[fidelity note] (K+1-bin KL(true ‖ decoded) (P,), true tail mass (P,)) at ``temperature``, fp64.
+    """[fidelity note] (K+1-bin KL(true ‖ decoded) (P,), true tail mass (P,)) at ``temperature``.
 
-    logits, decoded (P, V) fp32 at T=1 (true and as read back); head (P, V) bool the stored exact tokens.
-    Both sides share lse_T, so a head bin's log ratio is (z - ẑ) / T. In fp64: the figure is far smaller than
-    the fp32 rounding of the tail bin's 1 - Σ head (~1e-7).
+    logits (P, V) fp32 at T=1; head_ids, keep (P, K) from ``find_head``; decoded_head (P, K) the head's logits as
+    read back. Both sides share lse_T, so a head bin's log ratio is (z - ẑ) / T. One vocabulary-wide pass, in
+    fp32 below the row max: the tail's log-sum-exp (the head masked out), so the tail mass is summed from the
+    tail itself (exact to fp32's ~1e-7 relative); everything over the K head slots is fp64, so the figure is
+    not drowned by the rounding of 1 - Σ head.
     """
-    scaled = logits.double() / temperature
-    lse = scaled.logsumexp(dim=-1, keepdim=True)  # (P, 1) lse_T
-    log_p = scaled - lse
-    kl_head = torch.where(head, log_p.exp() * (logits - decoded).double() / temperature, 0.0).sum(dim=-1)
-    log_tail_p = torch.where(head, -torch.inf, log_p).logsumexp(dim=-1)  # exact: summed from the tail itself
-    head_q = torch.where(head, (decoded.double() / temperature - lse).exp(), 0.0).sum(dim=-1)
+    row_max = logits.max(dim=-1, keepdim=True).values  # (P, 1)
+    z_head = logits.gather(1, head_ids)  # (P, K)
+    scaled = (logits - row_max) / temperature  # (P, V) <= 0
+    scaled.scatter_(1, head_ids, torch.where(keep, -torch.inf, (z_head - row_max) / temperature))
+    lse_tail = scaled.logsumexp(dim=-1).double()  # (P,) log Σ_tail exp((z - max) / T)
+    head = torch.where(keep, (z_head - row_max).double() / temperature, -torch.inf)  # (P, K)
+    lse = torch.logaddexp(lse_tail, head.logsumexp(dim=-1))  # (P,) lse_T - max / T
+    p_head = (head - lse[:, None]).exp()  # 0 off the head
+    kl_head = torch.where(keep, p_head * (z_head - decoded_head).double() / temperature, 0.0).sum(dim=-1)
+    decoded = (decoded_head - row_max).double() / temperature - lse[:, None]
+    head_q = torch.where(keep, decoded.exp(), 0.0).sum(dim=-1)
+    log_tail_p = lse_tail - lse
     tail = log_tail_p.exp()
     kl_tail = torch.where(tail > 0, tail * (log_tail_p - torch.log1p(-head_q).clamp(min=-700)), 0.0)  # 1 - Σ head
     return kl_head + kl_tail, tail
@@ -159,21 +173,22 @@ def kish_ess(log_weights: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
 
 
 def measure_draws_ess(
+    logits: torch.Tensor,
     probs1: torch.Tensor,
-    decoded: torch.Tensor,
-    head: torch.Tensor,
-    samples: int,
+    exclude: torch.Tensor,
+    targets: dict[str, Any],
     temperatures: list[float],
     generator: torch.Generator | None,
 ) -> torch.Tensor:
-    """[fidelity note] (P, nT) Kish ESS of ``samples`` draws from the T=1 teacher outside ``head``, at each T.
+    """[fidelity note] (P, nT) Kish ESS of the targets' ``samples`` draws from the T=1 teacher outside the head,
+    at each T.
 
-    probs1 (P, V) the T=1 probabilities, decoded (P, V) the logits as read back, head (P, V) bool. The draws are
-    made as stage 1 makes them (``draw_samples``); w ∝ exp(ẑ (1/T - 1)) for a drawn token of decoded logit ẑ.
+    logits (P, V) fp32 at T=1, probs1 (P, V) their softmax, exclude (P, K) the head's ids (-1 = none). The draws
+    are made as stage 1 makes them (``draw_samples``); w ∝ exp(ẑ (1/T - 1)) for a drawn token of decoded logit ẑ.
     """
-    exclude = torch.where(head, torch.arange(head.shape[1], device=head.device)[None, :], -1)
-    ids, draws = draw_samples(probs1, samples, exclude, generator)
-    z = decoded.gather(1, ids.clamp(min=0))  # (P, S)
+    ids, draws = draw_samples(probs1, targets["samples"], exclude, generator)
+    row_max = logits.max(dim=-1, keepdim=True).values
+    z = decoded_logits(logits.gather(1, ids.clamp(min=0)), targets, row_max)  # (P, S)
     return torch.stack([kish_ess(z * (1.0 / t - 1.0), draws) for t in temperatures], dim=-1)
 
 
@@ -183,29 +198,38 @@ class TargetCalibration:
     distribution over the positions gives the ranks ([target-codec note] in cache/targets.py); the [fidelity note]
     figures at T=1 and each stored T go to the manifest's ``fidelity`` (``distill cache info`` shows them)."""
 
-    def __init__(self, layout: dict[str, Any], vocab: int, device: torch.device) -> None:
+    def __init__(self, layout: dict[str, Any], vocab: int, device: torch.device, positions: int) -> None:
+        """``positions``: how many the calibration rows hold (the fidelity stride is set from it)."""
         self.targets = {**layout["targets"], "top_k": layout["top_k"]}
         self.temps = sorted({1.0, *layout["temperatures"]})
         self.generator = torch.Generator(device=device).manual_seed(0)  # the fidelity's own draws ([fidelity note])
         self.unigram = torch.zeros(vocab, dtype=torch.float64)
         self.sums = {name: torch.zeros(len(self.temps), dtype=torch.float64) for name in ("kl", "tail", "ess")}
-        self.positions = self.drawn = 0
+        self.stride = max(1, -(-positions // FIDELITY_POSITIONS))
+        self.positions = self.seen = self.drawn = 0
 
     def observe(self, logits: torch.Tensor, probs1: torch.Tensor) -> None:
-        """logits (P, V) fp32 at T=1 of P real positions, probs1 (P, V) their softmax."""
+        """logits (P, V) fp32 at T=1 of P real positions, probs1 (P, V) their softmax: all feed the rank table,
+        every ``stride``-th position (counted over the calls) the fidelity."""
         kind = self.targets["kind"]
         self.unigram += probs1.sum(dim=0).double().cpu()
-        for a in range(0, logits.shape[0], 64):  # bounds the (64, V) fp64 buffers of the figures
+        first = -self.seen % self.stride  # the first position of this call on the stride
+        measured = torch.arange(first, max(first, logits.shape[0]), self.stride, device=logits.device)
+        self.seen += logits.shape[0]
+        logits, probs1 = logits[measured], probs1[measured]
+        for a in range(0, logits.shape[0], 64):  # bounds the (64, V) buffers of the figures
             part, part_probs = logits[a : a + 64], probs1[a : a + 64]
-            decoded, head = decoded_logits(part, self.targets), find_head(part, self.targets)
+            head_ids, keep = find_head(part, self.targets)
             if kind != "sampled":
+                row_max = part.max(dim=-1, keepdim=True).values
+                decoded_head = decoded_logits(part.gather(1, head_ids), self.targets, row_max)
                 for j, t in enumerate(self.temps):
-                    kl, tail = measure_head_bins(part, decoded, head, t)
+                    kl, tail = measure_head_bins(part, head_ids, keep, decoded_head, t)
                     self.sums["kl"][j] += kl.sum().cpu()
                     self.sums["tail"][j] += tail.sum().cpu()
             if kind in ("sampled", "hybrid"):
-                samples = self.targets["samples"]
-                ess = measure_draws_ess(part_probs, decoded, head, samples, self.temps, self.generator)  # (p, nT)
+                exclude = torch.where(keep, head_ids, -1)
+                ess = measure_draws_ess(part, part_probs, exclude, self.targets, self.temps, self.generator)  # (p, nT)
                 self.sums["ess"] += ess.sum(dim=0).cpu()
                 self.drawn += int((ess[:, 0] > 0).sum())
         self.positions += logits.shape[0]
