@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from distill.cache.reader import CacheReader
 from tests.helpers import REPO, cache_args, invoke
 
 FENCE = re.compile(r"^```python\n(.*?)^```", re.MULTILINE | re.DOTALL)
@@ -87,6 +88,9 @@ def test_reading_a_row_with_plain_zarr(topk_store):
     exec(snippet("import numpy as np, zarr").replace('"STORE"', repr(str(topk_store))), given)
     p, k = given["p"], given["k"]
     assert p.shape[0] == given["n"] and np.all(p <= 1 + 1e-6)
+    decoded = CacheReader(str(topk_store)).read_rows([0], ["topk_ids"])["topk_ids"][0].numpy()  # (L, S)
+    for t in range(given["n"]):  # the snippet's ids are distill's (in rank order, not logit order)
+        assert sorted(given["ids"][t, : k[t]]) == sorted(decoded[t][decoded[t] >= 0])
     head = np.arange(p.shape[1])[None, :] < k[:, None]  # the used slots
     assert np.all(np.where(head, p, 0).sum(-1) <= 1 + 1e-3)
 

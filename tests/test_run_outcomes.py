@@ -1,16 +1,26 @@
 """What a run hands back, through the real CLI: the best student in final/, objective presets named in the run's
-config and in eval's report, and a throughput figure that leaves eval and checkpoint time out."""
+config and in eval's report, a throughput figure that leaves eval and checkpoint time out, and the log line's
+smoothed loss and ETA."""
 
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
 from typer.testing import CliRunner
 
 from distill.cli import app
-from distill.pipeline.progress import ThroughputWindow
+from distill.pipeline.progress import (
+    Pace,
+    ThroughputWindow,
+    debias_ema,
+    eta_seconds,
+    format_duration,
+    format_line,
+    update_ema,
+)
 from tests.helpers import cache_args, read_metrics, run_train, train_args
 
 
@@ -145,6 +155,32 @@ class Clock:
 
     def __call__(self) -> float:
         return self.times.pop(0)
+
+
+def test_smoothed_loss_is_a_debiased_ema_by_hand():
+    assert update_ema(0.0, 2.0, beta=0.5) == 1.0 and debias_ema(1.0, 1, beta=0.5) == 2.0  # one value: itself
+    ema = update_ema(1.0, 4.0, beta=0.5)  # 0.5 * 1 + 0.5 * 4
+    assert ema == 2.5 and debias_ema(ema, 2, beta=0.5) == 2.5 / 0.75  # (0.5 * 2 + 1 * 4) / (0.5 + 1)
+    pace = Pace()
+    for loss in (3.0, 3.0, math.inf, 3.0):  # constant losses smooth to themselves; a non-finite one is skipped
+        pace.add(0.1, loss)
+    assert pace.updates == 3 and pace.smoothed_loss == pytest.approx(3.0, rel=1e-12)
+
+
+def test_eta_is_the_mean_recent_step_time_after_warmup_times_the_steps_left():
+    assert eta_seconds([0.25, 0.75], 10) == 5.0 and eta_seconds([], 10) is None
+    pace = Pace(warmup=2, recent=3)
+    for step_s in (9.0, 7.0, 1.0, 2.0, 3.0, 4.0):  # the first two (compilation) are left out; 1.0 is not recent
+        pace.add(step_s, 1.0)
+    assert list(pace.times) == [2.0, 3.0, 4.0] and pace.eta(100) == 300.0
+    assert Pace(warmup=2).eta(100) is None
+    assert [format_duration(s) for s in (None, 45, 2040, 7500)] == ["?", "45s", "34m", "2h05m"]
+    logs = {"loss/total": 2.31, "loss/kd": 1.9, "loss/lm": 2.72, "aligned_share": 0.97}
+    line = format_line(420, 10000, logs, 3e-4, 212, 38211, 2.35, 2040.0)
+    assert line == (
+        "step 00420/10000 (4.2%) | loss 2.31 (kd 1.9 lm 2.72) | ema 2.35 | lr 0.0003 | 212ms | tok/s 38,211 | "
+        "aligned 0.97 | eta 34m"
+    )
 
 
 def test_throughput_leaves_out_paused_time():

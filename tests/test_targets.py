@@ -60,7 +60,8 @@ def make_layout(kind: str, top_k: int = 4, samples: int = 6) -> dict:
 def test_round_trip_through_zarr_keeps_ids_and_values_within_the_bound(kind: str, tmp_path) -> None:
     import zarr
 
-    from distill.cache.store import compressor_for, filters_for
+    from distill.cache.shards import read_rows_of
+    from distill.cache.store import compressor_for, delta_attributes, encode_rows
 
     g = torch.Generator().manual_seed(0)
     vocab, positions = 50, 7
@@ -81,11 +82,12 @@ def test_round_trip_through_zarr_keeps_ids_and_values_within_the_bound(kind: str
             shape=value.shape,
             chunks=value.shape,
             dtype=dtype,
-            compressors=compressor_for(dtype, name),
-            filters=filters_for(name, dtype),
+            compressors=compressor_for(name),
+            attributes=delta_attributes(name, value.ndim),
         )
-        array[:] = value
-        stored[name] = torch.from_numpy(np.asarray(array[:]).astype(np.int64 if dtype != "float32" else np.float32))
+        array[:] = encode_rows(array, value)
+        read = read_rows_of(array, slice(0, positions))
+        stored[name] = torch.from_numpy(read.astype(np.int64 if dtype != "float32" else np.float32))
     assert (stored["target_ids"].numpy() == arrays["target_ids"].numpy().reshape(stored["target_ids"].shape)).all()
     ids, z, mult = decode_targets(stored, lse1[:, None], layout, torch.argsort(rank_of_id))
     ids, z = ids[:, 0], z[:, 0]
@@ -101,6 +103,31 @@ def test_round_trip_through_zarr_keeps_ids_and_values_within_the_bound(kind: str
         assert torch.allclose(w.sum(-1), torch.ones(positions), atol=1e-5)
     if kind == "topk":
         assert mult is None
+
+
+def test_delta_coding_stores_gaps_and_reads_back_exactly_whatever_the_values(tmp_path) -> None:
+    import zarr
+
+    from distill.cache.shards import read_rows_of
+    from distill.cache.store import DELTA_ATTR, compressor_for, delta_attributes, encode_rows
+
+    rng = np.random.default_rng(0)
+    ranks = np.sort(rng.integers(0, 2**18, size=(6, 5, 4), dtype=np.uint32), axis=-1)  # (rows, L, S) ascending
+    ranks[1, 2] = [2**32 - 1, 0, 7, 3]  # unsorted and at the ends of uint32: the gaps wrap around, and back
+    root = zarr.open_group(str(tmp_path / "z"), mode="w")
+    array = root.create_array(
+        "target_ids", shape=ranks.shape, chunks=(4, 5, 4), dtype="uint32", compressors=compressor_for("target_ids"),
+        attributes=delta_attributes("target_ids", ranks.ndim),
+    )  # fmt: skip
+    array[:] = encode_rows(array, ranks.astype(np.int64))
+    assert dict(array.attrs) == {DELTA_ATTR: {"axis": 2}}
+    assert np.array_equal(array[:, :, 0], ranks[:, :, 0])  # the first slot as it is, then the gaps
+    assert np.array_equal(array[0, 0, 1:], np.diff(ranks[0, 0]))
+    assert np.array_equal(read_rows_of(array, slice(0, 6)), ranks)
+    assert np.array_equal(read_rows_of(array, np.array([5, 1, 3])), ranks[[5, 1, 3]])  # rows across chunks
+    plain = root.create_array("length", shape=(6,), dtype="int32", attributes=delta_attributes("length", 1))
+    lengths = ranks[:, 0, 0]
+    assert encode_rows(plain, lengths) is lengths and not dict(plain.attrs)  # other fields are stored as they are
 
 
 def test_rank_table_orders_by_mean_probability_then_id() -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -134,6 +135,65 @@ def test_export_import_merge_and_resume_keep_the_targets(tiny_assets, stores, tm
     group.attrs["shard"] = {**record, "status": "partial", "checksums": record["checksums"][:1]}
     assert invoke("cache-teacher", *cache_args(tiny_assets, resumed, targets="hybrid", **SETTINGS)).exit_code == 0
     assert_stores_equal(str(resumed), source)  # type: ignore[arg-type]
+
+
+# The codecs of the zarr v3 core specification (zarr-specs v3.0); vlen-utf8, registered in zarr-extensions, is the
+# serializer of the string data type, which the core has not, so only ``text`` may use it.
+CORE_V3_CODECS = {"bytes", "transpose", "gzip", "blosc", "crc32c", "sharding_indexed"}
+
+
+def test_a_new_store_needs_only_core_v3_codecs_and_reads_without_warnings(stores):
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # zarr warns on opening an array with a codec outside the specification
+        root = zarr.open_group(str(stores["hybrid"]), mode="r")
+        arrays = {name: node for name, node in root.members(max_depth=None) if isinstance(node, zarr.Array)}
+        for name, array in arrays.items():
+            codecs = {c["name"] for c in array.metadata.to_dict()["codecs"]}
+            allowed = CORE_V3_CODECS | ({"vlen-utf8"} if name.endswith("/text") else set())
+            assert codecs <= allowed, (name, codecs)
+            np.asarray(array[:])
+        stored = np.asarray(root["shards/00000/target_ids"][:])  # (rows, L, S): as a plain zarr reader sees it
+        coding = root["shards/00000/target_ids"].attrs["delta_coding"]
+        ranks = np.cumsum(stored, axis=coding["axis"], dtype=stored.dtype)
+        id_by_rank = np.asarray(root["targets/id_by_rank"][:])
+        counts = np.asarray(root["shards/00000/target_count"][:])
+    assert coding == {"axis": 2} and (np.diff(ranks, axis=-1).astype(np.int64) >= 0).all()  # ascending ranks
+    assert not np.array_equal(stored, ranks)  # the gaps are stored, not the ranks
+    decoded = CacheReader(str(stores["hybrid"])).read_rows(range(len(ranks)), ["topk_ids"])["topk_ids"].numpy()
+    for row, pos in [(0, 0), (3, 5), (len(ranks) - 1, 2)]:
+        k = int(counts[row, pos])
+        assert sorted(id_by_rank[ranks[row, pos, :k]]) == sorted(decoded[row, pos][decoded[row, pos] >= 0])
+
+
+@pytest.mark.filterwarnings("ignore:Numcodecs codecs are not in the Zarr version 3 specification")
+def test_schema_3_stores_with_numcodecs_delta_are_read_as_they_are_and_not_resumed(tiny_assets, stores, tmp_path):
+    from zarr.codecs.numcodecs import Delta
+
+    from distill.cache.shards import read_rows_of
+    from distill.cache.store import DELTA_ATTR, compressor_for
+
+    source, old = stores["topk"], tmp_path / "old"
+    shutil.copytree(source, old)
+    root = zarr.open_group(str(old), mode="a")
+    root.attrs["distill"] = {**dict(root.attrs["distill"]), "schema_version": 3}
+    for _, group in root["shards"].groups():  # schema 3's layout: plain ranks behind numcodecs' Delta
+        array = group["target_ids"]
+        ranks = read_rows_of(array, slice(0, array.shape[0]))
+        group.create_array(
+            "target_ids", shape=array.shape, chunks=array.chunks, dtype=array.dtype, filters=[Delta(dtype="<u4")],
+            compressors=compressor_for("target_ids"), overwrite=True, config={"write_empty_chunks": True},
+        )[:] = ranks  # fmt: skip
+    assert DELTA_ATTR not in root["shards/00000/target_ids"].attrs
+    assert invoke("cache", "verify", old).exit_code == 0  # read back as committed: no second cumulative sum
+    assert_stores_equal(str(old), source)  # type: ignore[arg-type]
+    h5, imported = tmp_path / "old.h5", tmp_path / "imported"
+    assert invoke("cache", "export", old, "--format", "hdf5", h5).exit_code == 0
+    assert invoke("cache", "import", h5, imported).exit_code == 0
+    assert_stores_equal(str(imported), source)  # type: ignore[arg-type]
+    group = root["shards/00000"]
+    group.attrs["shard"] = {**dict(group.attrs["shard"]), "status": "partial", "checksums": []}
+    resumed = invoke("cache-teacher", *cache_args(tiny_assets, old, targets="topk", **SETTINGS))
+    assert resumed.exit_code != 0 and "schema version 3" in resumed.stderr and "--overwrite" in resumed.stderr
 
 
 @pytest.mark.parametrize("kind", ["topk", "sampled"])

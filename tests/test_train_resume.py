@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import re
 import signal
 import subprocess
 import time
@@ -95,14 +96,17 @@ def test_sigkill_resumes_from_the_last_periodic_checkpoint_and_matches(train_ass
     assert_same_weights(out, uninterrupted)
 
 
-def test_a_thousand_steps_print_few_lines_and_nothing_per_eval_batch(train_assets, tmp_path, single_thread):
+def test_a_run_prints_a_line_per_log_interval_and_nothing_per_step_or_eval_batch(train_assets, tmp_path, single_thread):
     off = {f"curriculum.{t}": 0 for t in ("feature", "attention", "layerwise", "contrastive")}
     args = train_args(train_assets, tmp_path / "long", batch_size=1, grad_accum=1, eval_rows=6, **off)
-    result = run_train(args, steps=1000, log_every=100, eval_every=250)
+    result = run_train(args, steps=40, log_every=4, eval_every=10)
     lines = result.stdout.splitlines()
     step_lines = [line for line in lines if line.startswith("step ")]
     eval_lines = [line for line in lines if line.startswith("eval ")]
-    assert len(step_lines) == 11 and len(eval_lines) == 4  # step 1, every 100th; evals at 250..1000
-    assert len(lines) <= 15 * 10
+    assert len(step_lines) == 11 and len(eval_lines) == 4  # step 1, every 4th; evals at 10..40 (6 batches each)
+    assert len(lines) <= len(step_lines) + len(eval_lines) + 5  # a summary at the end, nothing per step or batch
+    shown = [re.search(r"\| loss (\S+) .*\| ema (\S+) \|.*\| eta (\S+)$", line).groups() for line in step_lines]
+    assert shown[0][0] == shown[0][1]  # the smoothed loss of one step is that step's loss
+    assert shown[0][2] == "?" and all(re.fullmatch(r"\d+s|\d+m|\d+h\d\dm", eta) for _, _, eta in shown[1:])
     records = read_metrics(tmp_path / "long")
     assert all(r["lr"] > 0 for r in records if r["split"] == "train")

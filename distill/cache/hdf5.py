@@ -40,6 +40,7 @@ from distill.cache.store import (
     SHARD_ATTR,
     create_store,
     delete_store,
+    encode_rows,
     load_manifest,
     open_root,
     root_arrays,
@@ -176,7 +177,8 @@ def import_shard(source: Any, group: zarr.Group, index: int, specs: dict[str, Fi
         }
         require_checksum(arrays, record, index, chunk, "the HDF5 file")
         for name, value in arrays.items():
-            group[name].with_config(WRITE_CONFIG)[start:end] = value  # type: ignore[union-attr]
+            array = group[name]
+            array.with_config(WRITE_CONFIG)[start:end] = encode_rows(array, value)  # type: ignore[union-attr]
     group.attrs[SHARD_ATTR] = record
 
 

@@ -36,6 +36,7 @@ from distill.cache.shards import (
     chunk_matches_checksum,
     describe_missing,
     missing_chunk_files,
+    read_rows_of,
     stored_files,
 )
 from distill.cache.store import load_manifest, open_root, shard_records
@@ -214,8 +215,8 @@ class CacheReader:
 def read_selection(array: zarr.Array, local_rows: np.ndarray) -> np.ndarray:
     """Rows of one shard array; a contiguous ascending run is read as one slice (the fast path)."""
     if len(local_rows) and np.all(np.diff(local_rows) == 1):
-        return np.asarray(array[int(local_rows[0]) : int(local_rows[-1]) + 1])
-    return np.asarray(array.oindex[local_rows])
+        return read_rows_of(array, slice(int(local_rows[0]), int(local_rows[-1]) + 1))
+    return read_rows_of(array, local_rows)
 
 
 def to_output(name: str, parts: list[np.ndarray], inverse: np.ndarray) -> Any:

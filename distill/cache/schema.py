@@ -18,8 +18,9 @@ import numpy as np
 
 from distill.cache.targets import target_field_shapes
 
-SCHEMA_VERSION = 3  # 3: compact teacher targets (layout.targets); 2: prefix (BOS) policy, standardized hidden states
-READABLE_VERSIONS = (2, 3)  # version 2 holds the fixed top-K fp16 targets (kind "topk-fp16"), read as they are
+SCHEMA_VERSION = 4  # 4: delta coding by distill, core zarr v3 codecs only ([delta note] in store.py); 3: compact
+# teacher targets (layout.targets); 2: prefix (BOS) policy, standardized hidden states
+READABLE_VERSIONS = (2, 3, 4)  # 2 holds the fixed top-K fp16 targets (kind "topk-fp16"), 3 numcodecs' Delta filter
 
 MANIFEST_ATTR = "distill"
 SHARDS_GROUP = "shards"

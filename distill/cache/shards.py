@@ -31,7 +31,7 @@ from distill.cache.schema import (
     StoreDamaged,
     shard_name,
 )
-from distill.cache.store import SHARD_ATTR, store_fs
+from distill.cache.store import SHARD_ATTR, decode_rows, encode_rows, store_fs
 
 WRITE_CONFIG = {"write_empty_chunks": True}  # [missing-chunk note]
 
@@ -78,7 +78,8 @@ class ShardWriter:
             raise CacheError(f"shard {self.index}: chunk {chunk} written out of order")
         start = chunk * record["chunk_rows"]
         for name, value in arrays.items():
-            self.group[name].with_config(WRITE_CONFIG)[start : start + len(value)] = value  # type: ignore[union-attr]
+            array = self.group[name]
+            array.with_config(WRITE_CONFIG)[start : start + len(value)] = encode_rows(array, value)  # type: ignore[union-attr]
         if chunk in redo:
             record["checksums"][chunk] = checksum_arrays(arrays)
             record["redo"] = [c for c in redo if c != chunk]
@@ -125,10 +126,18 @@ def missing_chunk_files(group: zarr.Group, names: Iterable[str], chunks: Iterabl
 
 
 def read_chunk(group: zarr.Group, record: dict[str, Any], chunk: int, names: Any) -> dict[str, np.ndarray]:
-    """All fields ``names`` of one chunk of a shard, as numpy arrays."""
+    """All fields ``names`` of one chunk of a shard, as numpy arrays of their values (decoded: [delta note] in
+    store.py)."""
     start = chunk * record["chunk_rows"]
     end = min(start + record["chunk_rows"], record["rows"])
-    return {name: np.asarray(group[name][start:end]) for name in names}
+    return {name: read_rows_of(group[name], slice(start, end)) for name in names}  # type: ignore[arg-type]
+
+
+def read_rows_of(array: zarr.Array, rows: slice | np.ndarray) -> np.ndarray:
+    """Rows ``rows`` (a slice, or local indices) of one shard array, as their values: a delta-coded field decoded
+    ([delta note] in store.py)."""
+    stored = array[rows] if isinstance(rows, slice) else array.oindex[rows]
+    return decode_rows(array, np.asarray(stored))
 
 
 def chunk_matches_checksum(group: zarr.Group, record: dict[str, Any], chunk: int, names: Any) -> bool:

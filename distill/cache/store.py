@@ -26,7 +26,7 @@ import fsspec
 import numpy as np
 import zarr
 from fsspec.utils import get_protocol
-from zarr.codecs import BloscCodec, Delta
+from zarr.codecs import BloscCodec
 
 from distill.cache.schema import (
     MANIFEST_ATTR,
@@ -137,28 +137,49 @@ def load_manifest(root: zarr.Group, url: str) -> dict[str, Any]:
 # --- creation -----------------------------------------------------------------------------
 
 
-def compressor_for(dtype: str, name: str = "") -> Any:
-    """Blosc zstd with byte shuffle: fp16 log-probs and small ints compress well with it."""
-    if dtype == "str":
-        return "auto"
+def compressor_for(name: str = "") -> BloscCodec:
+    """Blosc zstd with byte shuffle (a codec of the zarr v3 core specification): fp16 log-probs and small ints
+    compress well with it; ``text`` is compressed the same way after zarr's ``vlen-utf8`` serializer."""
     if name in DELTA_FIELDS:  # small sorted gaps: a higher level pays ([target-codec note] in targets.py)
         return BloscCodec(cname="zstd", clevel=5, shuffle="shuffle")
     return BloscCodec(cname="zstd", clevel=3, shuffle="shuffle")
 
 
-# Fields stored through zarr's Delta filter (numcodecs.delta): ascending unigram ranks become small gaps.
+# [delta note] Fields whose values ascend along their last axis are stored as differences along it: the first
+# slot as it is, each next one minus the one before (in the array's dtype). Distill codes and decodes them itself
+# (``encode_rows``, ``decode_rows``), so the chunks go through core zarr v3 codecs only (bytes, blosc) and any v3
+# reader opens them; the array's attribute ``DELTA_ATTR`` = {"axis": a} says to take a cumulative sum along axis a.
+# Schema-3 stores hold the plain values behind numcodecs' Delta filter (over the flattened chunk) and have no such
+# attribute: zarr-python undoes that filter itself, so the same code reads them unchanged.
 DELTA_FIELDS = ("target_ids",)
-# zarr warns that numcodecs codecs are outside the v3 specification; zarr-python and numcodecs read them.
+DELTA_ATTR = "delta_coding"
+# zarr warns about numcodecs' Delta filter when it opens a field of such an older store; it reads it all the same.
 warnings.filterwarnings("ignore", message="Numcodecs codecs are not in the Zarr version 3 specification")
 
 
-def filters_for(name: str, dtype: str) -> Any:
-    """The array-to-array filters of a field: Delta for ``DELTA_FIELDS``, none (zarr's default) otherwise."""
-    if name not in DELTA_FIELDS:
-        return "auto"
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return [Delta(dtype=np.dtype(dtype).str)]
+def delta_attributes(name: str, ndim: int) -> dict[str, Any]:
+    """The attributes of a new field array: ``DELTA_ATTR`` for ``DELTA_FIELDS`` ([delta note]), none otherwise."""
+    return {DELTA_ATTR: {"axis": ndim - 1}} if name in DELTA_FIELDS else {}
+
+
+def encode_rows(array: zarr.Array, rows: Any) -> Any:
+    """What to write into ``array`` for ``rows`` (a run of whole rows, every axis but the first complete): the
+    differences along the delta axis for a delta-coded array ([delta note]), ``rows`` unchanged otherwise."""
+    coding = array.attrs.get(DELTA_ATTR)
+    if coding is None:
+        return rows
+    values = np.asarray(rows).astype(array.dtype)
+    first = np.zeros_like(values.take([0], axis=coding["axis"]))
+    return np.diff(values, axis=coding["axis"], prepend=first)  # wraps around in an unsigned dtype; cumsum undoes it
+
+
+def decode_rows(array: zarr.Array, stored: np.ndarray) -> np.ndarray:
+    """The values of whole rows read from ``array`` as stored: the cumulative sum along the delta axis for a
+    delta-coded array ([delta note]), ``stored`` unchanged otherwise."""
+    coding = array.attrs.get(DELTA_ATTR)
+    if coding is None:
+        return stored
+    return np.cumsum(stored, axis=coding["axis"], dtype=stored.dtype)
 
 
 def shard_row_ranges(num_rows: int, chunk_rows: int, num_shards: int) -> list[tuple[int, int]]:
@@ -189,9 +210,10 @@ def create_store(
     """
     root = open_group(url, mode="a")
     for name, data in tokenizer_files.items():
-        root.create_array(f"{TOKENIZER_GROUP}/{name}", data=np.frombuffer(data, dtype=np.uint8))
+        file_bytes = np.frombuffer(data, dtype=np.uint8)
+        root.create_array(f"{TOKENIZER_GROUP}/{name}", data=file_bytes, compressors=compressor_for())
     for path, data in root_arrays.items():
-        root.create_array(path, data=np.ascontiguousarray(data))
+        root.create_array(path, data=np.ascontiguousarray(data), compressors=compressor_for())
     layout = manifest["layout"]
     specs = build_field_specs(layout)
     for index, (start, end) in enumerate(layout["shard_rows"]):
@@ -211,8 +233,8 @@ def create_shard_arrays(root: zarr.Group, index: int, rows: int, chunk_rows: int
             shape=(rows, *spec.row_shape),
             chunks=(chunk_rows, *spec.row_shape),
             dtype=dtype,
-            compressors=compressor_for(spec.dtype, spec.name),
-            filters=filters_for(spec.name, spec.dtype),
+            compressors=compressor_for(spec.name),
+            attributes=delta_attributes(spec.name, 1 + len(spec.row_shape)),
         )
     group.attrs[SHARD_ATTR] = new_shard_record(rows, chunk_rows)
 
@@ -335,11 +357,14 @@ def root_arrays(root: zarr.Group) -> dict[str, np.ndarray]:
 
 
 __all__ = [
+    "DELTA_ATTR",
     "ROOT_GROUPS",
     "SHARD_ATTR",
     "check_compatible",
     "create_store",
+    "decode_rows",
     "delete_store",
+    "encode_rows",
     "field_bytes",
     "find_manifest",
     "load_manifest",

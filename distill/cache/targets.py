@@ -16,7 +16,8 @@ The compact kinds store per position ([target-codec note]):
 * ``target_count`` [L] uint16: the slots used at the position (0 at padding);
 * ``target_ids`` [L, S] uint32: the tokens' **ranks** under the teacher's unigram frequency (the store-level
   ``targets/id_by_rank`` gives the vocabulary id of each rank), ascending, the unused slots repeating the last
-  rank; zarr's Delta filter stores the differences, Blosc bit-packs them (bitshuffle + zstd);
+  rank; the store keeps the gaps between them (``DELTA_FIELDS``, [delta note] in store.py), Blosc zstd with byte
+  shuffle compresses them;
 * ``target_values`` [L, S] uint8: ``round((max - z) / step)``, z the token's logit at T=1 and max the row's;
 * ``target_max`` [L] float32: the row's largest logit;
 * ``target_draws`` [L, S] uint8 (sampled kinds): how many of the draws gave the token; 0 = an exact head slot.
@@ -52,6 +53,8 @@ _FAR = -1e4  # logit of an unused slot: exp(_FAR / T - lse) is 0 at any T, and f
 # the max (probability < 1e-11 of the top one's) is dropped rather than clamped, so the error bound holds for
 # every exact slot. A drawn token is kept whatever its logit, its code clamped at 255: at T=1 its weight is
 # draws / n, which the clamp does not change (the proposal q̂ cancels), and stage 2 trains sampled kinds at T=1 only.
+# The gaps run along each position's slots, not across the flattened chunk: on 128 rows of the default (p = 0.9)
+# store of Gemma 3 270M, 52.3 B/token against 55.7 (byte shuffle beats bitshuffle on both, 52.3 against 61.6).
 
 
 def build_target_layout(kind: str, top_k: int, mass: float, samples: int, step: float = DEFAULT_VALUE_STEP) -> dict:

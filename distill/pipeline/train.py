@@ -51,7 +51,7 @@ from distill.pipeline.distributed import (
     sum_over_ranks,
 )
 from distill.pipeline.mixing import MixedRowOrder
-from distill.pipeline.progress import StopSignal, ThroughputWindow, format_line, say
+from distill.pipeline.progress import Pace, StopSignal, ThroughputWindow, format_line, say
 from distill.pipeline.run_dir import choose_final, lock_run_dir, trim_metrics, write_record, write_run_config
 from distill.pipeline.tracking import describe_cache, open_trackers
 from distill.pipeline.train_setup import Run, setup
@@ -262,7 +262,7 @@ def fit(run: Run) -> dict[str, Any]:
         run.batches.prepare_batch, rows, cfg.seed, cfg.batch_size, world, cfg.num_workers_prefetch, state.cursor
     )
     save_every = cfg.save_every or cfg.eval_every
-    stop_reason, window, last_eval = "max_steps", ThroughputWindow(), None
+    stop_reason, window, pace, last_eval = "max_steps", ThroughputWindow(), Pace(), None
     learner.train()
     with StopSignal() as stop:
         while state.step < run.total_steps:
@@ -270,17 +270,18 @@ def fit(run: Run) -> dict[str, Any]:
             weights = weights_at(state.step, run.total_steps, cfg.curriculum)
             step_start = time.perf_counter()
             result = train_step(run, opt, stream, weights)
+            step_s = time.perf_counter() - step_start
+            pace.add(step_s, result.logs["loss/total"])
             window.tokens += result.tokens
             state.step, state.cursor = state.step + 1, stream.cursor
             step, last_step = state.step, state.step == run.total_steps
             # --- log
             if step % cfg.log_every == 0 or last_step or step == 1:
                 tok_s = window.rate(sum_over_ranks(window.tokens, world))
-                step_s = time.perf_counter() - step_start
                 record = {"split": "train", "step": step, "lr": result.lr, "tokens_per_s": tok_s, **result.logs}
                 write_record(metrics, record, trackers)
-                eta = step_s * (run.total_steps - step)
-                say(format_line(step, run.total_steps, result.logs, result.lr, 1000 * step_s, tok_s, eta))
+                eta, smoothed = pace.eta(run.total_steps - step), pace.smoothed_loss
+                say(format_line(step, run.total_steps, result.logs, result.lr, 1000 * step_s, tok_s, smoothed, eta))
                 window.reset()
             # --- eval, early stopping, checkpoint (outside the throughput window)
             stop_now = False
