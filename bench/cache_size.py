@@ -59,10 +59,10 @@ def check_values_exact(store: Path, teacher: Path, dataset: Path, size: dict, at
     import zarr
 
     from distill.config import CacheConfig
-    from distill.pipeline.cache_teacher import iter_chunk_batches
-    from distill.pipeline.data import RowBuilder, load_text_dataset, plan_rows
-    from distill.pipeline.fields import pad_rows
-    from distill.pipeline.teacher_model import forward_teacher, load_teacher, load_teacher_tokenizer
+    from distill.pipeline.teacher.cache_teacher import iter_chunk_batches
+    from distill.pipeline.teacher.fields import pad_rows
+    from distill.pipeline.teacher.model import forward_teacher, load_teacher, load_teacher_tokenizer
+    from distill.pipeline.text.data import RowBuilder, load_text_dataset, plan_rows
 
     shard = zarr.open_group(str(store), mode="r")["shards/00000"]  # plain zarr: what is on disk, decoded
     cfg = CacheConfig(teacher=str(teacher), dataset=str(dataset), out=str(store), seq_len=size["seq_len"])
@@ -105,7 +105,7 @@ def main() -> None:
 
     from distill.cache.info import store_info
     from distill.config import CacheConfig
-    from distill.pipeline import cache_teacher
+    from distill.pipeline.teacher import cache_teacher
 
     torch.set_num_threads(args.threads)
     size = SIZES["quick" if args.quick else "full"]

@@ -35,12 +35,12 @@ OBJECTIVES: dict[str, tuple[str, ...]] = {
 @dataclass
 class CurriculumConfig:
     """Per-term base weights and the phases, as fractions of the run's total optimizer steps
-    (pipeline/curriculum.py turns them into the weights of a step)."""
+    (curriculum.py turns them into the weights of a step)."""
 
     kd: float = 0.7
     """Weight of the teacher top-K KD term, on from step 0; in [0, 1). lm weighs 1 - kd."""
     alm: float = 0.0
-    """Weight of the ALM chunk-likelihood term (xtok_losses.alm_loss), on from step 0 next to kd and lm; 0 = off.
+    """Weight of the ALM chunk-likelihood term (cross_tokenizer.alm_loss), on from step 0 beside kd and lm; 0: off.
     (``--set kd_mode=alm`` puts ALM in kd's place instead.)"""
     feature: float = 0.1
     """Full weight of the student-aware router feature term (with its balance/importance terms)."""
@@ -111,7 +111,7 @@ class CurriculumConfig:
 
 
 KD_MODES = ("tail", "prefix", "alm", "projector", "uld")
-"""The kd term's modes (pipeline/terms.py computes each)."""
+"""The kd term's modes (pipeline/train/terms.py computes each)."""
 
 
 DEVICE_MAPS = (None, "auto", "balanced", "sequential")

@@ -238,9 +238,9 @@ def test_each_row_runs_through_the_teacher_once_and_is_stored_as_computed_alone(
     import numpy as np
 
     from distill.config import CacheConfig
-    from distill.pipeline import fields
-    from distill.pipeline.data import Row
-    from distill.pipeline.teacher_model import load_teacher
+    from distill.pipeline.teacher import fields
+    from distill.pipeline.teacher.model import load_teacher
+    from distill.pipeline.text.data import Row
 
     forwarded = []
     real_forward = fields.forward_teacher

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from distill.config import CurriculumConfig
-from distill.pipeline.curriculum import TERMS, enabled_terms, weights_at
+from distill.curriculum import TERMS, enabled_terms, weights_at
 
 TOTAL = 1000
 RAMPED = ("feature", "attention", "layerwise", "contrastive")

@@ -16,7 +16,11 @@ RULES = [
     ("distill.cache", "distill.pipeline", "cache/ knows arrays and manifests, not models"),
     ("distill.config", "distill.pipeline", "the configs are read by both stages and the CLI"),
     ("distill.runtime", "distill.pipeline", "rank, device and dtype are answered below both stages"),
-    ("distill.pipeline.evaluate", "distill.pipeline.train", "eval reads stores and students, not the training loop"),
+    (
+        "distill.pipeline.eval.evaluate",
+        "distill.pipeline.train.loop",
+        "eval reads stores and students, not the training loop",
+    ),
     ("distill.cache", "distill.cli", "the CLI is the top layer"),
     ("distill.pipeline", "distill.cli", "the CLI is the top layer"),
 ]
@@ -59,13 +63,13 @@ def test_the_import_parser_sees_every_form(tmp_path):
     package.mkdir(parents=True)
     source = package / "x.py"
     source.write_text(
-        "import distill.pipeline.kd_losses\n"
+        "import distill.pipeline.losses.kd\n"
         "from distill.pipeline import train\n"
         "def f():\n"
         "    from ..pipeline.align import build_vocab_map\n"
     )
     found = imported_modules(source, tmp_path / "distill")
-    assert {"distill.pipeline.kd_losses", "distill.pipeline.train", "distill.pipeline.align"} <= found
+    assert {"distill.pipeline.losses.kd", "distill.pipeline.train", "distill.pipeline.align"} <= found
 
 
 @pytest.mark.parametrize("owner, forbidden, why", RULES)

@@ -10,7 +10,7 @@ import pytest
 from typer.testing import CliRunner
 
 from distill.cli import app
-from distill.pipeline.progress import ThroughputWindow
+from distill.pipeline.train.progress import ThroughputWindow
 from tests.helpers import cache_args, read_metrics, run_train, train_args
 
 

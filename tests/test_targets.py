@@ -15,7 +15,7 @@ from distill.cache.targets import (
     draw_samples,
     target_field_shapes,
 )
-from distill.pipeline.target_fields import (
+from distill.pipeline.teacher.target_fields import (
     compute_target_slice,
     decoded_logits,
     find_head,

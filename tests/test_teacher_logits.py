@@ -17,7 +17,7 @@ from distill.cache.reader import CacheReader
 from distill.cli import app
 from distill.config import CacheConfig, ConfigError
 from distill.pipeline.demo import build_model
-from distill.pipeline.teacher_model import load_teacher
+from distill.pipeline.teacher.model import load_teacher
 from tests.helpers import cache_args
 
 TEMPS = [1.0, 2.0]
@@ -125,7 +125,7 @@ def test_a_head_that_is_not_linear_is_refused(tiny_assets, tmp_path):
 
     model = AutoModelForCausalLM.from_pretrained(teacher)
     model.set_output_embeddings(torch.nn.Sequential(model.get_output_embeddings()))
-    from distill.pipeline.teacher_model import find_logit_transforms
+    from distill.pipeline.teacher.model import find_logit_transforms
 
     with pytest.raises(ConfigError, match="not a linear map"):
         find_logit_transforms(model)

@@ -13,11 +13,11 @@ from typer.testing import CliRunner
 from distill.cli import app
 from distill.config import TrainConfig
 from distill.config_loading import load_config
-from distill.pipeline import learner as learner_mod
-from distill.pipeline import terms as terms_mod
-from distill.pipeline.curriculum import weights_at
-from distill.pipeline.train import evaluate
-from distill.pipeline.train_setup import setup
+from distill.curriculum import weights_at
+from distill.pipeline.train import learner as learner_mod
+from distill.pipeline.train import terms as terms_mod
+from distill.pipeline.train.loop import evaluate
+from distill.pipeline.train.setup import setup
 from tests.helpers import cache_args, config_from_args, read_metrics, run_train, train_args
 
 TERMS = (
@@ -357,10 +357,10 @@ def test_prefix_kd_of_a_training_step_equals_kd_prefix_loss_on_the_aligned_logit
     import torch.nn.functional as F
 
     from distill.config import CurriculumConfig, TrainConfig
-    from distill.pipeline import learner as learner_module
-    from distill.pipeline.curriculum import weights_at
-    from distill.pipeline.train_setup import setup
-    from distill.pipeline.xtok_losses import kd_prefix_loss
+    from distill.curriculum import weights_at
+    from distill.pipeline.losses.cross_tokenizer import kd_prefix_loss
+    from distill.pipeline.train import learner as learner_module
+    from distill.pipeline.train.setup import setup
 
     views = []
 

@@ -108,7 +108,7 @@ def describe_targets(layout: dict[str, Any]) -> str:
 
 
 def describe_fidelity(fidelity: dict[str, Any] | None) -> list[str]:
-    """The manifest's fidelity figures ([fidelity note] in pipeline/target_fields.py), one line per kind of figure.
+    """The manifest's fidelity figures ([fidelity note] in pipeline/teacher/target_fields.py), a line a kind.
 
     Stores made before those figures hold ``kl_full_reconstructed``: KL(full ‖ a reconstruction whose tail is
     spread evenly, or the draws' expectation), shown under that name; its ``topk`` values measure the spread."""

@@ -25,7 +25,7 @@ The compact kinds store per position ([target-codec note]):
 ``step / 2`` (a drawn token more than 25.5 nats below the max is clamped there), and, for the sampled kinds, the
 factor m that makes w_T = m · exp(z/T - lse_T) an unbiased estimate of the teacher's probability; stage 2 uses
 them at T=1 only, where a drawn weight does not depend on the stored logit ([unbiased-kd note] in
-pipeline/sampled_kd.py).
+pipeline/losses/sampled_kd.py).
 """
 
 from __future__ import annotations
@@ -186,7 +186,7 @@ def decode_targets(
     (needed by the sampled kinds); id_by_rank (V,) the store's ``targets/id_by_rank``.
     With m the multiplier, w_T = m · exp(z / T - lse_T) estimates the teacher's T probability without bias:
     ``sampled``: m = (draws / n) / q̂, q̂ = exp(ẑ - lse_1) the proposal; ``hybrid`` tail slots: m = (draws / n) ·
-    r̂ / q̂ with r̂ = 1 - Σ_head exp(ẑ - lse_1) ([unbiased-kd note] in pipeline/sampled_kd.py).
+    r̂ / q̂ with r̂ = 1 - Σ_head exp(ẑ - lse_1) ([unbiased-kd note] in pipeline/losses/sampled_kd.py).
     """
     kind = target_kind(layout)
     if kind == "topk-fp16":

@@ -1,0 +1,223 @@
+"""Stage 1's compact targets (``--targets topk|sampled|hybrid``): chosen and encoded from each slice of full logits,
+and calibrated once per store (the unigram rank table and the fidelity figures of the manifest, [fidelity note]).
+
+The format is in distill/cache/targets.py; stage 1 calls ``choose_target_slice`` from its logit pass, where the
+(P, V) logits and T=1 probabilities already exist, so no extra vocabulary-wide pass is made beyond the draws, and
+encodes the choice with the store's rank table (``encode_target_choice``). A new store's calibration rows are
+chosen before that table exists: ``TargetCalibration`` observes the same slices and fits it, then their choice is
+encoded ([calibration note] in pipeline/teacher/calibration.py).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+from distill.cache.targets import ID_BY_RANK, count_head, draw_samples, encode_targets
+
+TARGET_FIELDS = ("target_count", "target_ids", "target_values", "target_max", "target_draws")
+
+
+def choose_target_slice(
+    logits: torch.Tensor,
+    probs1: torch.Tensor,
+    lse1: torch.Tensor,
+    top_logits: torch.Tensor,
+    top_ids: torch.Tensor,
+    targets: dict[str, Any],
+    generator: torch.Generator | None,
+) -> dict[str, torch.Tensor]:
+    """The targets of P positions before encoding: ``ids`` (P, S) int64 (-1 = unused), ``logits`` (P, S) fp32 at
+    T=1, ``draws`` (P, S) int64 (0 = exact), ``row_max`` (P,), as ``encode_targets`` takes them.
+
+    logits (P, V) fp32 at T=1, probs1 (P, V) their softmax, lse1 (P,), top_logits / top_ids (P, K) descending
+    (K = layout.top_k for the head kinds, >= 1 otherwise); targets: the layout's ``targets`` entry.
+    """
+    kind, step = targets["kind"], targets["value_step"]
+    parts_ids, parts_draws = [], []
+    if kind in ("topk", "hybrid"):
+        k = count_head(top_logits, lse1, targets["mass"], step)  # (P,)
+        head = torch.arange(top_ids.shape[1], device=logits.device)[None, :] < k[:, None]
+        parts_ids.append(torch.where(head, top_ids, -1))
+        parts_draws.append(torch.zeros_like(top_ids))
+    if kind in ("sampled", "hybrid"):
+        ids, draws = draw_samples(probs1, targets["samples"], parts_ids[0] if parts_ids else None, generator)
+        parts_ids.append(ids)
+        parts_draws.append(draws)
+    ids, draws = torch.cat(parts_ids, dim=1), torch.cat(parts_draws, dim=1)
+    return {"ids": ids, "logits": logits.gather(1, ids.clamp(min=0)), "draws": draws, "row_max": top_logits[:, 0]}
+
+
+def encode_target_choice(
+    choice: dict[str, torch.Tensor], targets: dict[str, Any], rank_of_id: torch.Tensor
+) -> dict[str, torch.Tensor]:
+    """``choose_target_slice``'s output (any leading shape) -> the stored target arrays (``target_*``)."""
+    lead = choice["row_max"].shape
+    flat = {name: value.reshape(lead.numel(), *value.shape[len(lead) :]) for name, value in choice.items()}
+    out = encode_targets(flat["ids"], flat["logits"], flat["draws"], flat["row_max"], rank_of_id, targets["value_step"])
+    if targets["kind"] == "topk":
+        del out["target_draws"]
+    return {name: value.reshape(*lead, *value.shape[1:]) for name, value in out.items()}
+
+
+def compute_target_slice(
+    logits: torch.Tensor,
+    probs1: torch.Tensor,
+    lse1: torch.Tensor,
+    top_logits: torch.Tensor,
+    top_ids: torch.Tensor,
+    targets: dict[str, Any],
+    rank_of_id: torch.Tensor,
+    generator: torch.Generator | None,
+) -> dict[str, torch.Tensor]:
+    """The stored target arrays of P positions: ``choose_target_slice`` then ``encode_target_choice``."""
+    choice = choose_target_slice(logits, probs1, lse1, top_logits, top_ids, targets, generator)
+    return encode_target_choice(choice, targets, rank_of_id)
+
+
+# --- calibration: unigram ranks and fidelity ----------------------------------------------------
+
+# [fidelity note] What the manifest's ``fidelity`` measures, per stored temperature T, on the calibration
+# positions (full logits at hand). Head kinds (topk, hybrid, topk-fp16): the K+1-bin KL(true ‖ decoded) the
+# tail loss sees, the head tokens one bin each and one tail bin, true = the teacher's exact probabilities,
+# decoded = exp(ẑ / T - lse_T) from the stored (quantized or fp16) logits and the stored exact lse_T, the tail
+# bin 1 - Σ head as the loss reads it; it measures what storing loses and nothing else (the tail is exact in
+# mass, blind in spread, by design). Beside it the true tail mass 1 - Σ head: what the K+1 bins cannot
+# resolve. Sampled kinds: Kish's effective sample size of the draws at T, (Σ c w)² / Σ c w² over the drawn
+# tokens (c the draw count, w = p_T / p_1 the importance weight of a draw from the T = 1 proposal, decoded
+# logits), out of ``samples`` draws (``hybrid``: its tail draws): n at T = 1, less where p_T and p_1 differ.
+# Each figure is the mean over positions (ESS: over positions with draws).
+
+
+def fit_rank_table(unigram: torch.Tensor) -> tuple[np.ndarray, torch.Tensor]:
+    """(id_by_rank (V,) int32, rank_of_id (V,) int64) from the mean T=1 probability of each id (ties: lower id)."""
+    order = torch.sort(-unigram.double(), stable=True).indices  # (V,) ids, most probable first
+    rank_of_id = torch.empty_like(order)
+    rank_of_id[order] = torch.arange(order.numel())
+    return order.numpy().astype(np.int32), rank_of_id
+
+
+def quantized_logits(logits: torch.Tensor, step: float) -> torch.Tensor:
+    """What a decoder reads back for every token of (P, V) logits: max - step · code, codes clamped to 8 bits."""
+    row_max = logits.max(dim=-1, keepdim=True).values
+    return row_max - step * torch.round((row_max - logits) / step).clamp(0, 255)
+
+
+def decoded_logits(logits: torch.Tensor, targets: dict[str, Any]) -> torch.Tensor:
+    """(P, V) the logit a reader decodes for every token: 8-bit steps, or fp16 for ``topk-fp16``."""
+    if targets["kind"] == "topk-fp16":
+        return logits.half().float()
+    return quantized_logits(logits, targets["value_step"])
+
+
+def find_head(logits: torch.Tensor, targets: dict[str, Any]) -> torch.Tensor:
+    """(P, V) bool: the tokens stored exactly (the head) of each position; none for ``sampled``."""
+    head = torch.zeros_like(logits, dtype=torch.bool)
+    if targets["kind"] == "sampled":
+        return head
+    top = logits.topk(min(targets["top_k"], logits.shape[1]), dim=-1)
+    if targets["kind"] == "topk-fp16":
+        return head.scatter_(1, top.indices, True)
+    lse1 = logits.logsumexp(dim=-1)
+    k = count_head(top.values, lse1, targets["mass"], targets["value_step"])
+    keep = torch.arange(top.indices.shape[1], device=logits.device)[None, :] < k[:, None]
+    return head.scatter_(1, torch.where(keep, top.indices, top.indices[:, :1]), True)
+
+
+def measure_head_bins(
+    logits: torch.Tensor, decoded: torch.Tensor, head: torch.Tensor, temperature: float
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """[fidelity note] (K+1-bin KL(true ‖ decoded) (P,), true tail mass (P,)) at ``temperature``, fp64.
+
+    logits, decoded (P, V) fp32 at T=1 (true and as read back); head (P, V) bool the stored exact tokens.
+    Both sides share lse_T, so a head bin's log ratio is (z - ẑ) / T. In fp64: the figure is far smaller than
+    the fp32 rounding of the tail bin's 1 - Σ head (~1e-7).
+    """
+    scaled = logits.double() / temperature
+    lse = scaled.logsumexp(dim=-1, keepdim=True)  # (P, 1) lse_T
+    log_p = scaled - lse
+    kl_head = torch.where(head, log_p.exp() * (logits - decoded).double() / temperature, 0.0).sum(dim=-1)
+    log_tail_p = torch.where(head, -torch.inf, log_p).logsumexp(dim=-1)  # exact: summed from the tail itself
+    head_q = torch.where(head, (decoded.double() / temperature - lse).exp(), 0.0).sum(dim=-1)
+    tail = log_tail_p.exp()
+    kl_tail = torch.where(tail > 0, tail * (log_tail_p - torch.log1p(-head_q).clamp(min=-700)), 0.0)  # 1 - Σ head
+    return kl_head + kl_tail, tail
+
+
+def kish_ess(log_weights: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+    """(Σ c w)² / Σ c w² per row: Kish's effective sample size of weighted draws, (P,) fp64; 0 without draws.
+
+    log_weights (P, S) log importance weights (any scale), counts (P, S) draws of each slot (0 = unused).
+    """
+    c = counts.double()
+    log_w = torch.where(c > 0, log_weights.double(), -torch.inf)
+    w = (log_w - log_w.max(dim=-1, keepdim=True).values.nan_to_num(neginf=0.0)).exp()  # (P, S) max 1
+    total, squares = (c * w).sum(dim=-1), (c * w * w).sum(dim=-1)
+    return torch.where(squares > 0, total**2 / squares.clamp(min=1e-300), 0.0)
+
+
+def measure_draws_ess(
+    probs1: torch.Tensor,
+    decoded: torch.Tensor,
+    head: torch.Tensor,
+    samples: int,
+    temperatures: list[float],
+    generator: torch.Generator | None,
+) -> torch.Tensor:
+    """[fidelity note] (P, nT) Kish ESS of ``samples`` draws from the T=1 teacher outside ``head``, at each T.
+
+    probs1 (P, V) the T=1 probabilities, decoded (P, V) the logits as read back, head (P, V) bool. The draws are
+    made as stage 1 makes them (``draw_samples``); w ∝ exp(ẑ (1/T - 1)) for a drawn token of decoded logit ẑ.
+    """
+    exclude = torch.where(head, torch.arange(head.shape[1], device=head.device)[None, :], -1)
+    ids, draws = draw_samples(probs1, samples, exclude, generator)
+    z = decoded.gather(1, ids.clamp(min=0))  # (P, S)
+    return torch.stack([kish_ess(z * (1.0 / t - 1.0), draws) for t in temperatures], dim=-1)
+
+
+class TargetCalibration:
+    """The rank table and the fidelity of a new store's targets, summed slice by slice over the calibration
+    positions while their fields are computed (``observe`` is ``compute_logit_fields``'s hook): the mean T=1
+    distribution over the positions gives the ranks ([target-codec note] in cache/targets.py); the [fidelity note]
+    figures at T=1 and each stored T go to the manifest's ``fidelity`` (``distill cache info`` shows them)."""
+
+    def __init__(self, layout: dict[str, Any], vocab: int, device: torch.device) -> None:
+        self.targets = {**layout["targets"], "top_k": layout["top_k"]}
+        self.temps = sorted({1.0, *layout["temperatures"]})
+        self.generator = torch.Generator(device=device).manual_seed(0)  # the fidelity's own draws ([fidelity note])
+        self.unigram = torch.zeros(vocab, dtype=torch.float64)
+        self.sums = {name: torch.zeros(len(self.temps), dtype=torch.float64) for name in ("kl", "tail", "ess")}
+        self.positions = self.drawn = 0
+
+    def observe(self, logits: torch.Tensor, probs1: torch.Tensor) -> None:
+        """logits (P, V) fp32 at T=1 of P real positions, probs1 (P, V) their softmax."""
+        kind = self.targets["kind"]
+        self.unigram += probs1.sum(dim=0).double().cpu()
+        for a in range(0, logits.shape[0], 64):  # bounds the (64, V) fp64 buffers of the figures
+            part, part_probs = logits[a : a + 64], probs1[a : a + 64]
+            decoded, head = decoded_logits(part, self.targets), find_head(part, self.targets)
+            if kind != "sampled":
+                for j, t in enumerate(self.temps):
+                    kl, tail = measure_head_bins(part, decoded, head, t)
+                    self.sums["kl"][j] += kl.sum().cpu()
+                    self.sums["tail"][j] += tail.sum().cpu()
+            if kind in ("sampled", "hybrid"):
+                samples = self.targets["samples"]
+                ess = measure_draws_ess(part_probs, decoded, head, samples, self.temps, self.generator)  # (p, nT)
+                self.sums["ess"] += ess.sum(dim=0).cpu()
+                self.drawn += int((ess[:, 0] > 0).sum())
+        self.positions += logits.shape[0]
+
+    def finish(self, rows: int) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
+        """The store-level rank table ``{targets/id_by_rank: (V,) int32}`` and the manifest's ``fidelity``."""
+        kind, temps, sums, positions, drawn = self.targets["kind"], self.temps, self.sums, self.positions, self.drawn
+        id_by_rank, _ = fit_rank_table(self.unigram)
+        fidelity: dict[str, Any] = {"kind": kind, "rows": rows, "positions": positions}
+        by_t = lambda total, n: {str(t): float(total[j] / max(n, 1)) for j, t in enumerate(temps)}  # noqa: E731
+        if kind != "sampled":
+            fidelity.update(kl_head_bins=by_t(sums["kl"], positions), tail_mass=by_t(sums["tail"], positions))
+        if kind in ("sampled", "hybrid"):
+            fidelity.update(ess=by_t(sums["ess"], drawn), ess_samples=self.targets["samples"], ess_positions=drawn)
+        return {ID_BY_RANK: id_by_rank}, fidelity
