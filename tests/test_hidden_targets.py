@@ -1,5 +1,5 @@
 """Hidden-state targets: stage 1's calibration (which rows, the share of values stage 2 clips) and stage 2's
-one scale per layer ([target-clip note] and [target-scale note] in router.py). Goldens by hand on a tiny
+one scale per layer ([target-clip note] and [target-scale note] in losses/hidden_targets.py). Goldens by hand on a tiny
 Llama whose embedding holds one massive activation."""
 
 from __future__ import annotations
@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 import torch
 
+from distill.pipeline.losses.hidden_targets import TARGET_CLIP, hidden_target_scale, standardize_hidden
 from distill.pipeline.teacher.cache_teacher import sample_calibration_rows
 from distill.pipeline.teacher.calibration import calibrate_rows
 from distill.pipeline.text.data import Row
-from distill.pipeline.train.router import TARGET_CLIP, hidden_target_scale, standardize_hidden
 from distill.pipeline.train.setup import say_hidden_clip_share
 
 HIDDEN, ROWS, LENGTH, SPIKE = 16, 8, 32, 5  # SPIKE: a token id whose embedding holds the massive activation

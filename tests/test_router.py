@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from distill.pipeline.losses.hidden_targets import standardize_hidden
 from distill.pipeline.losses.kd import projector_kd_loss
 from distill.pipeline.losses.representation import (
     contrastive_loss,
@@ -21,7 +22,6 @@ from distill.pipeline.train.router import (
     StudentAwareRouter,
     StudentProjection,
     expert_usage,
-    standardize_hidden,
 )
 
 LAYERS = [6, 12, 18, 24]

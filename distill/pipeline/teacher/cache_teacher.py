@@ -28,23 +28,16 @@ from tqdm.auto import tqdm
 from distill.cache.claims import ShardBusy, ShardClaim
 from distill.cache.shards import open_shard_writer
 from distill.cache.store import open_root, shard_records
-from distill.cache.writer import (
-    BackgroundWriter,
-    chunks_to_fill,
-    claim_or_defer,
-    commit_chunk,
-    new_store_shards,
-    open_or_create_store,
-    shards_to_fill,
-)
+from distill.cache.writer import BackgroundWriter, chunks_to_fill, commit_chunk, open_or_create_store
 from distill.config import CacheConfig, ConfigError
+from distill.pipeline.losses.hidden_targets import describe_clip_share
 from distill.pipeline.teacher.calibration import Calibration, calibrate_rows
 from distill.pipeline.teacher.fields import FieldSettings, blank_rows, compute_batch_fields, field_settings
 from distill.pipeline.teacher.manifest import build_layout, build_manifest, text_digest, tokenizer_files
 from distill.pipeline.teacher.model import check_teacher_source, load_teacher, load_teacher_tokenizer, output_device
+from distill.pipeline.teacher.shard_policy import claim_or_defer, new_store_shards, shards_to_fill
 from distill.pipeline.text.data import Row, RowBuilder, RowPlan, dataset_identity, load_text_dataset, plan_rows
 from distill.pipeline.text.packing import check_packed_forward
-from distill.pipeline.train.router import describe_clip_share
 from distill.runtime import DTYPE_NAMES, rank_device, resolve_device, resolve_dtype, torchrun_rank
 
 

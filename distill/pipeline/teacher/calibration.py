@@ -33,10 +33,10 @@ import numpy as np
 import torch
 
 from distill.cache.schema import PCA_GROUP, STANDARDIZE_GROUP, STATS_GROUP, root_array_path
+from distill.pipeline.losses.hidden_targets import TARGET_CLIP, standardize_hidden
 from distill.pipeline.teacher.fields import FP16_MAX, field_settings, finish_fields, run_teacher, text_positions
 from distill.pipeline.teacher.target_fields import TargetCalibration
 from distill.pipeline.text.data import Row
-from distill.pipeline.train.router import TARGET_CLIP, standardize_hidden
 
 
 @dataclass
@@ -101,7 +101,7 @@ def fit_hidden_layer(
     are used). Adds the layer's store-level arrays to ``arrays``: standardize/hidden/<l>/mean|std (H,),
     pca/hidden/<l>/mean|components, and stats/hidden/<l>/mean|std: per-dimension statistics of what is stored,
     which stage 2 uses to make its targets. Returns what the manifest records: the positions used and the share
-    of stored values that stage 2 clips ([target-clip note] in router.py), measured on them.
+    of stored values that stage 2 clips ([target-clip note] in losses/hidden_targets.py), measured on them.
     """
     x = x[:max_positions]
     mean, std = x.mean(dim=0), x.std(dim=0).nan_to_num(1.0).clamp_min(1e-6)

@@ -5,7 +5,8 @@
   each expert's student projection matches its teacher layer. Every parameter acts on the
   student side; teacher tensors are only read, standardized and weighted.
 - `StudentProjection` — normalized student state -> Linear, for the layerwise and contrastive
-  terms; `normalize_student` and `standardize_hidden` keep every hidden-state term O(1).
+  terms; `normalize_student` (and `losses.hidden_targets.standardize_hidden` on the teacher side) keep every
+  hidden-state term O(1).
 - `LogitProjector` — the seeds' cross-vocabulary alternative to `kd_tail_loss`: the cached
   `vocab_proj` teacher feature -> linear -> student output embedding -> student logits.
 - `expert_usage` — the fraction of positions routed (top-1) to each expert, for logs.
@@ -48,55 +49,6 @@ class RouterOutput:
     router_probs: Tensor
     expert_index: Tensor
     attention_alignment: Tensor | None
-
-
-# [target-clip note] Stored teacher states are centered per dimension with the store's statistics. A
-# dimension that was nearly constant on the calibration rows (std ~1e-6) or a massive activation on a few
-# tokens can still lie 1e3 of its dimension's std away on another row, and one such value outweighs every
-# other position of the batch in an MSE. Each value is therefore clipped at ±10 of its own dimension's std
-# (a Gaussian dimension gets there with probability ~1e-23): ordinary values stay untouched and what one
-# element can cost is bounded, so the feature, layerwise and attention-alignment terms stay O(1). The clip
-# is kept (a robust loss such as Huber instead would change every hidden term's goldens and scale) and
-# measured: stage 1 counts the share of values it clips on the calibration rows, per layer, and records it
-# in the manifest (``calibration.hidden_clip_share``, calibration.py ``fit_hidden_layer``); ``distill train`` prints it.
-# A share far above a Gaussian's says that a layer's massive activations are a real part of its targets, flattened.
-TARGET_CLIP = 10.0
-TARGET_EPS = 1e-5  # added to each dimension's std: a constant dimension clips to ~0, never divides by 0
-
-# [target-scale note] After the clip, a layer's targets are divided by ONE scale, the root mean square of
-# its dimensions' stds (so the mean squared target per dimension is 1 and the terms keep their O(1)
-# scale), not by each dimension's own std. Without --hidden-dim the stored dimensions are already
-# standardized at stage 1 (every std ~1), so the two are the same. With it they are PCA components whose
-# variances are the eigenvalues: dividing each by its own std (whitening) would give the noise in the
-# last components the weight of the leading ones; one scale keeps their relative variance, so an MSE over
-# the components weighs errors as one over the standardized teacher dimensions does (the basis is
-# orthonormal), up to the dropped components and a constant factor.
-
-
-def describe_clip_share(shares: dict[str, float]) -> str:
-    """The manifest's ``calibration.hidden_clip_share`` for a log line: ``layer 6 0.003%, layer 12 0.000%``."""
-    return ", ".join(f"layer {layer} {share:.3%}" for layer, share in shares.items())
-
-
-def hidden_target_scale(std: Tensor) -> Tensor:
-    """(D,) per-dimension std of a layer's stored states -> () the layer's one target scale ([target-scale note])."""
-    return std.float().pow(2).mean().sqrt()
-
-
-def standardize_hidden(
-    hidden: Tensor,
-    mean: Tensor,
-    std: Tensor,
-    scale: Tensor | None = None,
-    eps: float = TARGET_EPS,
-    clip: float = TARGET_CLIP,
-) -> Tensor:
-    """A layer's teacher states as targets, fp32: (hidden - mean) clipped at ±clip · (std + eps) per dimension
-    ([target-clip note]), divided by ``scale``, one number per layer ([target-scale note]); ``scale`` None
-    divides each dimension by its own std + eps (unit variance each). hidden (.., D); mean, std (D,)."""
-    bound = clip * (std.float() + eps)
-    centered = torch.maximum(torch.minimum(hidden.float() - mean.float(), bound), -bound)
-    return centered / (std.float() + eps if scale is None else scale.float())
 
 
 def normalize_student(hidden: Tensor) -> Tensor:
@@ -183,9 +135,9 @@ class StudentAwareRouter(nn.Module):
     one; with per-expert errors a blend is never better than its best member.
 
     Why it cannot collapse: each target T_e is a fixed teacher tensor, standardized (mean square 1
-    per dim on average, [target-scale note]), that no parameter can reach, so err_e can only go down
-    by moving P_e(h) onto T_e, and the gate can only go down by routing to an expert with a lower
-    error. Balance between experts comes from `load_balance_loss` / `importance_loss` on
+    per dim on average, [target-scale note] in losses/hidden_targets.py), that no parameter can reach,
+    so err_e can only go down by moving P_e(h) onto T_e, and the gate can only go down by routing to an
+    expert with a lower error. Balance between experts comes from `load_balance_loss` / `importance_loss` on
     `router_probs` and from every expert being trained wherever the gate gives it weight.
 
     Attention alignment (a light cross-attention, O(1)): a student-side query

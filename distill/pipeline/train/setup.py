@@ -26,6 +26,7 @@ from distill.cache.schema import STATS_GROUP, root_array_path
 from distill.cache.verify import check_store
 from distill.config import ConfigError, TrainConfig
 from distill.pipeline.eval.preflight import compare_teacher_and_student, describe_comparison
+from distill.pipeline.losses.hidden_targets import TARGET_CLIP, describe_clip_share, hidden_target_scale
 from distill.pipeline.losses.representation import build_layer_map
 from distill.pipeline.text.align import is_same_tokenizer, load_or_build_vocab_map, pad_vocab_map
 from distill.pipeline.text.packing import check_packed_forward
@@ -34,13 +35,13 @@ from distill.pipeline.text.tokens import check_tokenizer
 from distill.pipeline.tracking import require_trackers
 from distill.pipeline.train.batches import Batcher
 from distill.pipeline.train.distributed import init_world, wrap_for_ranks
-from distill.pipeline.train.learner import Learner, TeacherFacts
+from distill.pipeline.train.learner import Learner
 from distill.pipeline.train.mixing import MixedTeacher, check_stores_agree, describe_rollout
 from distill.pipeline.train.progress import say
-from distill.pipeline.train.router import TARGET_CLIP, describe_clip_share, hidden_target_scale
 from distill.pipeline.train.run_dir import check_resume_settings, prepare_run_dir
 from distill.pipeline.train.signals import CachedTeacher, LiveTeacher, SignalSource, signal_fields
-from distill.pipeline.train.terms import BuildInputs, build_modules, check_layout, needed_signals
+from distill.pipeline.train.step_view import TeacherFacts
+from distill.pipeline.train.terms import KD_MODES, BuildInputs, build_modules, check_layout, needed_signals
 from distill.runtime import World, rank_device, resolve_autocast, resolve_device
 
 
@@ -170,7 +171,7 @@ def setup(cfg: TrainConfig) -> Run:
         store.require_fields(fields, "needed by the enabled loss terms")
     check_stores_agree(readers, need)
     t_index = reader.temperature_index(cfg.temperature) if "kd" in need else 0
-    if "kd" in need and cfg.kd_mode in ("tail", "prefix") and world.main:
+    if "kd" in need and KD_MODES[cfg.kd_mode].tail_bin and world.main:
         warn_small_head(reader, cfg.temperature)
     check_layout(cfg, reader.layout)
     student, tokenizer = load_student(cfg, "attention" in need, device)
@@ -272,7 +273,7 @@ def load_teacher_facts(
             stats[layer] = (mean, std, hidden_target_scale(std))
         say_hidden_clip_share(reader.manifest)
     prefix_bins = None
-    if not same and cfg.kd_mode == "prefix" and "kd" in need:
+    if not same and KD_MODES[cfg.kd_mode].head_pass.prefix_bins and "kd" in need:
         pmap = load_or_build_prefix_map(teacher_tokenizer, tokenizer, Path(cfg.out) / "vocab_map")
         pmap = pmap.padded(reader.manifest["teacher"]["vocab_size"], len(tokenizer))
         arrays = (pmap.teacher_bin, pmap.student_bin, pmap.teacher_bin_size)
@@ -281,7 +282,7 @@ def load_teacher_facts(
 
 
 def say_hidden_clip_share(manifest: dict[str, Any]) -> None:
-    """Print the share of the hidden targets' values clipped ([target-clip note] in router.py), as measured on the
+    """Print the share of the hidden targets' values clipped ([target-clip note] in hidden_targets.py), measured on the
     store's calibration rows; stores made before the measure existed have none."""
     calibration = manifest.get("calibration") or {}
     shares = calibration.get("hidden_clip_share")

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -47,9 +47,7 @@ from distill.pipeline.train.router import (
     StudentProjection,
     expert_usage,
 )
-
-if TYPE_CHECKING:
-    from distill.pipeline.train.learner import StepView
+from distill.pipeline.train.step_view import HeadPass, StepView
 
 # --- the terms ------------------------------------------------------------------------------
 
@@ -192,8 +190,10 @@ def build_contrastive(x: BuildInputs) -> dict[str, nn.Module]:
 
 
 def build_kd(x: BuildInputs) -> dict[str, nn.Module]:
-    if x.cfg.kd_mode != "projector":
-        return {}
+    return KD_MODES[x.cfg.kd_mode].build(x)
+
+
+def build_projector(x: BuildInputs) -> dict[str, nn.Module]:
     return {"projector": LogitProjector(x.layout["teacher_hidden_size"], x.student.get_output_embeddings())}
 
 
@@ -218,12 +218,13 @@ def check_attention_maps(cfg: TrainConfig, layout: dict[str, Any]) -> str | None
 
 def check_kd_targets(cfg: TrainConfig, layout: dict[str, Any]) -> str | None:
     kind = target_kind(layout)
-    if "kd" not in KD_MODES[cfg.kd_mode].signals or kind not in ("sampled", "hybrid"):
+    mode = KD_MODES[cfg.kd_mode]
+    if "kd" not in mode.signals or kind not in ("sampled", "hybrid"):
         return None
-    if cfg.kd_mode == "uld":
+    if not mode.reads_draws:
         return (
-            f"kd_mode=uld compares the teacher's top-K probabilities rank by rank, and {kind} targets hold draws, "
-            "not the top-K; use kd_mode tail or prefix, or re-cache with --targets topk"
+            f"kd_mode={cfg.kd_mode} compares the teacher's top-K probabilities rank by rank, and {kind} targets hold "
+            "draws, not the top-K; use kd_mode tail or prefix, or re-cache with --targets topk"
         )
     if cfg.temperature == 1.0:
         return None
@@ -245,15 +246,22 @@ class KdMode:
     signals: frozenset[str]  # teacher signal families it reads (signals.signal_fields)
     compute: Callable[[StepView], dict[str, Tensor]]
     parts: tuple[str, ...] = ("kd",)  # logged terms, each weighing kd's weight
-    fused: bool = False  # computed in the output-layer pass with lm (StepView.head)
+    head_pass: HeadPass = HeadPass()  # what the output-layer pass computes for it (StepView.head)
+    tail_bin: bool = False  # the head against one tail bin: warned when the head holds little mass
+    reads_draws: bool = True  # takes sampled targets' draws (uld reads the head rank by rank: it cannot)
+    build: Callable[[BuildInputs], dict[str, nn.Module]] = lambda x: {}  # trainable modules it adds
 
 
 KD_MODES: dict[str, KdMode] = {
-    "tail": KdMode(frozenset({"kd"}), compute_kd_tail, fused=True),
-    "projector": KdMode(frozenset({"projector"}), compute_kd_projector, parts=("kd", "projector_anchor")),
-    "uld": KdMode(frozenset({"kd"}), compute_kd_uld),
-    "prefix": KdMode(frozenset({"kd"}), compute_kd_prefix, fused=True),
-    "alm": KdMode(frozenset({"alm"}), compute_kd_alm),
+    "tail": KdMode(frozenset({"kd"}), compute_kd_tail, head_pass=HeadPass(fused=True), tail_bin=True),
+    "projector": KdMode(
+        frozenset({"projector"}), compute_kd_projector, parts=("kd", "projector_anchor"), build=build_projector
+    ),
+    "uld": KdMode(frozenset({"kd"}), compute_kd_uld, reads_draws=False),
+    "prefix": KdMode(
+        frozenset({"kd"}), compute_kd_prefix, head_pass=HeadPass(fused=True, prefix_bins=True), tail_bin=True
+    ),
+    "alm": KdMode(frozenset({"alm"}), compute_kd_alm, head_pass=HeadPass(chunks=True)),
 }
 
 
