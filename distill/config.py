@@ -226,8 +226,8 @@ class CacheConfig:
             (0 < self.target_mass <= 1, "--target-mass must be in (0, 1]"),
             (1 <= self.target_samples <= 255, "--target-samples must be in 1..255 (counts are stored in 8 bits)"),
             (
-                self.targets not in ("sampled", "hybrid") or 1.0 in self.temperatures,
-                "--targets sampled/hybrid draw at T=1: --temperatures must include 1",
+                not getattr(TARGET_KINDS.get(self.targets), "sampled", False) or 1.0 in self.temperatures,
+                f"--targets {self.targets} draws at T=1: --temperatures must include 1",
             ),
             (len(self.temperatures) > 0, "--temperatures needs at least one temperature"),
             (all(t > 0 for t in self.temperatures), "--temperatures must all be > 0"),
@@ -257,7 +257,10 @@ class CacheConfig:
 
     def ignored_settings(self) -> list[str]:
         """A warning for each target setting given away from its default that the chosen --targets ignores."""
-        uses = {"target_mass": ("topk", "hybrid"), "target_samples": ("sampled", "hybrid")}
+        uses = {
+            "target_mass": [name for name, kind in TARGET_KINDS.items() if kind.reads_mass],
+            "target_samples": [name for name, kind in TARGET_KINDS.items() if kind.sampled],
+        }
         defaults = {f.name: f.default for f in dataclasses.fields(self)}
         return [
             f"--{name.replace('_', '-')} {getattr(self, name)} is ignored by --targets {self.targets} (it applies to "

@@ -47,7 +47,7 @@ import numpy as np
 import torch
 
 from distill.cache.reader import CacheReader
-from distill.cache.targets import target_kind
+from distill.cache.targets import TARGET_KINDS, kind_of, target_kind
 from distill.config import ConfigError, CurriculumConfig
 from distill.curriculum import active_terms
 from distill.pipeline.eval.category_scores import format_category_table, score_categories, summarize_categories
@@ -174,7 +174,7 @@ def evaluate_student(
         built = load_or_build_vocab_map(teacher_tokenizer, tokenizer, vocab_map_dir)
         vocab_map = torch.from_numpy(pad_vocab_map(built, reader.manifest["teacher"]["vocab_size"]))
     t_index = reader.temperature_index(temperature)
-    has_top1 = reader.target_kind != "sampled"  # [eval-kd note]
+    has_top1 = kind_of(reader.layout).head  # [eval-kd note]
     max_length = int(getattr(model.config, "max_position_embeddings", 2048))
     kd_sum, kd_count, agree, compared, unmapped, aligned = 0.0, 0, 0, 0, 0, 0
     confidences, corrects = [], []
@@ -385,8 +385,10 @@ def format_report(report: dict[str, Any]) -> str:
         f"kd: {KD_MODES[kd['mode']]} × T², at T = {kd['temperature']:g} for every model, whatever kd mode and "
         "temperature trained it.",
     ]
-    if report["targets"] == "sampled":
-        lines.append("Top-1 agreement: n/a on a sampled store (its draws need not hold the teacher's top-1).")
+    if not TARGET_KINDS[report["targets"]].head:
+        lines.append(
+            f"Top-1 agreement: n/a on a {report['targets']} store (its draws need not hold the teacher's top-1)."
+        )
     else:
         lines.append(
             "Top-1 agreement leaves out aligned positions whose teacher top-1 has no student token: "
@@ -475,7 +477,7 @@ def run_eval(
             gaps[samples[:, b] <= samples[:, 0]] = np.nan  # gap_closed is undefined where the teacher is not better
             result["gap_closed_ci"] = _json_interval(percentile_interval(gaps))
     plots = plot_runs(runs, out) if runs else []
-    kd_mode = "sampled" if reader.target_kind in ("sampled", "hybrid") else "tail"  # [eval-kd note]
+    kd_mode = "sampled" if kind_of(reader.layout).sampled else "tail"  # [eval-kd note]
     report = {
         "teacher_bpb": bpb[0],
         "teacher_bpb_ci": _json_interval(percentile_interval(samples[:, 0])),

@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from distill.cache.schema import PCA_GROUP, STANDARDIZE_GROUP, field_dtype, root_array_path
-from distill.cache.targets import ID_BY_RANK, target_kind
+from distill.cache.targets import ID_BY_RANK, TARGET_KINDS, kind_of
 from distill.pipeline.teacher.model import compute_logits, find_logit_transforms, forward_teacher
 from distill.pipeline.teacher.target_fields import TARGET_FIELDS, choose_target_slice, encode_target_choice
 from distill.pipeline.text.data import Row
@@ -100,7 +100,7 @@ def compute_logit_fields(
     targets = s.targets if want & set(TARGET_FIELDS) else None
     if (targets is not None or observe is not None) and 1.0 not in temps:
         temps.append(1.0)
-    head = targets is not None and targets["kind"] != "sampled"
+    head = targets is not None and TARGET_KINDS[targets["kind"]].head
     k = s.top_k if want & {"topk_logits", "topk_ids"} or head else 1
     choice: dict[str, torch.Tensor] = {}  # name -> (n, ...), allocated at the first slice
     topk_logits = torch.zeros(n, k, device=device)
@@ -225,7 +225,7 @@ def stored_logit_fields(s: FieldSettings) -> list[str]:
     if s.targets is None:
         names = ["topk_logits", "topk_ids", "lse", "target_logprob", "vocab_proj"]
     else:
-        names = ["lse", "target_logprob", "vocab_proj", *TARGET_FIELDS[: 4 if s.targets["kind"] == "topk" else 5]]
+        names = ["lse", "target_logprob", "vocab_proj", *TARGET_KINDS[s.targets["kind"]].fields]
     return [name for name in names if name != "vocab_proj" or s.vocab_proj]
 
 
@@ -387,14 +387,14 @@ def field_settings(layout: dict[str, Any], root: Any, device: torch.device) -> F
         vocab_proj=layout.get("vocab_proj", True),
         standardize=load_root_pairs(root, STANDARDIZE_GROUP, ("mean", "std"), layout["hidden_layers"], device),
         packed=layout.get("packing", "none") != "none",
-        targets=None if target_kind(layout) == "topk-fp16" else layout["targets"],
+        targets=layout["targets"] if kind_of(layout).compact else None,
         rank_of_id=load_rank_of_id(root, layout, device),
     )
 
 
 def load_rank_of_id(root: Any, layout: dict[str, Any], device: torch.device) -> torch.Tensor | None:
     """(V,) int64 rank of each teacher id, the inverse of the store's ``targets/id_by_rank`` (compact kinds)."""
-    if target_kind(layout) == "topk-fp16" or ID_BY_RANK not in root:
+    if not kind_of(layout).compact or ID_BY_RANK not in root:
         return None
     id_by_rank = torch.from_numpy(np.asarray(root[ID_BY_RANK][:]).astype(np.int64))
     rank_of_id = torch.empty_like(id_by_rank)

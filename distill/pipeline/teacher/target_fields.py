@@ -15,9 +15,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from distill.cache.targets import ID_BY_RANK, count_head, draw_samples, encode_targets
+from distill.cache.targets import ID_BY_RANK, TARGET_KINDS, count_head, draw_samples, encode_targets
 
-TARGET_FIELDS = ("target_count", "target_ids", "target_values", "target_max", "target_draws")
+TARGET_FIELDS = tuple(dict.fromkeys(f for kind in TARGET_KINDS.values() if kind.compact for f in kind.fields))
 
 
 def choose_target_slice(
@@ -35,14 +35,14 @@ def choose_target_slice(
     logits (P, V) fp32 at T=1, probs1 (P, V) their softmax, lse1 (P,), top_logits / top_ids (P, K) descending
     (K = layout.top_k for the head kinds, >= 1 otherwise); targets: the layout's ``targets`` entry.
     """
-    kind, step = targets["kind"], targets["value_step"]
+    kind, step = TARGET_KINDS[targets["kind"]], targets["value_step"]
     parts_ids, parts_draws = [], []
-    if kind in ("topk", "hybrid"):
+    if kind.head:
         k = count_head(top_logits, lse1, targets["mass"], step)  # (P,)
         head = torch.arange(top_ids.shape[1], device=logits.device)[None, :] < k[:, None]
         parts_ids.append(torch.where(head, top_ids, -1))
         parts_draws.append(torch.zeros_like(top_ids))
-    if kind in ("sampled", "hybrid"):
+    if kind.sampled:
         ids, draws = draw_samples(probs1, targets["samples"], parts_ids[0] if parts_ids else None, generator)
         parts_ids.append(ids)
         parts_draws.append(draws)
@@ -57,7 +57,7 @@ def encode_target_choice(
     lead = choice["row_max"].shape
     flat = {name: value.reshape(lead.numel(), *value.shape[len(lead) :]) for name, value in choice.items()}
     out = encode_targets(flat["ids"], flat["logits"], flat["draws"], flat["row_max"], rank_of_id, targets["value_step"])
-    if targets["kind"] == "topk":
+    if "target_draws" not in TARGET_KINDS[targets["kind"]].fields:
         del out["target_draws"]
     return {name: value.reshape(*lead, *value.shape[1:]) for name, value in out.items()}
 
@@ -107,18 +107,18 @@ def quantized_logits(logits: torch.Tensor, step: float) -> torch.Tensor:
 
 def decoded_logits(logits: torch.Tensor, targets: dict[str, Any]) -> torch.Tensor:
     """(P, V) the logit a reader decodes for every token: 8-bit steps, or fp16 for ``topk-fp16``."""
-    if targets["kind"] == "topk-fp16":
+    if not TARGET_KINDS[targets["kind"]].compact:
         return logits.half().float()
     return quantized_logits(logits, targets["value_step"])
 
 
 def find_head(logits: torch.Tensor, targets: dict[str, Any]) -> torch.Tensor:
     """(P, V) bool: the tokens stored exactly (the head) of each position; none for ``sampled``."""
-    head = torch.zeros_like(logits, dtype=torch.bool)
-    if targets["kind"] == "sampled":
+    head, kind = torch.zeros_like(logits, dtype=torch.bool), TARGET_KINDS[targets["kind"]]
+    if not kind.head:
         return head
     top = logits.topk(min(targets["top_k"], logits.shape[1]), dim=-1)
-    if targets["kind"] == "topk-fp16":
+    if not kind.reads_mass:
         return head.scatter_(1, top.indices, True)
     lse1 = logits.logsumexp(dim=-1)
     k = count_head(top.values, lse1, targets["mass"], targets["value_step"])
@@ -193,17 +193,17 @@ class TargetCalibration:
 
     def observe(self, logits: torch.Tensor, probs1: torch.Tensor) -> None:
         """logits (P, V) fp32 at T=1 of P real positions, probs1 (P, V) their softmax."""
-        kind = self.targets["kind"]
+        kind = TARGET_KINDS[self.targets["kind"]]
         self.unigram += probs1.sum(dim=0).double().cpu()
         for a in range(0, logits.shape[0], 64):  # bounds the (64, V) fp64 buffers of the figures
             part, part_probs = logits[a : a + 64], probs1[a : a + 64]
             decoded, head = decoded_logits(part, self.targets), find_head(part, self.targets)
-            if kind != "sampled":
+            if kind.head:
                 for j, t in enumerate(self.temps):
                     kl, tail = measure_head_bins(part, decoded, head, t)
                     self.sums["kl"][j] += kl.sum().cpu()
                     self.sums["tail"][j] += tail.sum().cpu()
-            if kind in ("sampled", "hybrid"):
+            if kind.sampled:
                 samples = self.targets["samples"]
                 ess = measure_draws_ess(part_probs, decoded, head, samples, self.temps, self.generator)  # (p, nT)
                 self.sums["ess"] += ess.sum(dim=0).cpu()
@@ -216,8 +216,8 @@ class TargetCalibration:
         id_by_rank, _ = fit_rank_table(self.unigram)
         fidelity: dict[str, Any] = {"kind": kind, "rows": rows, "positions": positions}
         by_t = lambda total, n: {str(t): float(total[j] / max(n, 1)) for j, t in enumerate(temps)}  # noqa: E731
-        if kind != "sampled":
+        if TARGET_KINDS[kind].head:
             fidelity.update(kl_head_bins=by_t(sums["kl"], positions), tail_mass=by_t(sums["tail"], positions))
-        if kind in ("sampled", "hybrid"):
+        if TARGET_KINDS[kind].sampled:
             fidelity.update(ess=by_t(sums["ess"], drawn), ess_samples=self.targets["samples"], ess_positions=drawn)
         return {ID_BY_RANK: id_by_rank}, fidelity

@@ -23,6 +23,7 @@ import torch.nn as nn
 from distill.cache.info import measure_head_mass
 from distill.cache.reader import CacheReader
 from distill.cache.schema import STATS_GROUP, root_array_path
+from distill.cache.targets import kind_of
 from distill.cache.verify import check_store
 from distill.config import ConfigError, TrainConfig
 from distill.pipeline.eval.preflight import compare_teacher_and_student, describe_comparison
@@ -119,7 +120,7 @@ def split_rows(reader: CacheReader, eval_reader: CacheReader | None, fraction: f
 
 def warn_small_head(reader: CacheReader, temperature: float) -> None:
     """Say so when the stored top-K hold under half the teacher's mass at ``temperature`` ([head-mass note])."""
-    if reader.target_kind in ("sampled", "hybrid"):  # an unbiased estimate of the full KL: no head to warn about
+    if kind_of(reader.layout).sampled:  # an unbiased estimate of the full KL: no head to warn about
         return
     masses = measure_head_mass(reader)
     mass = masses.get(str(float(temperature)))

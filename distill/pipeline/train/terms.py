@@ -27,7 +27,7 @@ import torch.nn as nn
 from torch import Tensor
 
 from distill.cache.schema import CacheError
-from distill.cache.targets import target_kind
+from distill.cache.targets import kind_of, target_kind
 from distill.config import TrainConfig
 from distill.pipeline.losses.fused_head import lm_loss
 from distill.pipeline.losses.kd import kd_tail_loss, projector_kd_loss, uld_loss
@@ -219,7 +219,7 @@ def check_attention_maps(cfg: TrainConfig, layout: dict[str, Any]) -> str | None
 def check_kd_targets(cfg: TrainConfig, layout: dict[str, Any]) -> str | None:
     kind = target_kind(layout)
     mode = KD_MODES[cfg.kd_mode]
-    if "kd" not in mode.signals or kind not in ("sampled", "hybrid"):
+    if "kd" not in mode.signals or not kind_of(layout).sampled:
         return None
     if not mode.reads_draws:
         return (
