@@ -22,12 +22,27 @@ class ConfigError(ValueError):
     """A configuration value is invalid; the message names the flag to change."""
 
 
-RAMPED_TERMS = ("feature", "attention", "layerwise", "contrastive")
+TERM_SCHEDULES: dict[str, str] = {
+    "kd": "constant",
+    "lm": "complement",
+    "alm": "constant",
+    "feature": "ramp",
+    "attention": "ramp",
+    "layerwise": "ramp",
+    "contrastive": "ramp",
+}
+"""Every loss term of stage 2 and the kind of its schedule (curriculum.py weighs each, pipeline/train/terms.py
+computes each): ``constant`` weighs its base weight ``curriculum.<term>`` from step 0; ``complement`` weighs
+1 - kd (lm, always on); ``ramp`` weighs its base weight times its ramp ``curriculum.<term>_ramp``, from
+``curriculum.kd_only_until`` on."""
+WEIGHTED_TERMS = tuple(term for term, schedule in TERM_SCHEDULES.items() if schedule != "complement")
+"""The terms with a base weight of their own (``CurriculumConfig``), which ``curriculum.disabled`` may name."""
+RAMPED_TERMS = tuple(term for term, schedule in TERM_SCHEDULES.items() if schedule == "ramp")
 """The curriculum's ramped terms: each has a base weight ``<term>`` and a ramp ``<term>_ramp`` below."""
 OBJECTIVES: dict[str, tuple[str, ...]] = {
     "full": (),
     "kd-only": RAMPED_TERMS,
-    "ce": ("kd", "alm", *RAMPED_TERMS),
+    "ce": WEIGHTED_TERMS,
 }
 """Training objective presets -> the terms each one disables (added to ``curriculum.disabled``)."""
 
@@ -70,12 +85,12 @@ class CurriculumConfig:
 
     def base_weight(self, term: str) -> float:
         """The term's weight once fully ramped (0 when disabled); lm weighs 1 - kd."""
-        if term == "lm":
+        if TERM_SCHEDULES[term] == "complement":
             return 1.0 - self.base_weight("kd")
         return 0.0 if term in self.disabled else float(getattr(self, term))
 
     def _validate_weights(self) -> None:
-        for name in ("kd", "alm", *RAMPED_TERMS):
+        for name in WEIGHTED_TERMS:
             if not getattr(self, name) >= 0:
                 raise ConfigError(f"curriculum.{name} must be >= 0, got {getattr(self, name)}")
         if not self.kd < 1:
@@ -98,10 +113,10 @@ class CurriculumConfig:
 
     def _validate_disabled(self) -> None:
         names = (self.disabled,) if isinstance(self.disabled, str) else tuple(self.disabled)
-        unknown = sorted(set(names) - {"kd", "alm", *RAMPED_TERMS})
+        unknown = sorted(set(names) - set(WEIGHTED_TERMS))
         if unknown:
             hint = " (lm is always on; lower kd instead)" if "lm" in unknown else ""
-            allowed = ", ".join(("kd", "alm", *RAMPED_TERMS))
+            allowed = ", ".join(WEIGHTED_TERMS)
             raise ConfigError(f"curriculum.disabled has unknown terms {unknown}{hint}; allowed: {allowed}")
         self.disabled = tuple(sorted(set(names)))
 

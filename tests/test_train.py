@@ -14,7 +14,7 @@ from distill.cli import app
 from distill.config import TrainConfig
 from distill.config_loading import load_config
 from distill.curriculum import weights_at
-from distill.pipeline.train import learner as learner_mod
+from distill.pipeline.train import step_view as step_view_mod
 from distill.pipeline.train import terms as terms_mod
 from distill.pipeline.train.loop import evaluate
 from distill.pipeline.train.setup import setup
@@ -103,7 +103,7 @@ def test_terms_at_zero_weight_are_not_computed(train_assets, tmp_path, monkeypat
         "importance_loss",
         "lm_and_kd_prefix_from_hidden",
     ):
-        module = learner_mod if name == "lm_and_kd_prefix_from_hidden" else terms_mod
+        module = step_view_mod if name == "lm_and_kd_prefix_from_hidden" else terms_mod
         original = getattr(module, name)
         monkeypatch.setattr(module, name, lambda *a, _f=original, _n=name, **k: (calls.append(_n), _f(*a, **k))[1])
     batch = run.batches.prepare_batch(run.train_rows[:2])

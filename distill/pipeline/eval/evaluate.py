@@ -49,7 +49,7 @@ import torch
 from distill.cache.reader import CacheReader
 from distill.cache.targets import TARGET_KINDS, kind_of, target_kind
 from distill.config import ConfigError, CurriculumConfig
-from distill.curriculum import active_terms
+from distill.curriculum import terms_on
 from distill.pipeline.eval.category_scores import format_category_table, score_categories, summarize_categories
 from distill.pipeline.eval.scores import (
     BOOTSTRAP_RESAMPLES,
@@ -107,7 +107,7 @@ def describe_training(saved: dict[str, Any], final_dir: Path) -> dict[str, Any]:
         "objective": saved["train"].get("objective"),
         "trained_temperature": saved["train"]["temperature"],
         "trained_targets": target_kind(saved["cache_manifest"]["layout"]) if "cache_manifest" in saved else None,
-        "terms": active_terms(curriculum),
+        "terms": terms_on(curriculum),
         "final_step": final.get("step"),
         "final_reason": final.get("reason"),
     }

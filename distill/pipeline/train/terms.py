@@ -10,10 +10,11 @@ computed from one micro-batch (a ``StepView``). Everything else reads the table:
     part_weights(cfg, weights)   -> the weight of every logged term at a step (the loss, the logs)
     learner.Learner              -> one micro-batch's loss: the student forward + the terms whose weight > 0
 
-A term is on in a run when its curriculum base weight is > 0 and it is not disabled (lm always is); at a
-step it is computed when one of its parts weighs > 0. To add a term: a ``CurriculumConfig`` weight (and a
-ramp) in config.py, its loss in one of the *_losses.py modules, and one entry in ``TERMS`` here. To add a kd
-mode: its name in ``config.KD_MODES`` and one entry in ``KD_MODES`` here.
+Which terms are on in a run is ``curriculum.terms_on`` (base weight > 0 and not disabled; lm always is), the
+one answer training and eval share; at a step a term is computed when one of its parts weighs > 0. To add a
+term: its schedule in ``config.TERM_SCHEDULES`` (with its ``CurriculumConfig`` weight, and ramp), its loss in
+losses/, and one entry in ``TERMS`` here. To add a kd mode: its name in ``config.KD_MODES`` and one entry in
+``KD_MODES`` here, which says what it reads, what the output-layer pass computes for it and what it builds.
 """
 
 from __future__ import annotations
@@ -28,7 +29,8 @@ from torch import Tensor
 
 from distill.cache.schema import CacheError
 from distill.cache.targets import kind_of, target_kind
-from distill.config import TrainConfig
+from distill.config import TERM_SCHEDULES, TrainConfig
+from distill.curriculum import terms_on
 from distill.pipeline.losses.fused_head import lm_loss
 from distill.pipeline.losses.kd import kd_tail_loss, projector_kd_loss, uld_loss
 from distill.pipeline.losses.representation import (
@@ -286,9 +288,10 @@ class Term:
     autocast: bool = True
     """Computed under the run's autocast (the output-layer terms); the hidden-state terms run in fp32."""
 
-    def is_on(self, cfg: TrainConfig) -> bool:
-        """On in this run: base weight > 0 and not disabled."""
-        return cfg.curriculum.base_weight(self.name) > 0
+    @property
+    def schedule(self) -> str:
+        """The kind of its schedule: constant, complement or ramp (``config.TERM_SCHEDULES``)."""
+        return TERM_SCHEDULES[self.name]
 
 
 HIDDEN = frozenset({"hidden_states"})
@@ -355,7 +358,8 @@ TERMS: tuple[Term, ...] = (
 
 def run_terms(cfg: TrainConfig) -> list[Term]:
     """The terms on in this run, in table order."""
-    return [term for term in TERMS if term.is_on(cfg)]
+    on = set(terms_on(cfg.curriculum))
+    return [term for term in TERMS if term.name in on]
 
 
 def needed_signals(cfg: TrainConfig) -> set[str]:
