@@ -302,8 +302,8 @@ class TrainConfig:
 
     HELP_GROUPS: ClassVar[dict[str, tuple[str, ...]]] = {
         "Inputs and outputs": (
-            "cache", "cache_weights", "continuation_only", "student", "out", "eval_cache", "live_teacher", "resume",
-            "overwrite", "report_to",
+            "cache", "cache_weights", "continuation_only", "student", "out", "eval_cache", "live_teacher",
+            "live_teacher_revision", "trust_remote_code", "resume", "overwrite", "report_to",
         ),
         "Objective": (
             "objective", "temperature", "kd_mode", "alm_temperature", "router_top_k", "balance_coef", "importance_coef",
@@ -420,6 +420,11 @@ class TrainConfig:
     """Student context (default: its config's max_position_embeddings); longer student rows are cut."""
     live_teacher: str | None = None
     """Run this teacher in the loop instead of reading teacher outputs from the store (same loss code)."""
+    live_teacher_revision: str | None = None
+    """Revision (branch, tag or commit) of --live-teacher on the hub. Default: the store's, when --live-teacher
+    names the teacher the store was made with."""
+    trust_remote_code: bool = False
+    """Allow --live-teacher's custom modeling code from the hub (as cache-teacher's --trust-remote-code)."""
     seed: int = 0
     """Seed of initialization of the added modules, data order and dropout."""
     resume: str | None = None

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from distill.cache.claims import ShardBusy, ShardClaim
+from distill.cache.claims import ShardClaim
 from distill.cache.shards import open_shard_writer
 from distill.cache.store import open_root, shard_records
 from distill.cache.writer import BackgroundWriter, chunks_to_fill, commit_chunk, open_or_create_store
@@ -34,8 +34,14 @@ from distill.pipeline.losses.hidden_targets import describe_clip_share
 from distill.pipeline.teacher.calibration import Calibration, calibrate_rows
 from distill.pipeline.teacher.fields import FieldSettings, blank_rows, compute_batch_fields, field_settings
 from distill.pipeline.teacher.manifest import build_layout, build_manifest, text_digest, tokenizer_files
-from distill.pipeline.teacher.model import check_teacher_source, load_teacher, load_teacher_tokenizer, output_device
-from distill.pipeline.teacher.shard_policy import claim_or_defer, new_store_shards, shards_to_fill
+from distill.pipeline.teacher.model import (
+    TeacherSource,
+    check_teacher_source,
+    load_teacher,
+    load_teacher_tokenizer,
+    output_device,
+)
+from distill.pipeline.teacher.shard_policy import claim_in_turn, new_store_shards, shards_to_fill
 from distill.pipeline.text.data import Row, RowBuilder, RowPlan, dataset_identity, load_text_dataset, plan_rows
 from distill.pipeline.text.packing import check_packed_forward
 from distill.runtime import DTYPE_NAMES, rank_device, resolve_device, resolve_dtype, torchrun_rank
@@ -45,20 +51,12 @@ class NonFiniteTeacherOutput(RuntimeError):
     """The teacher produced inf/nan for a row (typically fp16 overflow)."""
 
 
-def prepare_store(
-    cfg: CacheConfig,
-    model: Any,
-    tokenizer: Any,
-    dataset: Any,
-    plan: RowPlan,
-    dtype: torch.dtype,
-    device: torch.device,
-    builder: RowBuilder,
-) -> tuple[Any, dict[str, Any], Calibration | None]:
+def prepare_store(t: TeacherRun) -> tuple[Any, dict[str, Any], Calibration | None]:
     """Open the store to resume it, or create it after the calibration pass (see cache/writer.py).
 
     Also returns the calibration, with its rows' stored fields ([calibration note] in calibration.py), when this
     process created the store; None when it opened one (a store is calibrated once, when it is created)."""
+    cfg, model, tokenizer, dataset, plan, dtype = t.cfg, t.model, t.tokenizer, t.dataset, t.plan, t.dtype
     files = tokenizer_files(tokenizer)
     data_id = dataset_identity(dataset, cfg.dataset, cfg.dataset_config, cfg.split, cfg.text_field)
     data_id["text_sha256"] = text_digest(dataset, cfg.text_field)
@@ -69,8 +67,8 @@ def prepare_store(
 
     def calibration_arrays(layout: dict[str, Any]) -> dict[str, np.ndarray]:
         row_ids = sample_calibration_rows(layout["num_rows"], layout["calibration_rows"], cfg.calibration_seed)
-        rows = [builder.row(i) for i in row_ids]
-        calibration = calibrate_rows(model, rows, layout, cfg.hidden_dim, cfg.batch_size, device)
+        rows = [t.builder.row(i) for i in row_ids]
+        calibration = calibrate_rows(model, rows, layout, cfg.hidden_dim, cfg.batch_size, t.device)
         # what the pass measured goes into the manifest written next
         wanted["calibration"] = {"seed": cfg.calibration_seed, "rows": row_ids.tolist(), **calibration.report}
         if calibration.fidelity is not None:
@@ -115,20 +113,32 @@ def count_tokens(plan: RowPlan, todo: list[tuple[int, int, int]]) -> int:
     return sum(plan.count_tokens(a, b) for _, a, b in todo)
 
 
-def run(cfg: CacheConfig) -> dict[str, Any]:
-    """Fill the store at ``cfg.out`` (creating or resuming it). Returns a summary of the work done.
+@dataclass
+class TeacherRun:
+    """One ``cache-teacher`` process's teacher, rows and settings, as ``setup(cfg)`` loads and checks them."""
 
-    Each shard is filled under its claim (see [claim note] in claims.py): shards claimed by another live
-    process are skipped (tried again once after the others) and listed in ``busy_shards``."""
+    cfg: CacheConfig
+    model: Any
+    tokenizer: Any
+    dataset: Any
+    plan: RowPlan  # the dataset's documents cut (and packed) into rows
+    builder: RowBuilder  # row id -> the row's tokens, spans and text
+    device: torch.device  # where the fields are computed (the output head's GPU under --device-map)
+    dtype: torch.dtype
+
+
+def setup(cfg: CacheConfig) -> TeacherRun:
+    """Check the settings, load the teacher, its tokenizer and the dataset, and plan the rows (no store touched)."""
     cfg.require_io()
     check_teacher_source(cfg.teacher)
     check_one_process_per_device_map(cfg)
     device = rank_device(resolve_device(cfg.device))
     dtype = resolve_dtype(cfg.dtype, device)
-    tokenizer = load_teacher_tokenizer(cfg)
+    source = TeacherSource.of(cfg)
+    tokenizer = load_teacher_tokenizer(source)
     dataset = load_text_dataset(cfg.dataset, cfg.dataset_config, cfg.split, cfg.text_field)
     need_attention = cfg.attention_layers is None or len(cfg.attention_layers) > 0
-    model = load_teacher(cfg, device, dtype, need_attention)
+    model = load_teacher(source, device, dtype, need_attention)
     if cfg.device_map is not None:  # [device-map note] in teacher/model.py
         device = output_device(model)
     if cfg.packing != "none":
@@ -138,10 +148,27 @@ def run(cfg: CacheConfig) -> dict[str, Any]:
             raise ConfigError(str(exc)) from None
     plan = plan_rows(dataset, cfg.text_field, tokenizer, cfg.seq_len, packing=cfg.packing).truncated(cfg.max_rows)
     builder = RowBuilder(dataset, cfg.text_field, tokenizer, plan)
+    return TeacherRun(cfg, model, tokenizer, dataset, plan, builder, device, dtype)
+
+
+def run(cfg: CacheConfig) -> dict[str, Any]:
+    """Fill the store at ``cfg.out`` (creating or resuming it). Returns a summary of the work done.
+
+    Each shard is filled under its claim (see [claim note] in claims.py): shards claimed by another live
+    process are skipped (tried again once after the others) and listed in ``busy_shards``."""
+    t = setup(cfg)
     started = time.perf_counter()  # a new store's calibration is part of the work: its rows are stored
-    root, manifest, calibration = prepare_store(cfg, model, tokenizer, dataset, plan, dtype, device, builder)
-    layout = manifest["layout"]
-    settings = field_settings(layout, root, device)
+    root, manifest, calibration = prepare_store(t)
+    summary = fill_store(t, root, manifest, calibration)
+    summary["seconds"] = time.perf_counter() - started
+    summary["tokens_per_s"] = summary["tokens"] / summary["seconds"] if summary["seconds"] > 0 else 0.0
+    return summary
+
+
+def fill_store(t: TeacherRun, root: Any, manifest: dict[str, Any], calibration: Calibration | None) -> dict[str, Any]:
+    """Fill this process's shards of an open store, chunk by chunk, each under its claim; the summary of the work."""
+    cfg, plan, layout = t.cfg, t.plan, manifest["layout"]
+    chunk_settings = ChunkSettings(t.model, t.builder, field_settings(layout, root, t.device), t.device, cfg, t.dtype)
     records = shard_records(root, manifest)
     mine = shards_to_fill(cfg, len(records))
     queue_ = [i for i in mine if records[i]["status"] != "complete" or records[i].get("redo")]
@@ -164,22 +191,14 @@ def run(cfg: CacheConfig) -> dict[str, Any]:
         dynamic_ncols=True,
         disable=not planned,
     )
+
+    def skip_busy(index: int, holder: Any) -> None:
+        summary["busy_shards"][index] = holder
+        bar.total -= planned[index]
+
     claims: list[ShardClaim] = []
-    deferred: set[int] = set()
     try:
-        while queue_:
-            index = queue_.pop(0)
-            try:
-                claim = claim_or_defer(cfg, index, deferred)
-            except ShardBusy as busy:
-                if cfg.shard is not None:
-                    raise
-                summary["busy_shards"][index] = busy.holder
-                bar.total -= planned[index]
-                continue
-            if claim is None:
-                queue_.append(index)  # unclaimed shards first
-                continue
+        for index, claim in claim_in_turn(cfg, queue_, skip_busy):
             claims.append(claim)
             # Another process may have filled some of it before we held the claim: read its record again.
             fresh = open_root(cfg.out, mode="a")  # zarr caches a group's attributes: open it again
@@ -189,9 +208,7 @@ def run(cfg: CacheConfig) -> dict[str, Any]:
             for chunk, start, end in todo:
                 if claim.lost:  # taken over by another process (see [claim note])
                     break
-                arrays, bad_rows = compute_chunk(
-                    model, builder, settings, device, cfg, plan, dtype, start, end, bar, calibrated
-                )
+                arrays, bad_rows = compute_chunk(chunk_settings, start, end, bar, calibrated)
                 summary["nonfinite_rows"] += bad_rows
                 summary["rows"] += end - start
                 summary["tokens"] += count_tokens(plan, [(chunk, start, end)])
@@ -208,8 +225,6 @@ def run(cfg: CacheConfig) -> dict[str, Any]:
         finally:
             for claim in claims:  # on errors and signals too; a no-op for those already released
                 claim.release()
-    summary["seconds"] = time.perf_counter() - started
-    summary["tokens_per_s"] = summary["tokens"] / summary["seconds"] if summary["seconds"] > 0 else 0.0
     return summary
 
 
@@ -270,18 +285,21 @@ class CalibratedRows:
         return self.kept.pop(row_id)
 
 
+@dataclass
+class ChunkSettings:
+    """What computing a chunk's fields needs besides its rows: the teacher, the row builder, the store's field
+    settings, the device, the command's settings (batch size, --on-nonfinite) and the teacher's dtype."""
+
+    model: Any
+    builder: RowBuilder
+    fields: FieldSettings
+    device: torch.device
+    cfg: CacheConfig
+    dtype: torch.dtype
+
+
 def compute_chunk(
-    model: Any,
-    builder: RowBuilder,
-    settings: FieldSettings,
-    device: torch.device,
-    cfg: CacheConfig,
-    plan: RowPlan,
-    dtype: torch.dtype,
-    start: int,
-    end: int,
-    bar: Any,
-    calibrated: CalibratedRows,
+    s: ChunkSettings, start: int, end: int, bar: Any, calibrated: CalibratedRows
 ) -> tuple[dict[str, np.ndarray], list[int]]:
     """The fields of rows ``start:end`` and the rows whose teacher output is not finite (blanked).
 
@@ -289,13 +307,13 @@ def compute_chunk(
     run ``cfg.batch_size`` at a time."""
     parts, row_ids, bad_rows = [], [], []
     skip = calibrated.rows()
-    for batch in iter_chunk_batches(builder, start, end, cfg.batch_size, skip=skip):
-        fields, bad = compute_batch_fields(model, batch, settings, device)
+    for batch in iter_chunk_batches(s.builder, start, end, s.cfg.batch_size, skip=skip):
+        fields, bad = compute_batch_fields(s.model, batch, s.fields, s.device)
         bad_rows += [batch[i].row_id for i in bad]
         parts.append(fields)
         row_ids += [r.row_id for r in batch]
         bar.update(sum(len(r.input_ids) for r in batch))
-    compute = lambda ids: compute_batch_fields(model, [builder.row(i) for i in ids], settings, device)  # noqa: E731
+    compute = lambda ids: compute_batch_fields(s.model, [s.builder.row(i) for i in ids], s.fields, s.device)  # noqa: E731
     for i in [i for i in range(start, end) if i in skip]:
         parts.append(calibrated.take(i, compute))  # stored as it is, and freed
         row_ids.append(i)
@@ -304,10 +322,10 @@ def compute_chunk(
     order = np.argsort(row_ids, kind="stable")  # row order
     arrays = {k: np.concatenate([p[k] for p in parts])[order] for k in parts[0]}
     bad_rows.sort()
-    if bad_rows and cfg.on_nonfinite == "error":
+    if bad_rows and s.cfg.on_nonfinite == "error":
         raise NonFiniteTeacherOutput(
             f"teacher output is not finite for row {bad_rows[0]} (document "
-            f"{plan.first_document(bad_rows[0])}) in {DTYPE_NAMES[dtype]}; run the teacher in "
+            f"{s.builder.plan.first_document(bad_rows[0])}) in {DTYPE_NAMES[s.dtype]}; run the teacher in "
             "--dtype bf16 or fp32, or pass --on-nonfinite skip to store such rows empty and count them"
         )
     if bad_rows:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import re
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,32 +28,52 @@ def check_teacher_source(teacher: str) -> None:
         raise ConfigError(f"--teacher {teacher}: no such directory")
 
 
-def load_teacher(cfg: CacheConfig, device: torch.device, dtype: torch.dtype, need_attention: bool) -> Any:
+@dataclass(frozen=True)
+class TeacherSource:
+    """Where the teacher is loaded from and how it is placed: stage 1's --teacher, --revision,
+    --trust-remote-code and --device-map (``of(cfg)``), or stage 2's --live-teacher."""
+
+    name: str
+    revision: str | None = None
+    trust_remote_code: bool = False
+    device_map: str | None = None
+    flag: str = "--teacher"  # the flag that named it, for error messages
+
+    @classmethod
+    def of(cls, cfg: CacheConfig) -> TeacherSource:
+        return cls(cfg.teacher, cfg.revision, cfg.trust_remote_code, cfg.device_map)
+
+
+def load_teacher(source: TeacherSource, device: torch.device, dtype: torch.dtype, need_attention: bool) -> Any:
     """The teacher in eval mode, with its fast attention; see [selective-attention note] when maps are stored.
 
-    With ``cfg.device_map`` the teacher is spread over the visible GPUs ([device-map note]) and ``device`` is
+    With ``source.device_map`` the teacher is spread over the visible GPUs ([device-map note]) and ``device`` is
     ignored; ``output_device(model)`` is then where its fields are computed."""
     from transformers import AutoModelForCausalLM
 
-    kwargs: dict[str, Any] = {"dtype": dtype, "trust_remote_code": cfg.trust_remote_code, "revision": cfg.revision}
-    if cfg.device_map is not None:
-        require_accelerate(cfg.device_map)
-        kwargs["device_map"] = cfg.device_map
+    kwargs: dict[str, Any] = {
+        "dtype": dtype,
+        "trust_remote_code": source.trust_remote_code,
+        "revision": source.revision,
+    }
+    if source.device_map is not None:
+        require_accelerate(source.device_map)
+        kwargs["device_map"] = source.device_map
     try:
-        model = AutoModelForCausalLM.from_pretrained(cfg.teacher, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(source.name, **kwargs)
     except (OSError, ValueError) as exc:
-        raise ConfigError(f"--teacher {cfg.teacher}: cannot load the model ({str(exc).splitlines()[0]})") from None
+        raise ConfigError(f"{source.flag} {source.name}: cannot load the model ({str(exc).splitlines()[0]})") from None
     if need_attention:
         use_selective_attention(model)
-    on_cpu = output_device(model).type == "cpu" if cfg.device_map else device.type == "cpu"
+    on_cpu = output_device(model).type == "cpu" if source.device_map else device.type == "cpu"
     if on_cpu and getattr(model.config, "_experts_implementation", None) == "batched_mm":
         model.set_experts_implementation("grouped_mm")  # batched_mm is ~100x slower on CPU
-    if cfg.device_map is None:
+    if source.device_map is None:
         model = model.to(device)
     else:
-        check_device_map(model, cfg.device_map)
+        check_device_map(model, source.device_map)
     model.eval()
-    check_teacher_logits(model, cfg.teacher)
+    check_teacher_logits(model, source.name)
     return model
 
 
@@ -272,15 +293,19 @@ def with_logging_quiet(fn: Any, *args: Any) -> None:
         logging.set_verbosity(level)
 
 
-def load_teacher_tokenizer(cfg: CacheConfig) -> Any:
+def load_teacher_tokenizer(source: TeacherSource) -> Any:
     from transformers import AutoTokenizer
 
     try:
-        tok = AutoTokenizer.from_pretrained(cfg.teacher, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
+        tok = AutoTokenizer.from_pretrained(
+            source.name, revision=source.revision, trust_remote_code=source.trust_remote_code
+        )
     except (OSError, ValueError) as exc:
-        raise ConfigError(f"--teacher {cfg.teacher}: cannot load its tokenizer ({str(exc).splitlines()[0]})") from None
+        raise ConfigError(
+            f"{source.flag} {source.name}: cannot load its tokenizer ({str(exc).splitlines()[0]})"
+        ) from None
     if not getattr(tok, "is_fast", False):
-        raise ConfigError(f"--teacher {cfg.teacher}: a fast tokenizer is needed (character offsets)")
+        raise ConfigError(f"{source.flag} {source.name}: a fast tokenizer is needed (character offsets)")
     check_tokenizer(tok)  # refuses, before the model loads, a tokenizer that cannot reproduce its text
     return tok
 

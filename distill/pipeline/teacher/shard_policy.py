@@ -7,6 +7,8 @@ the launcher's environment, which cache/ does not know.
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable, Iterator
+from typing import Any
 
 from tqdm.auto import tqdm
 
@@ -66,3 +68,24 @@ def claim_or_defer(cfg: CacheConfig, index: int, deferred: set[int]) -> ShardCla
             file=sys.stderr,
         )
     return claim
+
+
+def claim_in_turn(
+    cfg: CacheConfig, shards: list[int], on_busy: Callable[[int, Any], None]
+) -> Iterator[tuple[int, ShardClaim]]:
+    """Claim ``shards`` in turn, yielding each ``(index, claim)`` held: a shard another live process holds is tried
+    again once after the others, then handed to ``on_busy(index, holder)`` (``--shard i/n``: ShardBusy is raised)."""
+    queue, deferred = list(shards), set()
+    while queue:
+        index = queue.pop(0)
+        try:
+            claim = claim_or_defer(cfg, index, deferred)
+        except ShardBusy as busy:
+            if cfg.shard is not None:
+                raise
+            on_busy(index, busy.holder)
+            continue
+        if claim is None:
+            queue.append(index)  # unclaimed shards first
+            continue
+        yield index, claim

@@ -40,7 +40,13 @@ from distill.pipeline.train.learner import Learner
 from distill.pipeline.train.mixing import MixedTeacher, check_stores_agree, describe_rollout
 from distill.pipeline.train.progress import say
 from distill.pipeline.train.run_dir import check_resume_settings, prepare_run_dir
-from distill.pipeline.train.signals import CachedTeacher, LiveTeacher, SignalSource, signal_fields
+from distill.pipeline.train.signals import (
+    CachedTeacher,
+    LiveTeacher,
+    SignalSource,
+    live_teacher_source,
+    signal_fields,
+)
 from distill.pipeline.train.step_view import TeacherFacts
 from distill.pipeline.train.terms import KD_MODES, BuildInputs, build_modules, check_layout, needed_signals
 from distill.runtime import World, rank_device, resolve_autocast, resolve_device
@@ -207,7 +213,7 @@ def setup(cfg: TrainConfig) -> Run:
     source: SignalSource = CachedTeacher(reader, fields)
     eval_source: SignalSource = CachedTeacher(eval_reader or reader, fields)
     if cfg.live_teacher:
-        source = LiveTeacher(cfg.live_teacher, reader, device, fields)
+        source = LiveTeacher(live_teacher_source(cfg, reader.manifest), reader, device, fields)
         eval_source = source.on(eval_reader or reader)
     if mixed is not None:
         live = source if isinstance(source, LiveTeacher) else None

@@ -9,6 +9,7 @@ dtypes, so that both give the same tensors (and the same loss curve).
 
 from __future__ import annotations
 
+import sys
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -17,7 +18,11 @@ import torch
 
 from distill.cache.reader import CacheReader, to_output
 from distill.cache.targets import DECODED_FIELDS, decode_stored_targets, target_read_fields
+from distill.config import TrainConfig
+from distill.pipeline.teacher.fields import blank_rows, compute_batch_fields, field_settings
+from distill.pipeline.teacher.model import TeacherSource, load_teacher
 from distill.pipeline.text.data import Row
+from distill.runtime import DTYPE_NAMES, resolve_dtype
 
 BASE_FIELDS = ("input_ids", "length", "offsets", "text", "row_id")
 
@@ -150,24 +155,32 @@ class CachedTeacher:
         return attach_context(sig, read_row_context(self.reader.manifest))
 
 
+def live_teacher_source(cfg: TrainConfig, manifest: dict[str, Any]) -> TeacherSource:
+    """Where ``--live-teacher`` loads from: its revision (by default the store's, when it names the store's
+    teacher) and whether its remote code may run."""
+    teacher = manifest.get("teacher", {})
+    revision = cfg.live_teacher_revision
+    if revision is None and cfg.live_teacher == teacher.get("name_or_path"):
+        revision = teacher.get("revision")
+    return TeacherSource(cfg.live_teacher, revision, cfg.trust_remote_code, flag="--live-teacher")
+
+
 class LiveTeacher:
-    """The teacher in the loop: computes the cache's fields for the rows of a batch on the fly.
+    """The teacher in the loop: computes the fields its terms read for the rows of a batch, on the fly.
 
-    The rows' text and tokens come from ``reader``, the capture settings (layers, PCA basis) from the store the
-    teacher was made with: ``on(eval_reader)`` scores an eval store's rows with the same teacher and settings."""
+    The teacher loads as stage 1 loads it (``teacher.model.load_teacher``: revision, remote code), in the dtype
+    the store was made in. The rows' text and tokens come from ``reader``, the capture settings (layers, PCA
+    basis) from the store the teacher was made with: ``on(eval_reader)`` scores an eval store's rows with the
+    same teacher and settings. A row whose teacher output is not finite is blanked (length 0: no target), as
+    ``cache-teacher --on-nonfinite skip`` stores it, and counted in ``nonfinite_rows``."""
 
-    def __init__(self, teacher: str, reader: CacheReader, device: torch.device, fields: list[str]) -> None:
-        from distill.config import CacheConfig
-        from distill.pipeline.teacher.fields import field_settings
-        from distill.pipeline.teacher.model import load_teacher
-        from distill.runtime import resolve_dtype
-
+    def __init__(self, source: TeacherSource, reader: CacheReader, device: torch.device, fields: list[str]) -> None:
         layout = reader.layout
         self.reader, self.device, self.fields = reader, device, fields
-        dtype = resolve_dtype(reader.manifest["teacher"]["dtype"], device)  # the dtype the cache was made in
-        cfg = CacheConfig(teacher=teacher)
-        self.model = load_teacher(cfg, device, dtype, need_attention=bool(layout["attention_layers"]))
+        self.dtype = resolve_dtype(reader.manifest["teacher"]["dtype"], device)  # the dtype the cache was made in
+        self.model = load_teacher(source, device, self.dtype, need_attention=bool(layout["attention_layers"]))
         self.settings = field_settings(layout, reader.root, device)
+        self.nonfinite_rows: list[int] = []
 
     def on(self, reader: CacheReader) -> LiveTeacher:
         """The same teacher (model and settings, not a copy) reading its rows from another store."""
@@ -175,9 +188,14 @@ class LiveTeacher:
         other.__dict__.update(self.__dict__, reader=reader)
         return other
 
-    def read(self, rows: np.ndarray) -> TeacherSignal:
-        from distill.pipeline.teacher.fields import compute_batch_fields
+    def computed_fields(self) -> list[str]:
+        """The teacher fields to compute: those asked for, the decoded targets as the kind stores them."""
+        names = [name for name in self.fields if name not in BASE_FIELDS and name not in DECODED_FIELDS]
+        if any(name in DECODED_FIELDS for name in self.fields):
+            names += [*target_read_fields(self.reader.layout), "lse"]
+        return list(dict.fromkeys(names))
 
+    def read(self, rows: np.ndarray) -> TeacherSignal:
         base = self.reader.read_rows(rows, [*BASE_FIELDS, *(["segment_ids"] if self.reader.packed else [])])
         batch = [
             Row(
@@ -190,7 +208,9 @@ class LiveTeacher:
             )
             for i, n in enumerate(base["length"].tolist())
         ]
-        arrays, _ = compute_batch_fields(self.model, batch, self.settings, self.device)
+        arrays, bad = compute_batch_fields(self.model, batch, self.settings, self.device, self.computed_fields())
+        if bad:
+            self.blank(arrays, base, bad)
         data = {name: to_output(name, [arrays[name]], np.arange(len(rows))) for name in self.fields if name in arrays}
         if any(name in DECODED_FIELDS for name in self.fields):  # the same decoding as a cached read
             names = [*target_read_fields(self.reader.layout), "lse"]
@@ -198,3 +218,16 @@ class LiveTeacher:
             data.update(decode_stored_targets(stored, self.reader.layout, self.reader.rank_table()))
         data.update({k: v for k, v in base.items()})
         return attach_context(signal_from_arrays(data), read_row_context(self.reader.manifest))
+
+    def blank(self, arrays: dict[str, np.ndarray], base: dict[str, Any], bad: list[int]) -> None:
+        """Blank the rows ``bad`` (batch positions) as ``cache-teacher --on-nonfinite skip`` stores them."""
+        blank_rows(arrays, bad)
+        for name in ("input_ids", "length", "offsets", *(["segment_ids"] if "segment_ids" in base else [])):
+            base[name][bad] = 0
+        row_ids = [int(base["row_id"][i]) for i in bad]
+        self.nonfinite_rows += row_ids
+        print(
+            f"train: the live teacher's output is not finite for rows {row_ids} in {DTYPE_NAMES[self.dtype]}; "
+            "they are left out (length 0), as cache-teacher --on-nonfinite skip stores them",
+            file=sys.stderr,
+        )
