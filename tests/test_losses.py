@@ -1,4 +1,5 @@
-"""Unit tests for the stage-2 loss modules (kd_losses, lm_losses, feature_losses): goldens, references, masks."""
+"""Unit tests for the stage-2 loss modules (losses/: kd, fused_head, representation, combine): goldens, references,
+masks."""
 
 from __future__ import annotations
 
@@ -8,12 +9,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from distill.pipeline.losses.combine import combine_terms
 from distill.pipeline.losses.fused_head import lm_loss
 from distill.pipeline.losses.kd import kd_tail_loss, log1mexp, projector_kd_loss, uld_loss
 from distill.pipeline.losses.representation import (
     attention_span_loss,
     build_layer_map,
-    combine_terms,
     contrastive_loss,
     feature_loss,
     importance_loss,

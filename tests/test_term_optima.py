@@ -20,8 +20,9 @@ import torch
 
 from distill.cache.targets import TARGET_KINDS, build_target_layout, decode_targets
 from distill.config import TrainConfig
-from distill.pipeline.losses.cross_tokenizer import alm_loss, kd_prefix_loss
+from distill.pipeline.losses.cross_tokenizer import alm_loss
 from distill.pipeline.losses.kd import kd_tail_loss, projector_kd_loss, uld_loss
+from distill.pipeline.losses.prefix_kd import kd_prefix_loss
 from distill.pipeline.losses.representation import (
     attention_span_loss,
     contrastive_loss,

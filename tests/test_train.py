@@ -358,7 +358,7 @@ def test_prefix_kd_of_a_training_step_equals_kd_prefix_loss_on_the_aligned_logit
 
     from distill.config import CurriculumConfig, TrainConfig
     from distill.curriculum import weights_at
-    from distill.pipeline.losses.cross_tokenizer import kd_prefix_loss
+    from distill.pipeline.losses.prefix_kd import kd_prefix_loss
     from distill.pipeline.train import learner as learner_module
     from distill.pipeline.train.setup import setup
 

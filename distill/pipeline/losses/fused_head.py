@@ -7,7 +7,7 @@ when nothing is valid).
 - `lm_and_kd_from_hidden` lm, lm_unaligned and the tail kd from the last hidden state, in slices
                      ([sliced-logits note] at `_HeadStatistics`)
 - `_BinStatistics`   the same pass reduced to the student's mass in prefix bins, for the prefix kd of
-                     losses.cross_tokenizer.lm_and_kd_prefix_from_hidden ([bin-sums note])
+                     prefix_kd.lm_and_kd_prefix_from_hidden ([bin-sums note])
 """
 
 from __future__ import annotations

@@ -12,9 +12,11 @@ Shapes: `N` = number of aligned positions, flattened over the batch; `Vs` / `Vt`
 student / teacher vocabulary; `K` = cached teacher top-K; `D` = hidden width;
 `S` = number of student key spans; `E` = number of router experts.
 
-These conventions hold for every loss module of stage 2: this one, losses/fused_head.py (the student's own
-next-token loss and the kd computed from its last hidden state), losses/representation.py (hidden-state,
-attention, router terms and the weighted total), losses/cross_tokenizer.py and sampled_kd.py.
+These conventions hold for every loss module of stage 2: this one (tail kd, the head bound, ULD, projector),
+prefix_kd.py (the default kd), sampled_kd.py (kd on sampled targets), fused_head.py (the student's own
+next-token loss and the kd computed from its last hidden state), cross_tokenizer.py (ALM), representation.py
+(hidden-state, attention, router terms), hidden_targets.py (the teacher's states as targets) and combine.py
+(the weighted total).
 
 Terms (see DESIGN.md, "Stage 2"):
 

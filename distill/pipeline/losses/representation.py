@@ -1,4 +1,4 @@
-"""Loss terms of stage 2 on representations (hidden states, attention, router) and the weighted total.
+"""Loss terms of stage 2 on representations: hidden states, attention, router.
 
 Pure tensor functions with the conventions of losses/kd.py (fp32 means over valid positions, explicit
 `(N,)` bool masks, an in-graph 0 when nothing is valid). Shapes: `N` = aligned positions, `D` = hidden
@@ -11,7 +11,6 @@ width, `S` = student key spans, `E` = router experts.
 - `contrastive_loss` InfoNCE between aligned student and teacher representations, the teacher's own
                      similarities as labels
 - `load_balance_loss`, `importance_loss`  router regularizers
-- `combine_terms`    weighted total + the flat dict that the loop logs
 """
 
 from __future__ import annotations
@@ -271,37 +270,3 @@ def importance_loss(router_probs: Tensor) -> Tensor:
         return _zero(router_probs)
     importance = router_probs.float().sum(dim=0)  # (E,)
     return importance.var(unbiased=False) / importance.mean().pow(2).clamp(min=1e-12)
-
-
-# --- the weighted total -----------------------------------------------------------------
-
-
-def combine_terms(raw: dict[str, Tensor], weights: dict[str, float]) -> tuple[Tensor, dict[str, float]]:
-    """Weighted total of the loss terms, and the flat dict of floats the loop logs.
-
-    Args:
-        raw: term name -> scalar tensor (only the terms that were computed).
-        weights: term name -> current weight (from the curriculum).
-
-    Returns:
-        total: Σ weight · raw over terms present in `raw` with weight > 0 (an in-graph 0
-            when there are none).
-        logs: `loss/<term>` for every raw term, `weight/<term>` for every term in either
-            dict, `weighted/<term>` for every raw term (0.0 when not counted), and
-            `loss/total` — which equals the sum of the `weighted/` values.
-    """
-    total: Tensor | None = None
-    logs: dict[str, float] = {}
-    for name, value in raw.items():
-        weight = float(weights.get(name, 0.0))
-        logs[f"loss/{name}"] = float(value.detach())
-        weighted = value.float() * weight if weight > 0 else None
-        logs[f"weighted/{name}"] = float(weighted.detach()) if weighted is not None else 0.0
-        if weighted is not None:
-            total = weighted if total is None else total + weighted
-    for name in sorted(set(raw) | set(weights)):
-        logs[f"weight/{name}"] = float(weights.get(name, 0.0))
-    if total is None:
-        total = _zero(next(iter(raw.values()))) if raw else torch.zeros(())
-    logs["loss/total"] = float(total.detach())
-    return total, logs

@@ -19,7 +19,7 @@ import torch.nn as nn
 from torch import Tensor
 
 from distill.config import TrainConfig
-from distill.pipeline.losses.representation import combine_terms
+from distill.pipeline.losses.combine import combine_terms
 from distill.pipeline.text.packing import segment_position_ids
 from distill.pipeline.train.batches import Batch
 from distill.pipeline.train.step_view import StepView, TeacherFacts

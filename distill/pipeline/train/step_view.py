@@ -16,9 +16,10 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from distill.config import TrainConfig
-from distill.pipeline.losses.cross_tokenizer import alm_from_hidden, lm_and_kd_prefix_from_hidden
+from distill.pipeline.losses.cross_tokenizer import alm_from_hidden
 from distill.pipeline.losses.fused_head import lm_and_kd_from_hidden
 from distill.pipeline.losses.hidden_targets import standardize_hidden
+from distill.pipeline.losses.prefix_kd import lm_and_kd_prefix_from_hidden
 from distill.pipeline.text.packing import next_in_segment
 from distill.pipeline.train.batches import Batch
 from distill.pipeline.train.signals import TeacherSignal
