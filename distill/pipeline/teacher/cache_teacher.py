@@ -3,13 +3,14 @@
     distill cache-teacher --teacher huihui-ai/Huihui-MoE-1B-A0.6B --dataset wikitext \
         --dataset-config wikitext-103-raw-v1 --split train --out cache/wt103 --seq-len 512
 
-Flow: load teacher + tokenizer (teacher/model.py) -> load dataset -> cut documents into rows (data.py)
--> (new store) calibration pass over a sample of the rows: hidden-state statistics and PCA basis, the targets'
-rank table and fidelity, and those rows' own fields, kept for the fill (calibration.py), manifest (manifest.py),
-create the store (cache/writer.py) -> for each shard this process owns, for each chunk not yet committed:
-teacher forward in batches over the rows the calibration did not keep, compute the fields (fields.py), hand the
-chunk to a background writer, which writes and commits it while the next chunk runs through the teacher. Each
-row runs through the teacher once.
+Flow: ``setup(cfg)`` loads the teacher and its tokenizer (teacher/model.py) and the dataset and cuts its documents
+into rows (text/data.py); ``prepare_store`` opens the store, or creates it after a calibration pass over a sample
+of the rows (hidden-state statistics and PCA basis, the targets' rank table and fidelity, and those rows' own
+fields, kept for the fill: calibration.py) with its manifest (manifest.py, cache/writer.py); ``fill_store``
+claims the shards this process owns (shard_policy.py) and, for each chunk not yet committed, runs the teacher in
+batches over the rows the calibration did not keep, computes the fields (fields.py) and hands the chunk to a
+background writer, which writes and commits it while the next chunk runs through the teacher. Each row runs
+through the teacher once.
 """
 
 from __future__ import annotations
