@@ -59,15 +59,17 @@ def check_values_exact(store: Path, teacher: Path, dataset: Path, size: dict, at
     import zarr
 
     from distill.config import CacheConfig
-    from distill.pipeline.cache_teacher import iter_chunk_batches
-    from distill.pipeline.data import RowBuilder, load_text_dataset, plan_rows
-    from distill.pipeline.fields import pad_rows
-    from distill.pipeline.teacher_model import forward_teacher, load_teacher, load_teacher_tokenizer
+    from distill.pipeline.teacher.cache_teacher import iter_chunk_batches
+    from distill.pipeline.teacher.fields import pad_rows
+    from distill.pipeline.teacher.model import TeacherSource, forward_teacher, load_teacher, load_teacher_tokenizer
+    from distill.pipeline.text.data import RowBuilder, load_text_dataset, plan_rows
 
     shard = zarr.open_group(str(store), mode="r")["shards/00000"]  # plain zarr: what is on disk, decoded
     cfg = CacheConfig(teacher=str(teacher), dataset=str(dataset), out=str(store), seq_len=size["seq_len"])
-    model = load_teacher(cfg, torch.device("cpu"), torch.float32, need_attention=bool(attention_layers))
-    tokenizer = load_teacher_tokenizer(cfg)
+    model = load_teacher(
+        TeacherSource.of(cfg), torch.device("cpu"), torch.float32, need_attention=bool(attention_layers)
+    )
+    tokenizer = load_teacher_tokenizer(TeacherSource.of(cfg))
     data = load_text_dataset(str(dataset), None, "train", "text")
     plan = plan_rows(data, "text", tokenizer, size["seq_len"]).truncated(size["rows"])
     builder = RowBuilder(data, "text", tokenizer, plan)
@@ -105,7 +107,7 @@ def main() -> None:
 
     from distill.cache.info import store_info
     from distill.config import CacheConfig
-    from distill.pipeline import cache_teacher
+    from distill.pipeline.teacher import cache_teacher
 
     torch.set_num_threads(args.threads)
     size = SIZES["quick" if args.quick else "full"]

@@ -152,7 +152,7 @@ def teacher_bpb_of_continuations(store: Path, seed: int = 0) -> dict[str, float]
     """The teacher's bits per byte of the continuations in a store of rollouts (the tokens wholly after each
     prompt, on their bytes), with a 95% bootstrap interval over prompts (rows: stores made with --packing none)."""
     from distill.cache.reader import CacheReader
-    from distill.pipeline.signals import read_row_context
+    from distill.pipeline.train.signals import read_row_context
 
     reader = CacheReader(str(store))
     data = reader.read_rows(reader.row_ids, ["offsets", "length", "target_logprob", "text"])

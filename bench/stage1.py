@@ -75,7 +75,7 @@ GROUPS = {
 
 def logit_group(s: Any) -> list[str]:
     """The store's logit fields (its targets', lse, target_logprob), vocab_proj aside."""
-    from distill.pipeline.fields import stored_logit_fields
+    from distill.pipeline.teacher.fields import stored_logit_fields
 
     return [name for name in stored_logit_fields(s) if name != "vocab_proj"]
 
@@ -110,11 +110,9 @@ def main() -> None:
     from distill.cache.store import open_root, read_manifest
     from distill.cache.targets import target_kind
     from distill.config import CacheConfig
-    from distill.pipeline import cache_teacher
-    from distill.pipeline.cache_teacher import iter_chunk_batches
-    from distill.pipeline.data import RowBuilder, load_text_dataset, plan_rows
-    from distill.pipeline.fields import compute_batch_fields, field_settings, pad_rows
-    from distill.pipeline.teacher_model import load_teacher, load_teacher_tokenizer
+    from distill.pipeline.teacher import cache_teacher
+    from distill.pipeline.teacher.cache_teacher import iter_chunk_batches
+    from distill.pipeline.teacher.fields import compute_batch_fields, field_settings, pad_rows
     from distill.runtime import DTYPE_NAMES, resolve_device, resolve_dtype
 
     torch.set_num_threads(args.threads)
@@ -149,12 +147,9 @@ def main() -> None:
             fill.append(summary["seconds"])
         layout = read_manifest(cfg.out)["layout"]
         s = field_settings(layout, open_root(cfg.out), device)  # what the command computed for each row
-        model = load_teacher(cfg, device, dtype, need_attention=True)
-        tokenizer = load_teacher_tokenizer(cfg)
-        dataset = load_text_dataset(cfg.dataset, None, "train", "text")
-        plan = plan_rows(dataset, "text", tokenizer, cfg.seq_len, packing=cfg.packing).truncated(cfg.max_rows)
-        builder = RowBuilder(dataset, "text", tokenizer, plan)
-        batches = list(iter_chunk_batches(builder, 0, len(plan), cfg.batch_size))
+        t = cache_teacher.setup(cfg)  # the command's own setup: teacher, rows, device and dtype
+        model, device, dtype = t.model, t.device, t.dtype
+        batches = list(iter_chunk_batches(t.builder, 0, len(t.plan), cfg.batch_size))
         tokens = sum(len(r.input_ids) for batch in batches for r in batch)
         assert summary["tokens"] == tokens, (summary["tokens"], tokens)
 

@@ -30,7 +30,7 @@ variants train the same student on the same rows in the same order, each at ``di
 ``--extras`` adds the settings the bench measured before the defaults changed: ``kd_tail_t4`` and
 ``all_tail_t4`` (``kd_mode=tail`` at T=4). The JSON records every variant's settings (``settings``).
 
-Each variant runs in its own process: ``train_setup.setup`` builds the run, then ``train.train_step``,
+Each variant runs in its own process: ``train.setup.setup`` builds the run, then ``train.loop.train_step``,
 the step ``train.fit`` runs (read the micro-batch -> the learner's loss -> backward -> clip -> AdamW
 step), runs ``steps`` optimizer steps; the first ``warmup`` are not timed. Peak memory (CPU): the bytes of
 the tensors that live across steps (student and module weights, AdamW state, the live
@@ -122,10 +122,10 @@ def run_variant(spec: dict[str, Any]) -> dict[str, Any]:
 
     from distill.cache.targets import target_kind
     from distill.config import CurriculumConfig, TrainConfig
-    from distill.pipeline.batches import BatchStream
-    from distill.pipeline.curriculum import weights_at
-    from distill.pipeline.train import build_optimizer, train_step
-    from distill.pipeline.train_setup import setup
+    from distill.curriculum import weights_at
+    from distill.pipeline.train.batches import BatchStream
+    from distill.pipeline.train.loop import build_optimizer, train_step
+    from distill.pipeline.train.setup import setup
 
     variant = {**VARIANTS, **EXTRAS}[spec["variant"]]
     changes = {key: variant[key] for key in ("kd_mode", "temperature") if key in variant}
@@ -237,7 +237,7 @@ def spawn_variant(spec: dict[str, Any]) -> dict[str, Any]:
 def make_store(teacher: Path, data: Path, out: Path, size: dict[str, Any], minimal: bool) -> dict[str, Any]:
     """``cache-teacher``'s defaults on ``batch_size`` rows (minimal: no hidden or attention fields, + vocab_proj)."""
     from distill.config import CacheConfig
-    from distill.pipeline import cache_teacher
+    from distill.pipeline.teacher import cache_teacher
 
     cfg = CacheConfig(
         teacher=str(teacher),

@@ -16,7 +16,7 @@ Figures (last line, JSON):
 - ``shared_ends``: the share of the student's token ends (byte positions) that are also teacher token ends,
   i.e. positions where the two sequences can be aligned one to one.
 - ``vocab_mapped``: the share of the teacher's vocabulary with an exact student token (same bytes,
-  ``distill.pipeline.align.build_vocab_map``); ``text_tokens_mapped``: the share of the teacher's tokens in
+  ``distill.pipeline.text.align.build_vocab_map``); ``text_tokens_mapped``: the share of the teacher's tokens in
   the text that have one (where the stored top-K can land on a student token at all).
 """
 
@@ -49,7 +49,7 @@ def load_texts() -> list[str]:
 
 def token_byte_lengths(tokenizer: Any) -> np.ndarray:
     """(V,) bytes each vocabulary entry stands for (-1 for special tokens), from the alignment's own reading."""
-    from distill.pipeline.align import list_token_keys
+    from distill.pipeline.text.align import list_token_keys
 
     entries = list_token_keys(tokenizer)
     lengths = np.full(max(token_id for token_id, _, _ in entries) + 1, -1, dtype=np.int64)
@@ -68,7 +68,7 @@ def measure(teacher_dir: Path, student_dir: Path, texts: list[str]) -> dict[str,
     """Token counts, bytes per token, shared token ends and vocabulary coverage of the pair on ``texts``."""
     from transformers import AutoTokenizer
 
-    from distill.pipeline.align import build_vocab_map
+    from distill.pipeline.text.align import build_vocab_map
 
     teacher = AutoTokenizer.from_pretrained(teacher_dir)
     student = AutoTokenizer.from_pretrained(student_dir)

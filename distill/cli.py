@@ -125,7 +125,7 @@ def reported_errors(
 
     ``usage`` exceptions exit 2, ``failure`` exceptions and OSError exit 1, anything else is reported as a bug."""
     from distill.cache.schema import CacheError
-    from distill.pipeline.checkpoint import CheckpointError
+    from distill.pipeline.train.checkpoint import CheckpointError
 
     try:
         yield
@@ -215,8 +215,8 @@ def cache_teacher(sources: ConfigSources) -> None:
     Re-running the same command resumes; complete shards are skipped.
     """
     from distill.cache.claims import ShardBusy
-    from distill.pipeline.cache_teacher import NonFiniteTeacherOutput, run
-    from distill.pipeline.data import DataError
+    from distill.pipeline.teacher.cache_teacher import NonFiniteTeacherOutput, run
+    from distill.pipeline.text.data import DataError
 
     with reported_errors(usage=(DataError,), failure=(NonFiniteTeacherOutput, ShardBusy)):
         cfg = sources.load()
@@ -264,7 +264,7 @@ def train(sources: ConfigSources) -> None:
     Settings of the cache (layers, top-K, temperatures) are read from its manifest. SIGINT/SIGTERM
     save an emergency checkpoint; --resume auto continues exactly where the run stopped.
     """
-    from distill.pipeline.train import run
+    from distill.pipeline.train.loop import run
 
     with reported_errors(usage=(FileNotFoundError,)):
         cfg = sources.load()
@@ -303,8 +303,8 @@ def rollout(sources: ConfigSources) -> None:
     distill train --cache cache/wt103 --cache cache/r1 --cache-weights 0.7,0.3 --resume auto ...
     Re-running the same command appends only the prompts the file lacks.
     """
-    from distill.pipeline.data import DataError
-    from distill.pipeline.rollout import run
+    from distill.pipeline.teacher.rollout import run
+    from distill.pipeline.text.data import DataError
 
     with reported_errors(usage=(DataError, FileNotFoundError)):
         cfg = sources.load()
@@ -358,7 +358,7 @@ def cache_audit(
 
     Example: distill cache audit cache/wt103 --student HuggingFaceTB/SmolLM-135M --json
     """
-    from distill.pipeline.audit import audit_store, format_audit
+    from distill.pipeline.eval.audit import audit_store, format_audit
 
     with reported_errors():
         report = audit_store(store, student, max_rows, score_rows)
@@ -519,7 +519,7 @@ def eval_(
     Example: distill eval runs/kd runs/ce_only --baseline ce_only --out reports/demo
     """
     from distill.config import parse_report_to
-    from distill.pipeline.evaluate import format_report, run_eval
+    from distill.pipeline.eval.evaluate import format_report, run_eval
 
     if split not in ("eval", "all"):
         fail("--split must be eval or all")

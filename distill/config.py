@@ -22,12 +22,27 @@ class ConfigError(ValueError):
     """A configuration value is invalid; the message names the flag to change."""
 
 
-RAMPED_TERMS = ("feature", "attention", "layerwise", "contrastive")
+TERM_SCHEDULES: dict[str, str] = {
+    "kd": "constant",
+    "lm": "complement",
+    "alm": "constant",
+    "feature": "ramp",
+    "attention": "ramp",
+    "layerwise": "ramp",
+    "contrastive": "ramp",
+}
+"""Every loss term of stage 2 and the kind of its schedule (curriculum.py weighs each, pipeline/train/terms.py
+computes each): ``constant`` weighs its base weight ``curriculum.<term>`` from step 0; ``complement`` weighs
+1 - kd (lm, always on); ``ramp`` weighs its base weight times its ramp ``curriculum.<term>_ramp``, from
+``curriculum.kd_only_until`` on."""
+WEIGHTED_TERMS = tuple(term for term, schedule in TERM_SCHEDULES.items() if schedule != "complement")
+"""The terms with a base weight of their own (``CurriculumConfig``), which ``curriculum.disabled`` may name."""
+RAMPED_TERMS = tuple(term for term, schedule in TERM_SCHEDULES.items() if schedule == "ramp")
 """The curriculum's ramped terms: each has a base weight ``<term>`` and a ramp ``<term>_ramp`` below."""
 OBJECTIVES: dict[str, tuple[str, ...]] = {
     "full": (),
     "kd-only": RAMPED_TERMS,
-    "ce": ("kd", "alm", *RAMPED_TERMS),
+    "ce": WEIGHTED_TERMS,
 }
 """Training objective presets -> the terms each one disables (added to ``curriculum.disabled``)."""
 
@@ -35,12 +50,12 @@ OBJECTIVES: dict[str, tuple[str, ...]] = {
 @dataclass
 class CurriculumConfig:
     """Per-term base weights and the phases, as fractions of the run's total optimizer steps
-    (pipeline/curriculum.py turns them into the weights of a step)."""
+    (curriculum.py turns them into the weights of a step)."""
 
     kd: float = 0.7
     """Weight of the teacher top-K KD term, on from step 0; in [0, 1). lm weighs 1 - kd."""
     alm: float = 0.0
-    """Weight of the ALM chunk-likelihood term (xtok_losses.alm_loss), on from step 0 next to kd and lm; 0 = off.
+    """Weight of the ALM chunk-likelihood term (cross_tokenizer.alm_loss), on from step 0 beside kd and lm; 0: off.
     (``--set kd_mode=alm`` puts ALM in kd's place instead.)"""
     feature: float = 0.1
     """Full weight of the student-aware router feature term (with its balance/importance terms)."""
@@ -70,12 +85,12 @@ class CurriculumConfig:
 
     def base_weight(self, term: str) -> float:
         """The term's weight once fully ramped (0 when disabled); lm weighs 1 - kd."""
-        if term == "lm":
+        if TERM_SCHEDULES[term] == "complement":
             return 1.0 - self.base_weight("kd")
         return 0.0 if term in self.disabled else float(getattr(self, term))
 
     def _validate_weights(self) -> None:
-        for name in ("kd", "alm", *RAMPED_TERMS):
+        for name in WEIGHTED_TERMS:
             if not getattr(self, name) >= 0:
                 raise ConfigError(f"curriculum.{name} must be >= 0, got {getattr(self, name)}")
         if not self.kd < 1:
@@ -98,10 +113,10 @@ class CurriculumConfig:
 
     def _validate_disabled(self) -> None:
         names = (self.disabled,) if isinstance(self.disabled, str) else tuple(self.disabled)
-        unknown = sorted(set(names) - {"kd", "alm", *RAMPED_TERMS})
+        unknown = sorted(set(names) - set(WEIGHTED_TERMS))
         if unknown:
             hint = " (lm is always on; lower kd instead)" if "lm" in unknown else ""
-            allowed = ", ".join(("kd", "alm", *RAMPED_TERMS))
+            allowed = ", ".join(WEIGHTED_TERMS)
             raise ConfigError(f"curriculum.disabled has unknown terms {unknown}{hint}; allowed: {allowed}")
         self.disabled = tuple(sorted(set(names)))
 
@@ -111,7 +126,7 @@ class CurriculumConfig:
 
 
 KD_MODES = ("tail", "prefix", "alm", "projector", "uld")
-"""The kd term's modes (pipeline/terms.py computes each)."""
+"""The kd term's modes (pipeline/train/terms.py computes each)."""
 
 
 DEVICE_MAPS = (None, "auto", "balanced", "sequential")
@@ -226,8 +241,8 @@ class CacheConfig:
             (0 < self.target_mass <= 1, "--target-mass must be in (0, 1]"),
             (1 <= self.target_samples <= 255, "--target-samples must be in 1..255 (counts are stored in 8 bits)"),
             (
-                self.targets not in ("sampled", "hybrid") or 1.0 in self.temperatures,
-                "--targets sampled/hybrid draw at T=1: --temperatures must include 1",
+                not getattr(TARGET_KINDS.get(self.targets), "sampled", False) or 1.0 in self.temperatures,
+                f"--targets {self.targets} draws at T=1: --temperatures must include 1",
             ),
             (len(self.temperatures) > 0, "--temperatures needs at least one temperature"),
             (all(t > 0 for t in self.temperatures), "--temperatures must all be > 0"),
@@ -257,7 +272,10 @@ class CacheConfig:
 
     def ignored_settings(self) -> list[str]:
         """A warning for each target setting given away from its default that the chosen --targets ignores."""
-        uses = {"target_mass": ("topk", "hybrid"), "target_samples": ("sampled", "hybrid")}
+        uses = {
+            "target_mass": [name for name, kind in TARGET_KINDS.items() if kind.reads_mass],
+            "target_samples": [name for name, kind in TARGET_KINDS.items() if kind.sampled],
+        }
         defaults = {f.name: f.default for f in dataclasses.fields(self)}
         return [
             f"--{name.replace('_', '-')} {getattr(self, name)} is ignored by --targets {self.targets} (it applies to "
@@ -284,8 +302,8 @@ class TrainConfig:
 
     HELP_GROUPS: ClassVar[dict[str, tuple[str, ...]]] = {
         "Inputs and outputs": (
-            "cache", "cache_weights", "continuation_only", "student", "out", "eval_cache", "live_teacher", "resume",
-            "overwrite", "report_to",
+            "cache", "cache_weights", "continuation_only", "student", "out", "eval_cache", "live_teacher",
+            "live_teacher_revision", "trust_remote_code", "resume", "overwrite", "report_to",
         ),
         "Objective": (
             "objective", "temperature", "kd_mode", "alm_temperature", "router_top_k", "balance_coef", "importance_coef",
@@ -402,6 +420,11 @@ class TrainConfig:
     """Student context (default: its config's max_position_embeddings); longer student rows are cut."""
     live_teacher: str | None = None
     """Run this teacher in the loop instead of reading teacher outputs from the store (same loss code)."""
+    live_teacher_revision: str | None = None
+    """Revision (branch, tag or commit) of --live-teacher on the hub. Default: the store's, when --live-teacher
+    names the teacher the store was made with."""
+    trust_remote_code: bool = False
+    """Allow --live-teacher's custom modeling code from the hub (as cache-teacher's --trust-remote-code)."""
     seed: int = 0
     """Seed of initialization of the added modules, data order and dropout."""
     resume: str | None = None

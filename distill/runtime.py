@@ -1,7 +1,7 @@
 """Where and how this process runs: its device, its dtype, its rank under torchrun, whether it is rank 0.
 
 Both stages and the CLI ask these questions; this module answers them once (torchrun's environment:
-``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``). Joining the process group is stage 2's (pipeline/distributed.py).
+``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``). Joining the process group is stage 2's (pipeline/train/distributed.py).
 """
 
 from __future__ import annotations

@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from distill.pipeline import align
-from distill.pipeline.align import (
+from distill.pipeline.text import align
+from distill.pipeline.text.align import (
     BYTE_LEVEL,
     PLAIN,
     SENTENCEPIECE,

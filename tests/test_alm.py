@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 import torch
 
-from distill.pipeline.align import align_offsets
-from distill.pipeline.xtok_losses import alm_from_hidden, alm_loss, find_chunks, sum_chunk_logprobs
+from distill.pipeline.losses.cross_tokenizer import alm_from_hidden, alm_loss, find_chunks, sum_chunk_logprobs
+from distill.pipeline.text.align import align_offsets
 
 TEACHER_SPANS = np.array([[0, 0], [0, 3], [3, 7], [7, 11]])  # <bos> the | cat | sat
 STUDENT_SPANS = np.array([[0, 2], [2, 3], [3, 5], [5, 7], [7, 11]])  # th e | c at | sat

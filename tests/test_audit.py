@@ -9,9 +9,9 @@ from typer.testing import CliRunner
 
 from distill.cache.reader import CacheReader
 from distill.cli import app
-from distill.pipeline.align import align_offsets, build_vocab_map, tokenize_for_student
-from distill.pipeline.categories import CATEGORIES, categorize_token
-from distill.pipeline.packing import read_document_rows
+from distill.pipeline.eval.categories import CATEGORIES, categorize_token
+from distill.pipeline.text.align import align_offsets, build_vocab_map, tokenize_for_student
+from distill.pipeline.text.packing import read_document_rows
 
 
 @pytest.mark.parametrize(

@@ -26,7 +26,7 @@ SETTINGS = {"max_rows": 48, "num_shards": 2}  # 6 chunks of 8 rows: two shards o
 CLAIM_RACE_HARNESS = r"""
 import os, sys, time
 from pathlib import Path
-import distill.cache.writer as teacher
+import distill.pipeline.teacher.shard_policy as teacher
 
 barrier = Path(sys.argv.pop(1))
 real_claim = teacher.claim_shard

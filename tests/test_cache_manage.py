@@ -21,8 +21,8 @@ from distill.cache.reader import CacheReader
 from distill.cache.schema import CacheError, manifest_identity
 from distill.cache.store import open_root, read_manifest, root_arrays
 from distill.cache.verify import require_sound_store
-from distill.cache.writer import new_store_shards, shards_to_fill
 from distill.config import CacheConfig, ConfigError
+from distill.pipeline.teacher.shard_policy import new_store_shards, shards_to_fill
 from tests.helpers import REPO, assert_stores_equal, cache_args, invoke, spawn, subprocess_env
 
 SETTINGS = {"max_rows": 48}  # 6 chunks of 8 rows: two shards of 3 chunks

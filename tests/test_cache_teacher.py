@@ -13,7 +13,7 @@ from typer.testing import CliRunner
 
 from distill.cache.reader import CacheReader
 from distill.cli import app
-from tests.helpers import assert_stores_equal, cache_args
+from tests.helpers import assert_stores_equal, cache_args, config_from_args
 
 TEMPS = [1.0, 2.0, 4.0]
 
@@ -237,10 +237,9 @@ def test_each_row_runs_through_the_teacher_once_and_is_stored_as_computed_alone(
     runs with them: the rows a resume recomputes are batched as before, see CalibratedRows in cache_teacher.py)."""
     import numpy as np
 
-    from distill.config import CacheConfig
-    from distill.pipeline import fields
-    from distill.pipeline.data import Row
-    from distill.pipeline.teacher_model import load_teacher
+    from distill.pipeline.teacher import fields
+    from distill.pipeline.teacher.model import TeacherSource, load_teacher
+    from distill.pipeline.text.data import Row
 
     forwarded = []
     real_forward = fields.forward_teacher
@@ -270,7 +269,7 @@ def test_each_row_runs_through_the_teacher_once_and_is_stored_as_computed_alone(
         )
         for i, n in enumerate(stored["length"].tolist())
     ]
-    model = load_teacher(CacheConfig(teacher=str(tiny_assets["teacher"])), torch.device("cpu"), torch.float32, True)
+    model = load_teacher(TeacherSource(str(tiny_assets["teacher"])), torch.device("cpu"), torch.float32, True)
     settings = fields.field_settings(reader.layout, reader.root, torch.device("cpu"))
     parts = [
         fields.compute_batch_fields(model, rows[a : a + 3], settings, torch.device("cpu"))
@@ -298,3 +297,14 @@ def test_each_row_runs_through_the_teacher_once_and_is_stored_as_computed_alone(
     assert CliRunner().invoke(app, ["cache-teacher", *args]).exit_code == 0
     assert_stores_equal(resumed, out)
     assert max(calibrated) >= 8 and sum(forwarded) >= reader.num_rows - 8
+
+
+def test_setup_loads_the_teacher_and_plans_the_rows_without_touching_the_store(tiny_assets, tmp_path):
+    from distill.config import CacheConfig
+    from distill.pipeline.teacher.cache_teacher import setup
+
+    out = tmp_path / "store"
+    t = setup(config_from_args(CacheConfig, cache_args(tiny_assets, out)))
+    assert not out.exists()  # the store is prepare_store's, after setup
+    assert len(t.plan) > 0 and t.builder.row(0).input_ids.size > 0
+    assert not t.model.training and t.device == torch.device("cpu") and t.dtype == torch.float32

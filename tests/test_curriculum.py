@@ -4,8 +4,15 @@ from __future__ import annotations
 
 import pytest
 
-from distill.config import CurriculumConfig
-from distill.pipeline.curriculum import TERMS, enabled_terms, weights_at
+from distill.config import TERM_SCHEDULES, CurriculumConfig
+from distill.curriculum import terms_on, weights_at
+
+TERMS = tuple(TERM_SCHEDULES)
+
+
+def enabled_terms(weights: dict[str, float]) -> set[str]:
+    return {term for term, weight in weights.items() if weight > 0}
+
 
 TOTAL = 1000
 RAMPED = ("feature", "attention", "layerwise", "contrastive")
@@ -132,3 +139,38 @@ def test_weights_at_rejects_bad_steps():
         weights_at(0, 0, CurriculumConfig())
     with pytest.raises(ValueError, match="step"):
         weights_at(-1, 10, CurriculumConfig())
+
+
+def test_terms_on_is_the_one_answer_for_training_and_eval():
+    from distill.config import TrainConfig
+    from distill.pipeline.train.terms import TERMS as TERM_TABLE
+    from distill.pipeline.train.terms import run_terms
+
+    assert sorted(term.name for term in TERM_TABLE) == sorted(TERM_SCHEDULES)  # a computation for each scheduled term
+    assert {term.schedule for term in TERM_TABLE} == {"constant", "complement", "ramp"}
+    assert terms_on(CurriculumConfig()) == ["kd", "lm", "feature", "attention", "layerwise", "contrastive"]
+    assert terms_on(CurriculumConfig(disabled=["kd", "feature"], alm=0.2)) == [
+        "lm",
+        "alm",
+        "attention",
+        "layerwise",
+        "contrastive",
+    ]
+    cfg = TrainConfig(objective="kd-only")
+    assert {term.name for term in run_terms(cfg)} == set(terms_on(cfg.curriculum)) == {"kd", "lm"}
+
+
+def test_no_module_lists_terms_outside_the_table():
+    import re
+    from pathlib import Path
+
+    package = Path(__file__).resolve().parents[1] / "distill"
+    listing = re.compile(r"""["'](kd|lm|alm)["'],\s*["'](kd|lm|alm)["']|\*RAMPED_TERMS""")
+    offenders = [
+        f"{path.relative_to(package.parent)}:{number}: {line.strip()}"
+        for path in sorted(package.rglob("*.py"))
+        if path != package / "config.py"
+        for number, line in enumerate(path.read_text().splitlines(), start=1)
+        if listing.search(line)
+    ]
+    assert not offenders, "ask config.TERM_SCHEDULES or curriculum.terms_on instead: " + "; ".join(offenders)

@@ -16,8 +16,9 @@ from typer.testing import CliRunner
 from distill.cache.reader import CacheReader
 from distill.cli import app
 from distill.config import ConfigError
-from distill.pipeline.categories import categorize_bytes
-from distill.pipeline.eval_scores import (
+from distill.pipeline.eval.categories import categorize_bytes
+from distill.pipeline.eval.evaluate import evaluate_student, read_metrics, resolve_student
+from distill.pipeline.eval.scores import (
     RowScores,
     bits_per_byte,
     bootstrap_bpb,
@@ -31,8 +32,7 @@ from distill.pipeline.eval_scores import (
     score_row,
     sum_by_document,
 )
-from distill.pipeline.evaluate import evaluate_student, read_metrics, resolve_student
-from distill.pipeline.packing import split_segments
+from distill.pipeline.text.packing import split_segments
 from tests.helpers import run_train, train_args
 
 
@@ -158,7 +158,7 @@ def brute_force_boundaries(spans: list[tuple[int, int]], kept: int, prefix: int)
 def test_every_model_is_scored_on_identical_bytes_and_a_short_student_only_on_what_it_predicted(train_assets, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from distill.pipeline.tokens import prefix_ids
+    from distill.pipeline.text.tokens import prefix_ids
 
     short = tmp_path / "short"  # cross-tokenizer student with a 12-token context: rows are cut
     model = AutoModelForCausalLM.from_pretrained(train_assets["student"])
@@ -253,7 +253,7 @@ def test_every_model_is_scored_on_identical_bytes_and_a_short_student_only_on_wh
 def test_top1_agreement_leaves_out_teacher_tokens_without_a_student_token(runs, tmp_path):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from distill.pipeline.align import align_offsets, build_vocab_map
+    from distill.pipeline.text.align import align_offsets, build_vocab_map
 
     source = resolve_student(runs["kd"], None, "eval")
     metrics, _ = evaluate_student(source, tmp_path / "vocab")
@@ -450,7 +450,7 @@ def test_rows_of_one_document_are_resampled_together():
 
 
 def test_plot_lines_differ_in_colour_and_equal_curves_stay_visible():
-    from distill.pipeline.evaluate import line_style
+    from distill.pipeline.eval.evaluate import line_style
 
     styles = [line_style(i) for i in range(11)]  # the curriculum plot's 11 weights
     assert len({tuple(s["color"]) for s in styles}) == 11

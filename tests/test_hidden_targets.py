@@ -1,5 +1,5 @@
 """Hidden-state targets: stage 1's calibration (which rows, the share of values stage 2 clips) and stage 2's
-one scale per layer ([target-clip note] and [target-scale note] in router.py). Goldens by hand on a tiny
+one scale per layer ([target-clip note] and [target-scale note] in losses/hidden_targets.py). Goldens by hand on a tiny
 Llama whose embedding holds one massive activation."""
 
 from __future__ import annotations
@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 import torch
 
-from distill.pipeline.cache_teacher import sample_calibration_rows
-from distill.pipeline.calibration import calibrate_rows
-from distill.pipeline.data import Row
-from distill.pipeline.router import TARGET_CLIP, hidden_target_scale, standardize_hidden
-from distill.pipeline.train_setup import say_hidden_clip_share
+from distill.pipeline.losses.hidden_targets import TARGET_CLIP, hidden_target_scale, standardize_hidden
+from distill.pipeline.teacher.cache_teacher import sample_calibration_rows
+from distill.pipeline.teacher.calibration import calibrate_rows
+from distill.pipeline.text.data import Row
+from distill.pipeline.train.setup import say_hidden_clip_share
 
 HIDDEN, ROWS, LENGTH, SPIKE = 16, 8, 32, 5  # SPIKE: a token id whose embedding holds the massive activation
 
@@ -125,9 +125,9 @@ def test_a_pca_store_records_its_calibration_and_trains_on_unwhitened_targets(tr
 
     from distill.cache.reader import CacheReader
     from distill.cli import app
-    from distill.pipeline.curriculum import weights_at
-    from distill.pipeline.learner import StepView
-    from distill.pipeline.train_setup import setup
+    from distill.curriculum import weights_at
+    from distill.pipeline.train.learner import StepView
+    from distill.pipeline.train.setup import setup
     from tests.helpers import cache_args, train_args
     from tests.test_train import make_config
 

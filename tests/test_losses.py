@@ -1,4 +1,5 @@
-"""Unit tests for the stage-2 loss modules (kd_losses, lm_losses, feature_losses): goldens, references, masks."""
+"""Unit tests for the stage-2 loss modules (losses/: kd, fused_head, representation, combine): goldens, references,
+masks."""
 
 from __future__ import annotations
 
@@ -8,10 +9,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from distill.pipeline.feature_losses import (
+from distill.pipeline.losses.combine import combine_terms
+from distill.pipeline.losses.fused_head import lm_loss
+from distill.pipeline.losses.kd import kd_tail_loss, log1mexp, projector_kd_loss, uld_loss
+from distill.pipeline.losses.representation import (
     attention_span_loss,
     build_layer_map,
-    combine_terms,
     contrastive_loss,
     feature_loss,
     importance_loss,
@@ -19,8 +22,6 @@ from distill.pipeline.feature_losses import (
     load_balance_loss,
     pool_attention_to_spans,
 )
-from distill.pipeline.kd_losses import kd_tail_loss, log1mexp, projector_kd_loss, uld_loss
-from distill.pipeline.lm_losses import lm_loss
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -454,7 +455,7 @@ def _head_case(bias: bool, seed: int = 5):
 @pytest.mark.parametrize("bias", [False, True])
 @pytest.mark.parametrize("with_kd", [True, False])
 def test_sliced_lm_and_kd_equal_the_full_logits_computation_with_gradients(bias, with_kd):
-    from distill.pipeline.lm_losses import lm_and_kd_from_hidden
+    from distill.pipeline.losses.fused_head import lm_and_kd_from_hidden
 
     hidden, head, labels, unaligned, kd_pos, ids, t_logits, lse = _head_case(bias)
     teacher = (ids, t_logits, lse) if with_kd else (None, None, None)
@@ -482,7 +483,7 @@ def test_sliced_lm_and_kd_equal_the_full_logits_computation_with_gradients(bias,
 
 def test_sliced_lm_and_kd_under_bf16_autocast_match_fp32():
     """Under autocast the output layer's products run in bf16, the reductions in fp32 (no dtype errors)."""
-    from distill.pipeline.lm_losses import lm_and_kd_from_hidden
+    from distill.pipeline.losses.fused_head import lm_and_kd_from_hidden
 
     hidden, head, labels, unaligned, kd_pos, ids, t_logits, lse = _head_case(False)
     ref = lm_and_kd_from_hidden(hidden, head, labels, unaligned, kd_pos, ids, t_logits, lse, 2.0, slice_size=8)
@@ -497,7 +498,7 @@ def test_sliced_lm_and_kd_under_bf16_autocast_match_fp32():
 
 
 def test_sliced_lm_and_kd_refuse_repeated_rows_and_mixed_dtypes():
-    from distill.pipeline.lm_losses import lm_and_kd_from_hidden
+    from distill.pipeline.losses.fused_head import lm_and_kd_from_hidden
 
     hidden, head, labels, unaligned, kd_pos, ids, t_logits, lse = _head_case(False)
     repeated = kd_pos.clone()
@@ -575,7 +576,7 @@ def test_kd_tail_student_tail_is_exact_down_to_1e_minus_9():
 
 def test_sliced_kd_student_tail_is_exact_down_to_1e_minus_9_with_gradients():
     """The same through ``lm_and_kd_from_hidden`` (hand-written backward): value and gradients vs float64."""
-    from distill.pipeline.lm_losses import lm_and_kd_from_hidden
+    from distill.pipeline.losses.fused_head import lm_and_kd_from_hidden
 
     hidden, head, bonus_cols, ids, t_logits, lse = _tiny_tail_case()
     n, v = bonus_cols.shape
@@ -610,7 +611,7 @@ def test_sliced_kd_student_tail_is_exact_down_to_1e_minus_9_with_gradients():
 
 def test_sliced_kd_with_the_whole_vocabulary_in_the_head_is_the_full_kl():
     """K = V: the student has no tail bin (lse_rest = -inf); value = full KL, gradients finite and exact."""
-    from distill.pipeline.lm_losses import lm_and_kd_from_hidden
+    from distill.pipeline.losses.fused_head import lm_and_kd_from_hidden
 
     g = torch.Generator().manual_seed(3)
     n, d, v = 5, 4, 7
@@ -633,7 +634,7 @@ def test_sliced_kd_with_the_whole_vocabulary_in_the_head_is_the_full_kl():
 
 
 def test_routed_feature_loss_golden_mask_and_empty():
-    from distill.pipeline.feature_losses import routed_feature_loss
+    from distill.pipeline.losses.representation import routed_feature_loss
 
     probs = torch.tensor([[0.5, 0.5], [1.0, 0.0], [0.25, 0.75]])
     errors = torch.tensor([[1.0, 3.0], [2.0, 5.0], [4.0, 0.0]])

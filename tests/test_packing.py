@@ -9,16 +9,16 @@ import numpy as np
 import pytest
 import torch
 
-from distill.pipeline.align import AlignedBatch, align_batch
-from distill.pipeline.data import RowBuilder, plan_rows
-from distill.pipeline.packing import (
+from distill.pipeline.losses.cross_tokenizer import find_chunks
+from distill.pipeline.text.align import AlignedBatch, align_batch
+from distill.pipeline.text.data import RowBuilder, plan_rows
+from distill.pipeline.text.packing import (
     find_segments,
     next_in_segment,
     pack_pieces,
     segment_position_ids,
     split_segments,
 )
-from distill.pipeline.xtok_losses import find_chunks
 from tests.tokenizer_utils import (
     add_bos,
     build_corpus,
@@ -109,7 +109,7 @@ def test_packed_plan_holds_every_piece_once_and_rows_rebuild_the_documents(token
 
 def pack_by_hand(tokenizer, docs: list[str], seq_len: int) -> dict:
     """One packed teacher row of ``docs`` (each: prefix + its tokens), as stage 1 stores it, batch of one."""
-    from distill.pipeline.tokens import encode_texts, prefix_ids
+    from distill.pipeline.text.tokens import encode_texts, prefix_ids
 
     prefix = prefix_ids(tokenizer)
     ids, offsets, segments, start = [], [], [], 0
@@ -235,7 +235,7 @@ def test_split_segments_gives_each_document_as_its_own_row(tokenizers):
 
 def build_rows(tokenizer, docs: list[str]):
     """A packed Row of ``docs`` and each document's own Row (as stage 1 builds them)."""
-    from distill.pipeline.data import Row
+    from distill.pipeline.text.data import Row
 
     row = pack_by_hand(tokenizer, docs, 256)
     n = int(row["length"][0])
@@ -253,8 +253,8 @@ def build_rows(tokenizer, docs: list[str]):
 def test_packed_row_teacher_fields_equal_each_document_cached_alone(tokenizers, family, single_thread):
     from transformers import AutoModelForCausalLM
 
-    from distill.pipeline.fields import FieldSettings, compute_batch_fields
-    from distill.pipeline.teacher_model import use_selective_attention
+    from distill.pipeline.teacher.fields import FieldSettings, compute_batch_fields
+    from distill.pipeline.teacher.model import use_selective_attention
     from tests.test_teacher_logits import family_config
 
     teacher = tokenizers["teacher"]
@@ -305,7 +305,7 @@ def test_packed_calibration_of_the_targets_equals_each_document_calibrated_alone
     from transformers import AutoModelForCausalLM
 
     from distill.cache.targets import ID_BY_RANK, build_target_layout
-    from distill.pipeline.calibration import calibrate_rows
+    from distill.pipeline.teacher.calibration import calibrate_rows
     from tests.test_teacher_logits import family_config
 
     config, _ = family_config("llama", len(tokenizers["teacher"]))
@@ -396,9 +396,9 @@ def packed_store(tiny_assets, tmp_path_factory):
 def test_student_loss_on_a_packed_row_is_the_sum_of_its_documents_losses(
     train_assets, packed_store, student, tmp_path, single_thread
 ):
-    from distill.pipeline.curriculum import weights_at
-    from distill.pipeline.signals import signal_from_arrays
-    from distill.pipeline.train_setup import setup
+    from distill.curriculum import weights_at
+    from distill.pipeline.train.setup import setup
+    from distill.pipeline.train.signals import signal_from_arrays
     from tests.helpers import train_args
     from tests.test_train import make_config
 
@@ -440,8 +440,8 @@ def test_every_supported_family_keeps_packed_documents_apart(tokenizers, family,
     lets one document see another (here: the same model fed a plain causal mask over the packed row)."""
     from transformers import AutoModelForCausalLM
 
-    from distill.pipeline.packing import check_packed_forward
-    from distill.pipeline.teacher_model import use_selective_attention
+    from distill.pipeline.teacher.model import use_selective_attention
+    from distill.pipeline.text.packing import check_packed_forward
     from tests.test_teacher_logits import family_config
 
     config, _ = family_config(family, len(tokenizers["teacher"]))

@@ -14,10 +14,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from distill.pipeline.align import list_token_keys
-from distill.pipeline.kd_losses import kd_tail_loss
-from distill.pipeline.prefix_map import build_prefix_map, load_or_build_prefix_map
-from distill.pipeline.xtok_losses import kd_prefix_loss
+from distill.pipeline.losses.kd import kd_tail_loss
+from distill.pipeline.losses.prefix_kd import kd_prefix_loss
+from distill.pipeline.text.align import list_token_keys
+from distill.pipeline.text.prefix_map import build_prefix_map, load_or_build_prefix_map
 
 
 def token_bytes(tokenizer) -> dict[int, bytes]:
@@ -190,8 +190,8 @@ def _fused_prefix_case(bias: bool, seed: int = 0, temperature: float = 2.0):
 @pytest.mark.parametrize("slice_size", [7, 256])
 @pytest.mark.parametrize("temperature", [1.0, 2.0])  # T = 1 shares lm's softmax ([bin-sums note])
 def test_fused_prefix_kd_equals_kd_prefix_loss_with_gradients(bias, slice_size, temperature):
-    from distill.pipeline.lm_losses import lm_loss
-    from distill.pipeline.xtok_losses import lm_and_kd_prefix_from_hidden
+    from distill.pipeline.losses.fused_head import lm_loss
+    from distill.pipeline.losses.prefix_kd import lm_and_kd_prefix_from_hidden
 
     hidden, head, labels, kd_pos, bins, t_logits, lse, student_bin, t, size = _fused_prefix_case(bias, 0, temperature)
     unaligned = torch.ones_like(labels, dtype=torch.bool)
@@ -218,7 +218,7 @@ def test_fused_prefix_kd_equals_kd_prefix_loss_with_gradients(bias, slice_size, 
 
 def test_fused_prefix_cells_hold_exact_bins_and_shared_bins():
     """prefix_cells groups a row's slots by bin: the masses add up, one cell per bin, exact where the head holds all."""
-    from distill.pipeline.xtok_losses import prefix_cells
+    from distill.pipeline.losses.prefix_kd import prefix_cells
 
     bins = torch.tensor([[3, -1, 3, 5]])
     logits = torch.log(torch.tensor([[0.4, 0.1, 0.2, 0.1]]))
@@ -231,7 +231,7 @@ def test_fused_prefix_cells_hold_exact_bins_and_shared_bins():
 
 
 def test_fused_prefix_kd_without_aligned_rows_is_zero_in_graph():
-    from distill.pipeline.xtok_losses import lm_and_kd_prefix_from_hidden
+    from distill.pipeline.losses.prefix_kd import lm_and_kd_prefix_from_hidden
 
     hidden, head, labels, _, bins, t_logits, lse, student_bin, t, size = _fused_prefix_case(bias=False)
     none = torch.zeros(0, dtype=torch.long)
@@ -241,7 +241,7 @@ def test_fused_prefix_kd_without_aligned_rows_is_zero_in_graph():
 
 
 def test_fused_prefix_kd_under_bf16_autocast_is_close_to_fp32():
-    from distill.pipeline.xtok_losses import lm_and_kd_prefix_from_hidden
+    from distill.pipeline.losses.prefix_kd import lm_and_kd_prefix_from_hidden
 
     hidden, head, labels, kd_pos, *teacher = _fused_prefix_case(bias=True)
     ref = lm_and_kd_prefix_from_hidden(hidden, head, labels, None, kd_pos, *teacher, slice_size=7)

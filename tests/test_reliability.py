@@ -375,7 +375,7 @@ def test_a_second_train_into_a_running_run_is_refused_and_a_stale_lock_taken_ove
     import os
     import socket
 
-    from distill.pipeline.run_dir import lock_run_dir
+    from distill.pipeline.train.run_dir import lock_run_dir
 
     out = copy_run(base_run, tmp_path)
     before = {p.name for p in out.rglob("*")}, (out / "metrics.jsonl").read_text()
@@ -538,7 +538,7 @@ def test_without_flock_the_lock_record_decides(tmp_path, monkeypatch):
     import socket
 
     from distill.config import ConfigError
-    from distill.pipeline import run_dir as run_dir_module
+    from distill.pipeline.train import run_dir as run_dir_module
 
     monkeypatch.setattr(run_dir_module, "take_flock", lambda fd: False)  # a file system without flock
     out = tmp_path / "run"

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 import torch
 
-from distill.pipeline.align import AlignedBatch, restrict_to_continuation
-from distill.pipeline.mixing import MixedRowOrder, RowOrder, decode_rows
+from distill.pipeline.text.align import AlignedBatch, restrict_to_continuation
+from distill.pipeline.train.mixing import MixedRowOrder, RowOrder, decode_rows
 from tests.helpers import cache_args, invoke, read_metrics, run_train, train_args
 
 

@@ -1,4 +1,4 @@
-"""Unit tests for distill.pipeline.router: gradients, learned routing, fixed targets, dtypes, magnitudes."""
+"""Unit tests for distill.pipeline.train.router: gradients, learned routing, fixed targets, dtypes, magnitudes."""
 
 from __future__ import annotations
 
@@ -7,21 +7,21 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from distill.pipeline.feature_losses import (
+from distill.pipeline.losses.hidden_targets import standardize_hidden
+from distill.pipeline.losses.kd import projector_kd_loss
+from distill.pipeline.losses.representation import (
     contrastive_loss,
     importance_loss,
     layerwise_loss,
     load_balance_loss,
     routed_feature_loss,
 )
-from distill.pipeline.kd_losses import projector_kd_loss
-from distill.pipeline.router import (
+from distill.pipeline.train.router import (
     LogitProjector,
     RouterOutput,
     StudentAwareRouter,
     StudentProjection,
     expert_usage,
-    standardize_hidden,
 )
 
 LAYERS = [6, 12, 18, 24]

@@ -12,7 +12,7 @@ import pytest
 from typer.testing import CliRunner
 
 from distill.cli import app
-from distill.pipeline.progress import (
+from distill.pipeline.train.progress import (
     Pace,
     ThroughputWindow,
     debias_ema,

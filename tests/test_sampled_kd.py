@@ -12,9 +12,9 @@ import torch
 import torch.nn.functional as F
 
 from distill.cache.targets import build_target_layout, decode_targets
-from distill.pipeline.kd_losses import kd_tail_loss
-from distill.pipeline.sampled_kd import sampled_kd_loss
-from distill.pipeline.target_fields import compute_target_slice
+from distill.pipeline.losses.kd import kd_tail_loss
+from distill.pipeline.losses.sampled_kd import sampled_kd_loss
+from distill.pipeline.teacher.target_fields import compute_target_slice
 
 V, R, SAMPLES, TOP_K = 40, 20000, 8, 6
 

@@ -3,19 +3,24 @@
 from __future__ import annotations
 
 import math
+import re
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from distill.cache.schema import FIELD_DTYPES
 from distill.cache.targets import (
+    TARGET_KINDS,
     build_target_layout,
     count_head,
     decode_targets,
     draw_samples,
     target_field_shapes,
+    target_slots,
 )
-from distill.pipeline.target_fields import (
+from distill.pipeline.teacher.target_fields import (
     compute_target_slice,
     decoded_logits,
     find_head,
@@ -75,7 +80,8 @@ def test_round_trip_through_zarr_keeps_ids_and_values_within_the_bound(kind: str
     )
     root = zarr.open_group(str(tmp_path / "z"), mode="w")
     stored = {}
-    for name, dtype, shape in target_field_shapes({**layout, "seq_len": 1}):
+    for name, shape in target_field_shapes({**layout, "seq_len": 1}):
+        dtype = FIELD_DTYPES[name]
         value = arrays[name].numpy().astype(dtype).reshape(positions, *shape)
         array = root.create_array(
             name,
@@ -225,7 +231,7 @@ def test_info_names_an_older_stores_fidelity_figure_for_what_it_is() -> None:
 
 
 def test_calibration_measures_fidelity_on_a_stride_of_positions_and_ranks_on_all() -> None:
-    from distill.pipeline.target_fields import FIDELITY_POSITIONS, TargetCalibration
+    from distill.pipeline.teacher.target_fields import FIDELITY_POSITIONS, TargetCalibration
 
     layout = {"targets": {"kind": "topk", "value_step": 0.1, "mass": 0.9}, "top_k": 8, "temperatures": [1.0]}
     total = 3 * FIDELITY_POSITIONS  # stride 3: every third position over the calls, wherever a call ends
@@ -240,3 +246,41 @@ def test_calibration_measures_fidelity_on_a_stride_of_positions_and_ranks_on_all
     kl, _ = measure_head_bins(logits[::3], ids, keep, decoded, 1.0)
     assert fidelity["kl_head_bins"]["1.0"] == pytest.approx(float(kl.mean()), rel=1e-6)
     assert torch.allclose(calibration.unigram, logits.softmax(-1).sum(0).double(), rtol=1e-5)
+
+
+PACKAGE = Path(__file__).resolve().parents[1] / "distill"
+KIND_NAME_TEST = re.compile(
+    r"""(==|!=)\s*["'](%s)["']|["'](%s)["']\s*(==|!=)|\bin\s*[(\[{][^)\]}]*["'](%s)["']"""
+    % (("|".join(map(re.escape, TARGET_KINDS)),) * 3)
+)
+
+
+def test_no_module_compares_a_target_kinds_name_outside_the_table():
+    offenders = [
+        f"{path.relative_to(PACKAGE.parent)}:{number}: {line.strip()}"
+        for path in sorted(PACKAGE.rglob("*.py"))
+        if path != PACKAGE / "cache" / "targets.py"
+        for number, line in enumerate(path.read_text().splitlines(), start=1)
+        if KIND_NAME_TEST.search(line)
+    ]
+    assert KIND_NAME_TEST.search('if kind == "hybrid":') and KIND_NAME_TEST.search('kind in ("sampled", "hybrid")')
+    assert not offenders, "ask cache.targets.TARGET_KINDS instead: " + "; ".join(offenders)
+
+
+@pytest.mark.parametrize("name", list(TARGET_KINDS))
+def test_every_kind_declares_fields_with_a_schema_dtype_and_decodes_them(name):
+    kind = TARGET_KINDS[name]
+    assert kind.fields and all(field in FIELD_DTYPES for field in kind.fields)
+    layout = {"seq_len": 3, "top_k": 4, "temperatures": [1.0], "targets": build_target_layout(name, 4, 0.9, 2)}
+    if name == "topk-fp16":
+        layout.pop("targets")  # schema 2 stores hold no targets entry
+    shapes = dict(target_field_shapes(layout))
+    assert list(shapes) == list(kind.fields)
+    data = {f: torch.zeros((1, *shape), dtype=torch.float32) for f, shape in shapes.items()}
+    if "target_count" in data:
+        data["target_count"] = torch.full((1, 3), 2)
+    if "target_draws" in data:
+        data["target_draws"][..., 0] = 1
+    ids, logits, multiplier = decode_targets(data, torch.zeros(1, 3), layout, torch.arange(8))
+    assert ids.shape == logits.shape == (1, 3, target_slots(layout))
+    assert (multiplier is not None) == kind.sampled

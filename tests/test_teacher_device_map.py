@@ -1,7 +1,7 @@
 """--device-map: the teacher loaded through accelerate's device map stores what a plain load stores.
 
 Here on the CPU only (accelerate maps every module to it); spreading over several GPUs runs the same code with
-the outputs gathered on the output head's GPU ([device-map note] in teacher_model.py)."""
+the outputs gathered on the output head's GPU ([device-map note] in teacher/model.py)."""
 
 from __future__ import annotations
 
@@ -28,10 +28,10 @@ def test_a_device_mapped_teacher_stores_the_same_fields(tiny_assets, tmp_path, s
 def test_on_one_device_the_map_places_every_module_there(tiny_assets):
     import torch
 
-    from distill.pipeline.teacher_model import load_teacher, output_device
+    from distill.pipeline.teacher.model import TeacherSource, load_teacher, output_device
 
     cfg = CacheConfig(teacher=str(tiny_assets["teacher"]), device_map="auto")
-    model = load_teacher(cfg, torch.device("cpu"), torch.float32, need_attention=True)
+    model = load_teacher(TeacherSource.of(cfg), torch.device("cpu"), torch.float32, need_attention=True)
     assert {p.device.type for p in model.parameters()} == {"cpu"} and output_device(model) == torch.device("cpu")
     assert getattr(model, "hf_device_map", None) is None  # one device: transformers dispatches nothing
 

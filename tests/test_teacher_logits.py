@@ -15,9 +15,9 @@ from typer.testing import CliRunner
 
 from distill.cache.reader import CacheReader
 from distill.cli import app
-from distill.config import CacheConfig, ConfigError
+from distill.config import ConfigError
 from distill.pipeline.demo import build_model
-from distill.pipeline.teacher_model import load_teacher
+from distill.pipeline.teacher.model import TeacherSource, load_teacher
 from tests.helpers import cache_args
 
 TEMPS = [1.0, 2.0]
@@ -125,7 +125,7 @@ def test_a_head_that_is_not_linear_is_refused(tiny_assets, tmp_path):
 
     model = AutoModelForCausalLM.from_pretrained(teacher)
     model.set_output_embeddings(torch.nn.Sequential(model.get_output_embeddings()))
-    from distill.pipeline.teacher_model import find_logit_transforms
+    from distill.pipeline.teacher.model import find_logit_transforms
 
     with pytest.raises(ConfigError, match="not a linear map"):
         find_logit_transforms(model)
@@ -138,7 +138,7 @@ def test_an_unknown_logit_setting_is_refused(tiny_assets, tmp_path):
     config = json.loads((teacher / "config.json").read_text())
     (teacher / "config.json").write_text(json.dumps({**config, "output_logit_multiplier": 3.0}))
     with pytest.raises(ConfigError, match="output_logit_multiplier=3.0"):
-        load_teacher(CacheConfig(teacher=str(teacher)), torch.device("cpu"), torch.float32, need_attention=False)
+        load_teacher(TeacherSource(str(teacher)), torch.device("cpu"), torch.float32, need_attention=False)
 
 
 def test_a_transform_the_model_does_not_apply_is_caught_by_its_own_forward(tiny_assets, tmp_path):
@@ -149,4 +149,4 @@ def test_a_transform_the_model_does_not_apply_is_caught_by_its_own_forward(tiny_
     config = json.loads((teacher / "config.json").read_text())
     (teacher / "config.json").write_text(json.dumps({**config, "final_logit_softcapping": 2.0}))
     with pytest.raises(ConfigError, match="output logits differ"):
-        load_teacher(CacheConfig(teacher=str(teacher)), torch.device("cpu"), torch.float32, need_attention=False)
+        load_teacher(TeacherSource(str(teacher)), torch.device("cpu"), torch.float32, need_attention=False)

@@ -1,4 +1,4 @@
-"""Every loss term's optimum is the teacher: beside the term table (distill/pipeline/terms.py).
+"""Every loss term's optimum is the teacher: beside the term table (distill/pipeline/train/terms.py).
 
 For each term, kd mode and target kind, a student that reproduces the teacher on what the term compares
 scores the term's minimum (0) with zero gradient, and a student moved off the teacher scores more. The
@@ -20,18 +20,19 @@ import torch
 
 from distill.cache.targets import TARGET_KINDS, build_target_layout, decode_targets
 from distill.config import TrainConfig
-from distill.pipeline.feature_losses import (
+from distill.pipeline.losses.cross_tokenizer import alm_loss
+from distill.pipeline.losses.kd import kd_tail_loss, projector_kd_loss, uld_loss
+from distill.pipeline.losses.prefix_kd import kd_prefix_loss
+from distill.pipeline.losses.representation import (
     attention_span_loss,
     contrastive_loss,
     layerwise_loss,
     pool_attention_to_spans,
     routed_feature_loss,
 )
-from distill.pipeline.kd_losses import kd_tail_loss, projector_kd_loss, uld_loss
-from distill.pipeline.sampled_kd import sampled_kd_loss
-from distill.pipeline.target_fields import compute_target_slice
-from distill.pipeline.terms import KD_MODES, TERMS, check_kd_targets
-from distill.pipeline.xtok_losses import alm_loss, kd_prefix_loss
+from distill.pipeline.losses.sampled_kd import sampled_kd_loss
+from distill.pipeline.teacher.target_fields import compute_target_slice
+from distill.pipeline.train.terms import KD_MODES, TERMS, check_kd_targets
 
 V_T, V_S, P, TOP_K, SAMPLES, MASS = 40, 30, 6, 12, 8, 0.8
 DRAWS = 4000  # independent encodings of the same rows for the sampled kinds

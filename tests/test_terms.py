@@ -7,8 +7,8 @@ import pytest
 from distill import config
 from distill.cache.schema import CacheError
 from distill.config import TrainConfig
-from distill.pipeline.curriculum import weights_at
-from distill.pipeline.terms import KD_MODES, TERMS, check_layout, needed_signals, part_weights, run_terms
+from distill.curriculum import weights_at
+from distill.pipeline.train.terms import KD_MODES, TERMS, check_layout, needed_signals, part_weights, run_terms
 
 
 def test_every_kd_mode_the_config_accepts_is_computed_and_back():

@@ -17,9 +17,9 @@ import pytest
 from tokenizers import normalizers
 
 from distill.config import ConfigError
-from distill.pipeline.align import align_batch, align_offsets, find_clean_ends, tokenize_for_student
-from distill.pipeline.data import RowBuilder, plan_rows
-from distill.pipeline.tokens import (
+from distill.pipeline.text.align import align_batch, align_offsets, find_clean_ends, tokenize_for_student
+from distill.pipeline.text.data import RowBuilder, plan_rows
+from distill.pipeline.text.tokens import (
     TokenizerError,
     check_tokenizer,
     compute_spans,
@@ -318,7 +318,7 @@ def test_tokenizers_that_cannot_reproduce_text_are_refused(tmp_path, build, reas
 
 def test_a_text_the_tokenizer_cannot_reproduce_is_refused(tmp_path):
     """Passing the probe is not enough: every text's bytes are checked (here an unknown character)."""
-    from distill.pipeline.tokens import PROBE_TEXT
+    from distill.pipeline.text.tokens import PROBE_TEXT
 
     tokenizer = train_sentencepiece_style_tokenizer(300, build_code_corpus() + [PROBE_TEXT], byte_fallback=False)
     profile = check_tokenizer(tokenizer)

@@ -13,11 +13,11 @@ from typer.testing import CliRunner
 from distill.cli import app
 from distill.config import TrainConfig
 from distill.config_loading import load_config
-from distill.pipeline import learner as learner_mod
-from distill.pipeline import terms as terms_mod
-from distill.pipeline.curriculum import weights_at
-from distill.pipeline.train import evaluate
-from distill.pipeline.train_setup import setup
+from distill.curriculum import weights_at
+from distill.pipeline.train import step_view as step_view_mod
+from distill.pipeline.train import terms as terms_mod
+from distill.pipeline.train.loop import evaluate
+from distill.pipeline.train.setup import setup
 from tests.helpers import cache_args, config_from_args, read_metrics, run_train, train_args
 
 TERMS = (
@@ -103,7 +103,7 @@ def test_terms_at_zero_weight_are_not_computed(train_assets, tmp_path, monkeypat
         "importance_loss",
         "lm_and_kd_prefix_from_hidden",
     ):
-        module = learner_mod if name == "lm_and_kd_prefix_from_hidden" else terms_mod
+        module = step_view_mod if name == "lm_and_kd_prefix_from_hidden" else terms_mod
         original = getattr(module, name)
         monkeypatch.setattr(module, name, lambda *a, _f=original, _n=name, **k: (calls.append(_n), _f(*a, **k))[1])
     batch = run.batches.prepare_batch(run.train_rows[:2])
@@ -357,10 +357,10 @@ def test_prefix_kd_of_a_training_step_equals_kd_prefix_loss_on_the_aligned_logit
     import torch.nn.functional as F
 
     from distill.config import CurriculumConfig, TrainConfig
-    from distill.pipeline import learner as learner_module
-    from distill.pipeline.curriculum import weights_at
-    from distill.pipeline.train_setup import setup
-    from distill.pipeline.xtok_losses import kd_prefix_loss
+    from distill.curriculum import weights_at
+    from distill.pipeline.losses.prefix_kd import kd_prefix_loss
+    from distill.pipeline.train import learner as learner_module
+    from distill.pipeline.train.setup import setup
 
     views = []
 

@@ -8,7 +8,7 @@ import numpy as np
 
 from distill.cache.reader import CacheReader
 from distill.cache.store import field_bytes, load_manifest, open_root, other_bytes, shard_records
-from distill.cache.targets import target_kind
+from distill.cache.targets import kind_of, target_kind
 
 HEAD_MASS_ROWS = 256  # rows sampled (evenly spread over the readable rows) to measure the head mass
 
@@ -26,7 +26,7 @@ def measure_head_mass(reader: CacheReader, max_rows: int = HEAD_MASS_ROWS) -> di
     store; only exact head slots count (none for ``--targets sampled``). Returns ``{"1.0": {"mean": m, "p10": q},
     ...}`` (empty when no row is readable or the store has no head).
     """
-    if not reader.readable or reader.target_kind == "sampled":
+    if not reader.readable or not kind_of(reader.layout).head:
         return {}
     ids = reader.row_ids
     picked = ids[np.unique(np.linspace(0, len(ids) - 1, min(max_rows, len(ids))).round().astype(np.int64))]
@@ -96,19 +96,19 @@ def store_info(url: str) -> dict[str, Any]:
 
 def describe_targets(layout: dict[str, Any]) -> str:
     """One line: the kind of teacher targets and their settings (docs/cache-format.md, "Teacher targets")."""
-    t, kind = layout.get("targets", {}), target_kind(layout)
-    if kind == "topk-fp16":
-        return f"targets    topk-fp16: top {layout['top_k']} ids (int32) and logits (fp16)"
+    t, kind, spec = layout.get("targets", {}), target_kind(layout), kind_of(layout)
+    if not spec.compact:
+        return f"targets    {kind}: top {layout['top_k']} ids (int32) and logits (fp16)"
     parts = []
-    if kind != "sampled":
+    if spec.head:
         parts.append(f"head to T=1 mass {t['mass']:g}, at most {layout['top_k']}")
-    if kind != "topk":
-        parts.append(f"{t['samples']} draws" + (" from the tail" if kind == "hybrid" else ""))
+    if spec.sampled:
+        parts.append(f"{t['samples']} draws" + (" from the tail" if spec.head else ""))
     return f"targets    {kind}: " + " + ".join(parts) + f"; logits to +-{t['value_error_bound']:g} (8 bits)"
 
 
 def describe_fidelity(fidelity: dict[str, Any] | None) -> list[str]:
-    """The manifest's fidelity figures ([fidelity note] in pipeline/target_fields.py), one line per kind of figure.
+    """The manifest's fidelity figures ([fidelity note] in pipeline/teacher/target_fields.py), a line a kind.
 
     Stores made before those figures hold ``kl_full_reconstructed``: KL(full ‖ a reconstruction whose tail is
     spread evenly, or the draws' expectation), shown under that name; its ``topk`` values measure the spread."""

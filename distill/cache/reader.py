@@ -40,7 +40,14 @@ from distill.cache.shards import (
     stored_files,
 )
 from distill.cache.store import load_manifest, open_root, shard_records
-from distill.cache.targets import DECODED_FIELDS, ID_BY_RANK, decode_stored_targets, target_kind, target_read_fields
+from distill.cache.targets import (
+    DECODED_FIELDS,
+    ID_BY_RANK,
+    decode_stored_targets,
+    kind_of,
+    target_kind,
+    target_read_fields,
+)
 
 
 class CacheReader:
@@ -133,7 +140,7 @@ class CacheReader:
 
     def rank_table(self) -> torch.Tensor | None:
         """The compact targets' ``targets/id_by_rank`` (V,) int64, read once; None for ``topk-fp16``."""
-        if self._rank_table is None and self.target_kind != "topk-fp16":
+        if self._rank_table is None and kind_of(self.layout).compact:
             self._rank_table = torch.from_numpy(self.root_array(ID_BY_RANK).astype(np.int64))
         return self._rank_table
 

@@ -107,7 +107,7 @@ def build_field_specs(layout: dict[str, Any]) -> dict[str, FieldSpec]:
         "doc_id": (),
         "offsets": (seq, 2),
         "text": (),
-        **{name: shape for name, _, shape in target_field_shapes(layout)},
+        **dict(target_field_shapes(layout)),
         "lse": (seq, len(layout["temperatures"])),
         "target_logprob": (seq,),
     }

@@ -26,16 +26,17 @@ The compact kinds store per position ([target-codec note]):
 ``step / 2`` (a drawn token more than 25.5 nats below the max is clamped there), and, for the sampled kinds, the
 factor m that makes w_T = m · exp(z/T - lse_T) an unbiased estimate of the teacher's probability; stage 2 uses
 them at T=1 only, where a drawn weight does not depend on the stored logit ([unbiased-kd note] in
-pipeline/sampled_kd.py).
+pipeline/losses/sampled_kd.py).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-TARGET_KINDS = ("topk", "sampled", "hybrid", "topk-fp16")
 DEFAULT_TARGET_MASS = 0.9  # measured on Gemma 3 270M: 57 tokens on average (cap 128) hold 88.5% at T=1
 DEFAULT_TARGET_SAMPLES = 32
 DEFAULT_VALUE_STEP = 0.1  # logit units per value code: 255 codes span 25.5 nats below the row's max
@@ -59,50 +60,45 @@ _FAR = -1e4  # logit of an unused slot: exp(_FAR / T - lse) is 0 at any T, and f
 
 def build_target_layout(kind: str, top_k: int, mass: float, samples: int, step: float = DEFAULT_VALUE_STEP) -> dict:
     """The manifest's ``layout.targets`` entry; ``value_error_bound`` is the largest error of a decoded logit."""
+    spec = TARGET_KINDS[kind]
     out: dict[str, Any] = {"kind": kind}
-    if kind != "topk-fp16":
+    if spec.compact:
         out.update(value_step=step, value_error_bound=step / 2, id_coding="unigram-rank-sorted-delta")
-    if kind in ("topk", "hybrid"):
+    if spec.reads_mass:
         out["mass"] = mass
-    if kind in ("sampled", "hybrid"):
-        out.update(samples=samples, proposal="teacher T=1" if kind == "sampled" else "teacher tail T=1")
+    if spec.sampled:
+        out.update(samples=samples, proposal="teacher tail T=1" if spec.head else "teacher T=1")
     return out
 
 
 def target_kind(layout: dict[str, Any]) -> str:
-    """The stored kind; stores without ``layout.targets`` (schema 2) hold ``topk-fp16``."""
+    """The stored kind's name; stores without ``layout.targets`` (schema 2) hold ``topk-fp16``."""
     return layout.get("targets", {}).get("kind", "topk-fp16")
 
 
+def kind_of(layout: dict[str, Any]) -> TargetKind:
+    """The stored kind's entry of ``TARGET_KINDS``."""
+    return TARGET_KINDS[target_kind(layout)]
+
+
 def target_slots(layout: dict[str, Any]) -> int:
-    """S, the slots per position of the compact kinds."""
-    kind, t = target_kind(layout), layout.get("targets", {})
-    return {"topk": layout["top_k"], "sampled": t.get("samples", 0), "hybrid": layout["top_k"] + t.get("samples", 0)}[
-        kind
-    ]
+    """S, the slots per position: the head's cap (top_k) and the draws, as the kind holds them."""
+    spec, t = kind_of(layout), layout.get("targets", {})
+    return (layout["top_k"] if spec.head else 0) + (t.get("samples", 0) if spec.sampled and spec.compact else 0)
 
 
-def target_field_shapes(layout: dict[str, Any]) -> list[tuple[str, str, tuple[int, ...]]]:
-    """(name, dtype, row shape) of the target fields of a store with this layout."""
-    seq, kind = layout["seq_len"], target_kind(layout)
-    if kind == "topk-fp16":
-        k = layout["top_k"]
-        return [("topk_ids", "int32", (seq, k)), ("topk_logits", "float16", (seq, k))]
-    s = target_slots(layout)
-    fields = [
-        ("target_count", "uint16", (seq,)),
-        ("target_ids", "uint32", (seq, s)),
-        ("target_values", "uint8", (seq, s)),
-        ("target_max", "float32", (seq,)),
-    ]
-    if kind != "topk":
-        fields.append(("target_draws", "uint8", (seq, s)))
-    return fields
+_PER_POSITION = ("target_count", "target_max")  # one value a position; every other target field one a slot
+
+
+def target_field_shapes(layout: dict[str, Any]) -> list[tuple[str, tuple[int, ...]]]:
+    """(name, row shape) of the target fields of a store with this layout (dtypes: schema.FIELD_DTYPES)."""
+    seq, s = layout["seq_len"], target_slots(layout)
+    return [(name, (seq,) if name in _PER_POSITION else (seq, s)) for name in kind_of(layout).fields]
 
 
 def target_read_fields(layout: dict[str, Any]) -> list[str]:
     """The stored fields ``decode_targets`` needs (besides ``lse``)."""
-    return [name for name, _, _ in target_field_shapes(layout)]
+    return list(kind_of(layout).fields)
 
 
 # --- stage 1: choose, then encode -------------------------------------------------------------
@@ -186,15 +182,27 @@ def decode_targets(
     multiplier (B, L, S) fp32 of the sampled kinds (1 on exact slots, 0 where unused; None for the top-K kinds).
 
     data: ``CacheReader.read_rows`` output with ``target_read_fields(layout)``; lse1 (B, L): logsumexp at T=1
-    (needed by the sampled kinds); id_by_rank (V,) the store's ``targets/id_by_rank``.
-    With m the multiplier, w_T = m · exp(z / T - lse_T) estimates the teacher's T probability without bias:
-    ``sampled``: m = (draws / n) / q̂, q̂ = exp(ẑ - lse_1) the proposal; ``hybrid`` tail slots: m = (draws / n) ·
-    r̂ / q̂ with r̂ = 1 - Σ_head exp(ẑ - lse_1) ([unbiased-kd note] in pipeline/sampled_kd.py).
+    (needed by the sampled kinds); id_by_rank (V,) the store's ``targets/id_by_rank``. The kind's ``decode``
+    does the work (``decode_fp16``, ``decode_compact``).
     """
-    kind = target_kind(layout)
-    if kind == "topk-fp16":
-        ids = data["topk_ids"].long()
-        return ids, data["topk_logits"].float(), None
+    return kind_of(layout).decode(data, lse1, layout, id_by_rank)
+
+
+def decode_fp16(
+    data: dict[str, torch.Tensor], lse1: torch.Tensor | None, layout: dict[str, Any], id_by_rank: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor, None]:
+    """``topk-fp16``: the stored ids and fp16 logits as they are."""
+    return data["topk_ids"].long(), data["topk_logits"].float(), None
+
+
+def decode_compact(
+    data: dict[str, torch.Tensor], lse1: torch.Tensor | None, layout: dict[str, Any], id_by_rank: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """The rank-coded kinds ([target-codec note]). With m the multiplier, w_T = m · exp(z / T - lse_T) estimates the
+    teacher's T probability without bias: ``sampled``: m = (draws / n) / q̂, q̂ = exp(ẑ - lse_1) the proposal;
+    ``hybrid`` tail slots: m = (draws / n) · r̂ / q̂ with r̂ = 1 - Σ_head exp(ẑ - lse_1) ([unbiased-kd note] in
+    pipeline/losses/sampled_kd.py)."""
+    spec = kind_of(layout)
     count = data["target_count"].long()  # (B, L)
     ranks = data["target_ids"].long()
     used = torch.arange(ranks.shape[-1])[None, None, :] < count[..., None]  # (B, L, S)
@@ -202,12 +210,12 @@ def decode_targets(
     step = layout["targets"]["value_step"]
     logits = data["target_max"].float()[..., None] - step * data["target_values"].float()
     logits = torch.where(used, logits, _FAR)
-    if kind == "topk":
+    if not spec.sampled:
         return ids, logits, None
     draws = data["target_draws"].float()
     log_q = logits - lse1.float()[..., None]  # (B, L, S) log proposal at T=1 (before renormalization)
     scale = draws / layout["targets"]["samples"] * torch.exp(-log_q)
-    if kind == "hybrid":
+    if spec.head:  # the draws come from the tail, renormalized: scaled by its exact mass
         head = used & (draws == 0)
         tail_mass = (1.0 - torch.where(head, log_q.exp(), 0.0).sum(dim=-1)).clamp(min=0.0)  # (B, L)
         scale = torch.where(head, 1.0, scale * tail_mass[..., None])
@@ -226,12 +234,54 @@ def decode_stored_targets(
     ``target_multiplier`` (B, L, S) fp32, or None for the top-K kinds (see ``decode_targets``). Column 0 is the
     teacher's top-1 for the kinds with a head (for ``sampled``: the most probable token drawn).
     """
-    lse1 = None
-    if target_kind(layout) in ("sampled", "hybrid"):
+    lse1, spec = None, kind_of(layout)
+    if spec.sampled:
         lse1 = data["lse"][..., [float(t) for t in layout["temperatures"]].index(1.0)]
     ids, logits, mult = decode_targets(data, lse1, layout, id_by_rank)
-    if target_kind(layout) != "topk-fp16":
+    if spec.compact:
         order = logits.argsort(dim=-1, descending=True, stable=True)
         ids, logits = ids.gather(-1, order), logits.gather(-1, order)
         mult = None if mult is None else mult.gather(-1, order)
     return {"topk_ids": ids, "topk_logits": logits, "target_multiplier": mult}
+
+
+# --- the table of kinds ---------------------------------------------------------------------------
+
+COMPACT_FIELDS = ("target_count", "target_ids", "target_values", "target_max")
+
+
+@dataclass(frozen=True)
+class TargetKind:
+    """One kind of stored teacher targets (``--targets``, the manifest's ``layout.targets.kind``).
+
+    The dtypes of its fields are the schema's (``schema.FIELD_DTYPES``); docs/cache-format.md describes each kind.
+    A new kind is an entry here (and its section of the format doc); nothing else compares a kind's name."""
+
+    head: bool
+    """Holds an exact head of the largest tokens: decoded column 0 is the teacher's top-1, and the head-bound
+    figures (fidelity, head mass) apply."""
+    sampled: bool
+    """Holds draws from the teacher's T=1 distribution: decoded with a multiplier (an unbiased estimate of the full
+    KL), drawn and trained at T=1 only."""
+    fields: tuple[str, ...]
+    """Its stored fields, per position."""
+    decode: Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]
+    """Its stored fields -> (ids, logits at T=1, multiplier or None): ``decode_targets``'s signature."""
+    compact: bool = True
+    """Rank-coded ids and 8-bit value codes ([target-codec note]), read with the store's rank table; False: the
+    raw ids and fp16 logits of schema version 2."""
+
+    @property
+    def reads_mass(self) -> bool:
+        """Its head is adaptive: cut at the T=1 mass ``--target-mass`` (the fixed top-K is cut at ``--top-k``)."""
+        return self.head and self.compact
+
+
+TARGET_KINDS: dict[str, TargetKind] = {
+    "topk": TargetKind(head=True, sampled=False, fields=COMPACT_FIELDS, decode=decode_compact),
+    "sampled": TargetKind(head=False, sampled=True, fields=(*COMPACT_FIELDS, "target_draws"), decode=decode_compact),
+    "hybrid": TargetKind(head=True, sampled=True, fields=(*COMPACT_FIELDS, "target_draws"), decode=decode_compact),
+    "topk-fp16": TargetKind(
+        head=True, sampled=False, fields=("topk_ids", "topk_logits"), decode=decode_fp16, compact=False
+    ),
+}

@@ -38,7 +38,7 @@ from distill.cache.store import (
     open_root,
     shard_records,
 )
-from distill.cache.targets import ID_BY_RANK, target_kind
+from distill.cache.targets import ID_BY_RANK, kind_of
 
 # --- verify -------------------------------------------------------------------------------
 
@@ -217,7 +217,7 @@ def check_root_arrays(root: zarr.Group, manifest: dict[str, Any]) -> list[Proble
             problems.append(
                 Problem(path, f"expected finite float32 {list(shape)}, found {data.dtype} {list(data.shape)}")
             )
-    if target_kind(manifest["layout"]) != "topk-fp16":
+    if kind_of(manifest["layout"]).compact:
         problems += check_rank_table(root, manifest["teacher"]["vocab_size"])
     return problems
 

@@ -17,21 +17,15 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from distill.cache.claims import (
-    CLAIM_TIMEOUT_ENV,
-    ShardBusy,
     ShardClaim,
     claim_creation,
-    claim_shard,
     create_timeout,
-    describe_holder,
     release_creation,
     store_state,
     wait_for_creation,
 )
 from distill.cache.shards import ShardWriter
 from distill.cache.store import check_compatible, create_store, delete_store, find_manifest, load_manifest, open_root
-from distill.config import CacheConfig, ConfigError, parse_shard
-from distill.runtime import torchrun_rank
 
 
 def open_or_create_store(
@@ -126,33 +120,6 @@ def commit_chunk(writer: ShardWriter, claim: ShardClaim, chunk: int, arrays: dic
     claim.refresh()
 
 
-def new_store_shards(cfg: CacheConfig) -> int:
-    """Shards of a new store: n of ``--shard i/n``; at least WORLD_SIZE under torchrun; else --num-shards."""
-    if cfg.shard is not None:
-        _, count = parse_shard(cfg.shard)
-        if cfg.num_shards not in (1, count):
-            raise ConfigError(
-                f"--num-shards {cfg.num_shards} and --shard {cfg.shard} disagree; --shard i/n alone sets n shards"
-            )
-        return count
-    ranks = torchrun_rank()
-    return max(cfg.num_shards, ranks[1]) if ranks else cfg.num_shards
-
-
-def shards_to_fill(cfg: CacheConfig, num_shards: int) -> list[int]:
-    """``--shard i/n``: shard i; under torchrun: shards rank, rank + world, ...; otherwise every shard."""
-    if cfg.shard is not None:
-        index, count = parse_shard(cfg.shard)
-        if count != num_shards:
-            raise ConfigError(f"--shard {cfg.shard}: the store has {num_shards} shards (use i/{num_shards})")
-        return [index]
-    ranks = torchrun_rank()
-    if ranks is not None:
-        rank, world = ranks
-        return list(range(rank, num_shards, world))
-    return list(range(num_shards))
-
-
 def chunks_to_fill(record: dict[str, Any], chunk_rows: int) -> list[tuple[int, int, int]]:
     """``(chunk, global start, global end)`` of a shard's uncommitted chunks (first those --repair marked)."""
     todo = []
@@ -160,29 +127,3 @@ def chunks_to_fill(record: dict[str, Any], chunk_rows: int) -> list[tuple[int, i
         start = record["row_start"] + chunk * chunk_rows
         todo.append((chunk, start, min(start + chunk_rows, record["row_end"])))
     return todo
-
-
-def claim_or_defer(cfg: CacheConfig, index: int, deferred: set[int]) -> ShardClaim | None:
-    """Claim a shard (see [claim note] in claims.py); a busy one is retried once after the others, then reported.
-
-    ``--shard i/n`` names its shard: a busy one is refused (ShardBusy propagates)."""
-    try:
-        claim = claim_shard(cfg.out, index)
-    except ShardBusy as busy:
-        if cfg.shard is not None:
-            raise ShardBusy(
-                f"{cfg.out}: {busy} — a second process with the same --shard {cfg.shard} is refused; "
-                f"re-run when it is done (a claim from a process that is gone is taken over: same host at once, "
-                f"another host after {CLAIM_TIMEOUT_ENV} seconds)",
-                busy.holder,
-            ) from None
-        if index not in deferred:
-            deferred.add(index)
-            return None
-        raise
-    if claim.replaced is not None:
-        tqdm.write(
-            f"cache-teacher: shard {index}: taking over the stale claim of {describe_holder(claim.replaced)}",
-            file=sys.stderr,
-        )
-    return claim

@@ -320,7 +320,9 @@ def run_demo(out: Path, seed: int = 0, settings: DemoSettings | None = None) -> 
 def run_stages(out: Path, seed: int, s: DemoSettings) -> dict[str, Any]:
     """The stages of ``run_demo``, in order."""
     from distill.config import CacheConfig, TrainConfig
-    from distill.pipeline import cache_teacher, evaluate, train
+    from distill.pipeline.eval import evaluate
+    from distill.pipeline.teacher import cache_teacher
+    from distill.pipeline.train import loop as train
 
     out.mkdir(parents=True, exist_ok=True)
     times: dict[str, float] = {}

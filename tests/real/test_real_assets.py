@@ -84,7 +84,7 @@ def test_qwen3_tokenizer_loads_both_ways(real_assets):
     """tokenizer.json alone (PreTrainedTokenizerFast) and the folder (AutoTokenizer) encode alike, with no BOS."""
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-    from distill.pipeline.tokens import prefix_ids
+    from distill.pipeline.text.tokens import prefix_ids
 
     folder = real_assets["qwen3_tokenizer"]
     fast = PreTrainedTokenizerFast(tokenizer_file=str(folder / "tokenizer.json"))

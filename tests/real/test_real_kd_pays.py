@@ -30,7 +30,7 @@ def test_preflight_says_gemma_is_not_clearly_better_than_smollm2(real_run):
 
 @pytest.fixture(scope="module")
 def cut_runs(real_run, tmp_path_factory) -> dict:
-    from distill.pipeline.preflight import compare_teacher_and_student
+    from distill.pipeline.eval.preflight import compare_teacher_and_student
     from tests.real.assets import build_cut_smollm2
 
     root = tmp_path_factory.mktemp("cut")

@@ -25,7 +25,7 @@ def padding_share(plan) -> float:
 def test_packing_lowers_the_padding_share_of_the_real_text(real_assets):
     from transformers import AutoTokenizer
 
-    from distill.pipeline.data import load_text_dataset, plan_rows
+    from distill.pipeline.text.data import load_text_dataset, plan_rows
 
     tokenizer = AutoTokenizer.from_pretrained(real_assets["gemma3"])
     dataset = load_text_dataset(str(real_assets["train"]), None, "train", "text")
@@ -37,7 +37,7 @@ def test_packing_lowers_the_padding_share_of_the_real_text(real_assets):
 
 def test_packed_store_holds_each_documents_own_teacher_fields(real_assets, tmp_path):
     from distill.cache.reader import CacheReader
-    from distill.pipeline.packing import split_segments
+    from distill.pipeline.text.packing import split_segments
 
     texts = [json.loads(line)["text"] for line in real_assets["train"].read_text().splitlines() if line]
     shortest = sorted(texts, key=len)[:SHORT_DOCUMENTS]

@@ -64,7 +64,7 @@ def test_default_hidden_layers_are_stored_finite_though_the_residual_stream_pass
 def test_head_mass_per_temperature_is_reported_and_the_default_temperature_keeps_it(real_run, capsys):
     """Item 3: the top-256 hold most of the mass at T=1 and little at T=4; train warns at T=4, not at T=1."""
     from distill.cache.info import store_info
-    from distill.pipeline.train_setup import warn_small_head
+    from distill.pipeline.train.setup import warn_small_head
 
     mass = store_info(str(real_run.train_store))["head_mass"]
     assert mass["1.0"]["mean"] > 0.85 and mass["1.0"]["p10"] > 0.5, mass
@@ -81,8 +81,8 @@ def test_aligned_pairs_consume_the_same_text_on_real_tokenizers(real_run, teache
     """Item 4: every aligned pair of positions has consumed exactly the same prefix of the row's text."""
     from transformers import AutoTokenizer
 
-    from distill.pipeline.align import align_batch
-    from distill.pipeline.tokens import encode_texts, prefix_ids
+    from distill.pipeline.text.align import align_batch
+    from distill.pipeline.text.tokens import encode_texts, prefix_ids
 
     teacher_tok = AutoTokenizer.from_pretrained(real_run.assets[teacher])
     student_tok = AutoTokenizer.from_pretrained(real_run.assets["smollm2"])
@@ -108,8 +108,8 @@ def test_every_term_is_order_one_at_initialization_on_the_real_pair(real_run):
     """Item 7: with every term at full weight, each raw term of the pretrained student is O(1) at step 0
     (the layerwise term read 1,730 before the student's hidden states were normalized)."""
     from distill.config import TrainConfig
-    from distill.pipeline.curriculum import weights_at
-    from distill.pipeline.train_setup import setup
+    from distill.curriculum import weights_at
+    from distill.pipeline.train.setup import setup
 
     cfg = TrainConfig(
         cache=str(real_run.train_store),
