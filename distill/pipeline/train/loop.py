@@ -15,6 +15,7 @@ held-out rows and a checkpoint.
 from __future__ import annotations
 
 import contextlib
+import gc
 import math
 import signal
 import time
@@ -337,6 +338,11 @@ def fit(run: Run) -> dict[str, Any]:
         summary["final"] = str(run_dir / "final")
     else:
         summary["signal"] = stop.received
+    # [teardown note] DDP's reducer holds the process group: freed after destroy_process_group, when a peer may
+    # have exited, gloo's destructor can wait forever for its worker threads. So the wrapper goes first, while
+    # every rank is still here.
+    run.model = run.learner
+    gc.collect()
     barrier(world)
     leave_world(world)
     return summary
