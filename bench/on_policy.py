@@ -15,6 +15,9 @@ a copy of that run, does ``--rounds`` rounds of:
   the same prompt (the same characters for the teacher to score: the same teacher compute), cached and added alike.
 Both arms train on the continuations only (the prompt is context) with the same weights and steps.
 
+Prompts are pieces of documents (``pieces``: a few paragraphs each), so that a corpus of few long documents gives
+many prompts; the held-out prompts are pieces of the validation documents.
+
 Metrics (one JSON line): held-out bits per byte (``distill eval`` on the validation store, intervals over
 documents, paired with ``off`` as the baseline), and the teacher's bits per byte of each student's own samples
 on held-out prompts: how likely the teacher finds what the student writes, on the continuation's bytes only,
@@ -100,13 +103,32 @@ def smoke_assets(work: Path) -> dict[str, Path]:
 
 
 def split_documents(train: Path, work: Path, plan: dict) -> tuple[Path, Path]:
-    """``base``: the documents store A is cached from; ``prompts``: the rest, where the rounds' prompts come from
-    (every round needs ``plan['prompts']`` documents)."""
-    docs = [r for r in read_jsonl(train) if r["text"].strip()]
+    """``base``: the documents store A is cached from; ``prompts``: the rest, cut into pieces (``pieces``), where
+    the rounds' prompts come from (one prompt per piece)."""
+    docs = [r["text"] for r in read_jsonl(train) if r["text"].strip()]
     cut = len(docs) // 2
-    return write_jsonl(docs[:cut], work / "data" / "base.jsonl"), write_jsonl(
-        docs[cut:], work / "data" / "prompts.jsonl"
-    )
+    base = write_jsonl([{"text": t} for t in docs[:cut]], work / "data" / "base.jsonl")
+    return base, write_jsonl([{"text": t} for t in pieces(docs[cut:], plan)], work / "data" / "prompts.jsonl")
+
+
+def pieces(docs: list[str], plan: dict) -> list[str]:
+    """Each document cut at blank lines into pieces of at least ``4 * prompt_chars`` characters (the last piece
+    of a document joins the one before when shorter): many prompts from few long documents, each with real text
+    after the prompt for the off-policy twin."""
+    least, out = 4 * plan["prompt_chars"], []
+    for doc in docs:
+        current: list[str] = []
+        for paragraph in doc.split("\n\n"):
+            current.append(paragraph)
+            if sum(len(p) + 2 for p in current) >= least:
+                out.append("\n\n".join(current))
+                current = []
+        if current:
+            if out and sum(len(p) + 2 for p in current) < least:
+                out[-1] += "\n\n" + "\n\n".join(current)
+            else:
+                out.append("\n\n".join(current))
+    return [piece for piece in out if piece.strip()]
 
 
 # --- the runs -------------------------------------------------------------------------------
@@ -175,7 +197,10 @@ def teacher_bpb_of_continuations(store: Path, seed: int = 0) -> dict[str, float]
 
 
 def score_own_samples(name: str, run: Path, assets: dict, work: Path, plan: dict, smoke: bool) -> dict:
-    samples = rollout(run, assets["held"], work / "held" / f"{name}.jsonl", plan, plan["eval_prompts"], seed=1234)
+    held_prompts = work / "data" / "held-prompts.jsonl"
+    if not held_prompts.is_file():
+        write_jsonl([{"text": t} for t in pieces([r["text"] for r in read_jsonl(assets["held"])], plan)], held_prompts)
+    samples = rollout(run, held_prompts, work / "held" / f"{name}.jsonl", plan, plan["eval_prompts"], seed=1234)
     store = cache(assets, samples, work / "held" / f"{name}-store", plan, smoke, "--packing", "none")
     return teacher_bpb_of_continuations(store)
 
