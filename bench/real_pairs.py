@@ -14,6 +14,8 @@ and without the teacher:
   scored together (``--baseline`` CE, then ``--baseline`` tail: paired intervals over documents);
 - ``default-terms``: the same scratch students and plan, the default objective (every curriculum term)
   against the kd-only prefix run and CE-only of ``kd-modes`` (reused), seeds 0-2;
+- ``scratch-long``: the scratch students, CE-only against the defaults, 400 steps of 2 rows with an eval
+  every 100 steps, seeds 0-2;
 - ``cut-objectives``: on the cut SmolLM2 below, ``--objective kd-only`` against the defaults (the
   ``pretrained-cut`` KD runs, reused), seeds 0-2: whether a fine-tuning preset without the representation
   terms would win;
@@ -48,6 +50,7 @@ SCRATCH = {"steps": 400, "batch_size": 4, "grad_accum": 2, "lr": 2e-3, "eval_eve
 PRETRAINED = {"steps": 20, "batch_size": 2, "grad_accum": 2, "lr": 5e-5, "eval_every": 20}
 KD_MODES_PLAN = {"steps": 200, "batch_size": 2, "grad_accum": 1, "lr": 2e-3, "eval_every": 200}
 KD_MODES_SEEDS = (0, 1, 2)
+LONG_PLAN = {"steps": 400, "batch_size": 2, "grad_accum": 1, "lr": 2e-3, "eval_every": 100}
 CUT_PLAN = {"steps": 40, "batch_size": 2, "grad_accum": 1, "lr": 1e-4, "eval_every": 40}
 
 
@@ -207,11 +210,25 @@ def compare_cut_objectives(assets: dict[str, Path], work: Path) -> dict[str, obj
     return per_seed
 
 
+def compare_scratch_long(assets: dict[str, Path], work: Path) -> dict[str, object]:
+    """CE-only against the defaults on the scratch students for twice the kd-modes steps (about four passes over
+    the 192 rows), with an eval every 100 steps: whether CE-only overfits within the run is in its eval curve."""
+    stores = build_stores(assets, work, settings=[])
+    per_seed: dict[str, object] = {}
+    for seed in KD_MODES_SEEDS:
+        student = build_scratch_student(assets, work / "students" / f"scratch-{seed}", seed=seed)
+        ce = train(f"long-{seed}-ce", student, stores, work, LONG_PLAN, f"seed={seed}", CE_ONLY)
+        kd = train(f"long-{seed}-default", student, stores, work, LONG_PLAN, f"seed={seed}")
+        per_seed[str(seed)] = evaluate(f"long-{seed}", [ce, kd], ce.name, stores, work)
+    return per_seed
+
+
 COMPARISONS = {
     "kd-modes": compare_kd_modes,
     "pretrained-cut": compare_pretrained_cut,
     "default-terms": compare_default_terms,
     "cut-objectives": compare_cut_objectives,
+    "scratch-long": compare_scratch_long,
 }
 
 
