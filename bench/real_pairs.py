@@ -154,17 +154,28 @@ def compare_pretrained_cut(assets: dict[str, Path], work: Path) -> dict[str, obj
     return per_seed
 
 
+def scratch_runs(
+    assets: dict[str, Path], work: Path, stores: tuple[Path, Path], seed: int, variants: tuple, plan: dict, name: str
+) -> dict[str, Path]:
+    """Seed ``seed``'s scratch student trained with each of ``variants`` ((name, --set values), ...): the run
+    ``W/runs/{name}-{seed}-{variant}`` of each (an existing one is reused)."""
+    student = build_scratch_student(assets, work / "students" / f"scratch-{seed}", seed=seed)
+    return {
+        variant: train(f"{name}-{seed}-{variant}", student, stores, work, plan, f"seed={seed}", *sets)
+        for variant, sets in variants
+    }
+
+
+KD_ONLY_PREFIX = ("prefix", ["objective=kd-only", "kd_mode=prefix"])
+
+
 def compare_kd_modes(assets: dict[str, Path], work: Path) -> dict[str, object]:
     """CE-only, tail and prefix on the scratch student, per seed, on stores made with the defaults."""
     stores = build_stores(assets, work, settings=[])
     per_seed: dict[str, object] = {}
     for seed in KD_MODES_SEEDS:
-        student = build_scratch_student(assets, work / "students" / f"scratch-{seed}", seed=seed)
-        runs = {
-            name: train(f"kd-modes-{seed}-{name}", student, stores, work, KD_MODES_PLAN, f"seed={seed}", *sets)
-            for name, sets in (("ce", [CE_ONLY]), ("tail", ["objective=kd-only", "kd_mode=tail"]),
-                               ("prefix", ["objective=kd-only", "kd_mode=prefix"]))
-        }  # fmt: skip
+        variants = (("ce", [CE_ONLY]), ("tail", ["objective=kd-only", "kd_mode=tail"]), KD_ONLY_PREFIX)
+        runs = scratch_runs(assets, work, stores, seed, variants, KD_MODES_PLAN, "kd-modes")
         runs_list = list(runs.values())
         per_seed[str(seed)] = {
             "vs_ce": evaluate(f"kd-modes-{seed}", runs_list, runs["ce"].name, stores, work),
@@ -179,12 +190,8 @@ def compare_default_terms(assets: dict[str, Path], work: Path) -> dict[str, obje
     stores = build_stores(assets, work, settings=[])
     per_seed: dict[str, object] = {}
     for seed in KD_MODES_SEEDS:
-        student = build_scratch_student(assets, work / "students" / f"scratch-{seed}", seed=seed)
-        runs = {
-            name: train(f"kd-modes-{seed}-{name}", student, stores, work, KD_MODES_PLAN, f"seed={seed}", *sets)
-            for name, sets in (("ce", [CE_ONLY]), ("prefix", ["objective=kd-only", "kd_mode=prefix"]),
-                               ("default", []))
-        }  # fmt: skip
+        variants = (("ce", [CE_ONLY]), KD_ONLY_PREFIX, ("default", []))
+        runs = scratch_runs(assets, work, stores, seed, variants, KD_MODES_PLAN, "kd-modes")
         runs_list = list(runs.values())
         per_seed[str(seed)] = {
             "vs_ce": evaluate(f"default-terms-{seed}", runs_list, runs["ce"].name, stores, work),
@@ -216,10 +223,8 @@ def compare_scratch_long(assets: dict[str, Path], work: Path) -> dict[str, objec
     stores = build_stores(assets, work, settings=[])
     per_seed: dict[str, object] = {}
     for seed in KD_MODES_SEEDS:
-        student = build_scratch_student(assets, work / "students" / f"scratch-{seed}", seed=seed)
-        ce = train(f"long-{seed}-ce", student, stores, work, LONG_PLAN, f"seed={seed}", CE_ONLY)
-        kd = train(f"long-{seed}-default", student, stores, work, LONG_PLAN, f"seed={seed}")
-        per_seed[str(seed)] = evaluate(f"long-{seed}", [ce, kd], ce.name, stores, work)
+        runs = scratch_runs(assets, work, stores, seed, (("ce", [CE_ONLY]), ("default", [])), LONG_PLAN, "long")
+        per_seed[str(seed)] = evaluate(f"long-{seed}", list(runs.values()), runs["ce"].name, stores, work)
     return per_seed
 
 
