@@ -49,7 +49,7 @@ LITE = {
     "eval_prompts": 48,
 }  # fmt: skip
 """``--lite``: the real pair at a quarter of the training and half the prompts (on 2 CPU cores: 18 minutes for one
-round with the base store and the starting run; 14 for two rounds once those exist)."""
+round with the base store and the starting run, beside the test tier; 14 for two rounds once those exist)."""
 SMOKE = {
     "seq_len": 32, "base_rows": 48, "start_steps": 4, "round_steps": 2, "batch_size": 2, "grad_accum": 1,
     "lr": 1e-3, "prompts": 6, "prompt_chars": 30, "max_new_tokens": 8, "eval_prompts": 4, "base_share": 0.5,
