@@ -230,11 +230,12 @@ def test_each_row_runs_through_the_teacher_once_and_is_stored_as_computed_alone(
     tiny_assets, tmp_path, monkeypatch, kind, single_thread
 ):
     """[calibration note] in calibration.py: the calibration pass's rows are stored from that pass, not run again,
-    and every stored row equals ``compute_batch_fields`` run on its own, in other batches (here 3 rows, not the
-    store's 4), with the store's fitted statistics, PCA basis and rank table: packed rows, hidden states, attention,
-    vocab_proj and the compact targets (``hybrid``: with draws, seeded per row), byte for byte. With one thread: under
-    several, a row's values may differ in the last bit with its batch's shape (test_cache_resume.py's kill test
-    runs with them: the rows a resume recomputes are batched as before, see CalibratedRows in cache_teacher.py)."""
+    and every stored row equals ``compute_batch_fields`` run apart on the batch that computed it (the calibration's
+    batches of 4, then each chunk's other rows 4 at a time) with the store's fitted statistics, PCA basis and rank
+    table: packed rows, hidden states, attention, vocab_proj and the compact targets (``hybrid``: with draws, seeded
+    per row), byte for byte. A row's values may differ in the last bit with its batch's shape (sdpa's kernels, and
+    several intra-op threads), so the batches are the store's (test_cache_resume.py's kill test runs with several
+    threads: the rows a resume recomputes are batched as before, see CalibratedRows in cache_teacher.py)."""
     import numpy as np
 
     from distill.pipeline.teacher import fields
@@ -271,18 +272,21 @@ def test_each_row_runs_through_the_teacher_once_and_is_stored_as_computed_alone(
     ]
     model = load_teacher(TeacherSource(str(tiny_assets["teacher"])), torch.device("cpu"), torch.float32, True)
     settings = fields.field_settings(reader.layout, reader.root, torch.device("cpu"))
-    parts = [
-        fields.compute_batch_fields(model, rows[a : a + 3], settings, torch.device("cpu"))
-        for a in range(0, len(rows), 3)
-    ]
+    calibrated = reader.manifest["calibration"]["rows"]
+    batches = [calibrated[a : a + 4] for a in range(0, len(calibrated), 4)]  # --batch-size 4, --chunk-rows 8
+    for start in range(0, len(rows), 8):
+        others = [i for i in range(start, min(start + 8, len(rows))) if i not in calibrated]
+        batches += [others[a : a + 4] for a in range(0, len(others), 4)]
+    assert sorted(i for batch in batches for i in batch) == list(range(len(rows)))
+    parts = [fields.compute_batch_fields(model, [rows[i] for i in b], settings, torch.device("cpu")) for b in batches]
     assert all(bad == [] for _, bad in parts)
+    order = np.argsort([i for batch in batches for i in batch])
     for name in reader.fields:
-        alone = np.concatenate([part[name] for part, _ in parts])
+        alone = np.concatenate([part[name] for part, _ in parts])[order]
         if name == "text":
             assert alone.tolist() == stored["text"]
         else:
             assert np.array_equal(alone, stored[name].numpy().astype(alone.dtype), equal_nan=True), name
-    calibrated = reader.manifest["calibration"]["rows"]
     assert reader.manifest["fidelity"]["rows"] == len(calibrated) == 8
 
     # A crash after the first chunk: the rerun computes the calibration rows past it with their calibration batch

@@ -454,3 +454,40 @@ def test_every_supported_family_keeps_packed_documents_apart(tokenizers, family,
     base.forward = leaky
     with pytest.raises(ValueError, match="does not keep packed documents apart"):
         check_packed_forward(model, family)
+
+
+def test_document_attention_is_the_masked_attention_within_each_document():
+    """[document-attention note]: causal sdpa on each document alone equals sdpa over the whole packed row under the
+    block-diagonal causal mask at every real position, with GQA; padding gets zeros; a sliding window shorter than a
+    document, a position bias or dropout keep the masked path."""
+    import torch.nn.functional as F
+
+    from distill.pipeline.teacher.model import document_attention, document_spans, within_documents
+
+    generator = torch.Generator().manual_seed(0)
+    b, heads, kv_heads, width, d = 2, 4, 2, 12, 8
+    query = torch.randn(b, heads, width, d, generator=generator)
+    key, value = (torch.randn(b, kv_heads, width, d, generator=generator) for _ in range(2))
+    positions = torch.tensor([[0, 1, 2, 3, 0, 1, 2, 0, 1, 2, 3, 4], [0, 1, 2, 3, 4, 0, 1, 2, 3, 4, 5, 6]])
+    mask = torch.ones(b, width, dtype=torch.long)
+    mask[1, 9:] = 0  # row 1: two documents, then 3 padding positions continuing the last one
+    spans = document_spans(mask, positions)
+    assert spans == [[(0, 4), (4, 7), (7, 12)], [(0, 5), (5, 9)]]
+    assert document_spans(mask, None) == [[(0, 12)], [(0, 9)]]
+    segment = (positions == 0).cumsum(dim=1)
+    allowed = (segment[:, :, None] == segment[:, None, :]) & torch.ones(width, width, dtype=torch.bool).tril()
+    reference = F.scaled_dot_product_attention(
+        query, key.repeat_interleave(2, dim=1), value.repeat_interleave(2, dim=1), attn_mask=allowed[:, None]
+    ).transpose(1, 2)
+    output = document_attention(query, key, value, spans, d**-0.5)
+    real = mask.bool()
+    torch.testing.assert_close(output[real], reference[real], atol=1e-6, rtol=1e-5)
+    assert (output[~real] == 0).all()
+
+    module = torch.nn.Module()
+    assert within_documents(module, query, key, spans, 0.0, {"sliding_window": 5})
+    assert not within_documents(module, query, key, spans, 0.0, {"sliding_window": 4})  # row 1's first is 5 long
+    assert not within_documents(module, query, key, spans, 0.1, {})
+    assert not within_documents(module, query, key, spans, 0.0, {"position_bias": torch.zeros(1)})
+    module.is_causal = False
+    assert not within_documents(module, query, key, spans, 0.0, {})

@@ -20,6 +20,7 @@ from distill.cache.targets import (
     target_field_shapes,
     target_slots,
 )
+from distill.pipeline.teacher.logit_pass import LogitSlice, log_power_sums
 from distill.pipeline.teacher.target_fields import (
     compute_target_slice,
     decoded_logits,
@@ -146,7 +147,14 @@ def head_figures(logits: torch.Tensor, targets: dict, t: float) -> tuple[torch.T
     """The [fidelity note] figures of ``logits`` (P, V) as ``TargetCalibration`` measures them."""
     ids, keep = find_head(logits, targets)
     decoded = decoded_logits(logits.gather(1, ids), targets, logits.max(dim=-1, keepdim=True).values)
-    return measure_head_bins(logits, ids, keep, decoded, t)
+    kl, tail = measure_head_bins(logits, logits.softmax(-1), ids, keep, decoded, [t])
+    return kl[:, 0], tail[:, 0]
+
+
+def logit_slice(logits: torch.Tensor, k: int) -> LogitSlice:
+    """``logits`` (P, V) as the logit pass hands them to ``observe``."""
+    top = logits.topk(k, dim=-1)
+    return LogitSlice(logits, logits.softmax(-1), logits.logsumexp(-1), top.values, top.indices)
 
 
 def test_fidelity_is_the_k_plus_1_bin_kl_of_the_decoded_head_and_the_tail_mass_by_hand() -> None:
@@ -175,10 +183,13 @@ def test_fidelity_is_the_k_plus_1_bin_kl_of_the_decoded_head_and_the_tail_mass_b
 
 
 def test_fidelity_matches_the_full_vocabulary_formula_in_fp64() -> None:
-    """The one-pass figures equal the definition computed over every token in fp64, on a real-sized row."""
+    """The one-pass figures equal the definition computed over every token in fp64, on a real-sized row: at T = 1, 2,
+    4 from the T = 1 probabilities ([power-sum note]), at T = 3 and 8 over the logits / T; a tail reaching 150 nats
+    below the max (its T = 1 probabilities underflow fp32) included."""
     generator = torch.Generator().manual_seed(0)
     logits = torch.randn(6, 5000, generator=generator) * 3.0
     logits[:, :40] += 8.0  # a peaked head, a long tail
+    logits[:3, 4000:] -= torch.linspace(0.0, 150.0, 1000)  # a far tail on half the rows
     for kind, targets in {
         "topk": {"kind": "topk", "value_step": 0.1, "mass": 0.9, "top_k": 64},
         "topk-fp16": {"kind": "topk-fp16", "top_k": 32},
@@ -186,7 +197,7 @@ def test_fidelity_matches_the_full_vocabulary_formula_in_fp64() -> None:
         ids, keep = find_head(logits, targets)
         head = torch.zeros_like(logits, dtype=torch.bool).scatter_(1, torch.where(keep, ids, ids[:, :1]), True)
         decoded = decoded_logits(logits, targets, logits.max(dim=-1, keepdim=True).values).double()
-        for t in (1.0, 2.0, 4.0):
+        for t in (1.0, 2.0, 3.0, 4.0, 8.0):
             scaled = logits.double() / t
             log_p = scaled - scaled.logsumexp(dim=-1, keepdim=True)
             p_head = torch.where(head, log_p.exp(), 0.0)
@@ -197,6 +208,25 @@ def test_fidelity_matches_the_full_vocabulary_formula_in_fp64() -> None:
             kl, measured_tail = head_figures(logits, targets, t)
             assert torch.allclose(measured_tail, tail, rtol=1e-5, atol=1e-9), kind
             assert torch.allclose(kl, expected, rtol=1e-3, atol=1e-8), (kind, t, kl, expected)
+
+
+def test_power_sums_give_the_logsumexp_at_2_and_4_from_the_t1_probabilities() -> None:
+    """[power-sum note]: lse_T = lse_1 / T + log Σ p1^(1/T), to fp32 rounding, a far tail whose p1 underflow
+    included; the probabilities are left as they were unless they are the scratch; T = 8 is refused."""
+    generator = torch.Generator().manual_seed(1)
+    logits = torch.randn(4, 30000, generator=generator) * 4.0
+    logits[:2, 20000:] -= torch.linspace(0.0, 200.0, 10000)  # half the rows: a tail 200 nats down
+    probs, lse1 = logits.softmax(-1), logits.logsumexp(-1)
+    kept = probs.clone()
+    scratch = torch.empty_like(probs)
+    sums = log_power_sums(probs, [4.0, 1.0, 2.0], scratch)
+    assert torch.equal(probs, kept)
+    for j, t in enumerate((4.0, 1.0, 2.0)):
+        exact = (logits.double() / t).logsumexp(-1)
+        torch.testing.assert_close((lse1 / t + sums[:, j]).double(), exact, atol=2e-5, rtol=1e-6)
+    assert torch.equal(log_power_sums(kept, [4.0], kept), sums[:, :1])  # in place: the same figures
+    with pytest.raises(ValueError, match="not 8.0"):
+        log_power_sums(probs, [8.0], scratch)
 
 
 def test_effective_sample_size_of_weighted_draws_by_hand() -> None:
@@ -238,12 +268,10 @@ def test_calibration_measures_fidelity_on_a_stride_of_positions_and_ranks_on_all
     calibration = TargetCalibration(layout, 50, torch.device("cpu"), total)
     logits = torch.randn(total, 50, generator=torch.Generator().manual_seed(0))
     for a, b in ((0, 1000), (1000, 1001), (1001, total)):
-        calibration.observe(logits[a:b], logits[a:b].softmax(-1))
+        calibration.observe(logit_slice(logits[a:b], 8))
     _, fidelity = calibration.finish(rows=1)
     assert fidelity["positions"] == FIDELITY_POSITIONS
-    ids, keep = find_head(logits[::3], layout["targets"] | {"top_k": 8})
-    decoded = decoded_logits(logits[::3].gather(1, ids), layout["targets"], logits[::3].max(-1, keepdim=True).values)
-    kl, _ = measure_head_bins(logits[::3], ids, keep, decoded, 1.0)
+    kl, _ = head_figures(logits[::3], layout["targets"] | {"top_k": 8}, 1.0)
     assert fidelity["kl_head_bins"]["1.0"] == pytest.approx(float(kl.mean()), rel=1e-6)
     assert torch.allclose(calibration.unigram, logits.softmax(-1).sum(0).double(), rtol=1e-5)
 
@@ -284,3 +312,20 @@ def test_every_kind_declares_fields_with_a_schema_dtype_and_decodes_them(name):
     ids, logits, multiplier = decode_targets(data, torch.zeros(1, 3), layout, torch.arange(8))
     assert ids.shape == logits.shape == (1, 3, target_slots(layout))
     assert (multiplier is not None) == kind.sampled
+
+
+def test_two_level_top_k_is_torch_topk() -> None:
+    """[two-level note]: the values of torch.topk, descending, and its columns where no values tie; a vocabulary not
+    a multiple of the block, a peaked row, a row whose top values crowd one block, and a short row (torch.topk)."""
+    from distill.pipeline.teacher.logit_pass import TOPK_BLOCK, top_k_rows
+
+    generator = torch.Generator().manual_seed(2)
+    for v, k in ((37984 + 7, 128), (5000, 16), (300, 32)):
+        x = torch.randn(5, v, generator=generator, dtype=torch.float64).float() * 3.0
+        x[1, :40] += 20.0  # peaked
+        x[2, torch.arange(0, v - v % TOPK_BLOCK, v // TOPK_BLOCK)] += 30.0  # every top value in block 0
+        x[3, -(v % TOPK_BLOCK or 1) :] += 25.0  # the columns past the last block
+        values, ids = torch.empty(5, k), torch.empty(5, k, dtype=torch.long)
+        top_k_rows(x, k, out=(values, ids))
+        ref = torch.topk(x, k, dim=-1)
+        assert torch.equal(values, ref.values) and torch.equal(ids, ref.indices), (v, k)

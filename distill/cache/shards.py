@@ -17,14 +17,16 @@ before that setting may lack the files of all-zero chunks), else it is refused a
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import time
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import zarr
+from zarr.core.sync import sync
 
 from distill.cache.schema import (
     CacheError,
@@ -60,6 +62,7 @@ class ShardWriter:
 
     group: zarr.Group
     index: int
+    arrays: dict[str, Any] = field(default_factory=dict)  # name -> the field's array, opened once for the writes
 
     @property
     def record(self) -> dict[str, Any]:
@@ -77,9 +80,15 @@ class ShardWriter:
         if chunk != len(record["checksums"]) and chunk not in redo:
             raise CacheError(f"shard {self.index}: chunk {chunk} written out of order")
         start = chunk * record["chunk_rows"]
-        for name, value in arrays.items():
-            array = self.group[name]
-            array.with_config(WRITE_CONFIG)[start : start + len(value)] = encode_rows(array, value)  # type: ignore[union-attr]
+        for name in arrays:
+            if name not in self.arrays:  # opening an array reads its metadata: once per shard, not per chunk
+                self.arrays[name] = self.group[name].with_config(WRITE_CONFIG).async_array  # type: ignore[union-attr]
+        rows = {name: encode_rows(self.arrays[name], value) for name, value in arrays.items()}
+
+        async def write_all() -> None:  # every field at once: their chunks are encoded and written concurrently
+            await asyncio.gather(*(self.arrays[n].setitem(slice(start, start + len(v)), v) for n, v in rows.items()))
+
+        sync(write_all())
         if chunk in redo:
             record["checksums"][chunk] = checksum_arrays(arrays)
             record["redo"] = [c for c in redo if c != chunk]

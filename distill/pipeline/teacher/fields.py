@@ -22,6 +22,7 @@ import torch.nn.functional as F
 
 from distill.cache.schema import PCA_GROUP, STANDARDIZE_GROUP, field_dtype, root_array_path
 from distill.cache.targets import ID_BY_RANK, TARGET_KINDS, kind_of
+from distill.pipeline.teacher.logit_pass import POWER_TEMPERATURES, LogitSlice, log_power_sums, top_k_rows
 from distill.pipeline.teacher.model import compute_logits, find_logit_transforms, forward_teacher
 from distill.pipeline.teacher.target_fields import TARGET_FIELDS, choose_target_slice, encode_target_choice
 from distill.pipeline.text.data import Row
@@ -61,7 +62,7 @@ def compute_logit_fields(
     s: FieldSettings,
     fields: Collection[str] | None = None,
     seeds: list[int] | None = None,
-    observe: Callable[[torch.Tensor, torch.Tensor], None] | None = None,
+    observe: Callable[[LogitSlice], None] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Top-K logits, per-temperature logsumexp, target log-prob, vocab_proj and the targets' choice, row by row.
 
@@ -69,19 +70,20 @@ def compute_logit_fields(
     the compact targets their choice before encoding, ``choice/<name>`` (B, L, ...) (``encode_choice`` encodes it);
     only the ``fields`` asked (a subset of LOGIT_FIELDS; default all). Softmax arithmetic in fp32. Row b's first
     ``lengths[b]`` positions are computed (the others stay 0), in slices from the row's start, its draws from a
-    generator seeded with ``seeds[b]`` (the row id; default b): a row's fields are the same whichever batch
-    computes it. ``observe(logits, probs1)`` sees each slice's (P, V) logits at T=1 and their softmax
-    (a new store's calibration, pipeline/teacher/calibration.py).
+    generator seeded with ``seeds[b]`` (the row id; default b): a row's draws are the same whichever batch
+    computes it. ``observe`` gets each slice at T = 1 (``LogitSlice``: logits, softmax, lse, top-K), for a new
+    store's calibration (pipeline/teacher/calibration.py).
 
-    [logit-pass note] Past the lm_head, the vocabulary-wide passes are the cost, so each slice makes as
-    few as it can: one top-K (its first value is the row max), then one softmax per temperature needed,
-    which gives the logsumexp exactly (to fp32 rounding): lse_T = max / T - log p_T[argmax], since
-    p_T[argmax] = 1 / sum_v exp((z_v - max) / T); target_logprob reuses T = 1 and vocab_proj reuses the
-    probabilities at T*; the compact targets (``target_*``, teacher/target_fields.py) reuse the top-K and T = 1.
-    The (P, V) buffers are allocated once per call and written with out= (on CPU a fresh 150 MB tensor costs more
-    in page faults than the softmax over it). vocab_proj multiplies in the teacher's dtype when it is bf16, like
-    its lm_head: on a bf16 GPU an fp32 (P, V) @ (V, H) product is many times slower than the lm_head itself,
-    and its bf16 rounding is the teacher's own.
+    [logit-pass note] Past the lm_head, the vocabulary-wide passes are the cost, so each slice makes as few as it
+    can: one top-K in two levels (its first value is the row max; [two-level note] in logit_pass.py), then the
+    softmax at T = 1, which gives the logsumexp exactly (to fp32 rounding): lse_1 = max - log p_1[argmax], since
+    p_1[argmax] = 1 / sum_v exp(z_v - max); T = 2 and 4 come from p_1 by square roots ([power-sum note] in
+    logit_pass.py), any other T from its own softmax the same way; target_logprob reuses T = 1 and vocab_proj the
+    probabilities at T* (its own softmax); the compact targets (``target_*``, teacher/target_fields.py) reuse the
+    top-K and T = 1. The (P, V) buffers are allocated once per call and written with out= (on CPU a fresh 150 MB
+    tensor costs more in page faults than the softmax over it). vocab_proj multiplies in the teacher's dtype when it
+    is bf16, like its lm_head: on a bf16 GPU an fp32 (P, V) @ (V, H) product is many times slower than the lm_head
+    itself, and its bf16 rounding is the teacher's own.
     """
     want = set(LOGIT_FIELDS if fields is None else fields)
     b, length, h = final_hidden.shape
@@ -95,10 +97,15 @@ def compute_logit_fields(
     temps = list(s.temperatures) if "lse" in want else []
     if "target_logprob" in want and 1.0 not in temps:
         temps.append(1.0)
-    if "vocab_proj" in want and s.vocab_proj_temperature not in temps:
-        temps.append(s.vocab_proj_temperature)
+    vp_t = s.vocab_proj_temperature
+    if "vocab_proj" in want and vp_t not in temps:
+        temps.append(vp_t)
     targets = s.targets if want & set(TARGET_FIELDS) else None
     if (targets is not None or observe is not None) and 1.0 not in temps:
+        temps.append(1.0)
+    # [power-sum note] in logit_pass.py: T = 2 and 4 from the T = 1 probabilities unless their own are needed
+    powered = [t for t in temps if t != 1.0 and t in POWER_TEMPERATURES and not ("vocab_proj" in want and t == vp_t)]
+    if powered and 1.0 not in temps:
         temps.append(1.0)
     head = targets is not None and TARGET_KINDS[targets["kind"]].head
     k = s.top_k if want & {"topk_logits", "topk_ids"} or head else 1
@@ -121,9 +128,11 @@ def compute_logit_fields(
             x = flat[start : min(start + chunk, r * length + row_length)]
             p, rows = x.shape[0], slice(start, start + x.shape[0])
             logits = compute_logits(model, x, transforms, out=logits_buf[:p])  # see [logit-postprocess note]
-            torch.topk(logits, k, dim=-1, out=(topk_logits[rows], topk_ids[rows]))  # descending
+            top_k_rows(logits, k, out=(topk_logits[rows], topk_ids[rows]))  # descending, [two-level note]
             argmax = topk_ids[rows, :1]
             for j, t in enumerate(temps):
+                if t in powered:
+                    continue  # from the T = 1 probabilities, below
                 scaled = logits if t == 1.0 else torch.mul(logits, 1.0 / t, out=scaled_buf[:p])
                 probs = torch.softmax(scaled, dim=-1, out=probs_buf[:p])
                 lse[rows, j] = scaled.gather(1, argmax)[:, 0] - probs.gather(1, argmax)[:, 0].log()
@@ -140,7 +149,11 @@ def compute_logit_fields(
                             choice[name] = torch.full((n, *value.shape[1:]), fill, dtype=value.dtype, device=device)
                         choice[name][rows] = value
                 if t == 1.0 and observe is not None:
-                    observe(logits, probs)
+                    observe(LogitSlice(logits, probs, lse[rows, j], topk_logits[rows], topk_ids[rows]))
+                if t == 1.0 and powered:
+                    sums = log_power_sums(probs, powered, scaled_buf[:p])
+                    for i, tp in enumerate(powered):
+                        lse[rows, temps.index(tp)] = lse[rows, j] / tp + sums[:, i]
     out: dict[str, torch.Tensor] = {}
     if "topk_logits" in want:
         out["topk_logits"] = topk_logits.reshape(b, length, k)
@@ -247,7 +260,7 @@ def run_teacher(
     s: FieldSettings,
     device: torch.device,
     fields: Collection[str] | None = None,
-    observe: Callable[[torch.Tensor, torch.Tensor], None] | None = None,
+    observe: Callable[[LogitSlice], None] | None = None,
 ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
     """One teacher forward of ``rows``: its fields as ``finish_fields`` takes them, and valid (B, W) bool.
 

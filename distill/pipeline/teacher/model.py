@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from distill.config import CacheConfig, ConfigError
 from distill.pipeline.text.tokens import check_tokenizer
@@ -45,7 +46,7 @@ class TeacherSource:
 
 
 def load_teacher(source: TeacherSource, device: torch.device, dtype: torch.dtype, need_attention: bool) -> Any:
-    """The teacher in eval mode, with its fast attention; see [selective-attention note] when maps are stored.
+    """The teacher in eval mode, with the selective attention ([selective-attention note]).
 
     With ``source.device_map`` the teacher is spread over the visible GPUs ([device-map note]) and ``device`` is
     ignored; ``output_device(model)`` is then where its fields are computed."""
@@ -63,8 +64,7 @@ def load_teacher(source: TeacherSource, device: torch.device, dtype: torch.dtype
         model = AutoModelForCausalLM.from_pretrained(source.name, **kwargs)
     except (OSError, ValueError) as exc:
         raise ConfigError(f"{source.flag} {source.name}: cannot load the model ({str(exc).splitlines()[0]})") from None
-    if need_attention:
-        use_selective_attention(model)
+    use_selective_attention(model, need_attention)
     on_cpu = output_device(model).type == "cpu" if source.device_map else device.type == "cpu"
     if on_cpu and getattr(model.config, "_experts_implementation", None) == "batched_mm":
         model.set_experts_implementation("grouped_mm")  # batched_mm is ~100x slower on CPU
@@ -217,12 +217,23 @@ def compute_logits(model: Any, hidden: torch.Tensor, transforms: list, out: torc
 # [selective-attention note] sdpa returns no attention weights, and an all-eager teacher materializes
 # (B, heads, L, L) weights in every block and keeps them all in its output (28 blocks x 8 rows x 16 heads
 # x 512^2 fp32 = 3.8 GB for the reference teacher), while the store keeps two blocks' head average. The
-# teacher therefore runs the `distill_selective` attention: sdpa in every block, except the blocks
-# `forward_teacher` flags, which compute eager weights and return their head average (B, 1, L, L) fp32.
-# Its masks are sdpa's (boolean, or None for a plain causal batch). A model whose attention cannot be
-# switched at run time (remote code outside transformers' AttentionInterface) falls back to eager.
+# teacher therefore runs the `distill_selective` attention: sdpa in every block; the blocks `forward_teacher`
+# flags also compute their head-averaged weights (B, 1, L, L) fp32, a block of queries at a time
+# (``mean_attention_weights``). Its masks are sdpa's (boolean, or None for a plain causal batch). A model whose
+# attention cannot be switched at run time (remote code outside transformers' AttentionInterface) falls back to
+# eager when maps are stored, and keeps its own attention otherwise.
+#
+# [document-attention note] Under ``forward_teacher`` each block also knows the documents of each row
+# (``document_spans``: a packed row's documents, a padded row's real tokens), and runs sdpa causally on each
+# document alone instead of over the whole row under a block-diagonal (or padding) mask: the same attention
+# (a query sees the keys of its own document up to itself), without the scores across documents or into the
+# padding, and with the causal kernels, which skip the keys after the query where a masked call computes every
+# score. Padding positions get a zero output (nothing reads them: their fields are not stored, and no real
+# position attends to them). A block whose attention is not plain causal within a document keeps the mask:
+# a sliding window shorter than a document, a position bias, softcapped scores (Gemma 2, eager above), dropout.
 SELECTIVE_ATTENTION = "distill_selective"
 _FLAG = "_distill_keep_attention"
+_SPANS = "_distill_document_spans"
 
 
 def selective_attention_forward(
@@ -241,31 +252,119 @@ def selective_attention_forward(
     kwargs.pop("output_attentions", None)
     softcap = kwargs.pop("softcap", None)  # Gemma 2's attention logit cap, which sdpa cannot apply
     keep_weights = getattr(module, _FLAG, False)
-    if not keep_weights and softcap is None:
-        return sdpa_attention_forward(
-            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
-        )
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    if softcap is None:
+        spans = getattr(module, _SPANS, None)
+        if spans is not None and within_documents(module, query, key, spans, dropout, kwargs):
+            output = document_attention(query, key, value, spans, scale)
+        else:
+            output, _ = sdpa_attention_forward(
+                module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
+            )
+        return output, mean_attention_weights(query, key, attention_mask, scale) if keep_weights else None
     groups = query.shape[1] // key.shape[1]
     key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
-    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
-    scores = torch.matmul(query, key.transpose(2, 3)) * scale  # (B, Hq, Lq, Lk)
-    if softcap is not None:
-        scores = torch.tanh(scores / softcap) * softcap
-    lq, lk = scores.shape[-2:]
-    if attention_mask is None:  # sdpa's mask builder skips plain causal batches
-        keep = torch.ones(lq, lk, dtype=torch.bool, device=scores.device).tril(diagonal=lk - lq)
-        scores = scores.masked_fill(~keep, torch.finfo(scores.dtype).min)
-    elif attention_mask.dtype == torch.bool:
-        scores = scores.masked_fill(~attention_mask, torch.finfo(scores.dtype).min)
-    else:
-        scores = scores + attention_mask
-    weights = torch.softmax(scores, dim=-1, dtype=torch.float32)
+    scores = torch.tanh(torch.matmul(query, key.transpose(2, 3)) * scale / softcap) * softcap  # (B, Hq, Lq, Lk)
+    weights = torch.softmax(masked_scores(scores, attention_mask, 0, 0), dim=-1, dtype=torch.float32)
     output = torch.matmul(weights.to(value.dtype), value).transpose(1, 2).contiguous()
     return output, weights.mean(dim=1, keepdim=True) if keep_weights else None
 
 
-def use_selective_attention(model: Any) -> None:
-    """Switch ``model`` to the selective attention (registered once), or to eager where that is impossible."""
+def document_spans(attention_mask: torch.Tensor, position_ids: torch.Tensor | None) -> list[list[tuple[int, int]]]:
+    """Each row's documents as (start, end) spans of its real tokens ([document-attention note]): a right-padded
+    row's tokens are one document, a packed row's documents start where their positions restart at 0."""
+    lengths = attention_mask.sum(dim=1).tolist()
+    starts: list[list[int]] = [[0] for _ in lengths]
+    if position_ids is not None:
+        rows, cols = torch.nonzero(position_ids == 0, as_tuple=True)
+        for row, col in zip(rows.tolist(), cols.tolist()):
+            if 0 < col < lengths[row]:
+                starts[row].append(col)
+    return [[(a, e) for a, e in zip(row, [*row[1:], length]) if e > a] for row, length in zip(starts, lengths)]
+
+
+def within_documents(
+    module: Any, query: torch.Tensor, key: torch.Tensor, spans: list, dropout: float, kwargs: dict[str, Any]
+) -> bool:
+    """Whether this block's attention is plain causal attention within each document ([document-attention note])."""
+    window = kwargs.get("sliding_window")
+    longest = max((e - a for row in spans for a, e in row), default=0)
+    return (
+        getattr(module, "is_causal", True)
+        and query.shape[2] == key.shape[2]  # no cache: the keys are the row's own
+        and len(spans) == query.shape[0]
+        and dropout == 0.0
+        and kwargs.get("position_bias") is None
+        and (window is None or longest <= window)
+    )
+
+
+def document_attention(
+    query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, spans: list[list[tuple[int, int]]], scale: float
+) -> torch.Tensor:
+    """Causal sdpa on each document of each row alone: output (B, Lq, Hq, d), zero at padding positions."""
+    b, hq, length, _ = query.shape
+    groups = hq // key.shape[1]
+    out = query.new_zeros(b, length, hq, value.shape[-1])
+    for row, row_spans in enumerate(spans):
+        for a, e in row_spans:
+            o = F.scaled_dot_product_attention(
+                query[row : row + 1, :, a:e],
+                key[row : row + 1, :, a:e],
+                value[row : row + 1, :, a:e],
+                is_causal=True,
+                scale=scale,
+                enable_gqa=groups > 1,
+            )  # (1, Hq, n, d)
+            out[row, a:e] = o[0].transpose(0, 1)
+    return out
+
+
+ATTENTION_QUERY_BLOCK = 128  # queries per block of ``mean_attention_weights``: bounds its (heads, block, keys) scores
+
+
+def mean_attention_weights(
+    query: torch.Tensor, key: torch.Tensor, attention_mask: torch.Tensor | None, scale: float
+) -> torch.Tensor:
+    """query (B, Hq, Lq, d), key (B, Hkv, Lk, d) -> the head-averaged attention weights (B, 1, Lq, Lk) fp32.
+
+    The attention's output comes from sdpa; only its weights are computed here, a block of queries of one row at a
+    time, so that the (heads, block, keys) scores stay in cache, and for a causal mask (None) only over the keys
+    the block can see. ``attention_mask``: sdpa's (None = plain causal, bool True = attend, or additive float).
+    """
+    b, hq, lq, _ = query.shape
+    lk, groups = key.shape[2], hq // key.shape[1]
+    weights = torch.zeros(b, 1, lq, lk, dtype=torch.float32, device=query.device)
+    for row in range(b):
+        keys = key[row].repeat_interleave(groups, dim=0)  # (Hq, Lk, d)
+        for q0 in range(0, lq, ATTENTION_QUERY_BLOCK):
+            q1 = min(lq, q0 + ATTENTION_QUERY_BLOCK)
+            seen = lk if attention_mask is not None else lk - lq + q1  # a causal block sees no later key
+            scores = torch.matmul(query[row, :, q0:q1], keys[:, :seen].transpose(1, 2)).float().mul_(scale)
+            mask = None
+            if attention_mask is not None:  # its batch may broadcast (1), its key axis be longer than the keys
+                mask = attention_mask[row if attention_mask.shape[0] > 1 else 0, None, :, q0:q1, :seen]
+            scores = masked_scores(scores[None], mask, q0 + lk - lq, 0)[0]
+            torch.softmax(scores, dim=-1, out=scores)
+            torch.mean(scores, dim=0, out=weights[row, 0, q0:q1, :seen])
+    return weights
+
+
+def masked_scores(scores: torch.Tensor, attention_mask: torch.Tensor | None, q0: int, k0: int) -> torch.Tensor:
+    """scores (B, H, q, k) of queries q0.. and keys k0.. (absolute key positions) under sdpa's mask of that block:
+    None = plain causal (sdpa's mask builder skips plain causal batches), bool True = attend, or additive float."""
+    if attention_mask is None:
+        rows = torch.arange(q0, q0 + scores.shape[-2], device=scores.device)[:, None]
+        cols = torch.arange(k0, k0 + scores.shape[-1], device=scores.device)[None, :]
+        return scores.masked_fill_(cols > rows, torch.finfo(scores.dtype).min)
+    if attention_mask.dtype == torch.bool:
+        return scores.masked_fill_(~attention_mask, torch.finfo(scores.dtype).min)
+    return scores.add_(attention_mask)
+
+
+def use_selective_attention(model: Any, need_attention: bool = True) -> None:
+    """Switch ``model`` to the selective attention (registered once); where that is impossible, to eager if its
+    attention maps are stored (``need_attention``), else leave its own attention."""
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
@@ -275,7 +374,7 @@ def use_selective_attention(model: Any) -> None:
     blocks = getattr(base, "layers", None)
     if blocks is not None and all(hasattr(block, "self_attn") for block in blocks):
         with_logging_quiet(model.set_attn_implementation, SELECTIVE_ATTENTION)
-    if model.config._attn_implementation != SELECTIVE_ATTENTION:
+    if model.config._attn_implementation != SELECTIVE_ATTENTION and need_attention:
         model.set_attn_implementation("eager")
 
 
@@ -353,6 +452,10 @@ def forward_teacher(
     flagged = [module for layer in wanted if (module := getattr(blocks[layer - 1], "self_attn", None)) is not None]
     for module in flagged:
         setattr(module, _FLAG, True)
+    attentions = [module for block in blocks or [] if (module := getattr(block, "self_attn", None)) is not None]
+    spans = document_spans(attention_mask, position_ids)  # [document-attention note]
+    for module in attentions:
+        setattr(module, _SPANS, spans)
     try:
         out = base(
             input_ids=input_ids,
@@ -365,6 +468,8 @@ def forward_teacher(
     finally:
         for module in flagged:
             setattr(module, _FLAG, False)
+        for module in attentions:
+            setattr(module, _SPANS, None)
     if wanted and len(out.attentions) == len(wanted) < len(blocks):  # only the flagged blocks reported weights
         by_layer = dict(zip(wanted, out.attentions))
         out.attentions = tuple(by_layer.get(layer) for layer in range(1, len(blocks) + 1))

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from distill.cache.targets import ID_BY_RANK, TARGET_KINDS, count_head, draw_samples, encode_targets
+from distill.pipeline.teacher.logit_pass import POWER_TEMPERATURES, LogitSlice, log_power_sums
 
 TARGET_FIELDS = tuple(dict.fromkeys(f for kind in TARGET_KINDS.values() if kind.compact for f in kind.fields))
 
@@ -90,8 +91,9 @@ def compute_target_slice(
 # logits), out of ``samples`` draws (``hybrid``: its tail draws): n at T = 1, less where p_T and p_1 differ.
 # Each figure is the mean over positions (ESS: over positions with draws), measured on every stride-th
 # calibration position, the stride chosen so that about ``FIDELITY_POSITIONS`` are measured: the figures cost
-# a few vocabulary-wide passes per position and temperature, more than the teacher's own lm_head, and a mean
-# over ~1,000 positions is as telling as one over 30,000. The rank table sums every position.
+# a few vocabulary-wide passes per position (the tail's sums, [power-sum note] in logit_pass.py), and a mean
+# over ~1,000 positions is as telling as one over 30,000. The rank table sums every position. The head and
+# the row's logsumexp come from the logit pass (``LogitSlice``), not computed again.
 
 
 FIDELITY_POSITIONS = 1024
@@ -119,46 +121,73 @@ def decoded_logits(logits: torch.Tensor, targets: dict[str, Any], row_max: torch
     return quantized_logits(logits, targets["value_step"], row_max)
 
 
-def find_head(logits: torch.Tensor, targets: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+def find_head(
+    logits: torch.Tensor,
+    targets: dict[str, Any],
+    top: tuple[torch.Tensor, torch.Tensor] | None = None,
+    lse1: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
     """The tokens stored exactly (the head) of each of P positions: (ids (P, K) int64 distinct, descending by
-    logit; keep (P, K) bool, the head's slots), as ``choose_target_slice`` picks them; K = 0 without a head."""
+    logit; keep (P, K) bool, the head's slots), as ``choose_target_slice`` picks them; K = 0 without a head.
+
+    ``top`` (values, ids) (P, >= K) descending and ``lse1`` (P,): the logit pass's, when it has them (else computed).
+    """
     kind = TARGET_KINDS[targets["kind"]]
     if not kind.head:
         empty = logits.new_zeros((logits.shape[0], 0), dtype=torch.long)
         return empty, empty.bool()
-    top = logits.topk(min(targets["top_k"], logits.shape[1]), dim=-1)
+    k = min(targets["top_k"], logits.shape[1])
+    values, ids = logits.topk(k, dim=-1) if top is None else (top[0][:, :k], top[1][:, :k])
     if not kind.reads_mass:
-        return top.indices, torch.ones_like(top.indices, dtype=torch.bool)
-    k = count_head(top.values, logits.logsumexp(dim=-1), targets["mass"], targets["value_step"])
-    return top.indices, torch.arange(top.indices.shape[1], device=logits.device)[None, :] < k[:, None]
+        return ids, torch.ones_like(ids, dtype=torch.bool)
+    lse1 = logits.logsumexp(dim=-1) if lse1 is None else lse1
+    k = count_head(values, lse1, targets["mass"], targets["value_step"])
+    return ids, torch.arange(ids.shape[1], device=logits.device)[None, :] < k[:, None]
 
 
 def measure_head_bins(
-    logits: torch.Tensor, head_ids: torch.Tensor, keep: torch.Tensor, decoded_head: torch.Tensor, temperature: float
+    logits: torch.Tensor,
+    probs1: torch.Tensor,
+    head_ids: torch.Tensor,
+    keep: torch.Tensor,
+    decoded_head: torch.Tensor,
+    temperatures: list[float],
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """[fidelity note] (K+1-bin KL(true ‖ decoded) (P,), true tail mass (P,)) at ``temperature``.
+    """[fidelity note] (K+1-bin KL(true ‖ decoded), true tail mass), each (P, nT) fp64, at each temperature.
 
-    logits (P, V) fp32 at T=1; head_ids, keep (P, K) from ``find_head``; decoded_head (P, K) the head's logits as
-    read back. Both sides share lse_T, so a head bin's log ratio is (z - ẑ) / T. One vocabulary-wide pass, in
-    fp32 below the row max: the tail's log-sum-exp (the head masked out), so the tail mass is summed from the
-    tail itself (exact to fp32's ~1e-7 relative); everything over the K head slots is fp64, so the figure is
-    not drowned by the rounding of 1 - Σ head.
+    logits (P, V) fp32 at T=1, probs1 (P, V) their softmax; head_ids, keep (P, K) from ``find_head`` (the first id
+    the row's argmax); decoded_head (P, K) the head's logits as read back. Both sides share lse_T, so a head bin's
+    log ratio is (z - ẑ) / T. The tail's own log Σ exp((z - max) / T) is summed over the tail itself (exact to
+    fp32's ~1e-7 relative): from the T = 1 probabilities with the head zeroed, by square roots at T = 1, 2, 4
+    ([power-sum note] in logit_pass.py), over the logits / T otherwise; everything over the K head slots is fp64,
+    so the figure is not drowned by the rounding of 1 - Σ head.
     """
-    row_max = logits.max(dim=-1, keepdim=True).values  # (P, 1)
+    row_max = logits.gather(1, head_ids[:, :1])  # (P, 1)
     z_head = logits.gather(1, head_ids)  # (P, K)
-    scaled = (logits - row_max) / temperature  # (P, V) <= 0
-    scaled.scatter_(1, head_ids, torch.where(keep, -torch.inf, (z_head - row_max) / temperature))
-    lse_tail = scaled.logsumexp(dim=-1).double()  # (P,) log Σ_tail exp((z - max) / T)
-    head = torch.where(keep, (z_head - row_max).double() / temperature, -torch.inf)  # (P, K)
-    lse = torch.logaddexp(lse_tail, head.logsumexp(dim=-1))  # (P,) lse_T - max / T
-    p_head = (head - lse[:, None]).exp()  # 0 off the head
-    kl_head = torch.where(keep, p_head * (z_head - decoded_head).double() / temperature, 0.0).sum(dim=-1)
-    decoded = (decoded_head - row_max).double() / temperature - lse[:, None]
-    head_q = torch.where(keep, decoded.exp(), 0.0).sum(dim=-1)
-    log_tail_p = lse_tail - lse
-    tail = log_tail_p.exp()
-    kl_tail = torch.where(tail > 0, tail * (log_tail_p - torch.log1p(-head_q).clamp(min=-700)), 0.0)  # 1 - Σ head
-    return kl_head + kl_tail, tail
+    tail = probs1.scatter(1, head_ids, torch.where(keep, 0.0, probs1.gather(1, head_ids)))  # (P, V) p1 off the head
+    log_p_max = probs1.gather(1, head_ids[:, :1]).log()[:, 0].double()  # (P,) max - lse_1
+    powered = [t for t in temperatures if t in POWER_TEMPERATURES]
+    sums = log_power_sums(tail, powered, tail).double() if powered else None  # (P, n) log Σ_tail p1^(1/T)
+    kl, tail_mass = [], []
+    for t in temperatures:
+        if t in powered:  # log Σ_tail exp((z - max) / T) = log Σ_tail p1^(1/T) - log p1[argmax] / T
+            lse_tail = sums[:, powered.index(t)] - log_p_max / t
+        else:
+            scaled = (logits - row_max) / t  # (P, V) <= 0
+            scaled.scatter_(1, head_ids, torch.where(keep, -torch.inf, (z_head - row_max) / t))
+            lse_tail = scaled.logsumexp(dim=-1).double()
+        head = torch.where(keep, (z_head - row_max).double() / t, -torch.inf)  # (P, K)
+        lse = torch.logaddexp(lse_tail, head.logsumexp(dim=-1))  # (P,) lse_T - max / T
+        p_head = (head - lse[:, None]).exp()  # 0 off the head
+        kl_head = torch.where(keep, p_head * (z_head - decoded_head).double() / t, 0.0).sum(dim=-1)
+        decoded = (decoded_head - row_max).double() / t - lse[:, None]
+        head_q = torch.where(keep, decoded.exp(), 0.0).sum(dim=-1)
+        log_tail_p = lse_tail - lse
+        mass = log_tail_p.exp()
+        kl_tail = torch.where(mass > 0, mass * (log_tail_p - torch.log1p(-head_q).clamp(min=-700)), 0.0)  # 1 - Σ head
+        kl.append(kl_head + kl_tail)
+        tail_mass.append(mass)
+    return torch.stack(kl, dim=-1), torch.stack(tail_mass, dim=-1)
 
 
 def kish_ess(log_weights: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
@@ -209,31 +238,29 @@ class TargetCalibration:
         self.stride = max(1, -(-positions // FIDELITY_POSITIONS))
         self.positions = self.seen = self.drawn = 0
 
-    def observe(self, logits: torch.Tensor, probs1: torch.Tensor) -> None:
-        """logits (P, V) fp32 at T=1 of P real positions, probs1 (P, V) their softmax: all feed the rank table,
-        every ``stride``-th position (counted over the calls) the fidelity."""
+    def observe(self, sl: LogitSlice) -> None:
+        """One slice of P real positions at T = 1 (the logit pass's, ``LogitSlice``): all feed the rank table, every
+        ``stride``-th position (counted over the calls) the fidelity."""
         kind = TARGET_KINDS[self.targets["kind"]]
-        self.unigram += probs1.sum(dim=0).double().cpu()
+        self.unigram += sl.probs1.sum(dim=0).double().cpu()
         first = -self.seen % self.stride  # the first position of this call on the stride
-        measured = torch.arange(first, max(first, logits.shape[0]), self.stride, device=logits.device)
-        self.seen += logits.shape[0]
-        logits, probs1 = logits[measured], probs1[measured]
-        for a in range(0, logits.shape[0], 64):  # bounds the (64, V) buffers of the figures
-            part, part_probs = logits[a : a + 64], probs1[a : a + 64]
-            head_ids, keep = find_head(part, self.targets)
+        measured = torch.arange(first, max(first, sl.logits.shape[0]), self.stride, device=sl.logits.device)
+        self.seen += sl.logits.shape[0]
+        for a in range(0, measured.numel(), 64):  # bounds the (64, V) buffers of the figures
+            at = measured[a : a + 64]
+            part, part_probs = sl.logits[at], sl.probs1[at]
+            head_ids, keep = find_head(part, self.targets, (sl.top_logits[at], sl.top_ids[at]), sl.lse1[at])
             if kind.head:
-                row_max = part.max(dim=-1, keepdim=True).values
-                decoded_head = decoded_logits(part.gather(1, head_ids), self.targets, row_max)
-                for j, t in enumerate(self.temps):
-                    kl, tail = measure_head_bins(part, head_ids, keep, decoded_head, t)
-                    self.sums["kl"][j] += kl.sum().cpu()
-                    self.sums["tail"][j] += tail.sum().cpu()
+                decoded_head = decoded_logits(part.gather(1, head_ids), self.targets, sl.top_logits[at, :1])
+                kl, tail = measure_head_bins(part, part_probs, head_ids, keep, decoded_head, self.temps)
+                self.sums["kl"] += kl.sum(dim=0).cpu()
+                self.sums["tail"] += tail.sum(dim=0).cpu()
             if kind.sampled:
                 exclude = torch.where(keep, head_ids, -1)
                 ess = measure_draws_ess(part, part_probs, exclude, self.targets, self.temps, self.generator)  # (p, nT)
                 self.sums["ess"] += ess.sum(dim=0).cpu()
                 self.drawn += int((ess[:, 0] > 0).sum())
-        self.positions += logits.shape[0]
+        self.positions += measured.numel()
 
     def finish(self, rows: int) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
         """The store-level rank table ``{targets/id_by_rank: (V,) int32}`` and the manifest's ``fidelity``."""

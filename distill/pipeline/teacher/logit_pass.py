@@ -1,0 +1,85 @@
+"""What stage 1's pass over a slice of full logits shares: the slice itself, its top-K in two levels ([two-level
+note]), and the logsumexps at T = 2 and 4 from the T = 1 probabilities by square roots ([power-sum note]).
+
+    top_k_rows(logits, k, out=(values, ids))                       # torch.topk's values, descending
+    sl = LogitSlice(logits, probs1, lse1, top_logits, top_ids)    # handed to a calibration's ``observe``
+    log_power_sums(probs1, [2.0, 4.0], scratch)                    # log Σ_v p1_v^(1/T), (P, 2)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+POWER_TEMPERATURES = (1.0, 2.0, 4.0)
+"""The temperatures whose logsumexp comes from the T = 1 probabilities by square roots ([power-sum note])."""
+
+
+TOPK_BLOCK = 16  # columns per block of ``top_k_rows``'s first level
+
+
+def top_k_rows(x: torch.Tensor, k: int, out: tuple[torch.Tensor, torch.Tensor]) -> None:
+    """The k largest values of each row of ``x`` (P, V) and their columns, descending, into ``out`` (P, k) each.
+
+    [two-level note] On a CPU, torch.topk over a whole vocabulary costs more than a softmax over it (each row is
+    copied to (value, index) pairs and partially sorted). So the columns are cut into V // 16 blocks, block j
+    the columns j, j + V // 16, j + 2 · V // 16, ... (so that the blocks' maxima are an elementwise max of 16
+    contiguous rows, one vectorized pass), and the top k are found among the 16 k columns of the k blocks with the
+    largest maxima (plus the V mod 16 columns in no block). Exact: a block holding one of the k largest values has a
+    maximum at least the k-th largest value, and fewer than k blocks exceed it; the values are torch.topk's, the
+    columns too unless values tie (both pick among tied columns in their own order). About 2/3 of torch.topk's
+    time at V = 38k, k = 128; a GPU, a short row or a large k runs torch.topk itself.
+    """
+    p, v = x.shape
+    nb = v // TOPK_BLOCK
+    if x.device.type != "cpu" or nb < 2 * k:
+        torch.topk(x, k, dim=-1, out=out)
+        return
+    maxima = x[:, : nb * TOPK_BLOCK].view(p, TOPK_BLOCK, nb).amax(dim=1)  # (P, nb)
+    blocks = maxima.topk(k, dim=-1, sorted=False).indices  # (P, k)
+    cols = (blocks[:, :, None] + torch.arange(0, nb * TOPK_BLOCK, nb, device=x.device)).reshape(p, -1)
+    if nb * TOPK_BLOCK < v:
+        cols = torch.cat([cols, torch.arange(nb * TOPK_BLOCK, v, device=x.device).expand(p, -1)], dim=1)
+    top = x.gather(1, cols).topk(k, dim=-1)
+    out[0].copy_(top.values)
+    torch.gather(cols, 1, top.indices, out=out[1])
+
+
+@dataclass
+class LogitSlice:
+    """P positions of the logit pass at T = 1: what ``compute_logit_fields`` already holds when it calls ``observe``."""
+
+    logits: torch.Tensor  # (P, V) fp32
+    probs1: torch.Tensor  # (P, V) their softmax
+    lse1: torch.Tensor  # (P,) their logsumexp
+    top_logits: torch.Tensor  # (P, K) descending, K >= 1: the first is the row max
+    top_ids: torch.Tensor  # (P, K) int64
+
+
+def log_power_sums(probs: torch.Tensor, temperatures: Sequence[float], scratch: torch.Tensor) -> torch.Tensor:
+    """(P, nT) log Σ_v probs_v^(1/T) for each T (each one of POWER_TEMPERATURES) over the (P, V) ``probs``; the
+    roots are written to ``scratch`` (P, V), which may be ``probs`` itself (then overwritten).
+
+    [power-sum note] With p1 = exp(z - lse_1) the T = 1 probabilities, exp(z / T) = (p1 · exp(lse_1))^(1/T), so
+    lse_T = lse_1 / T + log Σ_v p1_v^(1/T); and a subset's (a tail's) Σ exp((z - max) / T) is its Σ p1^(1/T) times
+    exp((lse_1 - max) / T). At T = 2 and 4, p1^(1/T) is one and two square roots of p1: a pass that costs a third
+    of a softmax at T (its subtraction, exponential and division), and no (P, V) logits / T. Exact to fp32 rounding
+    except for tokens whose p1 underflows fp32 (below e^-103, or e^-87 where denormals flush), lost at T with a
+    weight below e^(-87 / T) each: at most V · e^-21.75 ≈ 1e-4 nats of lse_4 for a 262,144-token vocabulary,
+    in the case where every token sits just under that edge, and e^-43.5 per token at T = 2. Past T = 4 the bound
+    grows (V · e^-10.9 at T = 8), so other temperatures take the softmax at T.
+    """
+    order = sorted(range(len(temperatures)), key=lambda j: temperatures[j])
+    out = torch.empty(probs.shape[0], len(temperatures), device=probs.device)
+    current, exponent = probs, 1.0
+    for j in order:
+        t = float(temperatures[j])
+        if t not in POWER_TEMPERATURES:
+            raise ValueError(f"log_power_sums covers T in {POWER_TEMPERATURES}, not {t}")
+        while exponent < t:
+            current = torch.sqrt(current, out=scratch)
+            exponent *= 2.0
+        out[:, j] = current.sum(dim=-1).log()
+    return out
