@@ -260,8 +260,11 @@ def test_info_names_an_older_stores_fidelity_figure_for_what_it_is() -> None:
     assert describe_fidelity(None) == []
 
 
-def test_calibration_measures_fidelity_on_a_stride_of_positions_and_ranks_on_all() -> None:
+def test_calibration_measures_fidelity_and_ranks_on_a_stride_of_positions(monkeypatch) -> None:
+    from distill.pipeline.teacher import target_fields
     from distill.pipeline.teacher.target_fields import FIDELITY_POSITIONS, TargetCalibration
+
+    monkeypatch.setattr(target_fields, "UNIGRAM_POSITIONS", 2 * FIDELITY_POSITIONS)  # the rank table: stride 2
 
     layout = {"targets": {"kind": "topk", "value_step": 0.1, "mass": 0.9}, "top_k": 8, "temperatures": [1.0]}
     total = 3 * FIDELITY_POSITIONS  # stride 3: every third position over the calls, wherever a call ends
@@ -273,7 +276,7 @@ def test_calibration_measures_fidelity_on_a_stride_of_positions_and_ranks_on_all
     assert fidelity["positions"] == FIDELITY_POSITIONS
     kl, _ = head_figures(logits[::3], layout["targets"] | {"top_k": 8}, 1.0)
     assert fidelity["kl_head_bins"]["1.0"] == pytest.approx(float(kl.mean()), rel=1e-6)
-    assert torch.allclose(calibration.unigram, logits.softmax(-1).sum(0).double(), rtol=1e-5)
+    assert torch.allclose(calibration.unigram, logits[::2].softmax(-1).sum(0).double(), rtol=1e-5)
 
 
 PACKAGE = Path(__file__).resolve().parents[1] / "distill"

@@ -92,11 +92,14 @@ def compute_target_slice(
 # Each figure is the mean over positions (ESS: over positions with draws), measured on every stride-th
 # calibration position, the stride chosen so that about ``FIDELITY_POSITIONS`` are measured: the figures cost
 # a few vocabulary-wide passes per position (the tail's sums, [power-sum note] in logit_pass.py), and a mean
-# over ~1,000 positions is as telling as one over 30,000. The rank table sums every position. The head and
-# the row's logsumexp come from the logit pass (``LogitSlice``), not computed again.
+# over ~1,000 positions is as telling as one over 30,000. The head and the row's logsumexp come from the logit
+# pass (``LogitSlice``), not computed again. The rank table sums the T=1 distribution of ~8,192 positions (every
+# n-th, like the fidelity): it only orders the ids for the codec ([target-codec note] in cache/targets.py), where
+# any order decodes exactly and the order only changes how small the stored ids are.
 
 
 FIDELITY_POSITIONS = 1024
+UNIGRAM_POSITIONS = 8192  # the rank table's mean T=1 distribution: over every n-th calibration position, ~this many
 
 
 def fit_rank_table(unigram: torch.Tensor) -> tuple[np.ndarray, torch.Tensor]:
@@ -236,22 +239,26 @@ class TargetCalibration:
         self.unigram = torch.zeros(vocab, dtype=torch.float64)
         self.sums = {name: torch.zeros(len(self.temps), dtype=torch.float64) for name in ("kl", "tail", "ess")}
         self.stride = max(1, -(-positions // FIDELITY_POSITIONS))
+        self.unigram_stride = max(1, -(-positions // UNIGRAM_POSITIONS))
         self.positions = self.seen = self.drawn = 0
 
     def observe(self, sl: LogitSlice) -> None:
         """One slice of P real positions at T = 1 (the logit pass's, ``LogitSlice``): all feed the rank table, every
         ``stride``-th position (counted over the calls) the fidelity."""
         kind = TARGET_KINDS[self.targets["kind"]]
-        self.unigram += sl.probs1.sum(dim=0).double().cpu()
-        first = -self.seen % self.stride  # the first position of this call on the stride
-        measured = torch.arange(first, max(first, sl.logits.shape[0]), self.stride, device=sl.logits.device)
+        first = -self.seen % self.unigram_stride  # the first position of this call on the unigram's stride
+        self.unigram += sl.probs1[first :: self.unigram_stride].sum(dim=0).double().cpu()
+        first = -self.seen % self.stride  # the first position of this call on the fidelity's stride
         self.seen += sl.logits.shape[0]
-        for a in range(0, measured.numel(), 64):  # bounds the (64, V) buffers of the figures
-            at = measured[a : a + 64]
-            part, part_probs = sl.logits[at], sl.probs1[at]
-            head_ids, keep = find_head(part, self.targets, (sl.top_logits[at], sl.top_ids[at]), sl.lse1[at])
+        measured = slice(first, None, self.stride)  # views: the measured rows are not copied
+        logits, probs1, lse1 = sl.logits[measured], sl.probs1[measured], sl.lse1[measured]
+        top_logits, top_ids = sl.top_logits[measured], sl.top_ids[measured]
+        for a in range(0, logits.shape[0], 64):  # bounds the (64, V) buffers of the figures
+            at = slice(a, a + 64)
+            part, part_probs = logits[at], probs1[at]
+            head_ids, keep = find_head(part, self.targets, (top_logits[at], top_ids[at]), lse1[at])
             if kind.head:
-                decoded_head = decoded_logits(part.gather(1, head_ids), self.targets, sl.top_logits[at, :1])
+                decoded_head = decoded_logits(part.gather(1, head_ids), self.targets, top_logits[at, :1])
                 kl, tail = measure_head_bins(part, part_probs, head_ids, keep, decoded_head, self.temps)
                 self.sums["kl"] += kl.sum(dim=0).cpu()
                 self.sums["tail"] += tail.sum(dim=0).cpu()
@@ -260,7 +267,7 @@ class TargetCalibration:
                 ess = measure_draws_ess(part, part_probs, exclude, self.targets, self.temps, self.generator)  # (p, nT)
                 self.sums["ess"] += ess.sum(dim=0).cpu()
                 self.drawn += int((ess[:, 0] > 0).sum())
-        self.positions += measured.numel()
+        self.positions += logits.shape[0]
 
     def finish(self, rows: int) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
         """The store-level rank table ``{targets/id_by_rank: (V,) int32}`` and the manifest's ``fidelity``."""
