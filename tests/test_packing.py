@@ -491,3 +491,25 @@ def test_document_attention_is_the_masked_attention_within_each_document():
     assert not within_documents(module, query, key, spans, 0.0, {"position_bias": torch.zeros(1)})
     module.is_causal = False
     assert not within_documents(module, query, key, spans, 0.0, {})
+
+
+def test_attention_weights_of_documents_are_the_masked_weights(monkeypatch):
+    """The head-averaged weights computed per document ([document-attention note]) equal those under the
+    block-diagonal causal mask at every real query, over blocks of queries that cross documents."""
+    from distill.pipeline.teacher import model as teacher_model
+    from distill.pipeline.teacher.model import document_spans, mean_attention_weights
+
+    generator = torch.Generator().manual_seed(1)
+    b, heads, kv_heads, width, d = 2, 4, 2, 12, 8
+    query = torch.randn(b, heads, width, d, generator=generator)
+    key = torch.randn(b, kv_heads, width, d, generator=generator)
+    positions = torch.tensor([[0, 1, 2, 3, 0, 1, 2, 0, 1, 2, 3, 4], [0, 1, 2, 3, 4, 0, 1, 2, 3, 4, 5, 6]])
+    mask = torch.ones(b, width, dtype=torch.long)
+    mask[1, 9:] = 0
+    segment = (positions == 0).cumsum(dim=1)
+    allowed = (segment[:, :, None] == segment[:, None, :]) & torch.ones(width, width, dtype=torch.bool).tril()
+    monkeypatch.setattr(teacher_model, "ATTENTION_QUERY_BLOCK", 5)  # blocks start inside documents
+    ours = mean_attention_weights(query, key, allowed[:, None], d**-0.5, document_spans(mask, positions))
+    reference = mean_attention_weights(query, key, allowed[:, None], d**-0.5)
+    real = mask.bool()
+    torch.testing.assert_close(ours[:, 0][real], reference[:, 0][real], atol=1e-6, rtol=1e-5)

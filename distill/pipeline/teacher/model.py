@@ -255,13 +255,14 @@ def selective_attention_forward(
     scale = scaling if scaling is not None else query.shape[-1] ** -0.5
     if softcap is None:
         spans = getattr(module, _SPANS, None)
-        if spans is not None and within_documents(module, query, key, spans, dropout, kwargs):
-            output = document_attention(query, key, value, spans, scale)
-        else:
+        if spans is None or not within_documents(module, query, key, spans, dropout, kwargs):
+            spans = None
             output, _ = sdpa_attention_forward(
                 module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs
             )
-        return output, mean_attention_weights(query, key, attention_mask, scale) if keep_weights else None
+        else:
+            output = document_attention(query, key, value, spans, scale)
+        return output, mean_attention_weights(query, key, attention_mask, scale, spans) if keep_weights else None
     groups = query.shape[1] // key.shape[1]
     key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
     scores = torch.tanh(torch.matmul(query, key.transpose(2, 3)) * scale / softcap) * softcap  # (B, Hq, Lq, Lk)
@@ -324,29 +325,50 @@ ATTENTION_QUERY_BLOCK = 128  # queries per block of ``mean_attention_weights``: 
 
 
 def mean_attention_weights(
-    query: torch.Tensor, key: torch.Tensor, attention_mask: torch.Tensor | None, scale: float
+    query: torch.Tensor,
+    key: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scale: float,
+    spans: list[list[tuple[int, int]]] | None = None,
 ) -> torch.Tensor:
     """query (B, Hq, Lq, d), key (B, Hkv, Lk, d) -> the head-averaged attention weights (B, 1, Lq, Lk) fp32.
 
     The attention's output comes from sdpa; only its weights are computed here, a block of queries of one row at a
-    time, so that the (heads, block, keys) scores stay in cache, and for a causal mask (None) only over the keys
-    the block can see. ``attention_mask``: sdpa's (None = plain causal, bool True = attend, or additive float).
+    time, so that the (heads, block, keys) scores stay in cache, and only over the keys the block can see. With the
+    rows' document ``spans`` ([document-attention note]) a query sees its own document up to itself (padding sees
+    padding); else ``attention_mask`` says what it sees: sdpa's (None = plain causal, bool True = attend, or
+    additive float).
     """
     b, hq, lq, _ = query.shape
     lk, groups = key.shape[2], hq // key.shape[1]
     weights = torch.zeros(b, 1, lq, lk, dtype=torch.float32, device=query.device)
     for row in range(b):
         keys = key[row].repeat_interleave(groups, dim=0)  # (Hq, Lk, d)
+        document = None  # (Lq,) each position's document in the row, -1 past its last (padding)
+        if spans is not None:
+            document = torch.full((lq,), -1, dtype=torch.long, device=query.device)
+            for i, (a, e) in enumerate(spans[row]):
+                document[a:e] = i
         for q0 in range(0, lq, ATTENTION_QUERY_BLOCK):
             q1 = min(lq, q0 + ATTENTION_QUERY_BLOCK)
-            seen = lk if attention_mask is not None else lk - lq + q1  # a causal block sees no later key
-            scores = torch.matmul(query[row, :, q0:q1], keys[:, :seen].transpose(1, 2)).float().mul_(scale)
-            mask = None
-            if attention_mask is not None:  # its batch may broadcast (1), its key axis be longer than the keys
-                mask = attention_mask[row if attention_mask.shape[0] > 1 else 0, None, :, q0:q1, :seen]
-            scores = masked_scores(scores[None], mask, q0 + lk - lq, 0)[0]
+            k0, k1 = 0, lk if attention_mask is not None else lk - lq + q1  # a causal block sees no later key
+            if document is not None:  # from the first key of the block's first document to the block's last query
+                k0, k1 = next((a for a, e in spans[row] if a <= q0 < e), q0), q1
+            scores = torch.matmul(query[row, :, q0:q1], keys[:, k0:k1].transpose(1, 2)).float().mul_(scale)
+            if document is not None:
+                later = (
+                    torch.arange(k0, k1, device=query.device)[None, :]
+                    > torch.arange(q0, q1, device=query.device)[:, None]
+                )
+                other = document[q0:q1, None] != document[None, k0:k1]
+                scores.masked_fill_(later | other, torch.finfo(scores.dtype).min)
+            else:
+                mask = None
+                if attention_mask is not None:  # its batch may broadcast (1), its key axis be longer than the keys
+                    mask = attention_mask[row if attention_mask.shape[0] > 1 else 0, None, :, q0:q1, k0:k1]
+                scores = masked_scores(scores[None], mask, q0 + lk - lq, k0)[0]
             torch.softmax(scores, dim=-1, out=scores)
-            torch.mean(scores, dim=0, out=weights[row, 0, q0:q1, :seen])
+            torch.mean(scores, dim=0, out=weights[row, 0, q0:q1, k0:k1])
     return weights
 
 

@@ -99,6 +99,7 @@ def compute_target_slice(
 
 
 FIDELITY_POSITIONS = 1024
+FIDELITY_BATCH = 64  # measured positions per figure computation: bounds its (P, V) buffers
 UNIGRAM_POSITIONS = 8192  # the rank table's mean T=1 distribution: over every n-th calibration position, ~this many
 
 
@@ -236,43 +237,54 @@ class TargetCalibration:
         self.targets = {**layout["targets"], "top_k": layout["top_k"]}
         self.temps = sorted({1.0, *layout["temperatures"]})
         self.generator = torch.Generator(device=device).manual_seed(0)  # the fidelity's own draws ([fidelity note])
-        self.unigram = torch.zeros(vocab, dtype=torch.float64)
+        self.unigram = torch.zeros(vocab, dtype=torch.float64, device=device)
         self.sums = {name: torch.zeros(len(self.temps), dtype=torch.float64) for name in ("kl", "tail", "ess")}
         self.stride = max(1, -(-positions // FIDELITY_POSITIONS))
         self.unigram_stride = max(1, -(-positions // UNIGRAM_POSITIONS))
         self.positions = self.seen = self.drawn = 0
+        self.pending: list[tuple[torch.Tensor, ...]] = []  # measured rows not yet measured, copied out of their slice
 
     def observe(self, sl: LogitSlice) -> None:
-        """One slice of P real positions at T = 1 (the logit pass's, ``LogitSlice``): all feed the rank table, every
-        ``stride``-th position (counted over the calls) the fidelity."""
-        kind = TARGET_KINDS[self.targets["kind"]]
+        """One slice of P real positions at T = 1 (the logit pass's, ``LogitSlice``): every ``unigram_stride``-th
+        position (counted over the calls) feeds the rank table, every ``stride``-th the fidelity, measured
+        ``FIDELITY_BATCH`` positions at a time whatever the slices' size (a figure's many small operations cost more
+        than its vocabulary-wide passes on a few rows)."""
         first = -self.seen % self.unigram_stride  # the first position of this call on the unigram's stride
-        self.unigram += sl.probs1[first :: self.unigram_stride].sum(dim=0).double().cpu()
+        self.unigram += sl.probs1[first :: self.unigram_stride].sum(dim=0)
         first = -self.seen % self.stride  # the first position of this call on the fidelity's stride
         self.seen += sl.logits.shape[0]
-        measured = slice(first, None, self.stride)  # views: the measured rows are not copied
-        logits, probs1, lse1 = sl.logits[measured], sl.probs1[measured], sl.lse1[measured]
-        top_logits, top_ids = sl.top_logits[measured], sl.top_ids[measured]
-        for a in range(0, logits.shape[0], 64):  # bounds the (64, V) buffers of the figures
-            at = slice(a, a + 64)
-            part, part_probs = logits[at], probs1[at]
-            head_ids, keep = find_head(part, self.targets, (top_logits[at], top_ids[at]), lse1[at])
-            if kind.head:
-                decoded_head = decoded_logits(part.gather(1, head_ids), self.targets, top_logits[at, :1])
-                kl, tail = measure_head_bins(part, part_probs, head_ids, keep, decoded_head, self.temps)
-                self.sums["kl"] += kl.sum(dim=0).cpu()
-                self.sums["tail"] += tail.sum(dim=0).cpu()
-            if kind.sampled:
-                exclude = torch.where(keep, head_ids, -1)
-                ess = measure_draws_ess(part, part_probs, exclude, self.targets, self.temps, self.generator)  # (p, nT)
-                self.sums["ess"] += ess.sum(dim=0).cpu()
-                self.drawn += int((ess[:, 0] > 0).sum())
+        measured = slice(first, None, self.stride)
+        if sl.logits[measured].shape[0]:
+            parts = (sl.logits, sl.probs1, sl.lse1, sl.top_logits, sl.top_ids)
+            self.pending.append(tuple(part[measured].clone() for part in parts))
+        if sum(part[0].shape[0] for part in self.pending) >= FIDELITY_BATCH:
+            self.measure()
+
+    def measure(self) -> None:
+        """The [fidelity note] figures of the pending rows, added to the sums."""
+        if not self.pending:
+            return
+        logits, probs1, lse1, top_logits, top_ids = (torch.cat(parts) for parts in zip(*self.pending))
+        self.pending = []
+        kind = TARGET_KINDS[self.targets["kind"]]
+        head_ids, keep = find_head(logits, self.targets, (top_logits, top_ids), lse1)
+        if kind.head:
+            decoded_head = decoded_logits(logits.gather(1, head_ids), self.targets, top_logits[:, :1])
+            kl, tail = measure_head_bins(logits, probs1, head_ids, keep, decoded_head, self.temps)
+            self.sums["kl"] += kl.sum(dim=0).cpu()
+            self.sums["tail"] += tail.sum(dim=0).cpu()
+        if kind.sampled:
+            exclude = torch.where(keep, head_ids, -1)
+            ess = measure_draws_ess(logits, probs1, exclude, self.targets, self.temps, self.generator)  # (p, nT)
+            self.sums["ess"] += ess.sum(dim=0).cpu()
+            self.drawn += int((ess[:, 0] > 0).sum())
         self.positions += logits.shape[0]
 
     def finish(self, rows: int) -> tuple[dict[str, np.ndarray], dict[str, Any]]:
         """The store-level rank table ``{targets/id_by_rank: (V,) int32}`` and the manifest's ``fidelity``."""
+        self.measure()
         kind, temps, sums, positions, drawn = self.targets["kind"], self.temps, self.sums, self.positions, self.drawn
-        id_by_rank, _ = fit_rank_table(self.unigram)
+        id_by_rank, _ = fit_rank_table(self.unigram.cpu())
         fidelity: dict[str, Any] = {"kind": kind, "rows": rows, "positions": positions}
         by_t = lambda total, n: {str(t): float(total[j] / max(n, 1)) for j, t in enumerate(temps)}  # noqa: E731
         if TARGET_KINDS[kind].head:
