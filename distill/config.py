@@ -246,6 +246,7 @@ class CacheConfig:
             ),
             (len(self.temperatures) > 0, "--temperatures needs at least one temperature"),
             (all(t > 0 for t in self.temperatures), "--temperatures must all be > 0"),
+            (len(set(self.temperatures)) == len(self.temperatures), "--temperatures lists a temperature twice"),
             (self.vocab_proj_temperature > 0, "--vocab-proj-temperature must be > 0"),
             (self.attention_topk >= 1, "--attention-topk must be at least 1"),
             (self.batch_size >= 1, "--batch-size must be at least 1"),

@@ -94,6 +94,11 @@ def test_a_bad_flag_value_names_the_flag(name, raw, message):
     assert str(caught.value) == message
 
 
+def test_a_temperature_given_twice_is_refused():
+    with pytest.raises(ConfigError, match="--temperatures lists a temperature twice"):
+        config_from_args(CacheConfig, ["--temperatures", "1,2", "--temperatures", "2"])
+
+
 def test_a_key_given_as_flag_and_set_must_agree():
     with pytest.raises(ConfigError, match="seq_len is given twice"):
         ConfigSources(CacheConfig, None, {"seq_len": "64"}, ["seq_len=32"]).load()

@@ -474,6 +474,7 @@ def test_document_attention_is_the_masked_attention_within_each_document():
     spans = document_spans(mask, positions)
     assert spans == [[(0, 4), (4, 7), (7, 12)], [(0, 5), (5, 9)]]
     assert document_spans(mask, None) == [[(0, 12)], [(0, 9)]]
+    assert document_spans(mask.flip(1), None) is None  # left padding: the blocks keep their mask
     segment = (positions == 0).cumsum(dim=1)
     allowed = (segment[:, :, None] == segment[:, None, :]) & torch.ones(width, width, dtype=torch.bool).tril()
     reference = F.scaled_dot_product_attention(
@@ -510,6 +511,58 @@ def test_attention_weights_of_documents_are_the_masked_weights(monkeypatch):
     allowed = (segment[:, :, None] == segment[:, None, :]) & torch.ones(width, width, dtype=torch.bool).tril()
     monkeypatch.setattr(teacher_model, "ATTENTION_QUERY_BLOCK", 5)  # blocks start inside documents
     ours = mean_attention_weights(query, key, allowed[:, None], d**-0.5, document_spans(mask, positions))
-    reference = mean_attention_weights(query, key, allowed[:, None], d**-0.5)
+    scores = query @ key.repeat_interleave(2, dim=1).transpose(2, 3) * d**-0.5
+    reference = scores.masked_fill(~allowed[:, None], -torch.inf).softmax(dim=-1).mean(dim=1)  # (B, L, L)
     real = mask.bool()
-    torch.testing.assert_close(ours[:, 0][real], reference[:, 0][real], atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(ours[:, 0][real], reference[real], atol=1e-6, rtol=1e-5)
+    masked = mean_attention_weights(query, key, allowed[:, None], d**-0.5)  # the masked branch: the same weights
+    torch.testing.assert_close(masked[:, 0][real], reference[real], atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("family", ["qwen3", "gemma3_text"])
+def test_forward_teacher_per_document_is_the_models_own_eager_forward(tokenizers, family, monkeypatch):
+    """[document-attention note] end to end: ``forward_teacher`` on a batch holding a packed row (two documents) and a
+    right-padded one gives, at every real position, the hidden states and head-averaged attention maps of the same
+    model run with eager attention on each document alone (Gemma 3: one block's window shorter than a document,
+    which keeps its mask, and one full-attention block)."""
+    import copy
+
+    from transformers import AutoModelForCausalLM
+
+    from distill.pipeline.teacher import model as teacher_model
+    from distill.pipeline.teacher.model import forward_teacher, use_selective_attention
+    from tests.test_teacher_logits import family_config
+
+    calls = []
+    per_document = teacher_model.document_attention
+    monkeypatch.setattr(teacher_model, "document_attention", lambda *a: calls.append(1) or per_document(*a))
+    config, _ = family_config(family, len(tokenizers["teacher"]))
+    if family == "gemma3_text":
+        config.sliding_window, config.layer_types = 4, ["sliding_attention", "full_attention"]
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config).eval()
+    eager = copy.deepcopy(model)
+    eager.set_attn_implementation("eager")
+    use_selective_attention(model)
+    ids = torch.randint(5, len(tokenizers["teacher"]), (2, 9), generator=torch.Generator().manual_seed(0))
+    mask = torch.tensor([[1] * 9, [1] * 6 + [0] * 3])
+    positions = torch.tensor([[0, 1, 2, 3, 4, 0, 1, 2, 3], [0, 1, 2, 3, 4, 5, 6, 7, 8]])
+    with torch.no_grad():
+        out = forward_teacher(model, ids, mask, True, [1, 2], positions)
+        for row, a, e in ((0, 0, 5), (0, 5, 9), (1, 0, 6)):
+            alone = eager.get_decoder()(
+                input_ids=ids[row : row + 1, a:e], output_hidden_states=True, output_attentions=True
+            )
+            for layer in range(len(alone.hidden_states)):
+                torch.testing.assert_close(
+                    out.hidden_states[layer][row, a:e], alone.hidden_states[layer][0], atol=1e-5, rtol=1e-4
+                )
+            for layer in (1, 2):
+                torch.testing.assert_close(
+                    out.attentions[layer - 1][row, 0, a:e, a:e],
+                    alone.attentions[layer - 1][0].mean(0),
+                    atol=1e-5,
+                    rtol=1e-4,
+                )
+                assert (out.attentions[layer - 1][row, 0, a:e, :a] == 0).all()  # nothing before its document
+    assert len(calls) == (2 if family == "qwen3" else 1)  # Gemma 3: its windowed block (4 < 6) kept the mask

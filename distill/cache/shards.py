@@ -85,10 +85,13 @@ class ShardWriter:
                 self.arrays[name] = self.group[name].with_config(WRITE_CONFIG).async_array  # type: ignore[union-attr]
         rows = {name: encode_rows(self.arrays[name], value) for name, value in arrays.items()}
 
-        async def write_all() -> None:  # every field at once: their chunks are encoded and written concurrently
-            await asyncio.gather(*(self.arrays[n].setitem(slice(start, start + len(v)), v) for n, v in rows.items()))
+        async def write_all() -> list:  # every field at once: their chunks are encoded and written concurrently
+            writes = (self.arrays[n].setitem(slice(start, start + len(v)), v) for n, v in rows.items())
+            return await asyncio.gather(*writes, return_exceptions=True)  # all finished before any error is raised
 
-        sync(write_all())
+        for outcome in sync(write_all()):
+            if isinstance(outcome, BaseException):
+                raise outcome
         if chunk in redo:
             record["checksums"][chunk] = checksum_arrays(arrays)
             record["redo"] = [c for c in redo if c != chunk]

@@ -164,8 +164,9 @@ def compute_logit_fields(
                     observe(LogitSlice(logits, probs, lse[rows, j], topk_logits[rows], topk_ids[rows]))
                 if t == 1.0 and powered:
                     sums = log_power_sums(probs, powered, scaled_buf[:p])
-                    for i, tp in enumerate(powered):
-                        lse[rows, temps.index(tp)] = lse[rows, j] / tp + sums[:, i]
+                    for i, tp in enumerate(powered):  # each column of that temperature (a list may repeat one)
+                        for c in (c for c, t2 in enumerate(temps) if t2 == tp):
+                            lse[rows, c] = lse[rows, j] / tp + sums[:, i]
     out: dict[str, torch.Tensor] = {}
     if "topk_logits" in want:
         out["topk_logits"] = topk_logits.reshape(b, length, k)

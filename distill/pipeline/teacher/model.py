@@ -230,7 +230,9 @@ def compute_logits(model: Any, hidden: torch.Tensor, transforms: list, out: torc
 # padding, and with the causal kernels, which skip the keys after the query where a masked call computes every
 # score. Padding positions get a zero output (nothing reads them: their fields are not stored, and no real
 # position attends to them). A block whose attention is not plain causal within a document keeps the mask:
-# a sliding window shorter than a document, a position bias, softcapped scores (Gemma 2, eager above), dropout.
+# a sliding window (or Llama 4's attention chunk) shorter than a document, a position bias, softcapped scores
+# (Gemma 2, eager above), dropout, a row padded on the left. Each document is its own sdpa call: measured on a
+# CPU only; on a GPU, rows of many short documents mean many small kernels (not measured).
 SELECTIVE_ATTENTION = "distill_selective"
 _FLAG = "_distill_keep_attention"
 _SPANS = "_distill_document_spans"
@@ -266,15 +268,23 @@ def selective_attention_forward(
     groups = query.shape[1] // key.shape[1]
     key, value = key.repeat_interleave(groups, dim=1), value.repeat_interleave(groups, dim=1)
     scores = torch.tanh(torch.matmul(query, key.transpose(2, 3)) * scale / softcap) * softcap  # (B, Hq, Lq, Lk)
-    weights = torch.softmax(masked_scores(scores, attention_mask, 0, 0), dim=-1, dtype=torch.float32)
+    lq, lk = scores.shape[-2:]
+    weights = torch.softmax(masked_scores(scores, attention_mask, lk - lq, 0), dim=-1, dtype=torch.float32)
     output = torch.matmul(weights.to(value.dtype), value).transpose(1, 2).contiguous()
     return output, weights.mean(dim=1, keepdim=True) if keep_weights else None
 
 
-def document_spans(attention_mask: torch.Tensor, position_ids: torch.Tensor | None) -> list[list[tuple[int, int]]]:
+def document_spans(
+    attention_mask: torch.Tensor, position_ids: torch.Tensor | None
+) -> list[list[tuple[int, int]]] | None:
     """Each row's documents as (start, end) spans of its real tokens ([document-attention note]): a right-padded
-    row's tokens are one document, a packed row's documents start where their positions restart at 0."""
-    lengths = attention_mask.sum(dim=1).tolist()
+    row's tokens are one document, a packed row's documents start where their positions restart at 0. None when a
+    row's padding is not all at its end (the blocks then keep their mask)."""
+    lengths = attention_mask.sum(dim=1)
+    prefix = torch.arange(attention_mask.shape[1], device=attention_mask.device)[None, :] < lengths[:, None]
+    if not torch.equal(attention_mask.bool(), prefix):
+        return None
+    lengths = lengths.tolist()
     starts: list[list[int]] = [[0] for _ in lengths]
     if position_ids is not None:
         rows, cols = torch.nonzero(position_ids == 0, as_tuple=True)
@@ -289,14 +299,16 @@ def within_documents(
 ) -> bool:
     """Whether this block's attention is plain causal attention within each document ([document-attention note])."""
     window = kwargs.get("sliding_window")
+    chunk = getattr(getattr(module, "config", None), "attention_chunk_size", None)  # Llama 4's chunked attention
     longest = max((e - a for row in spans for a, e in row), default=0)
-    return (
-        getattr(module, "is_causal", True)
+    return bool(
+        kwargs.get("is_causal", getattr(module, "is_causal", True))
         and query.shape[2] == key.shape[2]  # no cache: the keys are the row's own
         and len(spans) == query.shape[0]
         and dropout == 0.0
         and kwargs.get("position_bias") is None
         and (window is None or longest <= window)
+        and (chunk is None or longest <= chunk)
     )
 
 

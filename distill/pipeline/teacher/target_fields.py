@@ -99,7 +99,7 @@ def compute_target_slice(
 
 
 FIDELITY_POSITIONS = 1024
-FIDELITY_BATCH = 64  # measured positions per figure computation: bounds its (P, V) buffers
+FIDELITY_BATCH = 64  # measured positions per figure computation, about: its (P, V) buffers hold 64 + one slice's
 UNIGRAM_POSITIONS = 8192  # the rank table's mean T=1 distribution: over every n-th calibration position, ~this many
 
 
