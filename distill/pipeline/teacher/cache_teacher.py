@@ -249,6 +249,7 @@ class CalibratedRows:
     store is byte for byte the uninterrupted one ([calibration note] in calibration.py)."""
 
     batches: list[list[int]]  # row ids of each calibration batch, as calibrate_rows made them
+    calibration: Calibration | None  # the creating process's calibration, its batches finished when taken
     kept: dict[int, dict[str, np.ndarray]]  # row id -> its stored fields, computed and not yet handed out
     bad: set[int]  # kept rows whose teacher output is not finite
 
@@ -263,26 +264,33 @@ class CalibratedRows:
         chunk_rows: int,
     ) -> CalibratedRows:
         """From the manifest's calibration rows (none in stores made before it listed them) and, in the process
-        that created the store, the calibration's fields of the rows in the chunks it is to fill."""
+        that created the store, the calibration's batches holding rows of the chunks it is to fill."""
         ids = [int(i) for i in manifest.get("calibration", {}).get("rows", [])]
         batches = [ids[a : a + batch_size] for a in range(0, len(ids), batch_size)]
-        if calibration is None:
-            return cls(batches, {}, set())
-        own = {i for s in shards for _, start, end in chunks_to_fill(records[s], chunk_rows) for i in range(start, end)}
-        kept = {i: fields for i, fields in calibration.fields.items() if i in own}
-        return cls(batches, kept, {i for i in calibration.bad_rows if i in kept})
+        if calibration is not None:
+            own = {
+                i for s in shards for _, start, end in chunks_to_fill(records[s], chunk_rows) for i in range(start, end)
+            }
+            calibration.keep_only(own)
+        return cls(batches, calibration, {}, set())
 
     def rows(self) -> set[int]:
         return {i for batch in self.batches for i in batch}
 
     def take(self, row_id: int, compute: Any) -> dict[str, np.ndarray]:
-        """Row ``row_id``'s fields: kept, or computed with its calibration batch by ``compute(row ids)`` (which
-        returns compute_batch_fields's output), the batch's other rows kept for later."""
+        """Row ``row_id``'s fields: kept, finished from the calibration pass's batch, or computed with its calibration
+        batch by ``compute(row ids)`` (which returns compute_batch_fields's output), the batch's other rows kept."""
         if row_id not in self.kept:
-            batch = next(batch for batch in self.batches if row_id in batch)
-            arrays, bad = compute(batch)
-            self.kept.update({i: {k: v[j : j + 1] for k, v in arrays.items()} for j, i in enumerate(batch)})
-            self.bad.update(batch[j] for j in bad)
+            finished = None if self.calibration is None else self.calibration.finish_batch_of(row_id)
+            if finished is None:
+                batch = next(batch for batch in self.batches if row_id in batch)
+                arrays, bad = compute(batch)
+                finished = (
+                    {i: {k: v[j : j + 1] for k, v in arrays.items()} for j, i in enumerate(batch)},
+                    [batch[j] for j in bad],
+                )
+            self.kept.update(finished[0])
+            self.bad.update(finished[1])
         return self.kept.pop(row_id)
 
 

@@ -5,7 +5,7 @@ those rows' fields, so that ``cache-teacher`` runs every row through the teacher
     calibration.arrays    # store-level arrays: standardize/, pca/, stats/hidden/<l>, targets/id_by_rank
     calibration.report    # the manifest's calibration figures (positions, hidden clip share per layer)
     calibration.fidelity  # the manifest's fidelity of the compact targets (None for topk-fp16)
-    calibration.fields    # row id -> that row's stored fields (as compute_batch_fields gives them, one row)
+    calibration.finish_batch_of(row_id)  # that row's batch's stored fields (as compute_batch_fields gives them)
 
 [calibration note] The stored fields of a row depend on what the calibration fits: its hidden states are
 standardized (and PCA-reduced) with the calibration's statistics ([hidden-range note] in fields.py), its compact
@@ -13,15 +13,16 @@ targets' ids are ranks of the calibration's unigram table ([target-codec note] i
 else of a row is the teacher's output alone. So the pass runs ``run_teacher`` on the calibration rows once, in
 batches: the logit fields and attention as stored, the targets chosen but not yet encoded, the hidden states raw;
 each T=1 slice of logits also feeds the rank table and the fidelity (``TargetCalibration``), the text positions'
-hidden states the statistics. Once all are seen, the fitted arrays give the store's ``field_settings`` and each
-kept batch is finished with them (``finish_fields``): the same arithmetic, on the same device, as the fill loop
-applies to a row it runs itself, so the kept rows are stored as they are. A row's draws do not depend on its batch
+hidden states the statistics. Once all are seen, the fitted arrays give the store's ``field_settings``, and each
+kept batch is finished with them (``finish_fields``) when the fill loop takes its rows (so that the writer writes
+one chunk while the next is finished): the same arithmetic, on the same device, as the fill loop applies to a row
+it runs itself, so the kept rows are stored as they are. A row's draws do not depend on its batch
 (``compute_logit_fields``), but under several intra-op threads its values may in the last bit: a calibration row
 that must be computed again (a resume, another process's shard) is computed with its calibration batch
 (``CalibratedRows`` in cache_teacher.py), so a resumed store is the uninterrupted one byte for byte.
 Memory: the calibration rows' outputs are held on the CPU until the fit, the raw hidden states in the teacher's
 dtype (rows x seq_len x hidden x stored layers: 64 x 512 x 640 x 4 x 4 B = 335 MB for Gemma 3 270M in fp32, as
-much as the statistics' samples took before), then their stored fields until the fill loop writes them.
+much as the statistics' samples took before), until the fill loop takes and writes them.
 """
 
 from __future__ import annotations
@@ -35,7 +36,14 @@ from tqdm.auto import tqdm
 
 from distill.cache.schema import PCA_GROUP, STANDARDIZE_GROUP, STATS_GROUP, root_array_path
 from distill.pipeline.losses.hidden_targets import TARGET_CLIP, TARGET_EPS
-from distill.pipeline.teacher.fields import FP16_MAX, field_settings, finish_fields, run_teacher, text_positions
+from distill.pipeline.teacher.fields import (
+    FP16_MAX,
+    FieldSettings,
+    field_settings,
+    finish_fields,
+    run_teacher,
+    text_positions,
+)
 from distill.pipeline.teacher.target_fields import TargetCalibration
 from distill.pipeline.text.data import Row
 
@@ -47,9 +55,27 @@ class Calibration:
     arrays: dict[str, np.ndarray]
     report: dict[str, Any]
     fidelity: dict[str, Any] | None
-    fields: dict[int, dict[str, np.ndarray]]
-    bad_rows: list[int]
-    """Calibration rows whose teacher output is not finite (their ``fields`` are as computed, not blanked)."""
+    pending: list[tuple[list[Row], dict[str, torch.Tensor], torch.Tensor]]
+    """Each calibration batch not yet finished: its rows, ``run_teacher``'s outputs (on the CPU), valid (B, W)."""
+    settings: FieldSettings  # the store's, fitted
+    device: torch.device
+
+    def finish_batch_of(self, row_id: int) -> tuple[dict[int, dict[str, np.ndarray]], list[int]] | None:
+        """The stored fields of each row of the pending batch holding ``row_id`` (row id -> one-row arrays) and the
+        ids of its rows whose output is not finite (not blanked), the batch's raw outputs freed; None if no pending
+        batch holds the row."""
+        for k, (batch, computed, valid) in enumerate(self.pending):
+            if any(int(row.row_id) == row_id for row in batch):
+                del self.pending[k]
+                on_device = {name: value.to(self.device) for name, value in computed.items()}
+                stored, bad = finish_fields(on_device, batch, valid.to(self.device), self.settings)
+                fields = {int(row.row_id): {n: v[i : i + 1] for n, v in stored.items()} for i, row in enumerate(batch)}
+                return fields, [int(batch[i].row_id) for i in bad]
+        return None
+
+    def keep_only(self, rows: set[int]) -> None:
+        """Drop the pending batches that hold none of ``rows`` (another process's shards)."""
+        self.pending = [item for item in self.pending if any(int(row.row_id) in rows for row in item[0])]
 
 
 def calibrate_rows(
@@ -87,15 +113,8 @@ def calibrate_rows(
         rank_arrays, fidelity = targets.finish(len(rows))
         arrays.update(rank_arrays)
     settings = field_settings(layout, arrays, device)  # as the fill loop loads them from the store
-    fields, bad_rows = {}, []
-    while kept:  # each batch's raw outputs are freed once finished
-        batch, computed, valid, _ = kept.pop(0)
-        on_device = {name: value.to(device) for name, value in computed.items()}
-        stored, bad = finish_fields(on_device, batch, valid.to(device), settings)
-        bad_rows += [int(batch[i].row_id) for i in bad]
-        for i, row in enumerate(batch):
-            fields[int(row.row_id)] = {name: value[i : i + 1] for name, value in stored.items()}
-    return Calibration(arrays, report, fidelity, fields, bad_rows)
+    pending = [(batch, computed, valid) for batch, computed, valid, _ in kept]
+    return Calibration(arrays, report, fidelity, pending, settings, device)
 
 
 def fit_hidden_layer(
