@@ -210,6 +210,26 @@ def test_fidelity_matches_the_full_vocabulary_formula_in_fp64() -> None:
             assert torch.allclose(kl, expected, rtol=1e-3, atol=1e-8), (kind, t, kl, expected)
 
 
+def test_exp_sums_give_the_logsumexp_at_1_2_and_4_and_the_t1_exponentials() -> None:
+    """[exp-chain note]: one exponential at T = 4, then squares: lse_T = max / T + log Σ exp((z - max) / T) to fp32
+    rounding, tails 200 nats down included; ``out`` ends as exp(z - max); a T outside 1, 2, 4 is refused."""
+    from distill.pipeline.teacher.logit_pass import exp_sums
+
+    generator = torch.Generator().manual_seed(3)
+    logits = torch.randn(4, 30000, generator=generator) * 4.0
+    logits[:2, 20000:] -= torch.linspace(0.0, 200.0, 10000)
+    row_max = logits.max(dim=-1, keepdim=True).values
+    out = torch.empty_like(logits)
+    sums = exp_sums(logits, row_max, [1.0, 4.0, 2.0], out)
+    for j, t in enumerate((1.0, 4.0, 2.0)):
+        exact = (logits.double() / t).logsumexp(-1)
+        torch.testing.assert_close((row_max[:, 0] / t + sums[:, j].log()).double(), exact, atol=2e-6, rtol=1e-6)
+    torch.testing.assert_close(out, (logits - row_max).exp(), atol=1e-7, rtol=1e-5)
+    torch.testing.assert_close(exp_sums(logits, row_max, [1.0], out)[:, 0], sums[:, 0], rtol=1e-6, atol=0.0)
+    with pytest.raises(ValueError, match="not"):
+        exp_sums(logits, row_max, [2.0, 4.0], out)  # without 1
+
+
 def test_power_sums_give_the_logsumexp_at_2_and_4_from_the_t1_probabilities() -> None:
     """[power-sum note]: lse_T = lse_1 / T + log Σ p1^(1/T), to fp32 rounding, a far tail whose p1 underflow
     included; the probabilities are left as they were unless they are the scratch; T = 8 is refused."""

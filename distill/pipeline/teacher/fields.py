@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from distill.cache.schema import PCA_GROUP, STANDARDIZE_GROUP, field_dtype, root_array_path
 from distill.cache.targets import ID_BY_RANK, TARGET_KINDS, kind_of
-from distill.pipeline.teacher.logit_pass import POWER_TEMPERATURES, LogitSlice, log_power_sums, top_k_rows
+from distill.pipeline.teacher.logit_pass import POWER_TEMPERATURES, LogitSlice, exp_sums, top_k_rows
 from distill.pipeline.teacher.model import compute_logits, find_logit_transforms, forward_teacher
 from distill.pipeline.teacher.target_fields import TARGET_FIELDS, choose_target_slice, encode_target_choice
 from distill.pipeline.text.data import Row
@@ -76,15 +76,15 @@ def compute_logit_fields(
     store's calibration (pipeline/teacher/calibration.py).
 
     [logit-pass note] Past the lm_head, the vocabulary-wide passes are the cost, so each slice makes as few as it
-    can: one top-K in two levels (its first value is the row max; [two-level note] in logit_pass.py), then the
-    softmax at T = 1, which gives the logsumexp exactly (to fp32 rounding): lse_1 = max - log p_1[argmax], since
-    p_1[argmax] = 1 / sum_v exp(z_v - max); T = 2 and 4 come from p_1 by square roots ([power-sum note] in
-    logit_pass.py), any other T from its own softmax the same way; target_logprob reuses T = 1 and vocab_proj the
-    probabilities at T* (its own softmax); the compact targets (``target_*``, teacher/target_fields.py) reuse the
-    top-K and T = 1. The (P, V) buffers are allocated once per call and written with out= (on CPU a fresh 150 MB
-    tensor costs more in page faults than the softmax over it). vocab_proj multiplies in the teacher's dtype when it
-    is bf16, like its lm_head: on a bf16 GPU an fp32 (P, V) @ (V, H) product is many times slower than the lm_head
-    itself, and its bf16 rounding is the teacher's own.
+    can: one top-K in two levels (its first value is the row max; [two-level note] in logit_pass.py), then one
+    exponential and two squares that give the sums of exp((z - max) / T) at T = 4, 2 and 1, hence the logsumexps
+    exactly (to fp32 rounding: lse_T = max / T + log of the sum) and the T = 1 probabilities after one division
+    ([exp-chain note] in logit_pass.py); any other T takes its own softmax (lse_T = max / T - log p_T[argmax]);
+    target_logprob reuses T = 1 and vocab_proj the probabilities at T* (its own softmax); the compact targets
+    (``target_*``, teacher/target_fields.py) reuse the top-K and T = 1. The (P, V) buffers are allocated once per
+    call and written with out= (on CPU a fresh 150 MB tensor costs more in page faults than the softmax over it).
+    vocab_proj multiplies in the teacher's dtype when it is bf16, like its lm_head: on a bf16 GPU an fp32 (P, V) @
+    (V, H) product is many times slower than the lm_head itself, and its bf16 rounding is the teacher's own.
     """
     want = set(LOGIT_FIELDS if fields is None else fields)
     b, length, h = final_hidden.shape
@@ -104,7 +104,7 @@ def compute_logit_fields(
     targets = s.targets if want & set(TARGET_FIELDS) else None
     if (targets is not None or observe is not None) and 1.0 not in temps:
         temps.append(1.0)
-    # [power-sum note] in logit_pass.py: T = 2 and 4 from the T = 1 probabilities unless their own are needed
+    # [exp-chain note] in logit_pass.py: T = 2 and 4 with T = 1, unless their own probabilities are needed
     powered = [t for t in temps if t != 1.0 and t in POWER_TEMPERATURES and not ("vocab_proj" in want and t == vp_t)]
     if powered and 1.0 not in temps:
         temps.append(1.0)
@@ -120,7 +120,7 @@ def compute_logit_fields(
     chunk = min(LOGIT_CHUNK, max([1, *row_lengths]))
     sub = min(chunk, VOCAB_ROWS.get(device.type, 128))  # positions per vocabulary pass
     logits_buf = torch.empty(chunk, vocab, device=device)  # (P, V) fp32, reused by every slice
-    scaled_buf = torch.empty(sub, vocab, device=device) if any(t != 1.0 for t in temps) else None
+    scaled_buf = torch.empty(sub, vocab, device=device) if any(t not in (1.0, *powered) for t in temps) else None
     probs_buf = torch.empty(sub, vocab, device=device) if temps else None
     transforms = find_logit_transforms(model)
     # [vocab-rows note] The lm_head runs on slices of LOGIT_CHUNK positions (a larger product is a faster one), the
@@ -144,10 +144,19 @@ def compute_logit_fields(
             argmax = topk_ids[rows, :1]
             for j, t in enumerate(temps):
                 if t in powered:
-                    continue  # from the T = 1 probabilities, below
+                    continue  # with T = 1, below
                 scaled = logits if t == 1.0 else torch.mul(logits, 1.0 / t, out=scaled_buf[:p])
-                probs = torch.softmax(scaled, dim=-1, out=probs_buf[:p])
-                lse[rows, j] = scaled.gather(1, argmax)[:, 0] - probs.gather(1, argmax)[:, 0].log()
+                if t == 1.0:  # T = 1 and the powered T's from one exponential and squares, [exp-chain note]
+                    row_max = topk_logits[rows, :1]
+                    sums = exp_sums(logits, row_max, [1.0, *powered], probs_buf[:p])
+                    probs = probs_buf[:p].div_(sums[:, :1])  # the softmax at T = 1
+                    lse[rows, j] = row_max[:, 0] + sums[:, 0].log()
+                    for i, tp in enumerate(powered):  # each column of that temperature (a list may repeat one)
+                        for c in (c for c, t2 in enumerate(temps) if t2 == tp):
+                            lse[rows, c] = row_max[:, 0] / tp + sums[:, 1 + i].log()
+                else:
+                    probs = torch.softmax(scaled, dim=-1, out=probs_buf[:p])
+                    lse[rows, j] = scaled.gather(1, argmax)[:, 0] - probs.gather(1, argmax)[:, 0].log()
                 if t == 1.0 and "target_logprob" in want:
                     target[rows] = logits.gather(1, next_ids[rows, None])[:, 0] - lse[rows, j]
                 if t == s.vocab_proj_temperature and proj is not None:
@@ -162,11 +171,6 @@ def compute_logit_fields(
                         choice[name][rows] = value
                 if t == 1.0 and observe is not None:
                     observe(LogitSlice(logits, probs, lse[rows, j], topk_logits[rows], topk_ids[rows]))
-                if t == 1.0 and powered:
-                    sums = log_power_sums(probs, powered, scaled_buf[:p])
-                    for i, tp in enumerate(powered):  # each column of that temperature (a list may repeat one)
-                        for c in (c for c, t2 in enumerate(temps) if t2 == tp):
-                            lse[rows, c] = lse[rows, j] / tp + sums[:, i]
     out: dict[str, torch.Tensor] = {}
     if "topk_logits" in want:
         out["topk_logits"] = topk_logits.reshape(b, length, k)

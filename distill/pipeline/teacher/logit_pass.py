@@ -1,7 +1,9 @@
 """What stage 1's pass over a slice of full logits shares: the slice itself, its top-K in two levels ([two-level
-note]), and the logsumexps at T = 2 and 4 from the T = 1 probabilities by square roots ([power-sum note]).
+note]), its logsumexps at T = 1, 2 and 4 from one exponential and squares ([exp-chain note]), and a tail's sums at
+those T from its T = 1 probabilities by square roots ([power-sum note], the calibration's fidelity).
 
     top_k_rows(logits, k, out=(values, ids))                       # torch.topk's values, descending
+    exp_sums(logits, row_max, [1.0, 2.0, 4.0], out)                # Σ exp((z - max) / T); out = exp(z - max)
     sl = LogitSlice(logits, probs1, lse1, top_logits, top_ids)    # handed to a calibration's ``observe``
     log_power_sums(probs1, [2.0, 4.0], scratch)                    # log Σ_v p1_v^(1/T), (P, 2)
 """
@@ -56,6 +58,34 @@ class LogitSlice:
     lse1: torch.Tensor  # (P,) their logsumexp
     top_logits: torch.Tensor  # (P, K) descending, K >= 1: the first is the row max
     top_ids: torch.Tensor  # (P, K) int64
+
+
+def exp_sums(
+    logits: torch.Tensor, row_max: torch.Tensor, temperatures: Sequence[float], out: torch.Tensor
+) -> torch.Tensor:
+    """(P, nT) Σ_v exp((z_v - max) / T) for each T of ``temperatures`` (a subset of POWER_TEMPERATURES holding 1),
+    over ``logits`` (P, V) with their row max (P, 1); ``out`` (P, V) ends holding exp(z - max).
+
+    [exp-chain note] One exponential at the largest T, then squares: exp((z - max) / 2) = exp((z - max) / 4)²,
+    exp(z - max) = exp((z - max) / 2)², each followed by its sum. A square costs a fraction of an exponential and
+    nothing is scaled or copied, so lse at 1, 2 and 4 cost about one softmax at T = 1 (lse_T = max / T + log of the
+    sum). Exact to fp32 rounding: (z - max) / T is exact for these T, a square doubles a value's relative rounding,
+    and a value underflows only where exp(z - max) itself does (below e^-87 of the row's largest term).
+    """
+    top = max(temperatures)
+    if 1.0 not in temperatures or any(t not in POWER_TEMPERATURES for t in temperatures):
+        raise ValueError(f"exp_sums covers 1 and T in {POWER_TEMPERATURES}, not {list(temperatures)}")
+    torch.add(row_max * (-1.0 / top), logits, alpha=1.0 / top, out=out).exp_()
+    sums = torch.empty(logits.shape[0], len(temperatures), device=logits.device)
+    t = top
+    while True:
+        for j, wanted in enumerate(temperatures):
+            if wanted == t:
+                sums[:, j] = out.sum(dim=-1)
+        if t == 1.0:
+            return sums
+        out.square_()
+        t /= 2.0
 
 
 def log_power_sums(probs: torch.Tensor, temperatures: Sequence[float], scratch: torch.Tensor) -> torch.Tensor:
