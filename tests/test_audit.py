@@ -86,7 +86,8 @@ def test_audit_scores_the_teacher_against_the_student(train_assets, single_threa
     same = json.loads(result.stdout)["teacher_vs_student"]
     assert same["rows"] > 0 and same["bytes"] > 0
     assert same["student_bpb"] == pytest.approx(same["teacher_bpb"], abs=1e-4)
-    assert same["verdict"] != "better" and same["advantage_ci"][0] <= 0 <= same["advantage_ci"][1] + 1e-6
+    # the two float paths (stage 1's cached log-probs, the eval's forward) differ by rounding: well under the floor
+    assert same["verdict"] == "not better" and max(map(abs, same["advantage_ci"])) < 1e-4
     table = CliRunner().invoke(app, ["cache", "audit", str(train_assets["store"]), "--student",
                                      str(train_assets["teacher"]), "--score-rows", "4"])  # fmt: skip
     assert table.exit_code == 0 and "will KD pay?" in table.stdout and "better than this student" in table.stdout

@@ -41,14 +41,20 @@ def spread_rows(row_ids: np.ndarray, count: int) -> np.ndarray:
     return row_ids[picks]
 
 
+PRACTICAL_ADVANTAGE = 1e-3
+"""Bits per byte below which the teacher is not called better: a thousandth of a bit per byte is nothing KD could
+exploit, and far above the rounding between two float paths through one model (the teacher as its own student:
+its cached log-probabilities against its forward as a student differ by ~1e-6)."""
+
+
 def compare_teacher_and_student(
     store: str, student: str, rows: int, vocab_map_dir: Path | None = None
 ) -> dict[str, Any]:
     """Bits per byte of the teacher and of ``student`` (a model folder or hub id) on ``rows`` rows of ``store``.
 
     Returns teacher_bpb, student_bpb, their intervals, ``advantage`` = student - teacher (bits per byte the
-    teacher is better by) with its paired interval, and ``verdict``: "better" (the interval is above 0),
-    "not better" (at or below 0) or "unclear" (it holds 0).
+    teacher is better by) with its paired interval, and ``verdict``: "better" (the interval is above
+    PRACTICAL_ADVANTAGE), "not better" (at or below it) or "unclear" (it holds it).
     """
     reader = CacheReader(store)
     picked = spread_rows(reader.row_ids, rows)
@@ -60,7 +66,8 @@ def compare_teacher_and_student(
     total = int(nbytes.sum())
     samples = bootstrap_bpb(sum_by_document(nll, documents, 1), sum_by_document(nbytes, documents, 0))
     advantage = percentile_interval(samples[:, 1] - samples[:, 0])
-    verdict = "better" if advantage[0] > 0 else ("not better" if advantage[1] <= 0 else "unclear")
+    floor = PRACTICAL_ADVANTAGE
+    verdict = "better" if advantage[0] > floor else ("not better" if advantage[1] <= floor else "unclear")
     teacher, student_bpb = (bits_per_byte(float(nll[m].sum()), total) for m in (0, 1))
     return {
         "rows": int(len(picked)),
