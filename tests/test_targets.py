@@ -20,7 +20,7 @@ from distill.cache.targets import (
     target_field_shapes,
     target_slots,
 )
-from distill.pipeline.teacher.logit_pass import LogitSlice, log_power_sums
+from distill.pipeline.teacher.logit_pass import LogitSlice
 from distill.pipeline.teacher.target_fields import (
     compute_target_slice,
     decoded_logits,
@@ -147,7 +147,7 @@ def head_figures(logits: torch.Tensor, targets: dict, t: float) -> tuple[torch.T
     """The [fidelity note] figures of ``logits`` (P, V) as ``TargetCalibration`` measures them."""
     ids, keep = find_head(logits, targets)
     decoded = decoded_logits(logits.gather(1, ids), targets, logits.max(dim=-1, keepdim=True).values)
-    kl, tail = measure_head_bins(logits, logits.softmax(-1), ids, keep, decoded, [t])
+    kl, tail = measure_head_bins(logits, ids, keep, decoded, [t])
     return kl[:, 0], tail[:, 0]
 
 
@@ -184,7 +184,7 @@ def test_fidelity_is_the_k_plus_1_bin_kl_of_the_decoded_head_and_the_tail_mass_b
 
 def test_fidelity_matches_the_full_vocabulary_formula_in_fp64() -> None:
     """The one-pass figures equal the definition computed over every token in fp64, on a real-sized row: at T = 1, 2,
-    4 from the T = 1 probabilities ([power-sum note]), at T = 3 and 8 over the logits / T; a tail reaching 150 nats
+    4 through the exponential chain ([exp-chain note]), at T = 3 and 8 over the logits / T; a tail reaching 150 nats
     below the max (its T = 1 probabilities underflow fp32) included."""
     generator = torch.Generator().manual_seed(0)
     logits = torch.randn(6, 5000, generator=generator) * 3.0
@@ -228,25 +228,6 @@ def test_exp_sums_give_the_logsumexp_at_1_2_and_4_and_the_t1_exponentials() -> N
     torch.testing.assert_close(exp_sums(logits, row_max, [1.0], out)[:, 0], sums[:, 0], rtol=1e-6, atol=0.0)
     with pytest.raises(ValueError, match="not"):
         exp_sums(logits, row_max, [2.0, 4.0], out)  # without 1
-
-
-def test_power_sums_give_the_logsumexp_at_2_and_4_from_the_t1_probabilities() -> None:
-    """[power-sum note]: lse_T = lse_1 / T + log Σ p1^(1/T), to fp32 rounding, a far tail whose p1 underflow
-    included; the probabilities are left as they were unless they are the scratch; T = 8 is refused."""
-    generator = torch.Generator().manual_seed(1)
-    logits = torch.randn(4, 30000, generator=generator) * 4.0
-    logits[:2, 20000:] -= torch.linspace(0.0, 200.0, 10000)  # half the rows: a tail 200 nats down
-    probs, lse1 = logits.softmax(-1), logits.logsumexp(-1)
-    kept = probs.clone()
-    scratch = torch.empty_like(probs)
-    sums = log_power_sums(probs, [4.0, 1.0, 2.0], scratch)
-    assert torch.equal(probs, kept)
-    for j, t in enumerate((4.0, 1.0, 2.0)):
-        exact = (logits.double() / t).logsumexp(-1)
-        torch.testing.assert_close((lse1 / t + sums[:, j]).double(), exact, atol=2e-5, rtol=1e-6)
-    assert torch.equal(log_power_sums(kept, [4.0], kept), sums[:, :1])  # in place: the same figures
-    with pytest.raises(ValueError, match="not 8.0"):
-        log_power_sums(probs, [8.0], scratch)
 
 
 def test_effective_sample_size_of_weighted_draws_by_hand() -> None:

@@ -1,11 +1,10 @@
 """What stage 1's pass over a slice of full logits shares: the slice itself, its top-K in two levels ([two-level
-note]), its logsumexps at T = 1, 2 and 4 from one exponential and squares ([exp-chain note]), and a tail's sums at
-those T from its T = 1 probabilities by square roots ([power-sum note], the calibration's fidelity).
+note]), and its logsumexps at T = 1, 2 and 4 from one exponential and squares ([exp-chain note]; also the
+calibration's fidelity, over a tail).
 
     top_k_rows(logits, k, out=(values, ids))                       # torch.topk's values, descending
     exp_sums(logits, row_max, [1.0, 2.0, 4.0], out)                # Σ exp((z - max) / T); out = exp(z - max)
     sl = LogitSlice(logits, probs1, lse1, top_logits, top_ids)    # handed to a calibration's ``observe``
-    log_power_sums(probs1, [2.0, 4.0], scratch)                    # log Σ_v p1_v^(1/T), (P, 2)
 """
 
 from __future__ import annotations
@@ -16,7 +15,7 @@ from dataclasses import dataclass
 import torch
 
 POWER_TEMPERATURES = (1.0, 2.0, 4.0)
-"""The temperatures whose logsumexp comes from the T = 1 probabilities by square roots ([power-sum note])."""
+"""The temperatures whose logsumexp comes from one exponential and squares ([exp-chain note])."""
 
 
 TOPK_BLOCK = 16  # columns per block of ``top_k_rows``'s first level
@@ -86,30 +85,3 @@ def exp_sums(
             return sums
         out.square_()
         t /= 2.0
-
-
-def log_power_sums(probs: torch.Tensor, temperatures: Sequence[float], scratch: torch.Tensor) -> torch.Tensor:
-    """(P, nT) log Σ_v probs_v^(1/T) for each T (each one of POWER_TEMPERATURES) over the (P, V) ``probs``; the
-    roots are written to ``scratch`` (P, V), which may be ``probs`` itself (then overwritten).
-
-    [power-sum note] With p1 = exp(z - lse_1) the T = 1 probabilities, exp(z / T) = (p1 · exp(lse_1))^(1/T), so
-    lse_T = lse_1 / T + log Σ_v p1_v^(1/T); and a subset's (a tail's) Σ exp((z - max) / T) is its Σ p1^(1/T) times
-    exp((lse_1 - max) / T). At T = 2 and 4, p1^(1/T) is one and two square roots of p1: a pass that costs a third
-    of a softmax at T (its subtraction, exponential and division), and no (P, V) logits / T. Exact to fp32 rounding
-    except for tokens whose p1 underflows fp32 (below e^-103, or e^-87 where denormals flush), lost at T with a
-    weight below e^(-87 / T) each: at most V · e^-21.75 ≈ 1e-4 nats of lse_4 for a 262,144-token vocabulary,
-    in the case where every token sits just under that edge, and e^-43.5 per token at T = 2. Past T = 4 the bound
-    grows (V · e^-10.9 at T = 8), so other temperatures take the softmax at T.
-    """
-    order = sorted(range(len(temperatures)), key=lambda j: temperatures[j])
-    out = torch.empty(probs.shape[0], len(temperatures), device=probs.device)
-    current, exponent = probs, 1.0
-    for j in order:
-        t = float(temperatures[j])
-        if t not in POWER_TEMPERATURES:
-            raise ValueError(f"log_power_sums covers T in {POWER_TEMPERATURES}, not {t}")
-        while exponent < t:
-            current = torch.sqrt(current, out=scratch)
-            exponent *= 2.0
-        out[:, j] = current.sum(dim=-1).log()
-    return out

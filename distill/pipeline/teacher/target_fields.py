@@ -16,7 +16,7 @@ import numpy as np
 import torch
 
 from distill.cache.targets import ID_BY_RANK, TARGET_KINDS, count_head, draw_samples, encode_targets
-from distill.pipeline.teacher.logit_pass import POWER_TEMPERATURES, LogitSlice, log_power_sums
+from distill.pipeline.teacher.logit_pass import POWER_TEMPERATURES, LogitSlice, exp_sums
 
 TARGET_FIELDS = tuple(dict.fromkeys(f for kind in TARGET_KINDS.values() if kind.compact for f in kind.fields))
 
@@ -91,7 +91,7 @@ def compute_target_slice(
 # logits), out of ``samples`` draws (``hybrid``: its tail draws): n at T = 1, less where p_T and p_1 differ.
 # Each figure is the mean over positions (ESS: over positions with draws), measured on every stride-th
 # calibration position, the stride chosen so that about ``FIDELITY_POSITIONS`` are measured: the figures cost
-# a few vocabulary-wide passes per position (the tail's sums, [power-sum note] in logit_pass.py), and a mean
+# a few vocabulary-wide passes per position (the tail's sums, [exp-chain note] in logit_pass.py), and a mean
 # over ~1,000 positions is as telling as one over 30,000. The head and the row's logsumexp come from the logit
 # pass (``LogitSlice``), not computed again. The rank table sums the T=1 distribution of ~8,192 positions (every
 # n-th, like the fidelity): it only orders the ids for the codec ([target-codec note] in cache/targets.py), where
@@ -151,7 +151,6 @@ def find_head(
 
 def measure_head_bins(
     logits: torch.Tensor,
-    probs1: torch.Tensor,
     head_ids: torch.Tensor,
     keep: torch.Tensor,
     decoded_head: torch.Tensor,
@@ -159,23 +158,23 @@ def measure_head_bins(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """[fidelity note] (K+1-bin KL(true ‖ decoded), true tail mass), each (P, nT) fp64, at each temperature.
 
-    logits (P, V) fp32 at T=1, probs1 (P, V) their softmax; head_ids, keep (P, K) from ``find_head`` (the first id
-    the row's argmax); decoded_head (P, K) the head's logits as read back. Both sides share lse_T, so a head bin's
-    log ratio is (z - ẑ) / T. The tail's own log Σ exp((z - max) / T) is summed over the tail itself (exact to
-    fp32's ~1e-7 relative): from the T = 1 probabilities with the head zeroed, by square roots at T = 1, 2, 4
-    ([power-sum note] in logit_pass.py), over the logits / T otherwise; everything over the K head slots is fp64,
-    so the figure is not drowned by the rounding of 1 - Σ head.
+    logits (P, V) fp32 at T=1; head_ids, keep (P, K) from ``find_head`` (the first id the row's argmax);
+    decoded_head (P, K) the head's logits as read back. Both sides share lse_T, so a head bin's log ratio is
+    (z - ẑ) / T. The tail's own log Σ exp((z - max) / T) is summed over the tail itself (exact to fp32's ~1e-7
+    relative): the logits with the head masked out, through the exponential chain at T = 1, 2, 4 ([exp-chain note]
+    in logit_pass.py), over the logits / T otherwise; everything over the K head slots is fp64, so the figure is
+    not drowned by the rounding of 1 - Σ head.
     """
     row_max = logits.gather(1, head_ids[:, :1])  # (P, 1)
     z_head = logits.gather(1, head_ids)  # (P, K)
-    tail = probs1.scatter(1, head_ids, torch.where(keep, 0.0, probs1.gather(1, head_ids)))  # (P, V) p1 off the head
-    log_p_max = probs1.gather(1, head_ids[:, :1]).log()[:, 0].double()  # (P,) max - lse_1
-    powered = [t for t in temperatures if t in POWER_TEMPERATURES]
-    sums = log_power_sums(tail, powered, tail).double() if powered else None  # (P, n) log Σ_tail p1^(1/T)
+    chain = sorted({1.0, *(t for t in temperatures if t in POWER_TEMPERATURES)})
+    tail = logits.scatter(1, head_ids, torch.where(keep, -torch.inf, z_head))  # (P, V) the logits off the head
+    sums = exp_sums(tail, row_max, chain, tail).double().log()  # (P, n) log Σ_tail exp((z - max) / T)
+    sums = {t: sums[:, j] for j, t in enumerate(chain)}
     kl, tail_mass = [], []
     for t in temperatures:
-        if t in powered:  # log Σ_tail exp((z - max) / T) = log Σ_tail p1^(1/T) - log p1[argmax] / T
-            lse_tail = sums[:, powered.index(t)] - log_p_max / t
+        if t in sums:
+            lse_tail = sums[t]
         else:
             scaled = (logits - row_max) / t  # (P, V) <= 0
             scaled.scatter_(1, head_ids, torch.where(keep, -torch.inf, (z_head - row_max) / t))
@@ -270,7 +269,7 @@ class TargetCalibration:
         head_ids, keep = find_head(logits, self.targets, (top_logits, top_ids), lse1)
         if kind.head:
             decoded_head = decoded_logits(logits.gather(1, head_ids), self.targets, top_logits[:, :1])
-            kl, tail = measure_head_bins(logits, probs1, head_ids, keep, decoded_head, self.temps)
+            kl, tail = measure_head_bins(logits, head_ids, keep, decoded_head, self.temps)
             self.sums["kl"] += kl.sum(dim=0).cpu()
             self.sums["tail"] += tail.sum(dim=0).cpu()
         if kind.sampled:
