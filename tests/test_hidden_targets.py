@@ -136,6 +136,7 @@ def test_a_pca_store_records_its_calibration_and_trains_on_unwhitened_targets(tr
     result = CliRunner().invoke(app, ["cache-teacher", *args])
     assert result.exit_code == 0, result.output
     assert "calibrated on 8 rows sampled with seed 0" in result.output
+    assert "cache-teacher: calibration: 100%" in result.output  # the calibration pass's progress bar, to its end
     reader = CacheReader(str(store))
     calibration = reader.manifest["calibration"]
     rows = sample_calibration_rows(reader.num_rows, 8, seed=0)
