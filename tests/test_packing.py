@@ -456,13 +456,18 @@ def test_every_supported_family_keeps_packed_documents_apart(tokenizers, family,
         check_packed_forward(model, family)
 
 
-def test_document_attention_is_the_masked_attention_within_each_document():
+@pytest.mark.parametrize("block", [64, 3])
+def test_document_attention_is_the_masked_attention_within_each_document(block, monkeypatch):
     """[document-attention note]: causal sdpa on each document alone equals sdpa over the whole packed row under the
-    block-diagonal causal mask at every real position, with GQA; padding gets zeros; a sliding window shorter than a
-    document, a position bias or dropout keep the masked path."""
+    block-diagonal causal mask at every real position, with GQA, in one call per document or in blocks of 3 queries
+    ([causal-blocks note]: blocks that end inside and at the end of a document); padding gets zeros; a sliding window
+    shorter than a document, a position bias or dropout keep the masked path."""
     import torch.nn.functional as F
 
+    from distill.pipeline.teacher import model as teacher_model
     from distill.pipeline.teacher.model import document_attention, document_spans, within_documents
+
+    monkeypatch.setattr(teacher_model, "CPU_QUERY_BLOCK", block)
 
     generator = torch.Generator().manual_seed(0)
     b, heads, kv_heads, width, d = 2, 4, 2, 12, 8
@@ -524,7 +529,8 @@ def test_forward_teacher_per_document_is_the_models_own_eager_forward(tokenizers
     """[document-attention note] end to end: ``forward_teacher`` on a batch holding a packed row (two documents) and a
     right-padded one gives, at every real position, the hidden states and head-averaged attention maps of the same
     model run with eager attention on each document alone (Gemma 3: one block's window shorter than a document,
-    which keeps its mask, and one full-attention block)."""
+    which keeps its mask, and one full-attention block), with the documents cut into blocks of 2 queries
+    ([causal-blocks note])."""
     import copy
 
     from transformers import AutoModelForCausalLM
@@ -536,6 +542,7 @@ def test_forward_teacher_per_document_is_the_models_own_eager_forward(tokenizers
     calls = []
     per_document = teacher_model.document_attention
     monkeypatch.setattr(teacher_model, "document_attention", lambda *a: calls.append(1) or per_document(*a))
+    monkeypatch.setattr(teacher_model, "CPU_QUERY_BLOCK", 2)
     config, _ = family_config(family, len(tokenizers["teacher"]))
     if family == "gemma3_text":
         config.sliding_window, config.layer_types = 4, ["sliding_attention", "full_attention"]

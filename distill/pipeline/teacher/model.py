@@ -312,6 +312,9 @@ def within_documents(
     )
 
 
+CPU_QUERY_BLOCK = 64  # queries per causal sdpa call on a CPU ([causal-blocks note]); one call per document elsewhere
+
+
 def document_attention(
     query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, spans: list[list[tuple[int, int]]], scale: float
 ) -> torch.Tensor:
@@ -319,18 +322,32 @@ def document_attention(
     b, hq, length, _ = query.shape
     groups = hq // key.shape[1]
     out = query.new_zeros(b, length, hq, value.shape[-1])
+    block = CPU_QUERY_BLOCK if query.device.type == "cpu" else length
+    causal = torch.ones(length, length, dtype=torch.bool, device=query.device).tril()
     for row, row_spans in enumerate(spans):
         for a, e in row_spans:
-            o = F.scaled_dot_product_attention(
-                query[row : row + 1, :, a:e],
-                key[row : row + 1, :, a:e],
-                value[row : row + 1, :, a:e],
-                is_causal=True,
-                scale=scale,
-                enable_gqa=groups > 1,
-            )  # (1, Hq, n, d)
-            out[row, a:e] = o[0].transpose(0, 1)
+            for q0 in range(0, e - a, block):
+                q1 = min(e - a, q0 + block)
+                o = F.scaled_dot_product_attention(
+                    query[row : row + 1, :, a + q0 : a + q1],
+                    key[row : row + 1, :, a : a + q1],
+                    value[row : row + 1, :, a : a + q1],
+                    attn_mask=None if q0 == 0 else causal[q0:q1, :q1],
+                    is_causal=q0 == 0,
+                    scale=scale,
+                    enable_gqa=groups > 1,
+                )  # (1, Hq, q1 - q0, d)
+                out[row, a + q0 : a + q1] = o[0].transpose(0, 1)
     return out
+
+
+# [causal-blocks note] On a CPU, torch's causal sdpa took as long as the masked call over the same keys
+# (4 rows x 16 heads x 512 positions of 32 dims: 32.8 ms causal, 35.0 masked, one thread): it computes the scores
+# past the diagonal and masks them. Cut into blocks of 64 queries, each over the keys up to its own last query
+# (the first block causal, the others under their slice of the causal mask), the same attention took 22.5 ms
+# (256 positions: 6.3 instead of 8.5; 32-query blocks ran no faster at 512 and more calls cost more per document).
+# The blocks' outputs are the same softmax over the same keys, to float rounding. On a GPU the flash kernels
+# skip the masked blocks themselves, so each document stays one call there.
 
 
 ATTENTION_QUERY_BLOCK = 128  # queries per block of ``mean_attention_weights``: bounds its (heads, block, keys) scores
