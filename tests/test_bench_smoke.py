@@ -17,6 +17,7 @@ from tests.helpers import REPO
 KEYS = {
     "stage1.py": {
         "cache_over_forward",
+        "cache_over_teacher_forward",
         "fill_over_forward",
         "fields_over_forward",
         "marginal_over_forward",
@@ -39,7 +40,7 @@ KEYS = {
     "cache_size.py": {"logits_over_naive", "values_exact_fp16", "bytes_per_token", "total_bytes_per_token", "sizes"},
 }
 RATIOS = {
-    "stage1.py": ["cache_over_forward", "fill_over_forward", "fields_over_forward"],
+    "stage1.py": ["cache_over_forward", "cache_over_teacher_forward", "fill_over_forward", "fields_over_forward"],
     "stage2.py": [
         "kd_over_ce",
         "all_over_ce",
