@@ -1,6 +1,6 @@
 """Stage 1 throughput: ``cache-teacher`` with the default fields against a bare teacher forward.
 
-    .venv/bin/python bench/stage1.py              # about 2 minutes on 2 CPU cores
+    .venv/bin/python bench/stage1.py              # about 4.5 minutes on 2 CPU cores
     .venv/bin/python bench/stage1.py --quick      # smoke test (< 30 s), figures not meaningful
     .venv/bin/python bench/stage1.py --reference  # the reference teacher's sizes (for a GPU)
 
@@ -19,8 +19,9 @@ fields, temperatures, calibration rows); the fields are computed with the settin
 made. Measured on the same rows, in one process, each variant repeated (the best repeat counts):
 
   forward          ``model(input_ids, attention_mask)``: the causal LM forward with its logits (all rows)
-  teacher forward  the same through ``forward_teacher``, the forward stage 1 runs: each document attended alone
-                   ([document-attention note]; on a CPU in blocks of queries, [causal-blocks note]), then the lm_head
+  teacher forward  the same rows through ``forward_teacher``, the forward stage 1 runs: each document attended
+                   alone ([document-attention note]; on a CPU in blocks of queries, [causal-blocks note]), without
+                   the attention maps, then the lm_head over every position as in the bare forward
   fields           ``compute_batch_fields`` with every default field (no storage)
   fields - X       the same without default field group X (hidden, attention, logits = the default
                    targets' fields + lse + target_logprob): X's marginal cost

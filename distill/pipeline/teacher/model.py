@@ -323,7 +323,8 @@ def document_attention(
     groups = hq // key.shape[1]
     out = query.new_zeros(b, length, hq, value.shape[-1])
     block = CPU_QUERY_BLOCK if query.device.type == "cpu" else length
-    causal = torch.ones(length, length, dtype=torch.bool, device=query.device).tril()
+    longest = max((e - a for row_spans in spans for a, e in row_spans), default=0)
+    causal = torch.ones(longest, longest, dtype=torch.bool, device=query.device).tril() if longest > block else None
     for row, row_spans in enumerate(spans):
         for a, e in row_spans:
             for q0 in range(0, e - a, block):
@@ -332,7 +333,7 @@ def document_attention(
                     query[row : row + 1, :, a + q0 : a + q1],
                     key[row : row + 1, :, a : a + q1],
                     value[row : row + 1, :, a : a + q1],
-                    attn_mask=None if q0 == 0 else causal[q0:q1, :q1],
+                    attn_mask=None if causal is None or q0 == 0 else causal[q0:q1, :q1],
                     is_causal=q0 == 0,
                     scale=scale,
                     enable_gqa=groups > 1,
