@@ -1,6 +1,6 @@
 """Stage 1 throughput: ``cache-teacher`` with the default fields against a bare teacher forward.
 
-    .venv/bin/python bench/stage1.py              # about 4.5 minutes on 2 CPU cores
+    .venv/bin/python bench/stage1.py              # about 5 minutes on 2 CPU cores
     .venv/bin/python bench/stage1.py --quick      # smoke test (< 30 s), figures not meaningful
     .venv/bin/python bench/stage1.py --reference  # the reference teacher's sizes (for a GPU)
 
