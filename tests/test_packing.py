@@ -485,10 +485,18 @@ def test_document_attention_is_the_masked_attention_within_each_document(block, 
     reference = F.scaled_dot_product_attention(
         query, key.repeat_interleave(2, dim=1), value.repeat_interleave(2, dim=1), attn_mask=allowed[:, None]
     ).transpose(1, 2)
+    calls = []
+    sdpa = F.scaled_dot_product_attention
+    monkeypatch.setattr(
+        F, "scaled_dot_product_attention", lambda q, *a, **k: calls.append(q.shape[2]) or sdpa(q, *a, **k)
+    )
     output = document_attention(query, key, value, spans, d**-0.5)
+    monkeypatch.setattr(F, "scaled_dot_product_attention", sdpa)
     real = mask.bool()
     torch.testing.assert_close(output[real], reference[real], atol=1e-6, rtol=1e-5)
     assert (output[~real] == 0).all()
+    lengths = [e - a for row in spans for a, e in row]  # one call per block of queries of each document
+    assert calls == [min(block, n - q0) for n in lengths for q0 in range(0, n, block)]
 
     module = torch.nn.Module()
     assert within_documents(module, query, key, spans, 0.0, {"sliding_window": 5})

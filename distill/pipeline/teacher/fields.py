@@ -124,7 +124,7 @@ def compute_logit_fields(
     probs_buf = torch.empty(sub, vocab, device=device) if temps else None
     transforms = find_logit_transforms(model)
     # [vocab-rows note] The lm_head runs on slices of LOGIT_CHUNK positions (a larger product is a faster one), the
-    # vocabulary-wide passes after it (top-K, softmax, roots) on VOCAB_ROWS positions at a time: on a CPU 32, so
+    # vocabulary-wide passes after it (top-K, exponentials, sums) on VOCAB_ROWS positions at a time: on a CPU 32, so
     # that their (P, V) buffers stay in the cache from one pass to the next (at V = 38k the logit fields ran 4-7%
     # faster than with 256 and 256, two runs); on a GPU 128, so that the buffers take what they took with 256 and
     # 256 (512 + 2 x 128 rows of fp32 logits: 0.8 GB at V = 262k). Slices and passes start at each row's start.

@@ -227,12 +227,11 @@ def compute_logits(model: Any, hidden: torch.Tensor, transforms: list, out: torc
 # (``document_spans``: a packed row's documents, a padded row's real tokens), and runs sdpa causally on each
 # document alone instead of over the whole row under a block-diagonal (or padding) mask: the same attention
 # (a query sees the keys of its own document up to itself), without the scores across documents or into the
-# padding, and with the causal kernels, which skip the keys after the query where a masked call computes every
-# score. Padding positions get a zero output (nothing reads them: their fields are not stored, and no real
-# position attends to them). A block whose attention is not plain causal within a document keeps the mask:
-# a sliding window (or Llama 4's attention chunk) shorter than a document, a position bias, softcapped scores
-# (Gemma 2, eager above), dropout, a row padded on the left. Each document is its own sdpa call: measured on a
-# CPU only; on a GPU, rows of many short documents mean many small kernels (not measured).
+# padding (on a CPU, in blocks of queries: [causal-blocks note]). Padding positions get a zero output (nothing
+# reads them: their fields are not stored, and no real position attends to them). A block whose attention is
+# not plain causal within a document keeps the mask: a sliding window (or Llama 4's attention chunk) shorter than
+# a document, a position bias, softcapped scores (Gemma 2, eager above), dropout, a row padded on the left. On a
+# GPU each document is its own sdpa call: rows of many short documents mean many small kernels (not measured).
 SELECTIVE_ATTENTION = "distill_selective"
 _FLAG = "_distill_keep_attention"
 _SPANS = "_distill_document_spans"
